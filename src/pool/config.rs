@@ -1,0 +1,142 @@
+//! Validated settings of one worker pool. The config file (or code) builds this; the
+//! pool never sees an unchecked value.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use super::restart::RestartPolicy;
+use super::sessions::AffinityMode;
+use crate::worker::frame::DEFAULT_MAX_FRAME_BYTES;
+
+/// How to start the pool's workers.
+#[derive(Debug, Clone)]
+pub struct WorkerCommand {
+    /// Interpreter name or path; resolved to the real executable once at pool start.
+    pub python: String,
+    /// `MODULE:OBJECT` naming the adapter.
+    pub adapter: String,
+    /// Directory holding the `pitboss_worker` package.
+    pub runtime_dir: PathBuf,
+    /// Extra `PYTHONPATH` entries (e.g. where the adapter module lives).
+    pub python_path: Vec<PathBuf>,
+    pub working_dir: Option<PathBuf>,
+    pub env: Vec<(String, String)>,
+    /// Variables inherited from pitboss's environment; all others are dropped.
+    pub inherit_env: Vec<String>,
+}
+
+impl WorkerCommand {
+    /// The demo adapter shipped in `python/examples`, run from a source checkout.
+    pub fn demo(python_dir: PathBuf) -> WorkerCommand {
+        WorkerCommand {
+            python: "python3".into(),
+            adapter: "demo:adapter".into(),
+            python_path: vec![python_dir.join("examples")],
+            runtime_dir: python_dir,
+            working_dir: None,
+            env: Vec::new(),
+            inherit_env: vec!["PATH".into(), "HOME".into(), "LANG".into(), "PYENV_VERSION".into()],
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct PoolConfig {
+    /// Used in logs, e.g. the backend name.
+    pub name: String,
+    pub worker: WorkerCommand,
+    /// Number of worker processes.
+    pub size: usize,
+    /// Requests in flight per worker (pipelined; async commands run concurrently).
+    pub worker_concurrency: u32,
+    pub max_frame_bytes: usize,
+    /// How long a worker may take to send READY.
+    pub startup_timeout: Duration,
+    /// Deadline for requests that arrive without one.
+    pub default_timeout: Duration,
+    /// After a cancel, how long a worker may take to stop before it is killed.
+    pub cancel_grace: Duration,
+    /// Requests that may wait for a worker; more are refused at once.
+    pub queue_size: usize,
+    /// The longest a request waits in the queue.
+    pub queue_timeout: Duration,
+    pub heartbeat_interval: Duration,
+    /// A worker whose last pong is older than this is killed and replaced.
+    pub heartbeat_timeout: Duration,
+    pub restart: RestartPolicy,
+    /// Recycle a worker after this many requests (0 = never), plus up to
+    /// `max_requests_jitter` more so workers do not recycle together.
+    pub max_requests: u64,
+    pub max_requests_jitter: u64,
+    /// Recycle a worker after it has run this long.
+    pub max_lifetime: Option<Duration>,
+    /// Recycle a worker whose resident memory exceeds this.
+    pub max_rss_bytes: Option<u64>,
+    pub affinity: AffinityMode,
+    pub session_ttl: Duration,
+    pub max_sessions: usize,
+    /// On shutdown or recycling, how long in-flight requests may take to finish.
+    pub drain_timeout: Duration,
+    /// After asking a worker to exit: wait this long, then SIGTERM, wait again, SIGKILL.
+    pub term_grace: Duration,
+}
+
+impl PoolConfig {
+    pub fn new(name: impl Into<String>, worker: WorkerCommand) -> PoolConfig {
+        PoolConfig {
+            name: name.into(),
+            worker,
+            size: 2,
+            worker_concurrency: 8,
+            max_frame_bytes: DEFAULT_MAX_FRAME_BYTES,
+            startup_timeout: Duration::from_secs(30),
+            default_timeout: Duration::from_secs(60),
+            cancel_grace: Duration::from_secs(2),
+            queue_size: 1024,
+            queue_timeout: Duration::from_secs(5),
+            heartbeat_interval: Duration::from_secs(1),
+            heartbeat_timeout: Duration::from_secs(5),
+            restart: RestartPolicy::default(),
+            max_requests: 0,
+            max_requests_jitter: 0,
+            max_lifetime: None,
+            max_rss_bytes: None,
+            affinity: AffinityMode::default(),
+            session_ttl: Duration::from_secs(600),
+            max_sessions: 100_000,
+            drain_timeout: Duration::from_secs(30),
+            term_grace: Duration::from_secs(2),
+        }
+    }
+
+    /// Checks the relations between settings; every field on its own is typed.
+    pub fn validate(&self) -> Result<(), String> {
+        let mut errors = Vec::new();
+        if self.size == 0 {
+            errors.push("size must be at least 1".to_string());
+        }
+        if self.worker_concurrency == 0 {
+            errors.push("worker_concurrency must be at least 1".to_string());
+        }
+        if self.max_frame_bytes < 1024 {
+            errors.push("max_frame_bytes must be at least 1024".to_string());
+        }
+        if self.heartbeat_interval.is_zero() {
+            errors.push("heartbeat_interval must be positive".to_string());
+        }
+        if self.heartbeat_timeout <= self.heartbeat_interval {
+            errors.push("heartbeat_timeout must be longer than heartbeat_interval".to_string());
+        }
+        if self.worker.adapter.trim().is_empty() {
+            errors.push("adapter must name MODULE:OBJECT".to_string());
+        }
+        if self.max_sessions == 0 {
+            errors.push("max_sessions must be at least 1".to_string());
+        }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(errors.join("; "))
+        }
+    }
+}

@@ -1,0 +1,643 @@
+//! Length-prefixed frames between pitboss and a Python worker.
+//!
+//! The layout is documented in `docs/PROTOCOL.md`; `python/pitboss_worker/protocol.py`
+//! is the other half. A fixed binary header (no JSON on the hot path) keeps the Python
+//! side's per-request cost to one `struct.unpack_from`, and payloads travel as opaque
+//! [`Bytes`] that are sliced, never copied or re-encoded, on the way in.
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use serde::{Deserialize, Serialize};
+use tokio_util::codec::{Decoder, Encoder};
+
+/// The protocol version this build speaks. A worker announcing another one is rejected.
+pub const PROTOCOL_VERSION: u8 = 1;
+
+/// Bytes after the 4-byte length prefix that every frame has: version, kind, flags, id.
+pub const HEADER_LEN: usize = 12;
+
+/// Default cap on one frame (header + body), shared with the worker via `--max-frame-bytes`.
+pub const DEFAULT_MAX_FRAME_BYTES: usize = 16 * 1024 * 1024;
+
+/// The message kinds of protocol version 1, with their wire values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Kind {
+    Ready = 1,
+    Request = 2,
+    Response = 3,
+    Error = 4,
+    StreamChunk = 5,
+    StreamEnd = 6,
+    Cancel = 7,
+    Ping = 8,
+    Pong = 9,
+    SessionClose = 10,
+    Shutdown = 11,
+}
+
+impl Kind {
+    fn from_u8(v: u8) -> Option<Kind> {
+        Some(match v {
+            1 => Kind::Ready,
+            2 => Kind::Request,
+            3 => Kind::Response,
+            4 => Kind::Error,
+            5 => Kind::StreamChunk,
+            6 => Kind::StreamEnd,
+            7 => Kind::Cancel,
+            8 => Kind::Ping,
+            9 => Kind::Pong,
+            10 => Kind::SessionClose,
+            11 => Kind::Shutdown,
+            _ => return None,
+        })
+    }
+}
+
+/// One command as the worker announces it in its `READY` handshake.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CommandInfo {
+    pub name: String,
+    #[serde(default)]
+    pub streaming: bool,
+    #[serde(default, rename = "async")]
+    pub is_async: bool,
+    #[serde(default)]
+    pub doc: String,
+}
+
+/// The body of the `READY` handshake.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReadyInfo {
+    pub protocol: u32,
+    pub pid: u32,
+    #[serde(default)]
+    pub adapter: String,
+    pub commands: Vec<CommandInfo>,
+    #[serde(default)]
+    pub python: String,
+}
+
+/// The body of an `ERROR` frame: what went wrong inside the worker.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    /// `exception`, `unknown_command`, `cancelled`, `bad_request` or `response_too_large`.
+    pub kind: String,
+    #[serde(default, rename = "type")]
+    pub error_type: String,
+    #[serde(default)]
+    pub message: String,
+    #[serde(default)]
+    pub traceback: String,
+}
+
+/// A request as it travels to the worker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequestFrame {
+    pub id: u64,
+    pub command: String,
+    /// Empty means "no session".
+    pub session_id: String,
+    pub content_type: String,
+    /// Milliseconds left before the deadline when sent; 0 means none.
+    pub timeout_ms: u32,
+    pub payload: Bytes,
+}
+
+/// Every message of protocol version 1.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Frame {
+    Ready(ReadyInfo),
+    Request(RequestFrame),
+    Response {
+        id: u64,
+        content_type: String,
+        payload: Bytes,
+    },
+    Error {
+        id: u64,
+        body: ErrorBody,
+    },
+    StreamChunk {
+        id: u64,
+        content_type: String,
+        payload: Bytes,
+    },
+    StreamEnd {
+        id: u64,
+    },
+    Cancel {
+        id: u64,
+    },
+    Ping {
+        seq: u64,
+    },
+    Pong {
+        seq: u64,
+    },
+    SessionClose {
+        session_id: String,
+    },
+    Shutdown,
+}
+
+impl Frame {
+    pub fn kind(&self) -> Kind {
+        match self {
+            Frame::Ready(_) => Kind::Ready,
+            Frame::Request(_) => Kind::Request,
+            Frame::Response { .. } => Kind::Response,
+            Frame::Error { .. } => Kind::Error,
+            Frame::StreamChunk { .. } => Kind::StreamChunk,
+            Frame::StreamEnd { .. } => Kind::StreamEnd,
+            Frame::Cancel { .. } => Kind::Cancel,
+            Frame::Ping { .. } => Kind::Ping,
+            Frame::Pong { .. } => Kind::Pong,
+            Frame::SessionClose { .. } => Kind::SessionClose,
+            Frame::Shutdown => Kind::Shutdown,
+        }
+    }
+
+    fn request_id(&self) -> u64 {
+        match self {
+            Frame::Request(r) => r.id,
+            Frame::Response { id, .. }
+            | Frame::Error { id, .. }
+            | Frame::StreamChunk { id, .. }
+            | Frame::StreamEnd { id }
+            | Frame::Cancel { id } => *id,
+            Frame::Ping { seq } | Frame::Pong { seq } => *seq,
+            Frame::Ready(_) | Frame::SessionClose { .. } | Frame::Shutdown => 0,
+        }
+    }
+}
+
+/// Why bytes from the peer are not a valid frame. Any of these from a worker is a
+/// protocol violation: the worker is replaced, never trusted again.
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    #[error("frame of {len} bytes exceeds the maximum of {max} bytes")]
+    TooLarge { len: usize, max: usize },
+    #[error("frame of {len} bytes is shorter than the {HEADER_LEN}-byte header")]
+    TooShort { len: usize },
+    #[error("unsupported protocol version {0} (this pitboss speaks {PROTOCOL_VERSION})")]
+    Version(u8),
+    #[error("unknown message kind {0}")]
+    UnknownKind(u8),
+    #[error("non-zero reserved flags {0:#06x}")]
+    Flags(u16),
+    #[error("malformed {kind:?} body: {detail}")]
+    Body { kind: Kind, detail: String },
+    #[error("i/o error: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Encoder and decoder for both directions (tests use it to play the worker side).
+#[derive(Debug, Clone)]
+pub struct FrameCodec {
+    max_frame_bytes: usize,
+}
+
+impl FrameCodec {
+    pub fn new(max_frame_bytes: usize) -> Self {
+        FrameCodec { max_frame_bytes }
+    }
+
+    pub fn max_frame_bytes(&self) -> usize {
+        self.max_frame_bytes
+    }
+}
+
+impl Default for FrameCodec {
+    fn default() -> Self {
+        FrameCodec::new(DEFAULT_MAX_FRAME_BYTES)
+    }
+}
+
+impl Decoder for FrameCodec {
+    type Item = Frame;
+    type Error = FrameError;
+
+    fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Frame>, FrameError> {
+        if src.len() < 4 {
+            return Ok(None);
+        }
+        let len = u32::from_be_bytes([src[0], src[1], src[2], src[3]]) as usize;
+        // Reject before buffering: an announced 4 GiB frame must not make us wait for it.
+        if len > self.max_frame_bytes {
+            return Err(FrameError::TooLarge {
+                len,
+                max: self.max_frame_bytes,
+            });
+        }
+        if len < HEADER_LEN {
+            return Err(FrameError::TooShort { len });
+        }
+        if src.len() < 4 + len {
+            src.reserve(4 + len - src.len());
+            return Ok(None);
+        }
+        src.advance(4);
+        let frame = src.split_to(len).freeze();
+        decode_frame(frame).map(Some)
+    }
+}
+
+/// Decodes one frame without its length prefix.
+pub fn decode_frame(mut buf: Bytes) -> Result<Frame, FrameError> {
+    if buf.len() < HEADER_LEN {
+        return Err(FrameError::TooShort { len: buf.len() });
+    }
+    let version = buf.get_u8();
+    if version != PROTOCOL_VERSION {
+        return Err(FrameError::Version(version));
+    }
+    let raw_kind = buf.get_u8();
+    let kind = Kind::from_u8(raw_kind).ok_or(FrameError::UnknownKind(raw_kind))?;
+    let flags = buf.get_u16();
+    if flags != 0 {
+        return Err(FrameError::Flags(flags));
+    }
+    let id = buf.get_u64();
+    let body = buf;
+    let malformed = |detail: String| FrameError::Body { kind, detail };
+    let empty = |body: &Bytes| {
+        if body.is_empty() {
+            Ok(())
+        } else {
+            Err(malformed(format!("expected an empty body, got {} bytes", body.len())))
+        }
+    };
+    Ok(match kind {
+        Kind::Ready => {
+            let info: ReadyInfo =
+                serde_json::from_slice(&body).map_err(|e| malformed(e.to_string()))?;
+            Frame::Ready(info)
+        }
+        Kind::Request => Frame::Request(decode_request(id, body).map_err(malformed)?),
+        Kind::Response | Kind::StreamChunk => {
+            let (content_type, payload) = decode_payload_body(body).map_err(malformed)?;
+            if kind == Kind::Response {
+                Frame::Response {
+                    id,
+                    content_type,
+                    payload,
+                }
+            } else {
+                Frame::StreamChunk {
+                    id,
+                    content_type,
+                    payload,
+                }
+            }
+        }
+        Kind::Error => {
+            let body: ErrorBody =
+                serde_json::from_slice(&body).map_err(|e| malformed(e.to_string()))?;
+            Frame::Error { id, body }
+        }
+        Kind::StreamEnd => {
+            empty(&body)?;
+            Frame::StreamEnd { id }
+        }
+        Kind::Cancel => {
+            empty(&body)?;
+            Frame::Cancel { id }
+        }
+        Kind::Ping => {
+            empty(&body)?;
+            Frame::Ping { seq: id }
+        }
+        Kind::Pong => {
+            empty(&body)?;
+            Frame::Pong { seq: id }
+        }
+        Kind::SessionClose => Frame::SessionClose {
+            session_id: utf8(body.to_vec(), "session id").map_err(malformed)?,
+        },
+        Kind::Shutdown => {
+            empty(&body)?;
+            Frame::Shutdown
+        }
+    })
+}
+
+fn utf8(bytes: Vec<u8>, what: &str) -> Result<String, String> {
+    String::from_utf8(bytes).map_err(|_| format!("{what} is not valid UTF-8"))
+}
+
+fn take_str(body: &mut Bytes, len: usize, what: &str) -> Result<String, String> {
+    if body.len() < len {
+        return Err(format!(
+            "{what} needs {len} bytes but only {} remain",
+            body.len()
+        ));
+    }
+    utf8(body.split_to(len).to_vec(), what)
+}
+
+fn decode_request(id: u64, mut body: Bytes) -> Result<RequestFrame, String> {
+    if body.len() < 10 {
+        return Err(format!(
+            "request header needs 10 bytes, got {}",
+            body.len()
+        ));
+    }
+    let command_len = body.get_u16() as usize;
+    let session_len = body.get_u16() as usize;
+    let ctype_len = body.get_u16() as usize;
+    let timeout_ms = body.get_u32();
+    let command = take_str(&mut body, command_len, "command")?;
+    let session_id = take_str(&mut body, session_len, "session id")?;
+    let content_type = take_str(&mut body, ctype_len, "content type")?;
+    Ok(RequestFrame {
+        id,
+        command,
+        session_id,
+        content_type,
+        timeout_ms,
+        payload: body,
+    })
+}
+
+fn decode_payload_body(mut body: Bytes) -> Result<(String, Bytes), String> {
+    if body.len() < 2 {
+        return Err(format!(
+            "payload header needs 2 bytes, got {}",
+            body.len()
+        ));
+    }
+    let ctype_len = body.get_u16() as usize;
+    let content_type = take_str(&mut body, ctype_len, "content type")?;
+    Ok((content_type, body))
+}
+
+fn short_len(s: &str, what: &str) -> Result<u16, FrameError> {
+    u16::try_from(s.len()).map_err(|_| FrameError::Body {
+        kind: Kind::Request,
+        detail: format!("{what} is {} bytes, the limit is 65535", s.len()),
+    })
+}
+
+impl Encoder<Frame> for FrameCodec {
+    type Error = FrameError;
+
+    fn encode(&mut self, frame: Frame, dst: &mut BytesMut) -> Result<(), FrameError> {
+        self.encode(&frame, dst)
+    }
+}
+
+impl Encoder<&Frame> for FrameCodec {
+    type Error = FrameError;
+
+    fn encode(&mut self, frame: &Frame, dst: &mut BytesMut) -> Result<(), FrameError> {
+        let start = dst.len();
+        dst.put_u32(0); // length, patched below
+        dst.put_u8(PROTOCOL_VERSION);
+        dst.put_u8(frame.kind() as u8);
+        dst.put_u16(0);
+        dst.put_u64(frame.request_id());
+        let json = |v: &dyn erased_json::Json, dst: &mut BytesMut| v.write(dst);
+        match frame {
+            Frame::Ready(info) => json(info, dst),
+            Frame::Request(r) => {
+                dst.put_u16(short_len(&r.command, "command")?);
+                dst.put_u16(short_len(&r.session_id, "session id")?);
+                dst.put_u16(short_len(&r.content_type, "content type")?);
+                dst.put_u32(r.timeout_ms);
+                dst.put_slice(r.command.as_bytes());
+                dst.put_slice(r.session_id.as_bytes());
+                dst.put_slice(r.content_type.as_bytes());
+                dst.put_slice(&r.payload);
+            }
+            Frame::Response {
+                content_type,
+                payload,
+                ..
+            }
+            | Frame::StreamChunk {
+                content_type,
+                payload,
+                ..
+            } => {
+                dst.put_u16(short_len(content_type, "content type")?);
+                dst.put_slice(content_type.as_bytes());
+                dst.put_slice(payload);
+            }
+            Frame::Error { body, .. } => json(body, dst),
+            Frame::SessionClose { session_id } => dst.put_slice(session_id.as_bytes()),
+            Frame::StreamEnd { .. }
+            | Frame::Cancel { .. }
+            | Frame::Ping { .. }
+            | Frame::Pong { .. }
+            | Frame::Shutdown => {}
+        }
+        let len = dst.len() - start - 4;
+        if len > self.max_frame_bytes {
+            dst.truncate(start);
+            return Err(FrameError::TooLarge {
+                len,
+                max: self.max_frame_bytes,
+            });
+        }
+        dst[start..start + 4].copy_from_slice(&(len as u32).to_be_bytes());
+        Ok(())
+    }
+}
+
+/// Serialising the two JSON bodies through one small trait keeps `encode` flat.
+mod erased_json {
+    use bytes::{BufMut, BytesMut};
+
+    pub trait Json {
+        fn write(&self, dst: &mut BytesMut);
+    }
+
+    impl<T: serde::Serialize> Json for T {
+        fn write(&self, dst: &mut BytesMut) {
+            // Serialising plain structs of strings and numbers into memory cannot fail.
+            let _ = serde_json::to_writer(dst.writer(), self);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_util::codec::{FramedRead, FramedWrite};
+
+    fn samples() -> Vec<Frame> {
+        vec![
+            Frame::Ready(ReadyInfo {
+                protocol: 1,
+                pid: 42,
+                adapter: "demo".into(),
+                commands: vec![CommandInfo {
+                    name: "echo".into(),
+                    streaming: false,
+                    is_async: true,
+                    doc: "d".into(),
+                }],
+                python: "3.11".into(),
+            }),
+            Frame::Request(RequestFrame {
+                id: 7,
+                command: "echo".into(),
+                session_id: "s-1".into(),
+                content_type: "application/json".into(),
+                timeout_ms: 1500,
+                payload: Bytes::from_static(b"{\"a\":1}"),
+            }),
+            Frame::Response {
+                id: 7,
+                content_type: "application/octet-stream".into(),
+                payload: Bytes::from(vec![0u8, 255, 1, 2]),
+            },
+            Frame::Error {
+                id: 9,
+                body: ErrorBody {
+                    kind: "exception".into(),
+                    error_type: "ValueError".into(),
+                    message: "bad".into(),
+                    traceback: "tb".into(),
+                },
+            },
+            Frame::StreamChunk {
+                id: 3,
+                content_type: "text/plain".into(),
+                payload: Bytes::from_static(b"chunk"),
+            },
+            Frame::StreamEnd { id: 3 },
+            Frame::Cancel { id: 11 },
+            Frame::Ping { seq: 5 },
+            Frame::Pong { seq: 5 },
+            Frame::SessionClose {
+                session_id: "abc".into(),
+            },
+            Frame::Shutdown,
+        ]
+    }
+
+    #[tokio::test]
+    async fn every_kind_round_trips_over_a_duplex_pipe() {
+        let (a, b) = tokio::io::duplex(64);
+        let mut writer = FramedWrite::new(a, FrameCodec::default());
+        let mut reader = FramedRead::new(b, FrameCodec::default());
+        let frames = samples();
+        let sent = frames.clone();
+        let send = tokio::spawn(async move {
+            for f in sent {
+                writer.send(f).await.unwrap();
+            }
+        });
+        for expected in frames {
+            let got = reader.next().await.unwrap().unwrap();
+            assert_eq!(got, expected);
+        }
+        send.await.unwrap();
+    }
+
+    #[test]
+    fn header_layout_matches_the_protocol_document() {
+        let mut buf = BytesMut::new();
+        Encoder::<&Frame>::encode(
+            &mut FrameCodec::default(),
+            &Frame::Cancel { id: 0x0102 },
+            &mut buf,
+        )
+        .unwrap();
+        assert_eq!(
+            &buf[..],
+            &[0, 0, 0, 12, 1, 7, 0, 0, 0, 0, 0, 0, 0, 0, 1, 2]
+        );
+    }
+
+    #[test]
+    fn partial_input_waits_for_more() {
+        let mut buf = BytesMut::new();
+        Encoder::<&Frame>::encode(&mut FrameCodec::default(), &samples()[1], &mut buf).unwrap();
+        let full = buf.clone();
+        let mut codec = FrameCodec::default();
+        for cut in 0..full.len() {
+            let mut part = BytesMut::from(&full[..cut]);
+            assert!(codec.decode(&mut part).unwrap().is_none(), "cut at {cut}");
+        }
+    }
+
+    #[test]
+    fn oversized_frames_are_rejected_before_buffering() {
+        let mut codec = FrameCodec::new(1024);
+        let mut buf = BytesMut::from(&[0x7f, 0xff, 0xff, 0xff][..]);
+        assert!(matches!(
+            codec.decode(&mut buf),
+            Err(FrameError::TooLarge { max: 1024, .. })
+        ));
+    }
+
+    #[test]
+    fn encoding_past_the_limit_fails_and_leaves_the_buffer_clean() {
+        let mut codec = FrameCodec::new(64);
+        let mut buf = BytesMut::from(&b"keep"[..]);
+        let frame = Frame::Response {
+            id: 1,
+            content_type: String::new(),
+            payload: Bytes::from(vec![0u8; 100]),
+        };
+        assert!(matches!(
+            codec.encode(&frame, &mut buf),
+            Err(FrameError::TooLarge { .. })
+        ));
+        assert_eq!(&buf[..], b"keep");
+    }
+
+    fn raw(version: u8, kind: u8, flags: u16, body: &[u8]) -> BytesMut {
+        let mut b = BytesMut::new();
+        b.put_u32((HEADER_LEN + body.len()) as u32);
+        b.put_u8(version);
+        b.put_u8(kind);
+        b.put_u16(flags);
+        b.put_u64(1);
+        b.put_slice(body);
+        b
+    }
+
+    #[test]
+    fn malformed_frames_are_rejected_with_a_reason() {
+        let mut c = FrameCodec::default();
+        assert!(matches!(
+            c.decode(&mut raw(99, 3, 0, b"")),
+            Err(FrameError::Version(99))
+        ));
+        assert!(matches!(
+            c.decode(&mut raw(1, 200, 0, b"")),
+            Err(FrameError::UnknownKind(200))
+        ));
+        assert!(matches!(
+            c.decode(&mut raw(1, 3, 1, b"\0\0")),
+            Err(FrameError::Flags(1))
+        ));
+        // content type length points past the end of the body
+        assert!(matches!(
+            c.decode(&mut raw(1, 3, 0, b"\0\x09ab")),
+            Err(FrameError::Body { .. })
+        ));
+        assert!(matches!(
+            c.decode(&mut raw(1, 4, 0, b"not json")),
+            Err(FrameError::Body { .. })
+        ));
+        assert!(matches!(
+            c.decode(&mut raw(1, 6, 0, b"x")),
+            Err(FrameError::Body { .. })
+        ));
+        let mut short = BytesMut::from(&[0u8, 0, 0, 3, 1, 2, 3][..]);
+        assert!(matches!(
+            c.decode(&mut short),
+            Err(FrameError::TooShort { len: 3 })
+        ));
+        assert!(matches!(
+            c.decode(&mut raw(1, 10, 0, &[0xff, 0xfe])),
+            Err(FrameError::Body { .. })
+        ));
+    }
+}

@@ -1,0 +1,224 @@
+//! One Python worker process: how it is spawned, the frames it speaks, and the
+//! connection that routes its replies. A worker knows nothing about the pool.
+
+mod connection;
+mod error;
+pub mod frame;
+mod process;
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use tokio::io::AsyncReadExt;
+use tokio::process::{Child, ChildStderr};
+use tokio::task::JoinHandle;
+use tokio_util::codec::FramedRead;
+
+pub use connection::{
+    Call, CallRequest, Connection, KillReason, ReplyMode, Reply, SlotGuard, WorkerId,
+};
+pub use error::WorkerError;
+pub use frame::{CommandInfo, Frame, FrameCodec, ReadyInfo, PROTOCOL_VERSION};
+pub use process::{resolve_python, rss_bytes, signal_group, WorkerSpec};
+
+/// Lines of stderr kept per worker, so a worker that dies at startup can say why.
+const STDERR_TAIL_LINES: usize = 20;
+/// Longer stderr lines are cut; a worker cannot make us buffer without bound.
+const STDERR_MAX_LINE: usize = 8 * 1024;
+
+/// Why a worker did not reach `READY`.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot spawn {program}: {source}")]
+    Spawn {
+        program: String,
+        source: std::io::Error,
+    },
+    #[error("no READY handshake within {0:?}{1}")]
+    Timeout(Duration, StderrTail),
+    #[error("worker exited before its READY handshake ({status}){tail}")]
+    Exited { status: String, tail: StderrTail },
+    #[error("bad handshake: {detail}{tail}")]
+    Handshake { detail: String, tail: StderrTail },
+}
+
+/// The last lines a worker wrote to stderr, formatted for an error message.
+#[derive(Debug, Default, Clone)]
+pub struct StderrTail(pub Vec<String>);
+
+impl std::fmt::Display for StderrTail {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.0.is_empty() {
+            return Ok(());
+        }
+        write!(f, "; its stderr ended with:\n  {}", self.0.join("\n  "))
+    }
+}
+
+/// A spawned worker process, owned by its supervisor, which alone waits for it.
+#[derive(Debug)]
+pub struct Process {
+    pub child: Child,
+    pub pid: u32,
+    stderr_tail: Arc<Mutex<VecDeque<String>>>,
+    stderr_task: Option<JoinHandle<()>>,
+}
+
+impl Process {
+    /// SIGKILL to the worker's whole process group. Call it before reaping the child,
+    /// while the pid still belongs to it.
+    pub fn kill_group(&mut self) {
+        signal_group(self.pid, libc::SIGKILL);
+        let _ = self.child.start_kill();
+    }
+
+    pub fn signal_group(&self, signal: libc::c_int) {
+        signal_group(self.pid, signal);
+    }
+
+    /// What the worker last wrote to stderr, waiting briefly for the pipe to drain.
+    pub async fn stderr_tail(&mut self) -> StderrTail {
+        if let Some(task) = self.stderr_task.take() {
+            let _ = tokio::time::timeout(Duration::from_millis(500), task).await;
+        }
+        let tail = self.stderr_tail.lock().unwrap_or_else(|e| e.into_inner());
+        StderrTail(tail.iter().cloned().collect())
+    }
+}
+
+/// Spawns a worker and waits for its `READY` handshake.
+pub async fn start(
+    spec: &WorkerSpec,
+    id: WorkerId,
+    startup_timeout: Duration,
+) -> Result<(Connection, Process), StartError> {
+    let mut child = spec.spawn().map_err(|source| StartError::Spawn {
+        program: spec.python.display().to_string(),
+        source,
+    })?;
+    let pid = child.id().unwrap_or(0);
+    let (stdin, stdout, stderr) = match (child.stdin.take(), child.stdout.take(), child.stderr.take())
+    {
+        (Some(i), Some(o), Some(e)) => (i, o, e),
+        _ => unreachable!("all three pipes are requested in WorkerSpec::spawn"),
+    };
+    let stderr_tail = Arc::new(Mutex::new(VecDeque::new()));
+    let stderr_task = tokio::spawn(forward_stderr(stderr, id, pid, stderr_tail.clone()));
+    let mut process = Process {
+        child,
+        pid,
+        stderr_tail,
+        stderr_task: Some(stderr_task),
+    };
+    let mut reader = FramedRead::new(stdout, FrameCodec::new(spec.max_frame_bytes));
+
+    let first = tokio::time::timeout(startup_timeout, reader.next()).await;
+    let fail = |process: &mut Process| process.kill_group();
+    let ready = match first {
+        Err(_) => {
+            fail(&mut process);
+            let _ = process.child.wait().await;
+            let tail = process.stderr_tail().await;
+            return Err(StartError::Timeout(startup_timeout, tail));
+        }
+        Ok(None) => {
+            let status = tokio::time::timeout(Duration::from_secs(5), process.child.wait()).await;
+            let status = match status {
+                Ok(Ok(s)) => describe_exit(&s),
+                _ => {
+                    fail(&mut process);
+                    let _ = process.child.wait().await;
+                    "closed its stdout".to_string()
+                }
+            };
+            let tail = process.stderr_tail().await;
+            return Err(StartError::Exited { status, tail });
+        }
+        Ok(Some(Err(e))) => Err(e.to_string()),
+        Ok(Some(Ok(Frame::Ready(info)))) => {
+            if info.protocol != u32::from(PROTOCOL_VERSION) {
+                Err(format!(
+                    "worker speaks protocol {}, pitboss speaks {PROTOCOL_VERSION}",
+                    info.protocol
+                ))
+            } else if info.pid != pid {
+                Err(format!("READY says pid {}, but the child is {pid}", info.pid))
+            } else {
+                Ok(info)
+            }
+        }
+        Ok(Some(Ok(other))) => Err(format!("expected READY first, got {:?}", other.kind())),
+    };
+    match ready {
+        Ok(info) => {
+            tracing::info!(worker = %id, pid, commands = info.commands.len(), "worker ready");
+            Ok((Connection::start(id, info, reader, stdin), process))
+        }
+        Err(detail) => {
+            fail(&mut process);
+            let _ = process.child.wait().await;
+            let tail = process.stderr_tail().await;
+            Err(StartError::Handshake { detail, tail })
+        }
+    }
+}
+
+/// Human-readable exit status: `exit status 3` or `killed by signal 9 (SIGKILL)`.
+pub fn describe_exit(status: &std::process::ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    if let Some(code) = status.code() {
+        format!("exit status {code}")
+    } else if let Some(sig) = status.signal() {
+        let name = match sig {
+            libc::SIGKILL => " (SIGKILL)",
+            libc::SIGTERM => " (SIGTERM)",
+            libc::SIGSEGV => " (SIGSEGV)",
+            libc::SIGABRT => " (SIGABRT)",
+            libc::SIGINT => " (SIGINT)",
+            _ => "",
+        };
+        format!("killed by signal {sig}{name}")
+    } else {
+        status.to_string()
+    }
+}
+
+/// Logs each stderr line with the worker id and keeps the last few for error messages.
+async fn forward_stderr(
+    mut stderr: ChildStderr,
+    id: WorkerId,
+    pid: u32,
+    tail: Arc<Mutex<VecDeque<String>>>,
+) {
+    let mut buf = Vec::with_capacity(4096);
+    let mut chunk = [0u8; 4096];
+    let emit = |line: &[u8]| {
+        let text = String::from_utf8_lossy(line).trim_end().to_string();
+        tracing::info!(target: "pitboss::worker::stderr", worker = %id, pid, "{text}");
+        let mut tail = tail.lock().unwrap_or_else(|e| e.into_inner());
+        if tail.len() == STDERR_TAIL_LINES {
+            tail.pop_front();
+        }
+        tail.push_back(text);
+    };
+    loop {
+        let n = match stderr.read(&mut chunk).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        buf.extend_from_slice(&chunk[..n]);
+        while let Some(pos) = buf.iter().position(|&b| b == b'\n') {
+            emit(&buf[..pos]);
+            buf.drain(..=pos);
+        }
+        if buf.len() > STDERR_MAX_LINE {
+            emit(&buf[..STDERR_MAX_LINE]);
+            buf.clear();
+        }
+    }
+    if !buf.is_empty() {
+        emit(&buf);
+    }
+}
