@@ -1,0 +1,81 @@
+//! Helpers shared by the integration tests: pools of the real example adapters, and
+//! process checks through /proc.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use pitboss::pool::{PoolConfig, PoolRequest, PoolResponse, WorkerCommand};
+use serde_json::Value;
+
+pub fn python_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("python")
+}
+
+fn base(adapter: &str, size: usize) -> PoolConfig {
+    let mut worker = WorkerCommand::demo(python_dir());
+    worker.adapter = adapter.into();
+    let mut c = PoolConfig::new("test", worker);
+    c.size = size;
+    c.startup_timeout = Duration::from_secs(30);
+    c.heartbeat_interval = Duration::from_millis(200);
+    c.heartbeat_timeout = Duration::from_secs(5);
+    c.restart.backoff_base = Duration::from_millis(20);
+    c.restart.jitter = 0.0;
+    c
+}
+
+/// A pool of `python/examples/demo.py`.
+pub fn demo(size: usize) -> PoolConfig {
+    base("demo:adapter", size)
+}
+
+/// A pool of `python/examples/faults.py`.
+pub fn faults(size: usize) -> PoolConfig {
+    base("faults:adapter", size)
+}
+
+pub fn req(command: &str, payload: Value) -> PoolRequest {
+    PoolRequest::new(command, serde_json::to_vec(&payload).unwrap())
+}
+
+pub fn json(r: &PoolResponse) -> Value {
+    serde_json::from_slice(&r.payload).unwrap_or_else(|e| {
+        panic!(
+            "response is not JSON ({e}): {:?}",
+            String::from_utf8_lossy(&r.payload)
+        )
+    })
+}
+
+/// Whether a process exists and is not a zombie.
+pub fn alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => {
+            // The state follows the parenthesised command name.
+            let state = stat.rsplit(')').next().unwrap_or("").trim_start();
+            !state.starts_with('Z') && !state.starts_with('X')
+        }
+        Err(_) => false,
+    }
+}
+
+/// Polls `check` every 20 ms until it holds or `timeout` passes. Returns whether it held.
+pub async fn eventually(timeout: Duration, mut check: impl FnMut() -> bool) -> bool {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if check() {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+pub fn kill(pid: u32, signal: i32) {
+    unsafe {
+        libc::kill(pid as i32, signal);
+    }
+}
