@@ -30,7 +30,12 @@ fn no_worker_survives_sigkill_of_its_parent() {
         return hold_pool();
     }
     let mut child = Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "no_worker_survives_sigkill_of_its_parent", "--nocapture", "--test-threads=1"])
+        .args([
+            "--exact",
+            "no_worker_survives_sigkill_of_its_parent",
+            "--nocapture",
+            "--test-threads=1",
+        ])
         .env(CHILD_ENV, "1")
         .stdout(Stdio::piped())
         .spawn()
@@ -48,7 +53,10 @@ fn no_worker_survives_sigkill_of_its_parent() {
     assert!(pids.iter().all(|&p| alive(p)));
     kill(child.id(), libc::SIGKILL);
     child.wait().unwrap();
-    let rt = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .unwrap();
     rt.block_on(async {
         for pid in pids {
             assert!(

@@ -33,19 +33,31 @@ async fn round_trip_passes_the_payload_through_untouched() {
 #[tokio::test]
 async fn streaming_delivers_every_chunk_in_order() {
     let pool = Pool::start(demo(1)).await.unwrap();
-    let mut stream = pool.execute_stream(req("stream", json!({"n": 25}))).await.unwrap();
+    let mut stream = pool
+        .execute_stream(req("stream", json!({"n": 25})))
+        .await
+        .unwrap();
     let mut seen = vec![];
     while let Some(chunk) = stream.next().await {
         seen.push(json(&chunk.unwrap())["i"].as_u64().unwrap());
     }
     assert_eq!(seen, (0..25).collect::<Vec<_>>());
     // A unary command asked for as a stream yields one chunk.
-    let mut one = pool.execute_stream(req("echo", json!({"x": 1}))).await.unwrap();
+    let mut one = pool
+        .execute_stream(req("echo", json!({"x": 1})))
+        .await
+        .unwrap();
     assert_eq!(json(&one.next().await.unwrap().unwrap()), json!({"x": 1}));
     assert!(one.next().await.is_none());
     // A streaming command asked for as unary is refused with a hint.
-    let err = pool.execute(req("stream", json!({"n": 1}))).await.unwrap_err();
-    assert!(matches!(&err, PoolError::InvalidRequest(m) if m.contains("ExecuteStream")), "{err}");
+    let err = pool
+        .execute(req("stream", json!({"n": 1})))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, PoolError::InvalidRequest(m) if m.contains("ExecuteStream")),
+        "{err}"
+    );
     pool.shutdown().await;
 }
 
@@ -73,7 +85,10 @@ async fn python_exceptions_are_structured_and_do_not_kill_the_worker() {
     let pool = Pool::start(faults(1)).await.unwrap();
     let pid = pool.pids()[0];
     let err = pool
-        .execute(req("raise", json!({"type": "ValueError", "message": "bad input"})))
+        .execute(req(
+            "raise",
+            json!({"type": "ValueError", "message": "bad input"}),
+        ))
         .await
         .unwrap_err();
     match &err {
@@ -90,7 +105,10 @@ async fn python_exceptions_are_structured_and_do_not_kill_the_worker() {
         other => panic!("expected a Python exception, got {other:?}"),
     }
     let err = pool.execute(req("nope", json!({}))).await.unwrap_err();
-    assert!(matches!(&err, PoolError::UnknownCommand { known, .. } if known.contains(&"echo".to_string())), "{err}");
+    assert!(
+        matches!(&err, PoolError::UnknownCommand { known, .. } if known.contains(&"echo".to_string())),
+        "{err}"
+    );
     assert!(err.to_string().contains("echo"));
     pool.execute(req("echo", json!(1))).await.unwrap();
     assert_eq!(pool.pids(), vec![pid]);
@@ -132,7 +150,14 @@ async fn strict_queue_affinity_keeps_a_session_on_its_worker() {
 }
 
 /// Starts a long call on the session's worker so that it is busy (concurrency 1).
-async fn busy_session(mode: AffinityMode) -> (Pool, String, pitboss::worker::WorkerId, tokio::task::JoinHandle<()>) {
+async fn busy_session(
+    mode: AffinityMode,
+) -> (
+    Pool,
+    String,
+    pitboss::worker::WorkerId,
+    tokio::task::JoinHandle<()>,
+) {
     let mut cfg = demo(2);
     cfg.affinity = mode;
     cfg.worker_concurrency = 1;
@@ -147,7 +172,14 @@ async fn busy_session(mode: AffinityMode) -> (Pool, String, pitboss::worker::Wor
             .unwrap();
     });
     let w = s.worker;
-    assert!(eventually(LONG, || pool.status().workers.iter().any(|x| x.worker == Some(w) && x.in_flight == 1)).await);
+    assert!(
+        eventually(LONG, || pool
+            .status()
+            .workers
+            .iter()
+            .any(|x| x.worker == Some(w) && x.in_flight == 1))
+        .await
+    );
     (pool, s.session_id, s.worker, hog)
 }
 
@@ -159,11 +191,18 @@ async fn strict_fail_fast_affinity_refuses_when_the_worker_is_busy() {
         .await
         .unwrap_err();
     assert!(
-        matches!(err, PoolError::PoolExhausted { reason: ExhaustedReason::WorkerBusy }),
+        matches!(
+            err,
+            PoolError::PoolExhausted {
+                reason: ExhaustedReason::WorkerBusy
+            }
+        ),
         "{err}"
     );
     hog.await.unwrap();
-    pool.execute(req("counter", json!({})).session(sid)).await.unwrap();
+    pool.execute(req("counter", json!({})).session(sid))
+        .await
+        .unwrap();
     pool.shutdown().await;
 }
 
@@ -174,9 +213,15 @@ async fn hint_affinity_uses_another_worker_when_the_sessions_is_busy() {
         .execute(req("counter", json!({})).session(sid.clone()))
         .await
         .unwrap();
-    assert_ne!(r.worker, worker, "served elsewhere while the session's worker is busy");
+    assert_ne!(
+        r.worker, worker,
+        "served elsewhere while the session's worker is busy"
+    );
     hog.await.unwrap();
-    let r = pool.execute(req("counter", json!({})).session(sid)).await.unwrap();
+    let r = pool
+        .execute(req("counter", json!({})).session(sid))
+        .await
+        .unwrap();
     assert_eq!(r.worker, worker, "back home once it is free");
     pool.shutdown().await;
 }
@@ -192,13 +237,26 @@ async fn a_session_whose_worker_died_is_lost_not_silently_moved() {
     let pid = json(&r)["pid"].as_u64().unwrap() as u32;
     kill(pid, libc::SIGKILL);
     // Wait until the supervisor has replaced it.
-    assert!(eventually(LONG, || pool.status().workers.iter().all(|w| w.pid != Some(pid) && w.state == SlotState::Ready)).await);
+    assert!(
+        eventually(LONG, || pool
+            .status()
+            .workers
+            .iter()
+            .all(|w| w.pid != Some(pid) && w.state == SlotState::Ready))
+        .await
+    );
     let err = pool
         .execute(req("counter", json!({})).session(s.session_id.clone()))
         .await
         .unwrap_err();
-    assert!(matches!(&err, PoolError::SessionLost { worker, .. } if *worker == s.worker), "{err}");
-    assert!(matches!(pool.get_session(&s.session_id), Err(PoolError::SessionLost { .. })));
+    assert!(
+        matches!(&err, PoolError::SessionLost { worker, .. } if *worker == s.worker),
+        "{err}"
+    );
+    assert!(matches!(
+        pool.get_session(&s.session_id),
+        Err(PoolError::SessionLost { .. })
+    ));
     pool.close_session(&s.session_id).unwrap();
     pool.shutdown().await;
 }
@@ -207,7 +265,10 @@ async fn a_session_whose_worker_died_is_lost_not_silently_moved() {
 async fn a_crashed_worker_is_replaced() {
     let pool = Pool::start(faults(2)).await.unwrap();
     let before: HashSet<u32> = pool.pids().into_iter().collect();
-    let err = pool.execute(req("crash", json!({"code": 7}))).await.unwrap_err();
+    let err = pool
+        .execute(req("crash", json!({"code": 7})))
+        .await
+        .unwrap_err();
     match &err {
         PoolError::WorkerCrashed { detail, sent, .. } => {
             assert!(detail.contains("exit status 7"), "{detail}");
@@ -221,7 +282,9 @@ async fn a_crashed_worker_is_replaced() {
     let after: HashSet<u32> = pool.pids().into_iter().collect();
     assert_eq!(before.intersection(&after).count(), 1);
     for _ in 0..4 {
-        pool.execute(req("echo", json!("still serving"))).await.unwrap();
+        pool.execute(req("echo", json!("still serving")))
+            .await
+            .unwrap();
     }
     pool.shutdown().await;
 }
@@ -229,19 +292,33 @@ async fn a_crashed_worker_is_replaced() {
 #[tokio::test]
 async fn a_crash_loop_backs_off_and_marks_the_pool_degraded() {
     let mut cfg = faults(1);
-    cfg.worker.env.push(("PITBOSS_FAULT_CRASH_ON_START".into(), "1".into()));
+    cfg.worker
+        .env
+        .push(("PITBOSS_FAULT_CRASH_ON_START".into(), "1".into()));
     cfg.restart.backoff_base = Duration::from_millis(50);
     cfg.restart.max_restarts = 3;
     cfg.restart.window = Duration::from_secs(60);
     cfg.restart.degraded_interval = Duration::from_secs(30);
-    let pool = Pool::launch(cfg, std::sync::Arc::new(NoEvents)).await.unwrap();
-    assert!(eventually(LONG, || pool.status().degraded).await, "{:?}", pool.status());
+    let pool = Pool::launch(cfg, std::sync::Arc::new(NoEvents))
+        .await
+        .unwrap();
+    assert!(
+        eventually(LONG, || pool.status().degraded).await,
+        "{:?}",
+        pool.status()
+    );
     let st = pool.status();
     let w = &st.workers[0];
     assert_eq!(w.state, SlotState::BackingOff);
     assert_eq!(w.recent_crashes, 4);
-    assert!(w.retry_in.unwrap() > Duration::from_secs(20), "slow retry while degraded: {w:?}");
-    assert!(w.last_exit.as_deref().unwrap().contains("exit status 3"), "{w:?}");
+    assert!(
+        w.retry_in.unwrap() > Duration::from_secs(20),
+        "slow retry while degraded: {w:?}"
+    );
+    assert!(
+        w.last_exit.as_deref().unwrap().contains("exit status 3"),
+        "{w:?}"
+    );
     let err = pool.wait_started(Duration::from_secs(1)).await.unwrap_err();
     assert!(err.to_string().contains("exit status 3"), "{err}");
     pool.shutdown().await;
@@ -261,7 +338,11 @@ async fn a_worker_that_stops_answering_heartbeats_is_replaced() {
     assert!(err.to_string().contains("heartbeat"), "{err}");
     assert!(!alive(pid) || eventually(LONG, || !alive(pid)).await);
     assert!(eventually(LONG, || pool.status().ready == 1).await);
-    assert!(pool.status().workers[0].last_exit.as_deref().unwrap().contains("heartbeat"));
+    assert!(pool.status().workers[0]
+        .last_exit
+        .as_deref()
+        .unwrap()
+        .contains("heartbeat"));
     pool.execute(req("echo", json!(1))).await.unwrap();
     pool.shutdown().await;
 }
@@ -274,7 +355,9 @@ async fn recycling_by_request_count_loses_no_request() {
     let pool = Pool::start(cfg).await.unwrap();
     let mut pids = HashSet::new();
     for round in 0..10 {
-        let calls: Vec<_> = (0..6).map(|_| pool.execute(req("whoami", json!({})))).collect();
+        let calls: Vec<_> = (0..6)
+            .map(|_| pool.execute(req("whoami", json!({}))))
+            .collect();
         for r in futures_util::future::join_all(calls).await {
             let r = r.unwrap_or_else(|e| panic!("round {round}: {e}"));
             pids.insert(json(&r)["pid"].as_u64().unwrap());
@@ -283,11 +366,10 @@ async fn recycling_by_request_count_loses_no_request() {
     // 60 requests over 2 workers recycled every 10: at least 5 distinct processes.
     assert!(pids.len() >= 5, "pids: {pids:?}");
     assert!(eventually(LONG, || pool.status().ready == 2).await);
-    assert!(pool
-        .status()
-        .workers
-        .iter()
-        .any(|w| w.last_exit.as_deref().is_some_and(|e| e.contains("recycle_requests"))));
+    assert!(pool.status().workers.iter().any(|w| w
+        .last_exit
+        .as_deref()
+        .is_some_and(|e| e.contains("recycle_requests"))));
     pool.shutdown().await;
 }
 
@@ -298,7 +380,9 @@ async fn recycling_by_memory_loses_no_request() {
     cfg.heartbeat_interval = Duration::from_millis(100);
     let pool = Pool::start(cfg).await.unwrap();
     let first = pool.pids()[0];
-    pool.execute(req("alloc", json!({"mb": 200}))).await.unwrap();
+    pool.execute(req("alloc", json!({"mb": 200})))
+        .await
+        .unwrap();
     // Keep sending while the worker is drained and replaced: every request succeeds.
     let mut served_by = HashSet::new();
     let deadline = Instant::now() + LONG;
@@ -322,10 +406,18 @@ async fn garbage_on_stdout_replaces_the_worker_and_fails_only_that_request() {
     let pid = pool.pids()[0];
     let err = pool.execute(req("garbage", json!({}))).await.unwrap_err();
     assert!(matches!(err, PoolError::Protocol { .. }), "{err}");
-    assert!(eventually(LONG, || pool.status().ready == 1 && pool.pids() != vec![pid]).await);
+    assert!(
+        eventually(LONG, || pool.status().ready == 1
+            && pool.pids() != vec![pid])
+        .await
+    );
     assert!(!alive(pid));
     pool.execute(req("echo", json!(1))).await.unwrap();
-    assert!(pool.status().workers[0].last_exit.as_deref().unwrap().contains("protocol"));
+    assert!(pool.status().workers[0]
+        .last_exit
+        .as_deref()
+        .unwrap()
+        .contains("protocol"));
     pool.shutdown().await;
 }
 
@@ -355,8 +447,21 @@ async fn a_deadline_cancels_and_a_stuck_command_gets_its_worker_killed() {
         .execute(req("sleep", json!({"seconds": 30})).timeout(Duration::from_millis(300)))
         .await
         .unwrap_err();
-    assert!(matches!(err, PoolError::Timeout { stage: TimeoutStage::Running, .. }), "{err}");
-    assert!(start.elapsed() < Duration::from_secs(2), "{:?}", start.elapsed());
+    assert!(
+        matches!(
+            err,
+            PoolError::Timeout {
+                stage: TimeoutStage::Running,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(
+        start.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        start.elapsed()
+    );
     pool.execute(req("echo", json!(1))).await.unwrap();
     assert_eq!(pool.pids(), vec![pid]);
 
@@ -367,8 +472,14 @@ async fn a_deadline_cancels_and_a_stuck_command_gets_its_worker_killed() {
         .await
         .unwrap_err();
     assert!(matches!(err, PoolError::Timeout { .. }), "{err}");
-    assert!(start.elapsed() < Duration::from_secs(2), "the caller does not wait for the kill");
-    assert!(eventually(LONG, || !alive(pid)).await, "stuck worker was not killed");
+    assert!(
+        start.elapsed() < Duration::from_secs(2),
+        "the caller does not wait for the kill"
+    );
+    assert!(
+        eventually(LONG, || !alive(pid)).await,
+        "stuck worker was not killed"
+    );
     assert!(eventually(LONG, || pool.status().ready == 1).await);
     let exit = pool.status().workers[0].last_exit.clone().unwrap();
     assert!(exit.contains("did not stop"), "{exit}");
@@ -392,7 +503,15 @@ async fn a_full_queue_refuses_at_once() {
     assert!(eventually(LONG, || pool.status().queue_depth == 2).await);
     let start = Instant::now();
     let err = pool.execute(req("echo", json!(1))).await.unwrap_err();
-    assert!(matches!(err, PoolError::PoolExhausted { reason: ExhaustedReason::QueueFull }), "{err}");
+    assert!(
+        matches!(
+            err,
+            PoolError::PoolExhausted {
+                reason: ExhaustedReason::QueueFull
+            }
+        ),
+        "{err}"
+    );
     assert!(start.elapsed() < Duration::from_millis(100));
     for h in held {
         h.await.unwrap().unwrap();
@@ -406,7 +525,15 @@ async fn a_full_queue_refuses_at_once() {
     let hog = tokio::spawn(async move { p.execute(req("sleep", json!({"seconds": 1.0}))).await });
     assert!(eventually(LONG, || pool2.status().workers[0].in_flight == 1).await);
     let err = pool2.execute(req("echo", json!(1))).await.unwrap_err();
-    assert!(matches!(err, PoolError::PoolExhausted { reason: ExhaustedReason::QueueTimeout }), "{err}");
+    assert!(
+        matches!(
+            err,
+            PoolError::PoolExhausted {
+                reason: ExhaustedReason::QueueTimeout
+            }
+        ),
+        "{err}"
+    );
     hog.await.unwrap().unwrap();
     pool.shutdown().await;
     pool2.shutdown().await;
@@ -422,7 +549,16 @@ async fn graceful_shutdown_finishes_in_flight_work_and_refuses_new_work() {
             tokio::spawn(async move { p.execute(req("sleep", json!({"seconds": 0.7}))).await })
         })
         .collect();
-    assert!(eventually(LONG, || pool.status().workers.iter().map(|w| w.in_flight).sum::<u32>() == 2).await);
+    assert!(
+        eventually(LONG, || pool
+            .status()
+            .workers
+            .iter()
+            .map(|w| w.in_flight)
+            .sum::<u32>()
+            == 2)
+        .await
+    );
     let p = pool.clone();
     let shutdown = tokio::spawn(async move { p.shutdown().await });
     assert!(eventually(LONG, || pool.status().shutting_down).await);
@@ -435,7 +571,11 @@ async fn graceful_shutdown_finishes_in_flight_work_and_refuses_new_work() {
     for pid in pids {
         assert!(!alive(pid), "worker {pid} survived shutdown");
     }
-    assert!(pool.status().workers.iter().all(|w| w.state == SlotState::Stopped));
+    assert!(pool
+        .status()
+        .workers
+        .iter()
+        .all(|w| w.state == SlotState::Stopped));
 }
 
 #[tokio::test]
@@ -445,7 +585,10 @@ async fn dropping_the_pool_leaves_no_python_process() {
     assert_eq!(pids.len(), 3);
     drop(pool);
     for pid in pids {
-        assert!(eventually(LONG, || !alive(pid)).await, "worker {pid} survived the pool");
+        assert!(
+            eventually(LONG, || !alive(pid)).await,
+            "worker {pid} survived the pool"
+        );
     }
 }
 

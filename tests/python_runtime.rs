@@ -16,7 +16,13 @@ fn python_unit_tests_pass() {
     // unittest prints "Ran N tests" on stderr; make sure the suite was not empty.
     let ran = stderr
         .lines()
-        .find_map(|l| l.strip_prefix("Ran ")?.split(' ').next()?.parse::<u32>().ok())
+        .find_map(|l| {
+            l.strip_prefix("Ran ")?
+                .split(' ')
+                .next()?
+                .parse::<u32>()
+                .ok()
+        })
         .unwrap_or(0);
     assert!(ran > 0, "no Python test ran:\n{stderr}");
 }

@@ -35,7 +35,12 @@ impl WorkerCommand {
             runtime_dir: python_dir,
             working_dir: None,
             env: Vec::new(),
-            inherit_env: vec!["PATH".into(), "HOME".into(), "LANG".into(), "PYENV_VERSION".into()],
+            inherit_env: vec![
+                "PATH".into(),
+                "HOME".into(),
+                "LANG".into(),
+                "PYENV_VERSION".into(),
+            ],
         }
     }
 }

@@ -378,3 +378,172 @@ impl Drop for LeaveQueue<'_> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::worker::{FrameCodec, ReadyInfo};
+    use std::time::Duration;
+    use tokio::io::DuplexStream;
+    use tokio_util::codec::FramedRead;
+
+    /// A connection to nobody: enough for slot accounting.
+    fn conn(id: u64) -> (Connection, DuplexStream, DuplexStream) {
+        let (a, b) = tokio::io::duplex(1024);
+        let (c, d) = tokio::io::duplex(1024);
+        let ready = ReadyInfo {
+            protocol: 1,
+            pid: 0,
+            adapter: String::new(),
+            commands: vec![],
+            python: String::new(),
+        };
+        let conn = Connection::start(
+            WorkerId(id),
+            ready,
+            FramedRead::new(a, FrameCodec::default()),
+            c,
+        );
+        (conn, b, d)
+    }
+
+    fn soon() -> Instant {
+        Instant::now() + Duration::from_secs(10)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_released_slot_goes_to_the_oldest_waiter() {
+        let d = Dispatcher::new(8);
+        let (c1, _x, _y) = conn(1);
+        d.add(c1, 1, 0);
+        let held = d.acquire(Target::any(), soon(), false).await.unwrap();
+        let d2 = d.clone();
+        let first =
+            tokio::spawn(async move { d2.acquire(Target::any(), soon(), false).await.map(|_| 1) });
+        tokio::task::yield_now().await;
+        let d3 = d.clone();
+        let second =
+            tokio::spawn(async move { d3.acquire(Target::any(), soon(), false).await.map(|_| 2) });
+        tokio::task::yield_now().await;
+        assert_eq!(d.queue_depth(), 2);
+        drop(held);
+        assert_eq!(first.await.unwrap().unwrap(), 1);
+        assert_eq!(second.await.unwrap().unwrap(), 2);
+        assert_eq!(d.snapshot()[0].in_flight, 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_queue_is_bounded_and_times_out() {
+        let d = Dispatcher::new(1);
+        let (c1, _x, _y) = conn(1);
+        d.add(c1, 1, 0);
+        let _held = d.acquire(Target::any(), soon(), false).await.unwrap();
+        let d2 = d.clone();
+        let waiting = tokio::spawn(async move {
+            d2.acquire(
+                Target::any(),
+                Instant::now() + Duration::from_secs(1),
+                false,
+            )
+            .await
+            .err()
+        });
+        tokio::task::yield_now().await;
+        let full = d.acquire(Target::any(), soon(), false).await.err();
+        assert!(matches!(
+            full,
+            Some(PoolError::PoolExhausted {
+                reason: ExhaustedReason::QueueFull
+            })
+        ));
+        let timed_out = waiting.await.unwrap();
+        assert!(matches!(
+            timed_out,
+            Some(PoolError::PoolExhausted {
+                reason: ExhaustedReason::QueueTimeout
+            })
+        ));
+        assert_eq!(d.queue_depth(), 0, "a waiter that gave up leaves the queue");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn exact_waiters_get_only_their_worker_and_fail_when_it_goes() {
+        let d = Dispatcher::new(8);
+        let (c1, _a, _b) = conn(1);
+        let (c2, _c, _d) = conn(2);
+        d.add(c1, 1, 0);
+        d.add(c2, 1, 0);
+        let on1 = d
+            .acquire(Target::Exactly(WorkerId(1)), soon(), false)
+            .await
+            .unwrap();
+        let busy = d
+            .acquire(Target::Exactly(WorkerId(1)), soon(), true)
+            .await
+            .err();
+        assert!(matches!(
+            busy,
+            Some(PoolError::PoolExhausted {
+                reason: ExhaustedReason::WorkerBusy
+            })
+        ));
+        let d2 = d.clone();
+        let exact = tokio::spawn(async move {
+            d2.acquire(Target::Exactly(WorkerId(1)), soon(), false)
+                .await
+                .err()
+        });
+        tokio::task::yield_now().await;
+        // A free slot on worker 2 does not satisfy a waiter for worker 1.
+        let other = d.acquire(Target::any(), soon(), false).await.unwrap();
+        assert_eq!(other.connection().id(), WorkerId(2));
+        d.remove(WorkerId(1));
+        assert!(matches!(
+            exact.await.unwrap(),
+            Some(PoolError::WorkerGone {
+                worker: WorkerId(1)
+            })
+        ));
+        drop(on1); // releasing on a removed worker is harmless
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_new_worker_serves_the_queue_and_recycling_stops_routing() {
+        let d = Dispatcher::new(8);
+        let d2 = d.clone();
+        let waiting = tokio::spawn(async move {
+            d2.acquire(Target::any(), soon(), false)
+                .await
+                .map(|l| l.connection().id())
+        });
+        tokio::task::yield_now().await;
+        let (c1, _a, _b) = conn(1);
+        let signals = d.add(c1, 4, 2);
+        let first = waiting.await.unwrap().unwrap();
+        assert_eq!(first, WorkerId(1));
+        let _second = d.acquire(Target::any(), soon(), false).await.unwrap();
+        // Two served: the worker is due for recycling and takes no more requests.
+        tokio::time::timeout(Duration::from_secs(1), signals.recycle.notified())
+            .await
+            .unwrap();
+        assert!(!d.snapshot()[0].accepting);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn close_fails_waiters_and_refuses_new_requests() {
+        let d = Dispatcher::new(8);
+        let d2 = d.clone();
+        let waiting =
+            tokio::spawn(async move { d2.acquire(Target::any(), soon(), false).await.err() });
+        tokio::task::yield_now().await;
+        d.close();
+        assert!(matches!(
+            waiting.await.unwrap(),
+            Some(PoolError::ShuttingDown)
+        ));
+        assert!(matches!(
+            d.acquire(Target::any(), soon(), false).await.err(),
+            Some(PoolError::ShuttingDown)
+        ));
+    }
+}

@@ -58,7 +58,10 @@ pub enum PoolError {
     #[error("the command's response is larger than the maximum frame size: {0}")]
     ResponseTooLarge(String),
     #[error("session {session_id} is lost: its worker {worker} exited, and its state went with it; create a new session")]
-    SessionLost { session_id: String, worker: WorkerId },
+    SessionLost {
+        session_id: String,
+        worker: WorkerId,
+    },
     #[error("session {session_id} not found: it was closed, expired, or never created here; create a new session")]
     SessionNotFound { session_id: String },
     #[error("session {0} already exists")]

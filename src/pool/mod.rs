@@ -288,7 +288,10 @@ impl Pool {
 
     /// Starts the supervisors and returns at once; workers become ready in the
     /// background. Fails only for invalid config or an unusable interpreter.
-    pub async fn launch(config: PoolConfig, events: Arc<dyn PoolObserver>) -> Result<Pool, PoolError> {
+    pub async fn launch(
+        config: PoolConfig,
+        events: Arc<dyn PoolObserver>,
+    ) -> Result<Pool, PoolError> {
         config
             .validate()
             .map_err(|e| PoolError::InvalidRequest(format!("pool {}: {e}", config.name)))?;
@@ -379,7 +382,10 @@ impl Pool {
                 return Err(PoolError::Unavailable(format!(
                     "pool {}: no worker started: {}",
                     shared.config.name,
-                    errors.first().map(String::as_str).unwrap_or("unknown error")
+                    errors
+                        .first()
+                        .map(String::as_str)
+                        .unwrap_or("unknown error")
                 )));
             }
             if tokio::time::timeout_at(deadline, notified).await.is_err() {
@@ -453,12 +459,12 @@ impl Pool {
     ) -> Result<(PendingCall, Instant, Duration), PoolError> {
         let shared = self.shared();
         let now = Instant::now();
-        let deadline = req
-            .deadline
-            .unwrap_or(now + shared.config.default_timeout);
+        let deadline = req.deadline.unwrap_or(now + shared.config.default_timeout);
         let total = deadline.saturating_duration_since(now);
         if req.command.is_empty() {
-            return Err(PoolError::InvalidRequest("command must not be empty".into()));
+            return Err(PoolError::InvalidRequest(
+                "command must not be empty".into(),
+            ));
         }
         let commands = shared.commands();
         if !commands.list.is_empty() {
@@ -532,7 +538,13 @@ impl Pool {
         let Some(session_id) = &req.session_id else {
             return shared
                 .dispatcher
-                .acquire(Target::Any { avoid: req.avoid_worker }, queue_deadline, false)
+                .acquire(
+                    Target::Any {
+                        avoid: req.avoid_worker,
+                    },
+                    queue_deadline,
+                    false,
+                )
                 .await
                 .map_err(queued_timeout);
         };
@@ -560,15 +572,17 @@ impl Pool {
                 .acquire(exact, queue_deadline, true)
                 .await
                 .map_err(lost),
-            AffinityMode::Hint => match shared.dispatcher.acquire(exact, queue_deadline, true).await {
-                Ok(lease) => Ok(lease),
-                Err(PoolError::PoolExhausted { .. }) => shared
-                    .dispatcher
-                    .acquire(Target::any(), queue_deadline, false)
-                    .await
-                    .map_err(queued_timeout),
-                Err(e) => Err(lost(e)),
-            },
+            AffinityMode::Hint => {
+                match shared.dispatcher.acquire(exact, queue_deadline, true).await {
+                    Ok(lease) => Ok(lease),
+                    Err(PoolError::PoolExhausted { .. }) => shared
+                        .dispatcher
+                        .acquire(Target::any(), queue_deadline, false)
+                        .await
+                        .map_err(queued_timeout),
+                    Err(e) => Err(lost(e)),
+                }
+            }
         }
     }
 
@@ -620,7 +634,10 @@ impl Pool {
                     .as_ref()
                     .map(|t| t.recent_crashes(now))
                     .unwrap_or(0);
-                if s.tracker_snapshot.as_ref().is_some_and(|t| t.is_degraded(now)) {
+                if s.tracker_snapshot
+                    .as_ref()
+                    .is_some_and(|t| t.is_degraded(now))
+                {
                     degraded = true;
                 }
                 WorkerStatus {
@@ -649,7 +666,10 @@ impl Pool {
         PoolStatus {
             name: shared.config.name.clone(),
             size: shared.config.size,
-            ready: workers.iter().filter(|w| w.state == SlotState::Ready).count(),
+            ready: workers
+                .iter()
+                .filter(|w| w.state == SlotState::Ready)
+                .count(),
             degraded,
             shutting_down: shared.stop.is_cancelled(),
             queue_depth: shared.dispatcher.queue_depth(),
@@ -665,7 +685,8 @@ impl Pool {
         tracing::info!(pool = %shared.config.name, "shutting down");
         shared.dispatcher.close();
         shared.stop.cancel();
-        let tasks = std::mem::take(&mut *self.owner.tasks.lock().unwrap_or_else(|e| e.into_inner()));
+        let tasks =
+            std::mem::take(&mut *self.owner.tasks.lock().unwrap_or_else(|e| e.into_inner()));
         for t in tasks {
             let _ = t.await;
         }
@@ -688,7 +709,8 @@ fn end_session(shared: &Shared, id: &str, worker: WorkerId, alive: bool) {
 }
 
 async fn sweep_sessions(shared: Arc<Shared>) {
-    let every = (shared.sessions.ttl() / 4).clamp(Duration::from_millis(10), Duration::from_secs(1));
+    let every =
+        (shared.sessions.ttl() / 4).clamp(Duration::from_millis(10), Duration::from_secs(1));
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {

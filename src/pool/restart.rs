@@ -40,7 +40,9 @@ impl Default for RestartPolicy {
 
 /// `base * 2^(attempt-1)`, capped; `attempt` counts consecutive crashes from 1.
 pub fn backoff_delay(attempt: u32, base: Duration, max: Duration) -> Duration {
-    let factor = 1u32.checked_shl(attempt.saturating_sub(1)).unwrap_or(u32::MAX);
+    let factor = 1u32
+        .checked_shl(attempt.saturating_sub(1))
+        .unwrap_or(u32::MAX);
     base.checked_mul(factor).unwrap_or(max).min(max)
 }
 
@@ -155,8 +157,12 @@ mod tests {
 
     #[test]
     fn backoff_doubles_and_caps() {
-        let ms = |a| backoff_delay(a, Duration::from_millis(100), Duration::from_secs(2)).as_millis();
-        assert_eq!([ms(1), ms(2), ms(3), ms(4), ms(5), ms(6)], [100, 200, 400, 800, 1600, 2000]);
+        let ms =
+            |a| backoff_delay(a, Duration::from_millis(100), Duration::from_secs(2)).as_millis();
+        assert_eq!(
+            [ms(1), ms(2), ms(3), ms(4), ms(5), ms(6)],
+            [100, 200, 400, 800, 1600, 2000]
+        );
         assert_eq!(ms(40), 2000, "no overflow for huge attempt counts");
         assert_eq!(ms(0), 100);
     }
@@ -184,17 +190,36 @@ mod tests {
         assert_eq!(delays, [100, 200, 400]);
         // The fourth crash within 10 s exceeds max_restarts = 3.
         let d = t.on_crash(Instant::now(), up, 0.5);
-        assert_eq!(d, RestartDecision { delay: Duration::from_secs(30), degraded: true });
+        assert_eq!(
+            d,
+            RestartDecision {
+                delay: Duration::from_secs(30),
+                degraded: true
+            }
+        );
         assert!(t.is_degraded(Instant::now()));
         tokio::time::advance(Duration::from_secs(11)).await;
-        assert!(!t.is_degraded(Instant::now()), "old crashes leave the window");
+        assert!(
+            !t.is_degraded(Instant::now()),
+            "old crashes leave the window"
+        );
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_long_healthy_run_resets_the_backoff() {
         let mut t = RestartTracker::new(policy());
-        assert_eq!(t.on_crash(Instant::now(), Duration::ZERO, 0.0).delay.as_millis(), 100);
-        assert_eq!(t.on_crash(Instant::now(), Duration::ZERO, 0.0).delay.as_millis(), 200);
+        assert_eq!(
+            t.on_crash(Instant::now(), Duration::ZERO, 0.0)
+                .delay
+                .as_millis(),
+            100
+        );
+        assert_eq!(
+            t.on_crash(Instant::now(), Duration::ZERO, 0.0)
+                .delay
+                .as_millis(),
+            200
+        );
         tokio::time::advance(Duration::from_secs(20)).await;
         let d = t.on_crash(Instant::now(), Duration::from_secs(20), 0.0);
         assert_eq!(d.delay.as_millis(), 100);

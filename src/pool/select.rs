@@ -98,7 +98,9 @@ mod tests {
     #[test]
     fn avoid_is_a_preference_not_a_ban() {
         let ws = [c(1, 0, 0), c(2, 3, 0)];
-        let t = Target::Any { avoid: Some(WorkerId(1)) };
+        let t = Target::Any {
+            avoid: Some(WorkerId(1)),
+        };
         assert_eq!(pick(&ws, t), Some(1));
         let ws = [c(1, 0, 0), c(2, 4, 0)];
         assert_eq!(pick(&ws, t), Some(0), "only the avoided worker has room");

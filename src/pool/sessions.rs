@@ -233,7 +233,10 @@ mod tests {
         let expired = t.expire(Instant::now());
         assert_eq!(expired, vec![("b".to_string(), WorkerId(2), true)]);
         assert!(t.route("a").is_ok());
-        assert!(matches!(t.route("b"), Err(PoolError::SessionNotFound { .. })));
+        assert!(matches!(
+            t.route("b"),
+            Err(PoolError::SessionNotFound { .. })
+        ));
     }
 
     #[test]
@@ -252,8 +255,14 @@ mod tests {
     fn limits_and_duplicates_are_refused() {
         let t = SessionTable::new(Duration::from_secs(10), 1);
         t.insert("a".into(), WorkerId(1)).unwrap();
-        assert!(matches!(t.check_room("a"), Err(PoolError::SessionExists(_))));
-        assert!(matches!(t.check_room("z"), Err(PoolError::TooManySessions { max: 1 })));
+        assert!(matches!(
+            t.check_room("a"),
+            Err(PoolError::SessionExists(_))
+        ));
+        assert!(matches!(
+            t.check_room("z"),
+            Err(PoolError::TooManySessions { max: 1 })
+        ));
         assert!(SessionTable::validate_id("ok-id_1.2:3").is_ok());
         assert!(SessionTable::validate_id("").is_err());
         assert!(SessionTable::validate_id("has space").is_err());

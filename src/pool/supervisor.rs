@@ -15,7 +15,9 @@ use tokio::time::{Instant, MissedTickBehavior};
 
 use super::restart::RestartTracker;
 use super::{Shared, SlotState};
-use crate::worker::{self, describe_exit, rss_bytes, Connection, KillReason, Process, WorkerError, WorkerId};
+use crate::worker::{
+    self, describe_exit, rss_bytes, Connection, KillReason, Process, WorkerError, WorkerId,
+};
 
 /// Why a worker is stopped on purpose.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -86,7 +88,9 @@ impl std::fmt::Display for ExitReason {
             }
             ExitReason::Protocol(d) => write!(f, "was killed after a protocol violation: {d}"),
             ExitReason::StdoutClosed => f.write_str("was killed: it closed its stdout"),
-            ExitReason::Stopped(r) => write!(f, "was stopped ({})", ExitReason::Stopped(*r).label()),
+            ExitReason::Stopped(r) => {
+                write!(f, "was stopped ({})", ExitReason::Stopped(*r).label())
+            }
         }
     }
 }
@@ -106,11 +110,20 @@ impl From<KillReason> for ExitReason {
 enum Phase {
     Serving,
     /// No new requests; waiting for in-flight ones until `until`.
-    Draining { reason: StopReason, until: Instant },
+    Draining {
+        reason: StopReason,
+        until: Instant,
+    },
     /// SHUTDOWN sent; SIGTERM at `until`.
-    AskedToExit { reason: StopReason, until: Instant },
+    AskedToExit {
+        reason: StopReason,
+        until: Instant,
+    },
     /// SIGTERM sent; SIGKILL at `until`.
-    Terminated { reason: StopReason, until: Instant },
+    Terminated {
+        reason: StopReason,
+        until: Instant,
+    },
 }
 
 impl Phase {
@@ -154,7 +167,10 @@ pub(crate) async fn supervise(shared: Arc<Shared>, slot: usize) {
         let (reason, uptime) = match started {
             Err(e) => {
                 tracing::warn!(pool = %shared.config.name, slot, worker = %id, "worker failed to start: {e}");
-                (ExitReason::Crashed(format!("failed to start: {e}")), Duration::ZERO)
+                (
+                    ExitReason::Crashed(format!("failed to start: {e}")),
+                    Duration::ZERO,
+                )
             }
             Ok((conn, process)) => {
                 shared.learn_commands(conn.ready_info());
@@ -204,7 +220,12 @@ pub(crate) async fn supervise(shared: Arc<Shared>, slot: usize) {
 }
 
 /// Serves with one worker until its process is gone; returns why.
-async fn run_worker(shared: &Arc<Shared>, slot: usize, conn: Connection, mut process: Process) -> ExitReason {
+async fn run_worker(
+    shared: &Arc<Shared>,
+    slot: usize,
+    conn: Connection,
+    mut process: Process,
+) -> ExitReason {
     let cfg = &shared.config;
     let id = conn.id();
     let pid = process.pid;
@@ -213,7 +234,9 @@ async fn run_worker(shared: &Arc<Shared>, slot: usize, conn: Connection, mut pro
     } else {
         cfg.max_requests + rand::random_range(0..=cfg.max_requests_jitter)
     };
-    let signals = shared.dispatcher.add(conn.clone(), cfg.worker_concurrency, recycle_after);
+    let signals = shared
+        .dispatcher
+        .add(conn.clone(), cfg.worker_concurrency, recycle_after);
     let started = Instant::now();
     shared.update_slot(slot, |s| {
         s.state = SlotState::Ready;

@@ -211,9 +211,7 @@ impl Shared {
                         Ok(())
                     }
                     Some(ReplyTx::Cancelled) => Ok(()),
-                    Some(ReplyTx::Unary(_)) => Err(format!(
-                        "STREAM_CHUNK for unary request {rid}"
-                    )),
+                    Some(ReplyTx::Unary(_)) => Err(format!("STREAM_CHUNK for unary request {rid}")),
                     None => Err(format!("STREAM_CHUNK for unknown request id {rid}")),
                 };
                 drop(pending);
@@ -226,10 +224,7 @@ impl Shared {
                 }
             }
             other => {
-                self.violation(format!(
-                    "unexpected {:?} frame from a worker",
-                    other.kind()
-                ));
+                self.violation(format!("unexpected {:?} frame from a worker", other.kind()));
                 false
             }
         }
@@ -621,7 +616,10 @@ async fn write_loop<W: AsyncWrite + Unpin>(
     let _ = writer.shutdown().await;
 }
 
-async fn read_loop<R: AsyncRead + Unpin>(shared: Arc<Shared>, mut reader: FramedRead<R, FrameCodec>) {
+async fn read_loop<R: AsyncRead + Unpin>(
+    shared: Arc<Shared>,
+    mut reader: FramedRead<R, FrameCodec>,
+) {
     loop {
         match reader.next().await {
             Some(Ok(frame)) => {
@@ -748,7 +746,10 @@ mod tests {
             .unwrap();
         let id = request_id(from_host.next().await.unwrap().unwrap());
         drop(call); // the caller gives up: a CANCEL goes out, the slot stays taken
-        assert_eq!(from_host.next().await.unwrap().unwrap(), Frame::Cancel { id });
+        assert_eq!(
+            from_host.next().await.unwrap().unwrap(),
+            Frame::Cancel { id }
+        );
         assert_eq!(Arc::strong_count(&slot), 2);
         to_host
             .send(Frame::Error {
@@ -797,10 +798,19 @@ mod tests {
             })
             .await
             .unwrap();
-        assert!(matches!(call.reply().await, Err(WorkerError::Protocol { .. })));
-        assert!(matches!(conn.kill_requested().await, KillReason::Protocol(_)));
+        assert!(matches!(
+            call.reply().await,
+            Err(WorkerError::Protocol { .. })
+        ));
+        assert!(matches!(
+            conn.kill_requested().await,
+            KillReason::Protocol(_)
+        ));
         let again = conn.call(req("y"), ReplyMode::Unary, None, Duration::from_secs(1));
-        assert!(matches!(again, Err(WorkerError::Exited { sent: false, .. })), "refused before sending, so safe to retry");
+        assert!(
+            matches!(again, Err(WorkerError::Exited { sent: false, .. })),
+            "refused before sending, so safe to retry"
+        );
     }
 
     #[tokio::test]
@@ -831,8 +841,13 @@ mod tests {
     async fn garbage_and_eof_are_reported() {
         let (conn, _from_host, to_host) = fake();
         let mut raw = to_host.into_inner();
-        raw.write_all(b"\x00\x00\x00\x0chello world!").await.unwrap();
-        assert!(matches!(conn.kill_requested().await, KillReason::Protocol(_)));
+        raw.write_all(b"\x00\x00\x00\x0chello world!")
+            .await
+            .unwrap();
+        assert!(matches!(
+            conn.kill_requested().await,
+            KillReason::Protocol(_)
+        ));
 
         let (conn, _from_host, to_host) = fake();
         drop(to_host);

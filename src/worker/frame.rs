@@ -265,7 +265,10 @@ pub fn decode_frame(mut buf: Bytes) -> Result<Frame, FrameError> {
         if body.is_empty() {
             Ok(())
         } else {
-            Err(malformed(format!("expected an empty body, got {} bytes", body.len())))
+            Err(malformed(format!(
+                "expected an empty body, got {} bytes",
+                body.len()
+            )))
         }
     };
     Ok(match kind {
@@ -338,10 +341,7 @@ fn take_str(body: &mut Bytes, len: usize, what: &str) -> Result<String, String> 
 
 fn decode_request(id: u64, mut body: Bytes) -> Result<RequestFrame, String> {
     if body.len() < 10 {
-        return Err(format!(
-            "request header needs 10 bytes, got {}",
-            body.len()
-        ));
+        return Err(format!("request header needs 10 bytes, got {}", body.len()));
     }
     let command_len = body.get_u16() as usize;
     let session_len = body.get_u16() as usize;
@@ -362,10 +362,7 @@ fn decode_request(id: u64, mut body: Bytes) -> Result<RequestFrame, String> {
 
 fn decode_payload_body(mut body: Bytes) -> Result<(String, Bytes), String> {
     if body.len() < 2 {
-        return Err(format!(
-            "payload header needs 2 bytes, got {}",
-            body.len()
-        ));
+        return Err(format!("payload header needs 2 bytes, got {}", body.len()));
     }
     let ctype_len = body.get_u16() as usize;
     let content_type = take_str(&mut body, ctype_len, "content type")?;
@@ -547,10 +544,7 @@ mod tests {
             &mut buf,
         )
         .unwrap();
-        assert_eq!(
-            &buf[..],
-            &[0, 0, 0, 12, 1, 7, 0, 0, 0, 0, 0, 0, 0, 0, 1, 2]
-        );
+        assert_eq!(&buf[..], &[0, 0, 0, 12, 1, 7, 0, 0, 0, 0, 0, 0, 0, 0, 1, 2]);
     }
 
     #[test]

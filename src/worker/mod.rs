@@ -17,7 +17,7 @@ use tokio::task::JoinHandle;
 use tokio_util::codec::FramedRead;
 
 pub use connection::{
-    Call, CallRequest, Connection, KillReason, ReplyMode, Reply, SlotGuard, WorkerId,
+    Call, CallRequest, Connection, KillReason, Reply, ReplyMode, SlotGuard, WorkerId,
 };
 pub use error::WorkerError;
 pub use frame::{CommandInfo, Frame, FrameCodec, ReadyInfo, PROTOCOL_VERSION};
@@ -99,11 +99,11 @@ pub async fn start(
         source,
     })?;
     let pid = child.id().unwrap_or(0);
-    let (stdin, stdout, stderr) = match (child.stdin.take(), child.stdout.take(), child.stderr.take())
-    {
-        (Some(i), Some(o), Some(e)) => (i, o, e),
-        _ => unreachable!("all three pipes are requested in WorkerSpec::spawn"),
-    };
+    let (stdin, stdout, stderr) =
+        match (child.stdin.take(), child.stdout.take(), child.stderr.take()) {
+            (Some(i), Some(o), Some(e)) => (i, o, e),
+            _ => unreachable!("all three pipes are requested in WorkerSpec::spawn"),
+        };
     let stderr_tail = Arc::new(Mutex::new(VecDeque::new()));
     let stderr_task = tokio::spawn(forward_stderr(stderr, id, pid, stderr_tail.clone()));
     let mut process = Process {
@@ -144,7 +144,10 @@ pub async fn start(
                     info.protocol
                 ))
             } else if info.pid != pid {
-                Err(format!("READY says pid {}, but the child is {pid}", info.pid))
+                Err(format!(
+                    "READY says pid {}, but the child is {pid}",
+                    info.pid
+                ))
             } else {
                 Ok(info)
             }
