@@ -384,7 +384,7 @@ async fn recycling_by_memory_loses_no_request() {
         .await
         .unwrap();
     // Keep sending while the worker is drained and replaced: every request succeeds.
-    let mut served_by = HashSet::new();
+    let mut served_by = HashSet::from([first]);
     let deadline = Instant::now() + LONG;
     while Instant::now() < deadline {
         let r = pool.execute(req("pid", json!({}))).await.unwrap();

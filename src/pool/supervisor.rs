@@ -19,6 +19,10 @@ use crate::worker::{
     self, describe_exit, rss_bytes, Connection, KillReason, Process, WorkerError, WorkerId,
 };
 
+/// How long a worker that closed its stdout has to exit before it counts as a live
+/// worker that closed its channel (and is killed).
+const STDOUT_EOF_GRACE: Duration = Duration::from_millis(500);
+
 /// Why a worker is stopped on purpose.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StopReason {
@@ -262,6 +266,16 @@ async fn run_worker(
                 };
             }
             kill = conn.kill_requested() => {
+                // Stdout reaches EOF a moment before an exiting process can be reaped:
+                // give it that moment, so a crash is reported with its exit status.
+                if kill == KillReason::StdoutClosed {
+                    if let Ok(Ok(status)) = tokio::time::timeout(STDOUT_EOF_GRACE, process.child.wait()).await {
+                        break match phase.stop_reason() {
+                            Some(r) => ExitReason::Stopped(r),
+                            None => ExitReason::Crashed(describe_exit(&status)),
+                        };
+                    }
+                }
                 process.kill_group();
                 let _ = process.child.wait().await;
                 break kill.into();

@@ -12,7 +12,21 @@ pub fn python_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("python")
 }
 
+/// Logs to the test output when `RUST_LOG` is set (e.g. `RUST_LOG=pitboss=debug`).
+pub fn init_tracing() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        if std::env::var_os("RUST_LOG").is_some() {
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+                .with_test_writer()
+                .try_init();
+        }
+    });
+}
+
 fn base(adapter: &str, size: usize) -> PoolConfig {
+    init_tracing();
     let mut worker = WorkerCommand::demo(python_dir());
     worker.adapter = adapter.into();
     let mut c = PoolConfig::new("test", worker);
