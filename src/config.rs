@@ -1,0 +1,664 @@
+//! The config file (`config/pitboss.toml`), parsed into validated types.
+//!
+//! Single-value checks live in the `Deserialize` impls of small types ([`Dur`],
+//! [`Positive`]), so a bad value is reported with the file, line and key where it
+//! stands. Unknown keys are rejected. `PITBOSS_<SECTION>_<KEY>` environment variables
+//! override single keys (e.g. `PITBOSS_POOL_SIZE=4`).
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use crate::pool::restart::RestartPolicy;
+use crate::pool::{AffinityMode, PoolConfig, WorkerCommand};
+
+/// The embedded default, used when no config file is given. It starts the demo
+/// adapter from `python/examples`, so the first command in the README just works.
+pub const DEFAULT_CONFIG: &str = include_str!("../config/pitboss.toml");
+
+/// A config error that says where: file, line and key.
+#[derive(Debug, thiserror::Error)]
+#[error("{origin}{}: {message}", location(.line, .key))]
+pub struct ConfigError {
+    pub origin: String,
+    pub line: Option<usize>,
+    pub key: Option<String>,
+    pub message: String,
+}
+
+fn location(line: &Option<usize>, key: &Option<String>) -> String {
+    let mut s = String::new();
+    if let Some(l) = line {
+        s.push_str(&format!(":{l}"));
+    }
+    if let Some(k) = key {
+        s.push_str(&format!(": key `{k}`"));
+    }
+    s
+}
+
+/// A duration written as `"250ms"`, `"2s"`, `"5m"`, `"1h"` or `"0"` (off, where allowed).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
+pub struct Dur(pub Duration);
+
+impl Dur {
+    pub fn parse(s: &str) -> Result<Dur, String> {
+        let s = s.trim();
+        if s == "0" {
+            return Ok(Dur(Duration::ZERO));
+        }
+        let split = s
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .ok_or_else(|| format!("duration {s:?} needs a unit: ms, s, m or h"))?;
+        let (num, unit) = s.split_at(split);
+        let n: f64 = num
+            .parse()
+            .map_err(|_| format!("duration {s:?} does not start with a number"))?;
+        let secs = match unit.trim() {
+            "ms" => n / 1000.0,
+            "s" => n,
+            "m" => n * 60.0,
+            "h" => n * 3600.0,
+            other => {
+                return Err(format!(
+                    "unknown duration unit {other:?} in {s:?}; use ms, s, m or h"
+                ))
+            }
+        };
+        if !secs.is_finite() || secs < 0.0 || secs > 1e9 {
+            return Err(format!("duration {s:?} is out of range"));
+        }
+        Ok(Dur(Duration::from_secs_f64(secs)))
+    }
+
+    /// `None` for zero ("off").
+    pub fn nonzero(self) -> Option<Duration> {
+        (!self.0.is_zero()).then_some(self.0)
+    }
+}
+
+impl fmt::Display for Dur {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let ms = self.0.as_millis();
+        if ms == 0 {
+            f.write_str("0")
+        } else if ms % 3_600_000 == 0 {
+            write!(f, "{}h", ms / 3_600_000)
+        } else if ms % 60_000 == 0 {
+            write!(f, "{}m", ms / 60_000)
+        } else if ms % 1000 == 0 {
+            write!(f, "{}s", ms / 1000)
+        } else {
+            write!(f, "{ms}ms")
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Dur {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        Dur::parse(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+impl Serialize for Dur {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_string())
+    }
+}
+
+/// A whole number that must be at least 1.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(transparent)]
+pub struct Positive(pub u64);
+
+impl<'de> Deserialize<'de> for Positive {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let n = i64::deserialize(d)?;
+        if n < 1 {
+            return Err(serde::de::Error::custom(format!(
+                "must be at least 1, got {n}"
+            )));
+        }
+        Ok(Positive(n as u64))
+    }
+}
+
+/// A fraction in [0, 1].
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[serde(transparent)]
+pub struct Fraction(pub f64);
+
+impl<'de> Deserialize<'de> for Fraction {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let n = f64::deserialize(d)?;
+        if !(0.0..=1.0).contains(&n) {
+            return Err(serde::de::Error::custom(format!(
+                "must be between 0 and 1, got {n}"
+            )));
+        }
+        Ok(Fraction(n))
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Affinity {
+    Hint,
+    StrictQueue,
+    StrictFailFast,
+}
+
+impl From<Affinity> for AffinityMode {
+    fn from(a: Affinity) -> Self {
+        match a {
+            Affinity::Hint => AffinityMode::Hint,
+            Affinity::StrictQueue => AffinityMode::StrictQueue,
+            Affinity::StrictFailFast => AffinityMode::StrictFailFast,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerSection {
+    /// gRPC listener for `pitboss.v1.Bridge`, health and reflection.
+    pub listen: SocketAddr,
+    /// gRPC listener for `pitboss.v1.Admin` (bind to loopback).
+    pub admin_listen: SocketAddr,
+    pub max_message_bytes: Positive,
+    /// How long in-flight calls may take to finish on SIGTERM.
+    pub shutdown_grace: Dur,
+    pub log_format: LogFormat,
+    /// Include Python tracebacks in error details sent to clients.
+    pub include_tracebacks: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RestartSection {
+    pub backoff_base: Dur,
+    pub backoff_max: Dur,
+    pub jitter: Fraction,
+    pub max_restarts: Positive,
+    pub window: Dur,
+    pub degraded_interval: Dur,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoolSection {
+    pub python: String,
+    pub adapter: String,
+    /// Directory of the `pitboss_worker` package; empty = the one shipped with pitboss.
+    pub runtime_dir: String,
+    /// Extra PYTHONPATH entries; relative paths are relative to the config file.
+    pub python_path: Vec<String>,
+    pub working_dir: String,
+    pub env: toml::Table,
+    pub inherit_env: Vec<String>,
+    pub size: Positive,
+    pub worker_concurrency: Positive,
+    pub max_frame_bytes: Positive,
+    pub startup_timeout: Dur,
+    pub request_timeout: Dur,
+    pub cancel_grace: Dur,
+    pub queue_size: u64,
+    pub queue_timeout: Dur,
+    pub heartbeat_interval: Dur,
+    pub heartbeat_timeout: Dur,
+    pub max_requests: u64,
+    pub max_requests_jitter: u64,
+    pub max_lifetime: Dur,
+    pub max_rss_mb: u64,
+    pub drain_timeout: Dur,
+    pub term_grace: Dur,
+    pub restart: RestartSection,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SessionsSection {
+    pub affinity: Affinity,
+    pub ttl: Dur,
+    pub max: Positive,
+}
+
+/// The whole file. Every section and key must be present in the merged result; the
+/// embedded default supplies anything a user file leaves out.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub server: ServerSection,
+    pub pool: PoolSection,
+    pub sessions: SessionsSection,
+    /// Where the file was read from, for resolving relative paths.
+    #[serde(skip)]
+    pub base_dir: PathBuf,
+}
+
+impl Config {
+    /// The embedded default, with environment overrides.
+    pub fn load_default() -> Result<Config, ConfigError> {
+        Config::from_sources("<embedded default>", None, std::env::vars())
+    }
+
+    pub fn load_file(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            origin: path.display().to_string(),
+            line: None,
+            key: None,
+            message: format!("cannot read: {e}"),
+        })?;
+        let mut cfg =
+            Config::from_sources(&path.display().to_string(), Some(&text), std::env::vars())?;
+        cfg.base_dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        Ok(cfg)
+    }
+
+    /// Merges the user's text over the embedded default, then `PITBOSS_*` variables.
+    pub fn from_sources(
+        origin: &str,
+        text: Option<&str>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let mut merged: toml::Table =
+            DEFAULT_CONFIG
+                .parse()
+                .map_err(|e: toml::de::Error| ConfigError {
+                    origin: "<embedded default>".into(),
+                    line: None,
+                    key: None,
+                    message: e.to_string(),
+                })?;
+        if let Some(text) = text {
+            // Parse the user's file on its own first, so errors point into it.
+            let user: toml::Table = text
+                .parse()
+                .map_err(|e: toml::de::Error| span_error(origin, text, &e))?;
+            // Unknown keys in the user's file are caught here, with its line numbers.
+            let check = merge(merged.clone(), user.clone());
+            if let Err(e) = Config::deserialize(toml::Value::Table(check.clone())) {
+                return Err(locate(origin, text, &e.to_string()));
+            }
+            merged = merge(merged, user);
+        }
+        let known = leaf_paths(&merged);
+        for (name, value) in env {
+            let Some(rest) = name.strip_prefix("PITBOSS_") else {
+                continue;
+            };
+            let wanted = rest.to_ascii_lowercase();
+            let Some(path) = known.iter().find(|p| p.replace('.', "_") == wanted) else {
+                continue; // other PITBOSS_* variables (tokens, test switches) are not config
+            };
+            let parsed = parse_env_value(&value);
+            set_path(&mut merged, path, parsed);
+            if let Err(e) = Config::deserialize(toml::Value::Table(merged.clone())) {
+                return Err(ConfigError {
+                    origin: format!("environment variable {name}"),
+                    line: None,
+                    key: Some(path.clone()),
+                    message: e.message().to_string(),
+                });
+            }
+        }
+        let cfg = Config::deserialize(toml::Value::Table(merged)).map_err(|e| ConfigError {
+            origin: origin.to_string(),
+            line: None,
+            key: None,
+            message: e.to_string(),
+        })?;
+        cfg.check_relations(origin, text)?;
+        Ok(cfg)
+    }
+
+    /// Checks that involve more than one key.
+    fn check_relations(&self, origin: &str, text: Option<&str>) -> Result<(), ConfigError> {
+        let p = &self.pool;
+        let fail = |key: &str, message: String| {
+            let leaf = key.rsplit('.').next().unwrap_or(key);
+            ConfigError {
+                origin: origin.to_string(),
+                line: text.and_then(|t| line_of_key(t, leaf)),
+                key: Some(key.to_string()),
+                message,
+            }
+        };
+        if p.heartbeat_timeout <= p.heartbeat_interval {
+            return Err(fail(
+                "pool.heartbeat_timeout",
+                format!(
+                    "must be longer than pool.heartbeat_interval ({} <= {})",
+                    p.heartbeat_timeout, p.heartbeat_interval
+                ),
+            ));
+        }
+        if p.heartbeat_interval.0.is_zero() {
+            return Err(fail("pool.heartbeat_interval", "must be positive".into()));
+        }
+        if p.restart.backoff_max < p.restart.backoff_base {
+            return Err(fail(
+                "pool.restart.backoff_max",
+                "must be at least pool.restart.backoff_base".into(),
+            ));
+        }
+        if p.max_frame_bytes.0 < 1024 {
+            return Err(fail("pool.max_frame_bytes", "must be at least 1024".into()));
+        }
+        if p.request_timeout.0.is_zero() {
+            return Err(fail("pool.request_timeout", "must be positive".into()));
+        }
+        if !p.adapter.contains(':') && p.adapter.trim().is_empty() {
+            return Err(fail("pool.adapter", "must name MODULE:OBJECT".into()));
+        }
+        Ok(())
+    }
+
+    /// The pool settings, with paths resolved against the config file's directory.
+    pub fn pool_config(&self, name: &str) -> PoolConfig {
+        let p = &self.pool;
+        let resolve = |s: &str| {
+            let path = PathBuf::from(s);
+            if path.is_absolute() {
+                path
+            } else {
+                self.base_dir.join(path)
+            }
+        };
+        let runtime_dir = if p.runtime_dir.is_empty() {
+            crate::runtime_files::runtime_dir()
+        } else {
+            resolve(&p.runtime_dir)
+        };
+        let python_path = p
+            .python_path
+            .iter()
+            .map(|s| {
+                if s.is_empty() {
+                    runtime_dir.clone()
+                } else if let Some(rest) = s.strip_prefix("@runtime/") {
+                    runtime_dir.join(rest)
+                } else {
+                    resolve(s)
+                }
+            })
+            .collect();
+        let env = p
+            .env
+            .iter()
+            .map(|(k, v)| {
+                let v = match v {
+                    toml::Value::String(s) => s.clone(),
+                    other => other.to_string(),
+                };
+                (k.clone(), v)
+            })
+            .collect();
+        let worker = WorkerCommand {
+            python: p.python.clone(),
+            adapter: p.adapter.clone(),
+            runtime_dir,
+            python_path,
+            working_dir: (!p.working_dir.is_empty()).then(|| resolve(&p.working_dir)),
+            env,
+            inherit_env: p.inherit_env.clone(),
+        };
+        let mut c = PoolConfig::new(name, worker);
+        c.size = p.size.0 as usize;
+        c.worker_concurrency = p.worker_concurrency.0.min(u32::MAX as u64) as u32;
+        c.max_frame_bytes = p.max_frame_bytes.0 as usize;
+        c.startup_timeout = p.startup_timeout.0;
+        c.default_timeout = p.request_timeout.0;
+        c.cancel_grace = p.cancel_grace.0;
+        c.queue_size = p.queue_size as usize;
+        c.queue_timeout = p.queue_timeout.0;
+        c.heartbeat_interval = p.heartbeat_interval.0;
+        c.heartbeat_timeout = p.heartbeat_timeout.0;
+        c.max_requests = p.max_requests;
+        c.max_requests_jitter = p.max_requests_jitter;
+        c.max_lifetime = p.max_lifetime.nonzero();
+        c.max_rss_bytes = (p.max_rss_mb > 0).then_some(p.max_rss_mb * 1024 * 1024);
+        c.drain_timeout = p.drain_timeout.0;
+        c.term_grace = p.term_grace.0;
+        c.restart = RestartPolicy {
+            backoff_base: p.restart.backoff_base.0,
+            backoff_max: p.restart.backoff_max.0,
+            jitter: p.restart.jitter.0,
+            max_restarts: p.restart.max_restarts.0.min(u32::MAX as u64) as u32,
+            window: p.restart.window.0,
+            degraded_interval: p.restart.degraded_interval.0,
+        };
+        c.affinity = self.sessions.affinity.into();
+        c.session_ttl = self.sessions.ttl.0;
+        c.max_sessions = self.sessions.max.0 as usize;
+        c
+    }
+
+    /// The effective configuration as TOML.
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render: {e}"))
+    }
+}
+
+fn merge(mut base: toml::Table, over: toml::Table) -> toml::Table {
+    for (k, v) in over {
+        match (base.get_mut(&k), v) {
+            (Some(toml::Value::Table(b)), toml::Value::Table(o)) if k != "env" => {
+                let merged = merge(std::mem::take(b), o);
+                *b = merged;
+            }
+            (_, v) => {
+                base.insert(k, v);
+            }
+        }
+    }
+    base
+}
+
+fn leaf_paths(t: &toml::Table) -> Vec<String> {
+    let mut out = Vec::new();
+    fn walk(prefix: &str, t: &toml::Table, out: &mut Vec<String>) {
+        for (k, v) in t {
+            let path = if prefix.is_empty() {
+                k.clone()
+            } else {
+                format!("{prefix}.{k}")
+            };
+            match v {
+                toml::Value::Table(inner) if k != "env" => walk(&path, inner, out),
+                _ => out.push(path),
+            }
+        }
+    }
+    walk("", t, &mut out);
+    // Longest first, so `pool.restart.max_restarts` wins over shorter ambiguous names.
+    out.sort_by_key(|p| std::cmp::Reverse(p.len()));
+    out
+}
+
+fn set_path(t: &mut toml::Table, path: &str, value: toml::Value) {
+    let mut parts: Vec<&str> = path.split('.').collect();
+    let last = parts.pop().unwrap_or_default();
+    let mut cur = t;
+    for p in parts {
+        let entry = cur
+            .entry(p.to_string())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        match entry {
+            toml::Value::Table(inner) => cur = inner,
+            _ => return,
+        }
+    }
+    cur.insert(last.to_string(), value);
+}
+
+/// An environment value as TOML if it parses as a TOML value, else as a string.
+fn parse_env_value(raw: &str) -> toml::Value {
+    let doc = format!("v = {raw}");
+    match doc.parse::<toml::Table>() {
+        Ok(mut t) => t
+            .remove("v")
+            .unwrap_or_else(|| toml::Value::String(raw.into())),
+        Err(_) => toml::Value::String(raw.into()),
+    }
+}
+
+fn span_error(origin: &str, text: &str, e: &toml::de::Error) -> ConfigError {
+    let line = e.span().map(|s| line_at(text, s.start));
+    ConfigError {
+        origin: origin.to_string(),
+        line,
+        key: None,
+        message: e.message().trim().to_string(),
+    }
+}
+
+/// Finds the offending key of a serde error in the user's text, for a line number.
+fn locate(origin: &str, text: &str, message: &str) -> ConfigError {
+    // serde messages name the key: "unknown field `sise`, expected ..." or
+    // "invalid value ... for key `pool.size`".
+    let key = message
+        .split('`')
+        .nth(1)
+        .map(str::to_string)
+        .filter(|k| !k.contains(' '));
+    let leaf = key
+        .as_deref()
+        .map(|k| k.rsplit('.').next().unwrap_or(k).to_string());
+    let line = leaf.as_deref().and_then(|k| line_of_key(text, k));
+    ConfigError {
+        origin: origin.to_string(),
+        line,
+        key,
+        message: message.lines().next().unwrap_or(message).trim().to_string(),
+    }
+}
+
+fn line_at(text: &str, offset: usize) -> usize {
+    text[..offset.min(text.len())].matches('\n').count() + 1
+}
+
+/// The line of `key = ...` in the text (first match), ignoring comments.
+fn line_of_key(text: &str, key: &str) -> Option<usize> {
+    text.lines()
+        .position(|l| {
+            let l = l.trim_start();
+            !l.starts_with('#')
+                && l.strip_prefix(key)
+                    .is_some_and(|rest| rest.trim_start().starts_with('='))
+        })
+        .map(|i| i + 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(text: &str) -> Result<Config, ConfigError> {
+        Config::from_sources("test.toml", Some(text), Vec::<(String, String)>::new())
+    }
+
+    #[test]
+    fn the_embedded_default_is_valid() {
+        let c = Config::from_sources("<embedded default>", None, Vec::<(String, String)>::new())
+            .unwrap();
+        assert_eq!(c.pool.adapter, "demo:adapter");
+        assert!(c.pool_config("legacy").validate().is_ok());
+    }
+
+    #[test]
+    fn durations_parse_with_units() {
+        assert_eq!(Dur::parse("250ms").unwrap().0, Duration::from_millis(250));
+        assert_eq!(Dur::parse("1.5s").unwrap().0, Duration::from_millis(1500));
+        assert_eq!(Dur::parse("2m").unwrap().0, Duration::from_secs(120));
+        assert_eq!(Dur::parse("0").unwrap().0, Duration::ZERO);
+        assert!(Dur::parse("10").unwrap_err().contains("unit"));
+        assert!(Dur::parse("5 parsecs").is_err());
+        assert_eq!(Dur(Duration::from_millis(1500)).to_string(), "1500ms");
+        assert_eq!(Dur(Duration::from_secs(120)).to_string(), "2m");
+    }
+
+    #[test]
+    fn a_bad_value_names_the_line_and_key() {
+        let err = load("[pool]\nadapter = \"demo:adapter\"\nsize = 0\n").unwrap_err();
+        let text = err.to_string();
+        assert_eq!(err.line, Some(3), "{text}");
+        assert!(text.contains("test.toml:3"), "{text}");
+        assert!(text.contains("size"), "{text}");
+        assert!(text.contains("at least 1"), "{text}");
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected_with_their_line() {
+        let err = load("[server]\n\n[pool]\nsise = 4\n").unwrap_err();
+        assert_eq!(err.line, Some(4), "{err}");
+        assert!(err.to_string().contains("sise"), "{err}");
+    }
+
+    #[test]
+    fn a_bad_duration_names_the_key() {
+        let err = load("[pool]\nqueue_timeout = \"soon\"\n").unwrap_err();
+        assert_eq!(err.line, Some(2), "{err}");
+        assert!(err.to_string().contains("queue_timeout"), "{err}");
+    }
+
+    #[test]
+    fn relations_between_keys_are_checked() {
+        let err =
+            load("[pool]\nheartbeat_interval = \"5s\"\nheartbeat_timeout = \"1s\"\n").unwrap_err();
+        assert_eq!(err.key.as_deref(), Some("pool.heartbeat_timeout"));
+        assert_eq!(err.line, Some(3), "{err}");
+    }
+
+    #[test]
+    fn syntax_errors_point_at_the_line() {
+        let err = load("[pool]\nsize = = 3\n").unwrap_err();
+        assert_eq!(err.line, Some(2), "{err}");
+    }
+
+    #[test]
+    fn environment_variables_override_single_keys() {
+        let env = vec![
+            ("PITBOSS_POOL_SIZE".to_string(), "7".to_string()),
+            (
+                "PITBOSS_POOL_RESTART_MAX_RESTARTS".to_string(),
+                "9".to_string(),
+            ),
+            (
+                "PITBOSS_SERVER_LISTEN".to_string(),
+                "127.0.0.1:7000".to_string(),
+            ),
+            ("PITBOSS_ADMIN_TOKEN".to_string(), "not config".to_string()),
+        ];
+        let c = Config::from_sources("x", None, env).unwrap();
+        assert_eq!(c.pool.size.0, 7);
+        assert_eq!(c.pool.restart.max_restarts.0, 9);
+        assert_eq!(c.server.listen.port(), 7000);
+        let bad =
+            Config::from_sources("x", None, vec![("PITBOSS_POOL_SIZE".into(), "zero".into())])
+                .unwrap_err();
+        assert!(bad.to_string().contains("PITBOSS_POOL_SIZE"), "{bad}");
+    }
+
+    #[test]
+    fn a_partial_file_keeps_the_other_defaults() {
+        let c = load("[pool]\nsize = 3\n").unwrap();
+        assert_eq!(c.pool.size.0, 3);
+        assert_eq!(c.pool.adapter, "demo:adapter");
+        let round =
+            Config::from_sources("x", Some(&c.to_toml()), Vec::<(String, String)>::new()).unwrap();
+        assert_eq!(round.pool.size.0, 3);
+    }
+}
