@@ -9,11 +9,16 @@
 //!
 //! - [`pool`]: a supervised pool of Python workers (supervision, selection, queueing,
 //!   session affinity, recycling, graceful shutdown).
+//! - [`server`]: runs the listeners and the pool; shuts them down in order.
+//! - [`grpc`]: the edge: `pitboss.v1.Bridge` and `Admin`, and the one mapping from
+//!   errors to gRPC statuses.
 //! - [`config`]: the config file, parsed into validated types.
 //! - [`worker`]: one Python process: spawning, the length-prefixed frame protocol
 //!   (`docs/PROTOCOL.md`), and the connection that routes replies by request id.
 
 pub mod config;
+pub mod grpc;
 pub mod pool;
 pub mod runtime_files;
+pub mod server;
 pub mod worker;

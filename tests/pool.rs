@@ -121,7 +121,7 @@ async fn strict_queue_affinity_keeps_a_session_on_its_worker() {
     cfg.affinity = AffinityMode::StrictQueue;
     cfg.worker_concurrency = 1;
     let pool = Pool::start(cfg).await.unwrap();
-    let s = pool.create_session(None).unwrap();
+    let s = pool.create_session(None, Default::default()).unwrap();
     assert_eq!(s.session_id.len(), 32);
     let mut pids = HashSet::new();
     // Concurrent calls queue for the session's worker rather than spreading out.
@@ -163,7 +163,7 @@ async fn busy_session(
     cfg.worker_concurrency = 1;
     let pool = Pool::start(cfg).await.unwrap();
     pool.wait_ready(2, LONG).await.unwrap();
-    let s = pool.create_session(None).unwrap();
+    let s = pool.create_session(None, Default::default()).unwrap();
     let p = pool.clone();
     let sid = s.session_id.clone();
     let hog = tokio::spawn(async move {
@@ -229,7 +229,7 @@ async fn hint_affinity_uses_another_worker_when_the_sessions_is_busy() {
 #[tokio::test]
 async fn a_session_whose_worker_died_is_lost_not_silently_moved() {
     let pool = Pool::start(demo(2)).await.unwrap();
-    let s = pool.create_session(None).unwrap();
+    let s = pool.create_session(None, Default::default()).unwrap();
     let r = pool
         .execute(req("counter", json!({})).session(s.session_id.clone()))
         .await

@@ -588,7 +588,11 @@ impl Pool {
 
     /// Creates a session pinned to the least-loaded worker. With `None`, a random
     /// 128-bit id is generated.
-    pub fn create_session(&self, id: Option<String>) -> Result<SessionInfo, PoolError> {
+    pub fn create_session(
+        &self,
+        id: Option<String>,
+        metadata: std::collections::BTreeMap<String, String>,
+    ) -> Result<SessionInfo, PoolError> {
         let shared = self.shared();
         if shared.dispatcher.is_closed() {
             return Err(PoolError::ShuttingDown);
@@ -600,9 +604,12 @@ impl Pool {
             .dispatcher
             .place_session()
             .ok_or_else(|| PoolError::Unavailable("no worker is ready to hold a session".into()))?;
-        shared.sessions.insert(id, worker).inspect_err(|_| {
-            shared.dispatcher.session_ended(worker);
-        })
+        shared
+            .sessions
+            .insert(id, worker, metadata)
+            .inspect_err(|_| {
+                shared.dispatcher.session_ended(worker);
+            })
     }
 
     pub fn get_session(&self, id: &str) -> Result<SessionInfo, PoolError> {

@@ -4,6 +4,8 @@
 //! session's state is gone with it, and the session is marked *lost* rather than being
 //! silently moved: the client must know to rebuild its state.
 
+use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use dashmap::DashMap;
@@ -44,8 +46,9 @@ struct Entry {
     worker: WorkerId,
     created: SystemTime,
     last_used: Instant,
-    /// Set when the worker exited: why the state is gone.
+    /// Set when the worker exited: the state is gone.
     lost: bool,
+    metadata: Arc<BTreeMap<String, String>>,
 }
 
 /// What callers learn about a session.
@@ -56,6 +59,8 @@ pub struct SessionInfo {
     pub created: SystemTime,
     /// When it expires if left idle.
     pub expires: SystemTime,
+    /// The caller's labels, given at creation.
+    pub metadata: Arc<BTreeMap<String, String>>,
 }
 
 /// The session table. Lookups are lock-free across shards (`DashMap`).
@@ -110,13 +115,19 @@ impl SessionTable {
         Ok(())
     }
 
-    pub fn insert(&self, id: String, worker: WorkerId) -> Result<SessionInfo, PoolError> {
+    pub fn insert(
+        &self,
+        id: String,
+        worker: WorkerId,
+        metadata: BTreeMap<String, String>,
+    ) -> Result<SessionInfo, PoolError> {
         let now = Instant::now();
         let entry = Entry {
             worker,
             created: SystemTime::now(),
             last_used: now,
             lost: false,
+            metadata: Arc::new(metadata),
         };
         match self.map.entry(id.clone()) {
             dashmap::Entry::Occupied(_) => Err(PoolError::SessionExists(id)),
@@ -135,6 +146,7 @@ impl SessionTable {
             worker: e.worker,
             created: e.created,
             expires: SystemTime::now() + self.ttl.saturating_sub(idle),
+            metadata: e.metadata.clone(),
         }
     }
 
@@ -225,8 +237,8 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn idle_sessions_expire_and_use_refreshes_them() {
         let t = SessionTable::new(Duration::from_secs(10), 100);
-        t.insert("a".into(), WorkerId(1)).unwrap();
-        t.insert("b".into(), WorkerId(2)).unwrap();
+        t.insert("a".into(), WorkerId(1), BTreeMap::new()).unwrap();
+        t.insert("b".into(), WorkerId(2), BTreeMap::new()).unwrap();
         tokio::time::advance(Duration::from_secs(6)).await;
         assert_eq!(t.route("a").unwrap(), WorkerId(1));
         tokio::time::advance(Duration::from_secs(6)).await;
@@ -242,8 +254,8 @@ mod tests {
     #[test]
     fn a_dead_workers_sessions_are_lost_not_moved() {
         let t = SessionTable::new(Duration::from_secs(10), 100);
-        t.insert("a".into(), WorkerId(1)).unwrap();
-        t.insert("b".into(), WorkerId(2)).unwrap();
+        t.insert("a".into(), WorkerId(1), BTreeMap::new()).unwrap();
+        t.insert("b".into(), WorkerId(2), BTreeMap::new()).unwrap();
         assert_eq!(t.mark_lost(WorkerId(1)), 1);
         assert!(matches!(t.route("a"), Err(PoolError::SessionLost { .. })));
         assert!(matches!(t.get("a"), Err(PoolError::SessionLost { .. })));
@@ -254,7 +266,7 @@ mod tests {
     #[test]
     fn limits_and_duplicates_are_refused() {
         let t = SessionTable::new(Duration::from_secs(10), 1);
-        t.insert("a".into(), WorkerId(1)).unwrap();
+        t.insert("a".into(), WorkerId(1), BTreeMap::new()).unwrap();
         assert!(matches!(
             t.check_room("a"),
             Err(PoolError::SessionExists(_))
