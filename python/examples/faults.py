@@ -162,3 +162,9 @@ def count(req):
 def pid(req):
     """The worker's process id."""
     return {"pid": os.getpid()}
+
+
+@adapter.command
+def deadline(req):
+    """The time left (seconds) that pitboss forwarded with the request, or null."""
+    return {"timeout": req.timeout}

@@ -1,0 +1,448 @@
+//! End to end: the real server on 127.0.0.1:0 with real Python workers, driven through
+//! a tonic client and through the `pitboss` binary.
+
+mod common;
+
+use std::process::Command;
+use std::time::Duration;
+
+use common::*;
+use pitboss::config::Config;
+use pitboss::grpc::pb;
+use pitboss::server::RunningServer;
+use tonic::transport::Channel;
+use tonic::Code;
+
+const LONG: Duration = Duration::from_secs(20);
+
+fn config(extra: &str) -> Config {
+    init_tracing();
+    let text = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\nshutdown_grace = \"10s\"\n{extra}"
+    );
+    Config::from_sources("test.toml", Some(&text), Vec::<(String, String)>::new()).unwrap()
+}
+
+async fn start(extra: &str) -> (RunningServer, pb::bridge_client::BridgeClient<Channel>) {
+    let server = RunningServer::start(config(extra)).await.unwrap();
+    server.pool().wait_started(LONG).await.unwrap();
+    let client = pb::bridge_client::BridgeClient::connect(format!("http://{}", server.bridge_addr))
+        .await
+        .unwrap();
+    (server, client)
+}
+
+fn exec(command: &str, payload: &str) -> pb::ExecuteRequest {
+    pb::ExecuteRequest {
+        command: command.into(),
+        payload: payload.as_bytes().to_vec().into(),
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn execute_and_execute_stream_work() {
+    let (server, mut client) = start("").await;
+    let resp = client
+        .execute(exec("echo", r#"{"hello":"world"}"#))
+        .await
+        .unwrap();
+    assert_eq!(resp.metadata().get("x-pitboss-backend").unwrap(), "legacy");
+    let r = resp.into_inner();
+    assert_eq!(&r.payload[..], br#"{"hello":"world"}"#);
+    assert_eq!(r.content_type, "application/json");
+    assert_eq!(r.backend, "legacy");
+    assert_eq!(r.attempts, 1);
+    assert!(r.worker_id.starts_with('w'));
+
+    let mut stream = client
+        .execute_stream(exec("stream", r#"{"n": 5}"#))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut chunks = vec![];
+    while let Some(c) = stream.message().await.unwrap() {
+        chunks.push(c);
+    }
+    assert_eq!(chunks.len(), 5);
+    for (i, c) in chunks.iter().enumerate() {
+        let v: serde_json::Value = serde_json::from_slice(&c.payload).unwrap();
+        assert_eq!(v["i"], i);
+        assert_eq!(c.last, i == 4);
+    }
+    assert_eq!(chunks[4].backend, "legacy");
+    assert!(!chunks[4].worker_id.is_empty());
+
+    let cmds = client
+        .list_commands(pb::ListCommandsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let stream_cmd = cmds.commands.iter().find(|c| c.name == "stream").unwrap();
+    assert!(stream_cmd.streaming);
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn sessions_create_get_close_and_expire_with_affinity() {
+    let (server, mut client) = start("[sessions]\nttl = \"1s\"\n").await;
+    let mut md = std::collections::HashMap::new();
+    md.insert("user".to_string(), "ada".to_string());
+    let s = client
+        .create_session(pb::CreateSessionRequest {
+            metadata: md,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(s.session_id.len(), 32);
+    assert_eq!(s.backend, "legacy");
+    assert!(s.expires_at.unwrap().seconds >= s.created_at.unwrap().seconds);
+    for n in 1..=4 {
+        let mut req = exec("counter", "{}");
+        req.session_id = s.session_id.clone();
+        let r = client.execute(req).await.unwrap().into_inner();
+        assert_eq!(
+            r.worker_id, s.worker_id,
+            "affinity: the session's worker serves it"
+        );
+        let v: serde_json::Value = serde_json::from_slice(&r.payload).unwrap();
+        assert_eq!(v["count"], n);
+    }
+    let got = client
+        .get_session(pb::GetSessionRequest {
+            session_id: s.session_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got.metadata.get("user").map(String::as_str), Some("ada"));
+    client
+        .close_session(pb::CloseSessionRequest {
+            session_id: s.session_id.clone(),
+        })
+        .await
+        .unwrap();
+    let err = client
+        .get_session(pb::GetSessionRequest {
+            session_id: s.session_id.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    assert!(
+        err.message().contains("create a new session"),
+        "{}",
+        err.message()
+    );
+
+    // An idle session expires after its TTL.
+    let s2 = client
+        .create_session(pb::CreateSessionRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let mut expired = false;
+    let deadline = tokio::time::Instant::now() + LONG;
+    while tokio::time::Instant::now() < deadline {
+        let r = client
+            .get_session(pb::GetSessionRequest {
+                session_id: s2.session_id.clone(),
+            })
+            .await;
+        if matches!(&r, Err(e) if e.code() == Code::NotFound) {
+            expired = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(expired, "session did not expire");
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_python_exception_becomes_a_status_with_type_and_message() {
+    let (server, mut client) = start("[pool]\nadapter = \"faults:adapter\"\nsize = 1\n").await;
+    let err = client
+        .execute(exec(
+            "raise",
+            r#"{"type": "KeyError", "message": "missing"}"#,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unknown);
+    assert!(err.message().contains("KeyError"), "{}", err.message());
+    assert!(err.message().contains("missing"), "{}", err.message());
+    assert_eq!(
+        err.metadata().get("x-pitboss-python-type").unwrap(),
+        "KeyError"
+    );
+    assert_eq!(
+        err.metadata().get("x-pitboss-error-class").unwrap(),
+        "python_exception"
+    );
+    assert!(err.metadata().get("x-pitboss-traceback").is_some());
+    let unknown = client.execute(exec("nope", "{}")).await.unwrap_err();
+    assert_eq!(unknown.code(), Code::NotFound);
+    assert!(
+        unknown.message().contains("echo"),
+        "lists known commands: {}",
+        unknown.message()
+    );
+    let empty = client.execute(exec("", "{}")).await.unwrap_err();
+    assert_eq!(empty.code(), Code::InvalidArgument);
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_clients_deadline_is_honoured_down_to_the_worker() {
+    let (server, mut client) = start("[pool]\nadapter = \"faults:adapter\"\nsize = 1\n").await;
+    // The worker sees the time left before the client's deadline.
+    let mut req = tonic::Request::new(exec("deadline", "{}"));
+    req.set_timeout(Duration::from_secs(5));
+    let r = client.execute(req).await.unwrap().into_inner();
+    let left = serde_json::from_slice::<serde_json::Value>(&r.payload).unwrap()["timeout"]
+        .as_f64()
+        .unwrap();
+    assert!(left > 3.0 && left <= 5.0, "worker saw {left} s left");
+
+    // At the deadline the command is cancelled on the worker, which is free again at
+    // once (the command would otherwise run for 30 s) and is not replaced.
+    let pid = server.pool().pids()[0];
+    let mut req = tonic::Request::new(exec("sleep", r#"{"seconds": 30}"#));
+    req.set_timeout(Duration::from_millis(300));
+    let start = tokio::time::Instant::now();
+    let err = client.execute(req).await.unwrap_err();
+    assert!(
+        matches!(err.code(), Code::DeadlineExceeded | Code::Cancelled),
+        "{err:?}"
+    );
+    assert!(
+        start.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        start.elapsed()
+    );
+    let pool = server.pool().clone();
+    assert!(
+        eventually(Duration::from_secs(5), || pool.status().workers[0]
+            .in_flight
+            == 0)
+        .await
+    );
+    let mut quick = tonic::Request::new(exec("echo", "1"));
+    quick.set_timeout(Duration::from_secs(5));
+    client.execute(quick).await.unwrap();
+    assert_eq!(server.pool().pids(), vec![pid]);
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn health_flips_to_not_serving_during_shutdown_and_reflection_lists_services() {
+    let (server, _client) = start("").await;
+    let channel = Channel::from_shared(format!("http://{}", server.bridge_addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
+    let check = |svc: &str| tonic_health::pb::HealthCheckRequest {
+        service: svc.into(),
+    };
+    let serving = tonic_health::pb::health_check_response::ServingStatus::Serving as i32;
+    let mut ok = false;
+    for _ in 0..100 {
+        if health
+            .check(check("pitboss.v1.Bridge"))
+            .await
+            .unwrap()
+            .into_inner()
+            .status
+            == serving
+        {
+            ok = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(ok, "never SERVING");
+    assert_eq!(
+        health.check(check("")).await.unwrap().into_inner().status,
+        serving
+    );
+
+    // Reflection lists the services.
+    use tonic_reflection::pb::v1::{
+        server_reflection_client::ServerReflectionClient,
+        server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+        ServerReflectionRequest,
+    };
+    let mut refl = ServerReflectionClient::new(channel.clone());
+    let req = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut resp = refl
+        .server_reflection_info(tokio_stream::iter(vec![req]))
+        .await
+        .unwrap()
+        .into_inner();
+    let msg = resp.message().await.unwrap().unwrap();
+    let Some(MessageResponse::ListServicesResponse(list)) = msg.message_response else {
+        panic!("unexpected reflection answer");
+    };
+    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    for s in ["pitboss.v1.Bridge", "grpc.health.v1.Health"] {
+        assert!(names.contains(&s.to_string()), "{s} not in {names:?}");
+    }
+
+    // Watch health while shutting down: it must report NOT_SERVING.
+    let mut watch = health
+        .watch(check("pitboss.v1.Bridge"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(watch.message().await.unwrap().unwrap().status, serving);
+    let shutdown = tokio::spawn(server.shutdown());
+    let not_serving = tonic_health::pb::health_check_response::ServingStatus::NotServing as i32;
+    let next = tokio::time::timeout(LONG, watch.message()).await.unwrap();
+    assert_eq!(next.unwrap().unwrap().status, not_serving);
+    shutdown.await.unwrap();
+}
+
+#[tokio::test]
+async fn new_calls_are_refused_while_in_flight_calls_finish_on_shutdown() {
+    let (server, client) = start("").await;
+    let mut c1 = client.clone();
+    let in_flight =
+        tokio::spawn(async move { c1.execute(exec("sleep", r#"{"seconds": 1.0}"#)).await });
+    let pool = server.pool().clone();
+    assert!(
+        eventually(LONG, || pool
+            .status()
+            .workers
+            .iter()
+            .any(|w| w.in_flight > 0))
+        .await
+    );
+    let shutdown = tokio::spawn(server.shutdown());
+    // New calls are refused with UNAVAILABLE while the in-flight one is still running.
+    let mut c2 = client.clone();
+    let mut refused = None;
+    for _ in 0..100 {
+        match c2.execute(exec("echo", "1")).await {
+            Err(e) => {
+                refused = Some(e);
+                break;
+            }
+            Ok(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+        }
+    }
+    let refused = refused.expect("new calls were still accepted during shutdown");
+    assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
+    assert!(
+        !in_flight.is_finished(),
+        "the refusal came while the sleep was still running"
+    );
+    let r = in_flight.await.unwrap().unwrap().into_inner();
+    assert_eq!(&r.payload[..], br#"{"slept":1.0}"#);
+    shutdown.await.unwrap();
+    assert!(pool.status().workers.iter().all(|w| w.pid.is_none()));
+}
+
+#[tokio::test]
+async fn the_call_and_status_commands_work() {
+    let (server, _client) = start("").await;
+    let bin = env!("CARGO_BIN_EXE_pitboss");
+    let addr = format!("http://{}", server.bridge_addr);
+    let out = tokio::process::Command::new(bin)
+        .args(["call", "echo", "--payload", r#"{"x":42}"#, "--addr", &addr])
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), r#"{"x":42}"#);
+
+    let out = tokio::process::Command::new(bin)
+        .args([
+            "call",
+            "stream",
+            "--stream",
+            "--payload",
+            r#"{"n":3}"#,
+            "--addr",
+            &addr,
+        ])
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success());
+    assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 3);
+
+    let out = tokio::process::Command::new(bin)
+        .args(["call", "nope", "--addr", &addr])
+        .output()
+        .await
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("NotFound"));
+
+    let out = tokio::process::Command::new(bin)
+        .args(["status", "--addr", &format!("http://{}", server.admin_addr)])
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("pool legacy (demo:adapter)"), "{text}");
+    assert!(text.contains("ready 2/2"), "{text}");
+    assert_eq!(
+        text.lines()
+            .filter(|l| l.starts_with('w') && l.contains(" ready "))
+            .count(),
+        2,
+        "{text}"
+    );
+    server.shutdown().await;
+}
+
+#[test]
+fn a_bad_config_file_gives_a_clear_error() {
+    let dir = std::env::temp_dir().join(format!("pitboss-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("bad.toml");
+    std::fs::write(&file, "[pool]\nsize = 2\nheartbeat_interval = \"often\"\n").unwrap();
+    let bin = env!("CARGO_BIN_EXE_pitboss");
+    let out = Command::new(bin)
+        .args(["check-config", file.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("bad.toml:3"), "{err}");
+    assert!(err.contains("heartbeat_interval"), "{err}");
+    // `serve` refuses it too, before starting anything.
+    let out = Command::new(bin)
+        .args(["serve", "--config", file.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("bad.toml:3"));
+    // A good file prints the effective configuration.
+    std::fs::write(&file, "[pool]\nsize = 3\n").unwrap();
+    let out = Command::new(bin)
+        .args(["check-config", file.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("size = 3"));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
