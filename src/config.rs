@@ -68,7 +68,7 @@ impl Dur {
                 ))
             }
         };
-        if !secs.is_finite() || secs < 0.0 || secs > 1e9 {
+        if !secs.is_finite() || !(0.0..=1e9).contains(&secs) {
             return Err(format!("duration {s:?} is out of range"));
         }
         Ok(Dur(Duration::from_secs_f64(secs)))
@@ -660,5 +660,22 @@ mod tests {
         let round =
             Config::from_sources("x", Some(&c.to_toml()), Vec::<(String, String)>::new()).unwrap();
         assert_eq!(round.pool.size.0, 3);
+    }
+}
+
+#[cfg(test)]
+mod doc_tests {
+    use super::*;
+
+    #[test]
+    fn docs_config_md_lists_every_key() {
+        let doc = include_str!("../docs/CONFIG.md");
+        let table: toml::Table = DEFAULT_CONFIG.parse().unwrap();
+        for path in leaf_paths(&table) {
+            assert!(
+                doc.contains(&format!("`{path}`")),
+                "docs/CONFIG.md does not document {path}"
+            );
+        }
     }
 }

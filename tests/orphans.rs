@@ -44,7 +44,7 @@ fn no_worker_survives_sigkill_of_its_parent() {
     let mut pids = Vec::new();
     for line in stdout.lines() {
         let line = line.unwrap();
-        if let Some(rest) = line.strip_prefix("PIDS ") {
+        if let Some(rest) = line.split("PIDS ").nth(1) {
             pids = rest.split(' ').map(|p| p.parse::<u32>().unwrap()).collect();
             break;
         }

@@ -446,3 +446,62 @@ fn a_bad_config_file_gives_a_clear_error() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("size = 3"));
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// A Python virtualenv with grpcio, made once under target/ (pip reaches PyPI).
+fn grpcio_python() -> std::path::PathBuf {
+    let venv = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/grpcio-venv");
+    let py = venv.join("bin/python");
+    let ok = |py: &std::path::Path| {
+        Command::new(py)
+            .args(["-c", "import grpc, grpc_tools"])
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if !ok(&py) {
+        let st = Command::new("python3")
+            .args(["-m", "venv"])
+            .arg(&venv)
+            .status()
+            .unwrap();
+        assert!(
+            st.success(),
+            "cannot create a venv (is python3-venv installed?)"
+        );
+        let st = Command::new(&py)
+            .args(["-m", "pip", "install", "--quiet", "grpcio", "grpcio-tools"])
+            .status()
+            .unwrap();
+        assert!(st.success(), "pip install grpcio grpcio-tools failed");
+    }
+    py
+}
+
+#[tokio::test]
+async fn a_grpcio_client_in_python_can_call_execute() {
+    let py = tokio::task::spawn_blocking(grpcio_python).await.unwrap();
+    let (server, _client) = start("").await;
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("python/examples/client.py");
+    let out = tokio::process::Command::new(py)
+        .arg(script)
+        .arg(server.bridge_addr.to_string())
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains(r#"echo -> {"hello": "world"} from legacy"#),
+        "{stdout}"
+    );
+    assert!(stdout.contains("counter -> 3"), "{stdout}");
+    assert!(
+        stdout.contains("stream -> ['{\"i\":0}', '{\"i\":1}', '{\"i\":2}']"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("error -> NOT_FOUND"), "{stdout}");
+    server.shutdown().await;
+}

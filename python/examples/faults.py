@@ -168,3 +168,9 @@ def pid(req):
 def deadline(req):
     """The time left (seconds) that pitboss forwarded with the request, or null."""
     return {"timeout": req.timeout}
+
+
+@adapter.command
+def big(req):
+    """Return {"bytes": n} bytes of payload (to exceed the frame limit on purpose)."""
+    return b"x" * int(_args(req).get("bytes", 1024))

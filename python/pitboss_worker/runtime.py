@@ -39,10 +39,22 @@ def _type_name(exc):
     return "%s.%s" % (cls.__module__, cls.__qualname__)
 
 
+# Error bodies are cut to these sizes so that no exception, however verbose, can turn
+# into a frame over the limit (which pitboss would treat as a protocol violation).
+_MAX_MESSAGE = 8 * 1024
+_MAX_TRACEBACK = 32 * 1024
+
+
+def _cut(text, limit, keep_end=False):
+    if len(text) <= limit:
+        return text
+    return "..." + text[-limit:] if keep_end else text[:limit] + "..."
+
+
 def _error_frame(rid, kind, error_type="", message="", tb=""):
     import json
-    body = json.dumps({"kind": kind, "type": error_type, "message": message,
-                       "traceback": tb}).encode("utf-8")
+    body = json.dumps({"kind": kind, "type": _cut(error_type, 256), "message": _cut(message, _MAX_MESSAGE),
+                       "traceback": _cut(tb, _MAX_TRACEBACK, keep_end=True)}).encode("utf-8")
     return P.encode(P.ERROR, rid, body)
 
 

@@ -108,7 +108,8 @@ impl WorkerSpec {
 /// Results are cached per (program, working dir), because pyenv picks the version from
 /// the directory. Measured: a shim adds 70-100 ms to each spawn; this runs it once.
 pub async fn resolve_python(program: &str, working_dir: Option<&Path>) -> io::Result<PathBuf> {
-    static CACHE: OnceLock<Mutex<HashMap<(String, Option<PathBuf>), PathBuf>>> = OnceLock::new();
+    type Cache = Mutex<HashMap<(String, Option<PathBuf>), PathBuf>>;
+    static CACHE: OnceLock<Cache> = OnceLock::new();
     let cache = CACHE.get_or_init(Default::default);
     let key = (program.to_string(), working_dir.map(Path::to_path_buf));
     if let Some(hit) = cache.lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
