@@ -33,6 +33,14 @@ enum Command {
         #[arg(long, default_value = "http://127.0.0.1:50052")]
         addr: String,
     },
+    /// Check grpc.health.v1: prints SERVING or NOT_SERVING; exits 0 only when serving.
+    Health {
+        #[arg(long, default_value = "http://127.0.0.1:50051")]
+        addr: String,
+        /// The service to check; empty for the server as a whole.
+        #[arg(long, default_value = "")]
+        service: String,
+    },
     /// Call a command, print its result.
     Call {
         command: String,
@@ -67,6 +75,7 @@ fn main() -> ExitCode {
             Command::Serve => serve(cli.config).await,
             Command::CheckConfig { file } => check_config(file),
             Command::Status { addr } => status(addr).await,
+            Command::Health { addr, service } => health(addr, service).await,
             Command::Call {
                 command,
                 payload,
@@ -177,6 +186,29 @@ async fn status(addr: String) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+async fn health(addr: String, service: String) -> Result<(), String> {
+    use tonic_health::pb::health_client::HealthClient;
+    use tonic_health::pb::HealthCheckRequest;
+    let channel = tonic::transport::Endpoint::from_shared(addr.clone())
+        .map_err(|e| format!("bad address {addr}: {e}"))?
+        .connect()
+        .await
+        .map_err(|e| format!("cannot connect to {addr}: {e}"))?;
+    let mut client = HealthClient::new(channel);
+    let resp = client
+        .check(HealthCheckRequest { service })
+        .await
+        .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?
+        .into_inner();
+    let status = resp.status().as_str_name();
+    println!("{status}");
+    if resp.status() == tonic_health::pb::health_check_response::ServingStatus::Serving {
+        Ok(())
+    } else {
+        Err(format!("not serving ({status})"))
+    }
 }
 
 async fn call(

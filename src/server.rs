@@ -209,18 +209,17 @@ async fn wait_for_signal() {
 }
 
 /// Keeps grpc.health.v1 in step with the pool: SERVING while a worker is ready.
+/// Driven by the pool's change notifications, with a slow tick as a backstop.
 async fn track_health(
     edge: Arc<Edge>,
     health: tonic_health::server::HealthReporter,
     stop: CancellationToken,
 ) {
     let mut last = None;
-    let mut tick = tokio::time::interval(Duration::from_millis(200));
     loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = stop.cancelled() => return,
-        }
+        let changed = edge.pool.changed();
+        tokio::pin!(changed);
+        changed.as_mut().enable();
         let serving = edge.pool.status().ready > 0 && !edge.draining.load(Ordering::Acquire);
         if last != Some(serving) {
             let status = if serving {
@@ -232,6 +231,11 @@ async fn track_health(
             health.set_service_status("", status).await;
             tracing::info!(serving, "health changed");
             last = Some(serving);
+        }
+        tokio::select! {
+            _ = changed => {}
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = stop.cancelled() => return,
         }
     }
 }

@@ -392,6 +392,18 @@ async fn the_call_and_status_commands_work() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("NotFound"));
 
     let out = tokio::process::Command::new(bin)
+        .args(["health", "--addr", &addr])
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "SERVING");
+
+    let out = tokio::process::Command::new(bin)
         .args(["status", "--addr", &format!("http://{}", server.admin_addr)])
         .output()
         .await

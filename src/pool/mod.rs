@@ -414,6 +414,12 @@ impl Pool {
         }
     }
 
+    /// Resolves at the next change of any slot's state (a worker ready, exited, ...).
+    /// Create it before reading the status, so no change is missed in between.
+    pub fn changed(&self) -> tokio::sync::futures::Notified<'_> {
+        self.shared().changed.notified()
+    }
+
     pub fn config(&self) -> &PoolConfig {
         &self.shared().config
     }
