@@ -1,12 +1,15 @@
 """A fault-injection adapter: every way a worker can misbehave, on demand.
 
-pitboss's tests use it to prove that a hostile or broken worker never takes the
-service down. Not for production.
+pitboss's tests use it to prove that a broken or hostile worker never takes the
+service down. Not for production. Payloads are JSON objects (an empty payload is {}).
 
 Environment switches, read at import:
-  PITBOSS_FAULT_CRASH_ON_START=1   exit(3) during import: a crash loop
-  PITBOSS_FAULT_IGNORE_SIGTERM=1   ignore SIGTERM (pitboss must escalate to SIGKILL)
+
+  PITBOSS_FAULT_CRASH_ON_START=1   os._exit(3) during import: a crash loop
   PITBOSS_FAULT_SLOW_START_MS=n    sleep n ms during import
+  PITBOSS_FAULT_IGNORE_SIGTERM=1   ignore SIGTERM (pitboss must escalate to SIGKILL);
+                                   set from an on_start hook, i.e. after the runtime
+                                   has installed its own SIGTERM handler
   PITBOSS_FAULT_COUNT_FILE=path    the `count` command appends a line per execution
 """
 
@@ -16,14 +19,15 @@ import os
 import signal
 import struct
 import sys
+import threading
 import time
 
 from pitboss_worker import Adapter
 from pitboss_worker import protocol as P
-from pitboss_worker.runtime import unsafe_protocol_fd
+from pitboss_worker import runtime
 
 if os.environ.get("PITBOSS_FAULT_CRASH_ON_START") == "1":
-    sys.stderr.write("faults: crashing at startup as asked\n")
+    sys.stderr.write("faults: crashing at start-up as asked (PITBOSS_FAULT_CRASH_ON_START)\n")
     sys.stderr.flush()
     os._exit(3)
 
@@ -31,7 +35,7 @@ if os.environ.get("PITBOSS_FAULT_SLOW_START_MS"):
     time.sleep(int(os.environ["PITBOSS_FAULT_SLOW_START_MS"]) / 1000.0)
 
 adapter = Adapter("faults")
-_held = []
+_held = []  # memory kept alive by `alloc`
 
 
 @adapter.on_start
@@ -46,7 +50,7 @@ def _args(req):
 
 @adapter.command
 def echo(req):
-    """Return the payload."""
+    """Return the payload unchanged."""
     return req.payload
 
 
@@ -54,102 +58,105 @@ def echo(req):
 def raise_(req):
     """Raise a builtin exception: {"type": "ValueError", "message": "..."}."""
     a = _args(req)
-    exc_type = getattr(builtins, a.get("type", "RuntimeError"), RuntimeError)
+    exc_type = getattr(builtins, a.get("type", "RuntimeError"), None)
+    if not (isinstance(exc_type, type) and issubclass(exc_type, BaseException)):
+        raise TypeError("%r is not a builtin exception type" % a.get("type"))
     raise exc_type(a.get("message", "injected failure"))
 
 
 @adapter.command(name="sleep")
 def sleep_sync(req):
-    """Sleep {"seconds": s} synchronously, stopping early when cancelled."""
-    deadline = time.monotonic() + float(_args(req).get("seconds", 1))
+    """Sleep {"seconds": s} synchronously in 10 ms steps, stopping early when cancelled."""
+    seconds = _args(req).get("seconds", 1)
+    deadline = time.monotonic() + float(seconds)
     while time.monotonic() < deadline:
         if req.cancelled:
             return {"cancelled": True}
         time.sleep(0.01)
-    return {"slept": True}
+    return {"slept": seconds}
 
 
 @adapter.command
 async def async_sleep(req):
-    """Sleep {"seconds": s} on the event loop."""
-    await asyncio.sleep(float(_args(req).get("seconds", 1)))
-    return {"slept": True}
+    """Sleep {"seconds": s} on the event loop (cancellable)."""
+    seconds = _args(req).get("seconds", 1)
+    await asyncio.sleep(float(seconds))
+    return {"slept": seconds}
 
 
 @adapter.command
 def hang(req):
-    """Never return, and ignore cancellation."""
+    """Never return, ignoring cancellation."""
     while True:
         time.sleep(3600)
 
 
 @adapter.command
 def crash(req):
-    """Exit the process at once with {"code": n} (default 1)."""
+    """Exit the process at once: {"code": n} (default 1)."""
     sys.stderr.flush()
     os._exit(int(_args(req).get("code", 1)))
 
 
 @adapter.command(name="print")
 def print_(req):
-    """Write to stdout in every way user code might; none of it may reach pitboss."""
+    """Write to stdout in every way user code might; none of it reaches the channel."""
     print("faults: print() to sys.stdout")
-    sys.__stdout__.write("faults: sys.__stdout__\n")
-    sys.__stdout__.flush()
     os.write(1, b"faults: raw write to fd 1\n")
+    sys.__stdout__.write("faults: write to sys.__stdout__\n")
+    sys.__stdout__.flush()
     return "ok"
 
 
 @adapter.command
 def garbage(req):
-    """Write an invalid frame (protocol version 99) to the real channel."""
-    os.write(unsafe_protocol_fd(), struct.pack(">IBBHQ", 12, 99, 3, 0, req.request_id))
+    """Write an invalid frame (protocol version 99) to the real channel, then return."""
+    runtime.unsafe_write_raw(struct.pack(">IBBHQ", 12, 99, P.RESPONSE, 0, req.request_id))
     return "sent garbage"
 
 
 @adapter.command
 def oversized(req):
-    """Announce a 2 GiB frame on the real channel."""
-    os.write(unsafe_protocol_fd(), struct.pack(">I", 0x7FFFFFFF) + b"\x01\x03\x00\x00")
+    """Write a frame header announcing more than --max-frame-bytes to the real channel."""
+    too_big = runtime.max_frame_bytes() + 1
+    runtime.unsafe_write_raw(P.HEADER.pack(too_big, 1, P.RESPONSE, 0, req.request_id))
     return "sent oversized"
 
 
 @adapter.command
 def unknown_id(req):
-    """Answer a request id that pitboss never sent, then answer normally."""
-    os.write(unsafe_protocol_fd(), P.encode_payload(P.RESPONSE, 0xDEADBEEF, "text/plain", b"?"))
+    """Answer request id 0xDEADBEEF, which pitboss never sent, then return normally."""
+    runtime.unsafe_write_raw(P.encode_payload(P.RESPONSE, 0xDEADBEEF, "text/plain", b"?"))
     return "sent unknown id"
 
 
 @adapter.command
 def close_stdout(req):
-    """Close the real channel but stay alive."""
-    os.close(unsafe_protocol_fd())
-    while True:
-        time.sleep(3600)
+    """Close the real protocol output but stay alive, blocked forever."""
+    runtime.unsafe_close_protocol_output()
+    threading.Event().wait()
 
 
 @adapter.command
 def freeze(req):
-    """Stop the whole process (SIGSTOP): no more heartbeats."""
+    """SIGSTOP the whole process: no more heartbeats."""
     os.kill(os.getpid(), signal.SIGSTOP)
     return "thawed"
 
 
 @adapter.command
 def alloc(req):
-    """Allocate {"mb": n} MiB, touch every page, and keep it."""
+    """Allocate {"mb": n} MiB (default 10), touch every page and keep it: {"held_mb": total}."""
     mb = int(_args(req).get("mb", 10))
     block = bytearray(mb * 1024 * 1024)
-    for i in range(0, len(block), 4096):
-        block[i] = 1
+    block[::4096] = b"\x01" * len(range(0, len(block), 4096))
     _held.append(block)
     return {"held_mb": sum(len(b) for b in _held) // (1024 * 1024)}
 
 
 @adapter.command
 def count(req):
-    """Record one execution of {"id": x} in $PITBOSS_FAULT_COUNT_FILE."""
+    """Record one execution of {"id": x}: appends "x pid" to $PITBOSS_FAULT_COUNT_FILE."""
     rid = _args(req).get("id")
     path = os.environ.get("PITBOSS_FAULT_COUNT_FILE")
     if path:
@@ -160,7 +167,7 @@ def count(req):
 
 @adapter.command
 def pid(req):
-    """The worker's process id."""
+    """The worker's process id: {"pid": pid}."""
     return {"pid": os.getpid()}
 
 

@@ -1,4 +1,4 @@
-"""pitboss_worker: the Python side of pitboss. Standard library only.
+"""pitboss_worker: the Python side of pitboss. Standard library only, Python 3.9+.
 
 Write an adapter::
 
@@ -11,10 +11,10 @@ Write an adapter::
         return req.payload
 
 and pitboss runs it as ``python -m pitboss_worker --adapter mymodule:adapter``.
-See python/README.md.
+See python/README.md for the whole API.
 """
 
-from .adapter import Adapter, Request, Response
+from .adapter import Adapter, Cancelled, Request, Response
 
-__all__ = ["Adapter", "Request", "Response"]
+__all__ = ["Adapter", "Cancelled", "Request", "Response"]
 __version__ = "0.1.0"

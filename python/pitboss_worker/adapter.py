@@ -1,116 +1,256 @@
-"""The adapter API: how user code registers commands and session state."""
+"""The adapter API: how user code registers commands and per-session state.
 
-import inspect
+Nothing here imports asyncio or inspect: command kinds are read from the function's
+code flags, which costs nothing at startup.
+"""
+
+import time
+
+# Code object flags (stable since Python 3.6).
+_CO_GENERATOR = 0x20
+_CO_COROUTINE = 0x80
+_CO_ASYNC_GENERATOR = 0x200
+_KIND_FLAGS = _CO_GENERATOR | _CO_COROUTINE | _CO_ASYNC_GENERATOR
+
+_monotonic = time.monotonic
 
 
-class Response:
-    """A result with an explicit content type: ``return Response(b"...", "image/png")``."""
+class Cancelled(Exception):
+    """Raise it (or call :meth:`Request.raise_if_cancelled`) to stop a cancelled
+    command; the runtime answers ``ERROR`` with kind ``cancelled``."""
+
+
+class Response(object):
+    """A result with an explicit content type.
+
+    ``payload`` is bytes-like or str (encoded as UTF-8). ``content_type`` defaults to
+    ``application/octet-stream`` for bytes and ``text/plain; charset=utf-8`` for str::
+
+        return Response(png_bytes, content_type="image/png")
+    """
 
     __slots__ = ("payload", "content_type")
 
-    def __init__(self, payload, content_type="application/octet-stream"):
+    def __init__(self, payload, content_type=None):
         if isinstance(payload, str):
             payload = payload.encode("utf-8")
-        self.payload = bytes(payload)
-        self.content_type = content_type
+            if content_type is None:
+                content_type = "text/plain; charset=utf-8"
+        elif type(payload) is not bytes:
+            payload = bytes(payload)
+        self.payload = payload
+        self.content_type = "application/octet-stream" if content_type is None else content_type
+
+    def __repr__(self):
+        return "Response(<%d bytes>, content_type=%r)" % (len(self.payload), self.content_type)
 
 
-class Request:
+class Request(object):
     """What a command receives.
 
-    Attributes: ``payload`` (bytes, untouched), ``content_type``, ``command``,
-    ``session_id`` (or None), ``request_id``, ``timeout`` (seconds left when the request
-    was sent, or None) and ``cancelled`` (True once pitboss has cancelled the request;
-    long synchronous commands may check it and stop early).
+    * ``payload``: the request's bytes, untouched;
+    * ``content_type``: the client's content type (str, may be empty);
+    * ``command``, ``request_id``;
+    * ``session_id``: str, or None for a request without a session;
+    * ``session``: the session's state object (see :meth:`Adapter.session_state`), or
+      None without a session;
+    * ``timeout``: seconds left before the deadline (never negative), or None;
+    * ``cancelled``: True once pitboss has cancelled the request;
+    * ``json()``: the payload decoded as JSON.
     """
 
-    __slots__ = ("request_id", "command", "session_id", "content_type", "timeout",
-                 "payload", "_worker", "cancelled", "_session")
+    __slots__ = (
+        "request_id",
+        "command",
+        "session_id",
+        "content_type",
+        "payload",
+        "_deadline",
+        "_cancelled",
+        "_state",
+        "_session",
+        "_task",
+        "_replied",
+    )
 
-    def __init__(self, request_id, command, session_id, content_type, timeout, payload, worker=None):
+    def __init__(self, request_id, command, session_id, content_type, payload, deadline=None):
         self.request_id = request_id
         self.command = command
         self.session_id = session_id
         self.content_type = content_type
-        self.timeout = timeout
         self.payload = payload
-        self._worker = worker
-        self.cancelled = False
+        self._deadline = deadline  # time.monotonic() value, or None
+        self._cancelled = False
+        self._state = 0  # runtime bookkeeping: queued / running / done
         self._session = None
+        self._task = None
+        self._replied = False
 
     @property
     def session(self):
-        """The state object of this request's session, created on first use by the
-        adapter's ``session_state`` factory. None for requests without a session."""
-        if self._session is None and self.session_id is not None and self._worker is not None:
-            self._session = self._worker.session_state(self.session_id)
         return self._session
 
+    @property
+    def cancelled(self):
+        return self._cancelled
+
+    @property
+    def timeout(self):
+        if self._deadline is None:
+            return None
+        left = self._deadline - _monotonic()
+        return left if left > 0.0 else 0.0
+
     def json(self):
-        """The payload decoded as JSON."""
+        """The payload decoded as JSON (``json.loads``; raises ``ValueError`` if invalid)."""
         import json
+
         return json.loads(self.payload)
 
     def text(self):
+        """The payload decoded as UTF-8."""
         return self.payload.decode("utf-8")
 
+    def raise_if_cancelled(self):
+        """Raises :class:`Cancelled` if pitboss has cancelled this request."""
+        if self._cancelled:
+            raise Cancelled("request %d was cancelled" % self.request_id)
 
-class Command:
+    def __repr__(self):
+        return "Request(id=%d, command=%r, session_id=%r, content_type=%r, <%d bytes>)" % (
+            self.request_id,
+            self.command,
+            self.session_id,
+            self.content_type,
+            len(self.payload),
+        )
+
+
+def _code_flags(func):
+    """The code flags of a function, looking through ``functools.wraps`` wrappers,
+    ``functools.partial`` and callable objects."""
+    for _ in range(32):
+        code = getattr(func, "__code__", None)
+        if code is not None and code.co_flags & _KIND_FLAGS:
+            return code.co_flags
+        nxt = getattr(func, "__wrapped__", None)
+        if nxt is None:
+            nxt = getattr(func, "func", None)  # functools.partial
+        if nxt is None and code is None:
+            nxt = getattr(getattr(func, "__call__", None), "__func__", None)
+        if nxt is None or nxt is func:
+            break
+        func = nxt
+    return 0
+
+
+def _first_paragraph(doc):
+    if not doc:
+        return ""
+    lines = []
+    for line in doc.strip().splitlines():
+        line = line.strip()
+        if not line:
+            break
+        lines.append(line)
+    return " ".join(lines)
+
+
+class Command(object):
+    """One registered command (internal; see :meth:`Adapter.command`)."""
+
     __slots__ = ("name", "func", "is_async", "streaming", "doc")
 
-    def __init__(self, name, func, doc=None):
+    def __init__(self, name, func, doc=None, streaming=None, is_async=None):
+        flags = _code_flags(func)
+        if is_async is None:
+            is_async = bool(flags & (_CO_COROUTINE | _CO_ASYNC_GENERATOR))
+        if streaming is None:
+            streaming = bool(flags & (_CO_GENERATOR | _CO_ASYNC_GENERATOR))
         self.name = name
         self.func = func
-        self.is_async = inspect.iscoroutinefunction(func) or inspect.isasyncgenfunction(func)
-        self.streaming = inspect.isgeneratorfunction(func) or inspect.isasyncgenfunction(func)
-        self.doc = (doc if doc is not None else (inspect.getdoc(func) or "")).strip()
+        self.is_async = bool(is_async)
+        self.streaming = bool(streaming)
+        self.doc = _first_paragraph(getattr(func, "__doc__", None) if doc is None else doc)
 
     def describe(self):
-        return {"name": self.name, "streaming": self.streaming, "async": self.is_async,
-                "doc": self.doc.split("\n\n")[0]}
+        return {
+            "name": self.name,
+            "streaming": self.streaming,
+            "async": self.is_async,
+            "doc": self.doc,
+        }
+
+    def __repr__(self):
+        return "Command(%r, streaming=%r, async=%r)" % (self.name, self.streaming, self.is_async)
 
 
-class Adapter:
-    """A named set of commands.
+class Adapter(object):
+    """A named set of commands that pitboss serves.
 
-    >>> adapter = Adapter("demo")
-    >>> @adapter.command
-    ... def echo(req):
-    ...     return req.payload
+    ::
+
+        adapter = Adapter("demo")
+
+        @adapter.command
+        def echo(req):
+            return req.payload
     """
 
     def __init__(self, name="adapter"):
-        self.name = name
-        self.commands = {}
+        self.name = str(name)
+        self.commands = {}  # name -> Command, in registration order
         self._session_factory = None
         self._on_start = []
 
-    def command(self, func=None, name=None, doc=None):
-        """Registers a command. Use as ``@adapter.command`` or
-        ``@adapter.command(name="other", doc="...")``.
+    def command(self, func=None, name=None, doc=None, streaming=None, is_async=None):
+        """Registers a command: ``@adapter.command`` or ``@adapter.command(name=..., doc=...)``.
 
-        A plain function is a unary command; ``async def`` runs on an asyncio loop so that
-        several can be in flight; a generator (or async generator) streams each item it
-        yields as one chunk.
+        * a plain function is a unary command, run on the main thread;
+        * ``async def`` runs on the worker's asyncio loop, concurrently with others;
+        * a generator function (or ``async def`` generator) streams: each yielded item
+          is one ``STREAM_CHUNK``.
+
+        ``streaming`` and ``is_async`` override the detection (for example for a
+        decorated function that hides what it is). ``doc`` defaults to the first
+        paragraph of the docstring. Returns the function unchanged.
         """
+
         def register(f):
-            cmd = Command(name or f.__name__, f, doc)
+            cmd = Command(name or f.__name__, f, doc, streaming, is_async)
+            if not cmd.name:
+                raise ValueError("a command needs a name")
+            if len(cmd.name.encode("utf-8")) > 0xFFFF:
+                raise ValueError("command name is too long")
             if cmd.name in self.commands:
                 raise ValueError("command %r is registered twice" % cmd.name)
             self.commands[cmd.name] = cmd
             return f
+
         if func is not None:
+            if not callable(func):
+                raise TypeError("@adapter.command takes keyword arguments, e.g. name=...")
             return register(func)
         return register
 
     def session_state(self, factory):
-        """Registers the factory of per-session state: called with the session id when a
-        session's first request reaches this worker. If the object has ``close()``, it is
-        called when the session is closed or expires."""
+        """Registers the per-session state factory (use as a decorator).
+
+        ``factory(session_id)`` is called when a request with that session id first
+        reaches this worker; the object it returns is ``req.session`` for every request
+        of the session. If the object has a ``close()`` method, it is called on
+        ``SESSION_CLOSE`` and when the worker exits cleanly. Without a factory each
+        session gets a fresh ``dict``.
+        """
         self._session_factory = factory
         return factory
 
     def on_start(self, func):
-        """Registers a function called once the runtime is set up, just before READY."""
+        """Registers ``func()`` to run once the runtime is set up (protocol fds saved,
+        stdout redirected, SIGTERM handler installed), just before ``READY``. Use it
+        for set-up that must override the runtime's defaults."""
         self._on_start.append(func)
         return func
+
+    def __repr__(self):
+        return "Adapter(%r, commands=%r)" % (self.name, list(self.commands))

@@ -1,14 +1,21 @@
-"""The pitboss worker protocol, version 1 (see docs/PROTOCOL.md).
+"""Wire format of the pitboss worker protocol, version 1 (see docs/PROTOCOL.md).
 
-Every frame is a 4-byte big-endian length, then a fixed 12-byte header
-(version, kind, flags, request id), then a kind-specific body. The header is read with
-one ``struct.unpack_from``: no JSON on the hot path, and payloads stay opaque bytes.
+Every frame is a 16-byte header, ``struct ">IBBHQ"`` (length, version, kind, flags,
+request_id), followed by ``length - 12`` bytes of kind-specific body. This module is
+standard library only and has no side effects on import; both the worker runtime and
+the tests (which play the host) use it.
 """
 
 import struct
 
 PROTOCOL_VERSION = 1
 
+#: Bytes after the 4-byte length prefix that every frame has.
+HEADER_LEN = 12
+#: Default cap on ``length`` (header + body), as on the host.
+DEFAULT_MAX_FRAME_BYTES = 16 * 1024 * 1024
+
+# Message kinds.
 READY = 1
 REQUEST = 2
 RESPONSE = 3
@@ -22,107 +29,275 @@ SESSION_CLOSE = 10
 SHUTDOWN = 11
 
 KIND_NAMES = {
-    READY: "READY", REQUEST: "REQUEST", RESPONSE: "RESPONSE", ERROR: "ERROR",
-    STREAM_CHUNK: "STREAM_CHUNK", STREAM_END: "STREAM_END", CANCEL: "CANCEL",
-    PING: "PING", PONG: "PONG", SESSION_CLOSE: "SESSION_CLOSE", SHUTDOWN: "SHUTDOWN",
+    READY: "READY",
+    REQUEST: "REQUEST",
+    RESPONSE: "RESPONSE",
+    ERROR: "ERROR",
+    STREAM_CHUNK: "STREAM_CHUNK",
+    STREAM_END: "STREAM_END",
+    CANCEL: "CANCEL",
+    PING: "PING",
+    PONG: "PONG",
+    SESSION_CLOSE: "SESSION_CLOSE",
+    SHUTDOWN: "SHUTDOWN",
 }
 
-# length, version, kind, flags, request id
-HEADER = struct.Struct(">IBBHQ")
-HEADER_LEN = 12  # bytes counted by `length`: everything after the length field
-REQUEST_HEAD = struct.Struct(">HHHI")  # command, session id, content type lengths; timeout ms
-PAYLOAD_HEAD = struct.Struct(">H")  # content type length
+#: Kinds the host sends to a worker.
+HOST_KINDS = frozenset((REQUEST, CANCEL, PING, SESSION_CLOSE, SHUTDOWN))
+#: Kinds a worker sends to the host.
+WORKER_KINDS = frozenset((READY, RESPONSE, ERROR, STREAM_CHUNK, STREAM_END, PONG))
+#: Kinds whose body must be empty.
+EMPTY_BODY_KINDS = frozenset((STREAM_END, CANCEL, PING, PONG, SHUTDOWN))
 
-DEFAULT_MAX_FRAME_BYTES = 16 * 1024 * 1024
+#: length, version, kind, flags, request_id (16 bytes).
+HEADER = struct.Struct(">IBBHQ")
+#: command_len, session_id_len, content_type_len, timeout_ms (10 bytes).
+REQUEST_HEAD = struct.Struct(">HHHI")
+#: content_type_len, at the start of a RESPONSE or STREAM_CHUNK body.
+PAYLOAD_HEAD = struct.Struct(">H")
+#: The frame header followed by a payload body's content_type_len (18 bytes).
+PAYLOAD_FRAME_HEADER = struct.Struct(">IBBHQH")
+_U16 = PAYLOAD_HEAD
+_U32 = struct.Struct(">I")
+
+_HEADER_PACK = HEADER.pack
+_PAYLOAD_PACK = PAYLOAD_FRAME_HEADER.pack
+_HEADER_UNPACK_FROM = HEADER.unpack_from
+_U32_UNPACK_FROM = _U32.unpack_from
 
 
 class ProtocolError(Exception):
-    """Bytes from the peer that are not a valid frame."""
+    """Bytes that are not a valid frame (or a frame that is not allowed here)."""
 
 
-def encode(kind, request_id, body=b""):
-    """One frame as bytes."""
-    return HEADER.pack(HEADER_LEN + len(body), PROTOCOL_VERSION, kind, 0, request_id) + body
+# --------------------------------------------------------------------------- encoding
+
+
+def encode(kind, request_id=0, body=b""):
+    """One whole frame (length prefix included) with ``body`` as is."""
+    return _HEADER_PACK(HEADER_LEN + len(body), PROTOCOL_VERSION, kind, 0, request_id) + body
 
 
 def encode_payload(kind, request_id, content_type, payload):
-    """A RESPONSE or STREAM_CHUNK frame."""
-    ct = content_type.encode("utf-8")
-    body_len = PAYLOAD_HEAD.size + len(ct) + len(payload)
-    return b"".join((
-        HEADER.pack(HEADER_LEN + body_len, PROTOCOL_VERSION, kind, 0, request_id),
-        PAYLOAD_HEAD.pack(len(ct)), ct, payload,
-    ))
+    """A ``RESPONSE`` or ``STREAM_CHUNK`` frame. ``content_type`` is str or bytes."""
+    if type(content_type) is not bytes:
+        content_type = content_type.encode("utf-8")
+    return (
+        _PAYLOAD_PACK(
+            HEADER_LEN + 2 + len(content_type) + len(payload),
+            PROTOCOL_VERSION,
+            kind,
+            0,
+            request_id,
+            len(content_type),
+        )
+        + content_type
+        + payload
+    )
 
 
 def encode_request(request_id, command, session_id, content_type, timeout_ms, payload):
-    """A REQUEST frame (the host's side; used by tests and tools)."""
+    """A ``REQUEST`` frame (the host's side; used by tests and tools).
+
+    ``session_id`` may be None (no session), ``payload`` any bytes-like object.
+    """
     c = command.encode("utf-8")
     s = (session_id or "").encode("utf-8")
     t = content_type.encode("utf-8")
-    body = REQUEST_HEAD.pack(len(c), len(s), len(t), timeout_ms) + c + s + t + payload
+    for what, value in (("command", c), ("session id", s), ("content type", t)):
+        if len(value) > 0xFFFF:
+            raise ValueError("%s is %d bytes, the limit is 65535" % (what, len(value)))
+    body = REQUEST_HEAD.pack(len(c), len(s), len(t), timeout_ms) + c + s + t + bytes(payload)
     return encode(REQUEST, request_id, body)
 
 
+# --------------------------------------------------------------------------- decoding
+
+
+def split_frames(data, offset, max_frame_bytes):
+    """Finds the complete frames in ``data[offset:]``.
+
+    Returns ``(frames, new_offset)`` where each frame is a tuple
+    ``(kind, request_id, body_start, body_end)`` indexing into ``data`` and
+    ``new_offset`` is where the first incomplete frame (if any) starts. Raises
+    :class:`ProtocolError` for a length out of bounds (checked as soon as the 4-byte
+    prefix is there, before waiting for the rest), a wrong version or non-zero flags.
+    Kinds are not checked: which kinds are allowed depends on the direction.
+    """
+    n = len(data)
+    frames = []
+    append = frames.append
+    while n - offset >= 4:
+        length = _U32_UNPACK_FROM(data, offset)[0]
+        if length > max_frame_bytes:
+            raise ProtocolError(
+                "frame of %d bytes exceeds the maximum of %d bytes" % (length, max_frame_bytes)
+            )
+        if length < HEADER_LEN:
+            raise ProtocolError(
+                "frame of %d bytes is shorter than the %d-byte header" % (length, HEADER_LEN)
+            )
+        end = offset + 4 + length
+        if end > n:
+            break
+        _, version, kind, flags, request_id = _HEADER_UNPACK_FROM(data, offset)
+        if version != PROTOCOL_VERSION:
+            raise ProtocolError(
+                "unsupported protocol version %d (this worker speaks %d)"
+                % (version, PROTOCOL_VERSION)
+            )
+        if flags:
+            raise ProtocolError("non-zero reserved flags 0x%04x" % flags)
+        append((kind, request_id, offset + 16, end))
+        offset = end
+    return frames, offset
+
+
 def decode_request(body):
-    """(command, session_id or None, content_type, timeout_ms, payload) of a REQUEST."""
-    if len(body) < REQUEST_HEAD.size:
-        raise ProtocolError("request body shorter than its header")
+    """``(command, session_id, content_type, timeout_ms, payload)`` of a REQUEST body.
+
+    ``session_id`` is None when empty (no session). ``body`` is bytes-like; ``payload``
+    is returned as ``bytes``.
+    """
+    if len(body) < 10:
+        raise ProtocolError("request header needs 10 bytes, got %d" % len(body))
     clen, slen, tlen, timeout_ms = REQUEST_HEAD.unpack_from(body, 0)
-    pos = REQUEST_HEAD.size
-    end = pos + clen + slen + tlen
-    if end > len(body):
-        raise ProtocolError("request string lengths run past the body")
+    a = 10 + clen
+    b = a + slen
+    c = b + tlen
+    if c > len(body):
+        raise ProtocolError(
+            "request strings need %d bytes but the body has %d" % (c, len(body))
+        )
     try:
-        command = body[pos:pos + clen].decode("utf-8")
-        session_id = body[pos + clen:pos + clen + slen].decode("utf-8") or None
-        content_type = body[pos + clen + slen:end].decode("utf-8")
-    except UnicodeDecodeError:
-        raise ProtocolError("request strings are not valid UTF-8")
-    return command, session_id, content_type, timeout_ms, body[end:]
+        command = bytes(body[10:a]).decode("utf-8")
+        session_id = bytes(body[a:b]).decode("utf-8") or None
+        content_type = bytes(body[b:c]).decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ProtocolError("request string is not valid UTF-8: %s" % e)
+    return command, session_id, content_type, timeout_ms, bytes(body[c:])
 
 
 def decode_payload(body):
-    """(content_type, payload) of a RESPONSE or STREAM_CHUNK."""
-    if len(body) < PAYLOAD_HEAD.size:
-        raise ProtocolError("payload body shorter than its header")
-    (tlen,) = PAYLOAD_HEAD.unpack_from(body, 0)
-    end = PAYLOAD_HEAD.size + tlen
-    if end > len(body):
-        raise ProtocolError("content type runs past the body")
-    return body[PAYLOAD_HEAD.size:end].decode("utf-8"), body[end:]
+    """``(content_type, payload)`` of a RESPONSE or STREAM_CHUNK body."""
+    if len(body) < 2:
+        raise ProtocolError("payload header needs 2 bytes, got %d" % len(body))
+    tlen = _U16.unpack_from(body, 0)[0]
+    if 2 + tlen > len(body):
+        raise ProtocolError(
+            "content type needs %d bytes but only %d remain" % (tlen, len(body) - 2)
+        )
+    try:
+        content_type = bytes(body[2 : 2 + tlen]).decode("utf-8")
+    except UnicodeDecodeError:
+        raise ProtocolError("content type is not valid UTF-8")
+    return content_type, bytes(body[2 + tlen :])
 
 
-class FrameReader:
-    """Splits a byte stream into frames; feed it whatever ``os.read`` returned."""
+class Frame(object):
+    """A decoded frame, for tests and tools (the runtime does not allocate these)."""
+
+    __slots__ = ("kind", "request_id", "body")
+
+    def __init__(self, kind, request_id, body):
+        self.kind = kind
+        self.request_id = request_id
+        self.body = body
+
+    @property
+    def name(self):
+        return KIND_NAMES.get(self.kind, "kind %d" % self.kind)
+
+    def json(self):
+        import json
+
+        return json.loads(self.body.decode("utf-8"))
+
+    def payload(self):
+        """``(content_type, payload)`` of a RESPONSE or STREAM_CHUNK."""
+        return decode_payload(self.body)
+
+    def __repr__(self):
+        body = self.body if len(self.body) <= 64 else self.body[:64] + b"..."
+        return "Frame(%s, id=%d, %r)" % (self.name, self.request_id, body)
+
+
+class FrameDecoder(object):
+    """Incremental decoder: :meth:`feed` bytes, get back whole :class:`Frame` objects.
+
+    Validates the header, the kind (``allowed_kinds``) and the bodies of the kinds with
+    a fixed shape (empty bodies, payload bodies, REQUEST bodies, UTF-8 session ids).
+    """
+
+    def __init__(self, max_frame_bytes=DEFAULT_MAX_FRAME_BYTES, allowed_kinds=None):
+        self.max_frame_bytes = max_frame_bytes
+        self.allowed_kinds = allowed_kinds
+        self._buf = bytearray()
+
+    def feed(self, data):
+        self._buf += data
+        found, offset = split_frames(self._buf, 0, self.max_frame_bytes)
+        frames = []
+        for kind, rid, start, end in found:
+            frame = Frame(kind, rid, bytes(self._buf[start:end]))
+            check_frame(frame, self.allowed_kinds)
+            frames.append(frame)
+        del self._buf[:offset]
+        return frames
+
+    @property
+    def pending(self):
+        """Bytes received that do not yet make a whole frame."""
+        return len(self._buf)
+
+
+class FrameReader(object):
+    """Incremental splitter: :meth:`feed` bytes, get back ``(kind, request_id, body)``
+    tuples for the complete frames. Checks the header only (see :func:`split_frames`)."""
 
     def __init__(self, max_frame_bytes=DEFAULT_MAX_FRAME_BYTES):
         self.max_frame_bytes = max_frame_bytes
         self._buf = bytearray()
 
     def feed(self, data):
-        """Returns the complete frames as (kind, request_id, body) tuples."""
         buf = self._buf
         buf += data
-        frames = []
-        pos = 0
-        n = len(buf)
-        unpack = HEADER.unpack_from
-        while n - pos >= 16:
-            length, version, kind, flags, rid = unpack(buf, pos)
-            if length > self.max_frame_bytes:
-                raise ProtocolError("frame of %d bytes exceeds the maximum of %d" % (length, self.max_frame_bytes))
-            if length < HEADER_LEN:
-                raise ProtocolError("frame of %d bytes is shorter than the header" % length)
-            if version != PROTOCOL_VERSION:
-                raise ProtocolError("unsupported protocol version %d" % version)
-            if flags != 0:
-                raise ProtocolError("non-zero reserved flags")
-            end = pos + 4 + length
-            if end > n:
-                break
-            frames.append((kind, rid, bytes(buf[pos + 16:end])))
-            pos = end
-        if pos:
-            del buf[:pos]
+        found, offset = split_frames(buf, 0, self.max_frame_bytes)
+        frames = [(kind, rid, bytes(buf[start:end])) for kind, rid, start, end in found]
+        if offset:
+            del buf[:offset]
         return frames
+
+
+def check_frame(frame, allowed_kinds=None):
+    """Raises :class:`ProtocolError` if a decoded frame's kind or body is invalid."""
+    kind = frame.kind
+    if kind not in KIND_NAMES:
+        raise ProtocolError("unknown message kind %d" % kind)
+    if allowed_kinds is not None and kind not in allowed_kinds:
+        raise ProtocolError("unexpected %s frame" % KIND_NAMES[kind])
+    body = frame.body
+    if kind in EMPTY_BODY_KINDS:
+        if body:
+            raise ProtocolError(
+                "malformed %s body: expected an empty body, got %d bytes"
+                % (KIND_NAMES[kind], len(body))
+            )
+    elif kind == REQUEST:
+        decode_request(body)
+    elif kind in (RESPONSE, STREAM_CHUNK):
+        decode_payload(body)
+    elif kind == SESSION_CLOSE:
+        try:
+            body.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ProtocolError("malformed SESSION_CLOSE body: session id is not valid UTF-8")
+    elif kind in (READY, ERROR):
+        import json
+
+        try:
+            value = json.loads(body.decode("utf-8"))
+        except ValueError as e:
+            raise ProtocolError("malformed %s body: %s" % (KIND_NAMES[kind], e))
+        if not isinstance(value, dict):
+            raise ProtocolError("malformed %s body: not a JSON object" % KIND_NAMES[kind])

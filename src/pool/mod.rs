@@ -497,6 +497,21 @@ impl Pool {
                 stage: TimeoutStage::Queued,
             });
         }
+        if shared.dispatcher.accepting_workers() == 0 {
+            // Waiting in the queue is pointless when the pool is in a crash loop.
+            let st = self.status();
+            if st.degraded && st.ready == 0 {
+                let last = st
+                    .workers
+                    .iter()
+                    .find_map(|w| w.last_exit.clone())
+                    .unwrap_or_default();
+                return Err(PoolError::Unavailable(format!(
+                    "pool {} is degraded: its workers keep crashing ({last})",
+                    shared.config.name
+                )));
+            }
+        }
         let lease = self.acquire(&req, deadline).await?;
         let conn = lease.connection().clone();
         let worker = conn.id();

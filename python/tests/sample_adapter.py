@@ -1,0 +1,152 @@
+"""An adapter for the runtime's tests: the corners of the API that the examples do not
+reach. Loaded as ``sample_adapter`` (the module form: its ``adapter`` attribute)."""
+
+import asyncio
+import functools
+import sys
+import threading
+
+from pitboss_worker import Adapter, Cancelled, Response
+
+adapter = Adapter("sample")
+
+# Set by the tests' `block` command, released by `release`.
+_gate = threading.Event()
+
+
+class State(object):
+    def __init__(self, session_id):
+        self.session_id = session_id
+        self.items = []
+
+    def close(self):
+        sys.stderr.write("sample: closed session %s with %d items\n" % (self.session_id, len(self.items)))
+
+
+@adapter.session_state
+def make_state(session_id):
+    return State(session_id)
+
+
+@adapter.command
+def remember(req):
+    """Appends the payload to the session's list; returns the list."""
+    req.session.items.append(req.text())
+    return req.session.items
+
+
+@adapter.command(name="text", doc="Returns a str.")
+def text_(req):
+    return "héllo"
+
+
+@adapter.command
+def png(req):
+    return Response(b"\x89PNG", content_type="image/png")
+
+
+@adapter.command
+def raw(req):
+    return bytearray(b"raw bytes")
+
+
+@adapter.command
+def info(req):
+    return {
+        "timeout": req.timeout,
+        "session_id": req.session_id,
+        "command": req.command,
+        "request_id": req.request_id,
+        "content_type": req.content_type,
+        "cancelled": req.cancelled,
+    }
+
+
+@adapter.command
+def not_json(req):
+    return object()
+
+
+@adapter.command
+def big(req):
+    return b"x" * int(req.json()["n"])
+
+
+@adapter.command
+def big_stream(req):
+    yield "small"
+    yield b"y" * int(req.json()["n"])
+    yield "never sent"
+
+
+@adapter.command
+def failing_stream(req):
+    yield {"i": 0}
+    raise KeyError("boom")
+
+
+@adapter.command
+async def agen(req):
+    for i in range(int(req.json()["n"])):
+        await asyncio.sleep(0)
+        yield {"i": i}
+
+
+@adapter.command
+async def async_fail(req):
+    await asyncio.sleep(0)
+    raise RuntimeError("async boom")
+
+
+@adapter.command
+def give_up(req):
+    raise Cancelled("the command gave up")
+
+
+def _logged(func):
+    @functools.wraps(func)
+    def wrapper(req):
+        return func(req)
+
+    return wrapper
+
+
+@adapter.command
+@_logged
+async def wrapped_async(req):
+    await asyncio.sleep(0)
+    return "wrapped"
+
+
+@adapter.command
+async def wait_gate(req):
+    """Waits on the loop until the synchronous `open_gate` has run."""
+    for _ in range(3000):
+        if _gate.is_set():
+            return "opened"
+        await asyncio.sleep(0.01)
+    raise TimeoutError("the gate never opened")
+
+
+@adapter.command
+def open_gate(req):
+    _gate.set()
+    return "ok"
+
+
+@adapter.command
+def block(req):
+    """Blocks the executor for {"seconds": s}."""
+    import time
+
+    time.sleep(float(req.json()["seconds"]))
+    return "done"
+
+
+@adapter.command
+def read_stdin(req):
+    """input() must see EOF (fd 0 is /dev/null), not the protocol."""
+    try:
+        return input()
+    except EOFError:
+        return "EOF"
