@@ -190,6 +190,7 @@ class Runtime(object):
         # Executor state.
         self._sessions = {}
         self._out = []
+        self._costs = {}  # command name -> recent average run time (seconds)
         # Asyncio state (loop thread only, except _loop).
         self._loop = None
         self._loop_ready = None
@@ -463,17 +464,35 @@ class Runtime(object):
         self._drain()
 
     def _run_batch(self, items):
+        """Runs queued work; collected replies go out in as few writes as possible.
+
+        Replies are written before a command that is not known to be fast (its recent
+        average is over _FLUSH_AFTER, or it has not run yet), once the batch has run
+        for _FLUSH_AFTER, and at the end: pipelined fast commands share one write,
+        and a slow command does not hold back the replies finished before it.
+        """
         started = _monotonic()
         out = self._out
+        costs = self._costs
+        commands = self.commands
         for item in items:
             if type(item) is Request:
+                name = item.command
+                cost = costs.get(name)
+                if out and (cost is None or cost > _FLUSH_AFTER):
+                    self._flush()
+                t0 = _monotonic()
                 self._run_request(item)
+                now = _monotonic()
+                if name in commands:
+                    costs[name] = now - t0 if cost is None else 0.75 * cost + 0.25 * (now - t0)
             elif item is _SHUTDOWN or item is _EOF:
                 self._flush()
                 return True
             else:
                 self._close_session(item[1])
-            if out and _monotonic() - started > _FLUSH_AFTER:
+                now = _monotonic()
+            if out and now - started > _FLUSH_AFTER:
                 self._flush()
                 started = _monotonic()
         self._flush()

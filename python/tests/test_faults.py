@@ -61,6 +61,17 @@ class SurvivableTest(FaultsTestCase):
         self.assertLess(time.monotonic() - start, 0.5)
         self.assertEqual(json_of(self.w.replies([rid])[rid][0]), {"slept": 1.5})
 
+    def test_a_slow_command_does_not_hold_back_earlier_replies(self):
+        for _ in range(3):  # echo is then known to be fast; sleep is not
+            self.w.call("echo", b"warm")
+        fast, slow = self.w.new_id(), self.w.new_id()
+        start = time.monotonic()
+        self.w.send(req_frame(fast, "echo", b"x") + req_frame(slow, "sleep", b'{"seconds": 1.5}'))
+        f = self.w.recv()
+        self.assertEqual((f.request_id, f.kind), (fast, P.RESPONSE))
+        self.assertLess(time.monotonic() - start, 1.0)
+        self.assertEqual(self.w.replies([slow])[slow][0].kind, P.RESPONSE)
+
     def test_cancel_of_a_running_sync_command_is_cooperative(self):
         rid = self.w.request("sleep", b'{"seconds": 30}')
         start = time.monotonic()
