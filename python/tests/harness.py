@@ -171,9 +171,11 @@ class WorkerProcess(object):
     def wait(self, timeout=TIMEOUT):
         """The exit status (negative for a signal)."""
         try:
-            return self.proc.wait(timeout)
+            status = self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
             raise AssertionError("worker did not exit within %.1f s; stderr:\n%s" % (timeout, self.stderr_text()))
+        self._stderr_thread.join(timeout)  # everything it wrote is then in stderr_text()
+        return status
 
     def alive(self):
         return self.proc.poll() is None

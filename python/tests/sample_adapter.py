@@ -150,3 +150,30 @@ def read_stdin(req):
         return input()
     except EOFError:
         return "EOF"
+
+
+@adapter.command
+def child(req):
+    """Runs a child process that prints to its stdout and reports which of the
+    runtime's protocol fds it can see (none: they are close-on-exec)."""
+    import subprocess
+
+    from pitboss_worker import runtime
+
+    proto = [runtime._RUNTIME.in_fd, runtime._RUNTIME.out_fd]
+    code = (
+        "import os, sys\n"
+        "print('sample: hello from a child')\n"
+        "seen = []\n"
+        "for fd in map(int, sys.argv[1:]):\n"
+        "    try:\n"
+        "        os.fstat(fd)\n"
+        "        seen.append(fd)\n"
+        "    except OSError:\n"
+        "        pass\n"
+        "sys.stderr.write(' '.join(map(str, seen)))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code] + [str(fd) for fd in proto], stderr=subprocess.PIPE, check=True
+    )
+    return {"seen": [int(x) for x in out.stderr.split()], "protocol_fds": proto}

@@ -90,6 +90,12 @@ class SampleTest(unittest.TestCase):
         self.assertEqual(payload_of(got[waiting][0])[1], b"opened")
         self.assertEqual(payload_of(got[opener][0])[1], b"ok")
 
+    def test_child_processes_write_to_stderr_and_do_not_inherit_the_channel(self):
+        info = json_of(self.w.call("child"))
+        self.assertEqual(info["seen"], [], info)
+        self.assertIn("sample: hello from a child", self.w.stderr_text("hello from a child"))
+        self.assertEqual(payload_of(self.w.call("text"))[1], "héllo".encode())
+
     def test_input_sees_eof(self):
         self.assertEqual(payload_of(self.w.call("read_stdin"))[1], b"EOF")
 
