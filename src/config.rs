@@ -235,6 +235,41 @@ pub struct SessionsSection {
     pub max: Positive,
 }
 
+/// The name of an error class, checked against the classification table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClassName(pub crate::resilience::ErrorClass);
+
+impl<'de> Deserialize<'de> for ClassName {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        crate::resilience::ErrorClass::from_name(&s)
+            .map(ClassName)
+            .ok_or_else(|| {
+                let names: Vec<&str> = crate::resilience::class::TABLE
+                    .iter()
+                    .map(|r| r.name)
+                    .collect();
+                serde::de::Error::custom(format!(
+                    "unknown error class {s:?}; expected one of {}",
+                    names.join(", ")
+                ))
+            })
+    }
+}
+
+impl Serialize for ClassName {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.0.name())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ErrorsSection {
+    /// Python exception type name -> error class; consulted before the defaults.
+    pub rules: std::collections::BTreeMap<String, ClassName>,
+}
+
 /// The whole file. Every section and key must be present in the merged result; the
 /// embedded default supplies anything a user file leaves out.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -243,6 +278,7 @@ pub struct Config {
     pub server: ServerSection,
     pub pool: PoolSection,
     pub sessions: SessionsSection,
+    pub errors: ErrorsSection,
     /// Where the file was read from, for resolving relative paths.
     #[serde(skip)]
     pub base_dir: PathBuf,
@@ -444,6 +480,17 @@ impl Config {
         c.session_ttl = self.sessions.ttl.0;
         c.max_sessions = self.sessions.max.0 as usize;
         c
+    }
+
+    /// The Python exception rules: the operator's, then the defaults.
+    pub fn exception_rules(&self) -> crate::resilience::ExceptionRules {
+        crate::resilience::ExceptionRules::with(
+            self.errors
+                .rules
+                .iter()
+                .map(|(k, v)| (k.clone(), v.0))
+                .collect(),
+        )
     }
 
     /// The effective configuration as TOML.
@@ -650,6 +697,23 @@ mod tests {
             Config::from_sources("x", None, vec![("PITBOSS_POOL_SIZE".into(), "zero".into())])
                 .unwrap_err();
         assert!(bad.to_string().contains("PITBOSS_POOL_SIZE"), "{bad}");
+    }
+
+    #[test]
+    fn exception_rules_name_known_classes() {
+        let c = load("[errors.rules]\n\"mylib.Busy\" = \"pool_exhausted\"\n").unwrap();
+        let rules = c.exception_rules();
+        assert_eq!(
+            rules.classify("mylib.Busy"),
+            crate::resilience::ErrorClass::PoolExhausted
+        );
+        assert_eq!(
+            rules.classify("ValueError"),
+            crate::resilience::ErrorClass::InvalidRequest
+        );
+        let err = load("[errors.rules]\nBoom = \"explosion\"\n").unwrap_err();
+        assert!(err.to_string().contains("unknown error class"), "{err}");
+        assert_eq!(err.line, Some(2), "{err}");
     }
 
     #[test]

@@ -86,6 +86,7 @@ impl RunningServer {
         let edge = Arc::new(Edge {
             pool,
             include_tracebacks: config.server.include_tracebacks,
+            rules: config.exception_rules(),
             draining: Default::default(),
             started: tokio::time::Instant::now(),
             instance_id: instance_id(),

@@ -167,22 +167,40 @@ async fn a_python_exception_becomes_a_status_with_type_and_message() {
     let err = client
         .execute(exec(
             "raise",
-            r#"{"type": "KeyError", "message": "missing"}"#,
+            r#"{"type": "ZeroDivisionError", "message": "missing"}"#,
         ))
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::Unknown);
-    assert!(err.message().contains("KeyError"), "{}", err.message());
+    assert!(
+        err.message().contains("ZeroDivisionError"),
+        "{}",
+        err.message()
+    );
     assert!(err.message().contains("missing"), "{}", err.message());
     assert_eq!(
         err.metadata().get("x-pitboss-python-type").unwrap(),
-        "KeyError"
+        "ZeroDivisionError"
     );
     assert_eq!(
         err.metadata().get("x-pitboss-error-class").unwrap(),
         "python_exception"
     );
     assert!(err.metadata().get("x-pitboss-traceback").is_some());
+    // A ValueError is the caller's bad input: INVALID_ARGUMENT, by the default rules.
+    let bad = client
+        .execute(exec(
+            "raise",
+            r#"{"type": "ValueError", "message": "n must be positive"}"#,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(bad.code(), Code::InvalidArgument, "{bad:?}");
+    assert_eq!(
+        bad.metadata().get("x-pitboss-error-class").unwrap(),
+        "invalid_request"
+    );
+    assert!(bad.message().contains("n must be positive"));
     let unknown = client.execute(exec("nope", "{}")).await.unwrap_err();
     assert_eq!(unknown.code(), Code::NotFound);
     assert!(

@@ -36,6 +36,8 @@ pub const BACKEND_LEGACY: &str = "legacy";
 pub struct Edge {
     pub pool: Pool,
     pub include_tracebacks: bool,
+    /// How Python exceptions are classified.
+    pub rules: crate::resilience::ExceptionRules,
     /// Set when shutdown starts: new calls are refused with UNAVAILABLE.
     pub draining: AtomicBool,
     pub started: tokio::time::Instant,
@@ -51,7 +53,7 @@ impl Edge {
     }
 
     fn status(&self, e: &PoolError) -> Status {
-        let mut s = status::to_status(e, self.include_tracebacks);
+        let mut s = status::to_status(e, &self.rules, self.include_tracebacks);
         if let Ok(v) = MetadataValue::try_from(self.instance_id.as_str()) {
             s.metadata_mut().insert("x-pitboss-instance", v);
         }

@@ -2,51 +2,10 @@
 //! what happened and what to do; metadata carries machine-readable details.
 
 use tonic::metadata::MetadataValue;
-use tonic::{Code, Status};
+use tonic::Status;
 
 use crate::pool::{ExhaustedReason, PoolError};
-
-/// The error class name, also sent as `x-pitboss-error-class`.
-pub fn class_of(err: &PoolError) -> &'static str {
-    match err {
-        PoolError::WorkerCrashed { .. } | PoolError::WorkerGone { .. } => "worker_crashed",
-        PoolError::PoolExhausted { .. } | PoolError::TooManySessions { .. } => "pool_exhausted",
-        PoolError::Timeout { .. } => "deadline_exceeded",
-        PoolError::Protocol { .. } => "protocol_error",
-        PoolError::PythonException { .. } => "python_exception",
-        PoolError::UnknownCommand { .. } => "unknown_command",
-        PoolError::InvalidRequest(_)
-        | PoolError::ResponseTooLarge(_)
-        | PoolError::SessionExists(_) => "invalid_request",
-        PoolError::SessionLost { .. } => "session_lost",
-        PoolError::SessionNotFound { .. } => "session_not_found",
-        PoolError::Cancelled => "cancelled",
-        PoolError::ShuttingDown => "shutting_down",
-        PoolError::Unavailable(_) => "worker_crashed",
-        PoolError::Internal(_) => "internal",
-    }
-}
-
-fn code_of(err: &PoolError) -> Code {
-    match err {
-        PoolError::WorkerCrashed { .. }
-        | PoolError::WorkerGone { .. }
-        | PoolError::Protocol { .. }
-        | PoolError::ShuttingDown
-        | PoolError::Unavailable(_) => Code::Unavailable,
-        PoolError::PoolExhausted { .. }
-        | PoolError::TooManySessions { .. }
-        | PoolError::ResponseTooLarge(_) => Code::ResourceExhausted,
-        PoolError::Timeout { .. } => Code::DeadlineExceeded,
-        PoolError::PythonException { .. } => Code::Unknown,
-        PoolError::UnknownCommand { .. } | PoolError::SessionNotFound { .. } => Code::NotFound,
-        PoolError::InvalidRequest(_) => Code::InvalidArgument,
-        PoolError::SessionExists(_) => Code::AlreadyExists,
-        PoolError::SessionLost { .. } => Code::FailedPrecondition,
-        PoolError::Cancelled => Code::Cancelled,
-        PoolError::Internal(_) => Code::Internal,
-    }
-}
+use crate::resilience::{classify, ExceptionRules};
 
 /// What to add to the message so the caller knows what to do next.
 fn advice(err: &PoolError) -> &'static str {
@@ -62,13 +21,15 @@ fn advice(err: &PoolError) -> &'static str {
     }
 }
 
-/// Maps a pool error to a status with `x-pitboss-*` metadata.
-pub fn to_status(err: &PoolError, include_traceback: bool) -> Status {
-    let mut status = Status::new(code_of(err), format!("{err}{}", advice(err)));
+/// Maps a pool error to a status with `x-pitboss-*` metadata. The code comes from the
+/// error's row in the classification table.
+pub fn to_status(err: &PoolError, rules: &ExceptionRules, include_traceback: bool) -> Status {
+    let class = classify(err, rules);
+    let mut status = Status::new(class.row().code, format!("{err}{}", advice(err)));
     let md = status.metadata_mut();
     md.insert(
         "x-pitboss-error-class",
-        MetadataValue::from_static(class_of(err)),
+        MetadataValue::from_static(class.name()),
     );
     if let Some(w) = err.worker() {
         if let Ok(v) = MetadataValue::try_from(w.to_string()) {
@@ -123,6 +84,7 @@ fn tail(s: &str, max: usize) -> String {
 mod tests {
     use super::*;
     use crate::worker::WorkerId;
+    use tonic::Code;
 
     #[test]
     fn python_exceptions_carry_type_and_message() {
@@ -132,8 +94,17 @@ mod tests {
             message: "bad".into(),
             traceback: "Traceback\n  line".into(),
         };
-        let s = to_status(&e, true);
-        assert_eq!(s.code(), Code::Unknown);
+        let rules = ExceptionRules::default();
+        let s = to_status(&e, &rules, true);
+        assert_eq!(
+            s.code(),
+            Code::InvalidArgument,
+            "ValueError is the caller's bad input"
+        );
+        assert_eq!(
+            s.metadata().get("x-pitboss-error-class").unwrap(),
+            "invalid_request"
+        );
         assert!(s.message().contains("ValueError: bad"));
         assert_eq!(
             s.metadata().get("x-pitboss-python-type").unwrap(),
@@ -143,7 +114,7 @@ mod tests {
             s.metadata().get("x-pitboss-traceback").unwrap(),
             "Traceback |   line"
         );
-        assert!(to_status(&e, false)
+        assert!(to_status(&e, &rules, false)
             .metadata()
             .get("x-pitboss-traceback")
             .is_none());
@@ -175,7 +146,11 @@ mod tests {
             ),
         ];
         for (e, code) in cases {
-            assert_eq!(to_status(&e, true).code(), code, "{e}");
+            assert_eq!(
+                to_status(&e, &ExceptionRules::default(), true).code(),
+                code,
+                "{e}"
+            );
         }
     }
 }

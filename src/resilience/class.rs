@@ -1,0 +1,418 @@
+//! The one error classification. Every failure is classified exactly once into an
+//! [`ErrorClass`]; retry, circuit breakers, metrics and the gRPC edge all read the same
+//! row of [`TABLE`]. `docs/ERRORS.md` shows the same table (a test keeps them equal).
+
+use std::fmt;
+
+use tonic::Code;
+
+use crate::pool::PoolError;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ErrorClass {
+    WorkerCrashed,
+    WorkerTimeout,
+    DeadlineExceeded,
+    PoolExhausted,
+    CircuitOpen,
+    ProtocolError,
+    PythonException,
+    InvalidRequest,
+    UnknownCommand,
+    SessionLost,
+    SessionNotFound,
+    Cancelled,
+    ShuttingDown,
+    Internal,
+}
+
+/// How bad a failure is, for logs and alerts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Severity {
+    /// The caller's own doing; nothing is wrong with pitboss or the backend.
+    Info,
+    /// Load or transient trouble; worth watching.
+    Warning,
+    /// The backend is misbehaving.
+    Error,
+}
+
+/// Whether a failed request may be sent again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Retry {
+    /// The request provably did not run (or running it twice is harmless).
+    Always,
+    /// The request may have run: only if the client marked it idempotent.
+    IfIdempotent,
+    Never,
+}
+
+/// One row of the classification table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Row {
+    pub class: ErrorClass,
+    pub name: &'static str,
+    pub code: Code,
+    pub severity: Severity,
+    pub retry: Retry,
+    /// Counts against circuit breakers. Application errors never do: a backend that
+    /// correctly rejects bad input is healthy.
+    pub breaker: bool,
+}
+
+use ErrorClass as C;
+use Retry as R;
+use Severity as S;
+
+/// The classification table: one row per class.
+pub const TABLE: [Row; 14] = [
+    row(
+        C::WorkerCrashed,
+        "worker_crashed",
+        Code::Unavailable,
+        S::Error,
+        R::IfIdempotent,
+        true,
+    ),
+    row(
+        C::WorkerTimeout,
+        "worker_timeout",
+        Code::DeadlineExceeded,
+        S::Warning,
+        R::IfIdempotent,
+        true,
+    ),
+    row(
+        C::DeadlineExceeded,
+        "deadline_exceeded",
+        Code::DeadlineExceeded,
+        S::Warning,
+        R::Never,
+        false,
+    ),
+    row(
+        C::PoolExhausted,
+        "pool_exhausted",
+        Code::ResourceExhausted,
+        S::Warning,
+        R::Always,
+        false,
+    ),
+    row(
+        C::CircuitOpen,
+        "circuit_open",
+        Code::Unavailable,
+        S::Warning,
+        R::Always,
+        false,
+    ),
+    row(
+        C::ProtocolError,
+        "protocol_error",
+        Code::Unavailable,
+        S::Error,
+        R::IfIdempotent,
+        true,
+    ),
+    row(
+        C::PythonException,
+        "python_exception",
+        Code::Unknown,
+        S::Info,
+        R::Never,
+        false,
+    ),
+    row(
+        C::InvalidRequest,
+        "invalid_request",
+        Code::InvalidArgument,
+        S::Info,
+        R::Never,
+        false,
+    ),
+    row(
+        C::UnknownCommand,
+        "unknown_command",
+        Code::NotFound,
+        S::Info,
+        R::Never,
+        false,
+    ),
+    row(
+        C::SessionLost,
+        "session_lost",
+        Code::FailedPrecondition,
+        S::Warning,
+        R::Never,
+        false,
+    ),
+    row(
+        C::SessionNotFound,
+        "session_not_found",
+        Code::NotFound,
+        S::Info,
+        R::Never,
+        false,
+    ),
+    row(
+        C::Cancelled,
+        "cancelled",
+        Code::Cancelled,
+        S::Info,
+        R::Never,
+        false,
+    ),
+    row(
+        C::ShuttingDown,
+        "shutting_down",
+        Code::Unavailable,
+        S::Warning,
+        R::Always,
+        false,
+    ),
+    row(
+        C::Internal,
+        "internal",
+        Code::Internal,
+        S::Error,
+        R::Never,
+        true,
+    ),
+];
+
+const fn row(
+    class: ErrorClass,
+    name: &'static str,
+    code: Code,
+    severity: Severity,
+    retry: Retry,
+    breaker: bool,
+) -> Row {
+    Row {
+        class,
+        name,
+        code,
+        severity,
+        retry,
+        breaker,
+    }
+}
+
+impl ErrorClass {
+    pub const ALL: [ErrorClass; 14] = [
+        C::WorkerCrashed,
+        C::WorkerTimeout,
+        C::DeadlineExceeded,
+        C::PoolExhausted,
+        C::CircuitOpen,
+        C::ProtocolError,
+        C::PythonException,
+        C::InvalidRequest,
+        C::UnknownCommand,
+        C::SessionLost,
+        C::SessionNotFound,
+        C::Cancelled,
+        C::ShuttingDown,
+        C::Internal,
+    ];
+
+    /// This class's row. The table is indexed by discriminant, which a test checks.
+    pub fn row(self) -> &'static Row {
+        &TABLE[self as usize]
+    }
+
+    pub fn name(self) -> &'static str {
+        self.row().name
+    }
+
+    pub fn from_name(name: &str) -> Option<ErrorClass> {
+        TABLE.iter().find(|r| r.name == name).map(|r| r.class)
+    }
+
+    /// Whether a request that failed with this class may be retried.
+    pub fn retryable(self, idempotent: bool) -> bool {
+        match self.row().retry {
+            Retry::Always => true,
+            Retry::IfIdempotent => idempotent,
+            Retry::Never => false,
+        }
+    }
+}
+
+impl fmt::Display for ErrorClass {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Maps Python exception type names to classes. Rules are matched in order on the
+/// exception's type name (`ValueError`, or `module.Name` for non-builtins); the first
+/// match wins; an unmatched exception is `python_exception`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExceptionRules {
+    rules: Vec<(String, ErrorClass)>,
+}
+
+impl Default for ExceptionRules {
+    /// `ValueError`/`TypeError`/`KeyError` are the caller's bad input; `TimeoutError` is
+    /// the worker being too slow; `MemoryError` means the process is in trouble.
+    fn default() -> Self {
+        ExceptionRules {
+            rules: vec![
+                ("ValueError".into(), C::InvalidRequest),
+                ("TypeError".into(), C::InvalidRequest),
+                ("KeyError".into(), C::InvalidRequest),
+                ("json.decoder.JSONDecodeError".into(), C::InvalidRequest),
+                ("TimeoutError".into(), C::WorkerTimeout),
+                ("MemoryError".into(), C::WorkerCrashed),
+            ],
+        }
+    }
+}
+
+impl ExceptionRules {
+    /// The defaults, with `extra` rules consulted first (operators' rules win).
+    pub fn with(extra: Vec<(String, ErrorClass)>) -> ExceptionRules {
+        let mut rules = extra;
+        rules.extend(ExceptionRules::default().rules);
+        ExceptionRules { rules }
+    }
+
+    pub fn classify(&self, exception_type: &str) -> ErrorClass {
+        let short = exception_type.rsplit('.').next().unwrap_or(exception_type);
+        self.rules
+            .iter()
+            .find(|(name, _)| name == exception_type || name == short)
+            .map(|(_, class)| *class)
+            .unwrap_or(C::PythonException)
+    }
+}
+
+/// Classifies a pool error, exactly once.
+pub fn classify(err: &PoolError, rules: &ExceptionRules) -> ErrorClass {
+    match err {
+        PoolError::WorkerCrashed { .. }
+        | PoolError::WorkerGone { .. }
+        | PoolError::Unavailable(_) => C::WorkerCrashed,
+        PoolError::PoolExhausted { .. } | PoolError::TooManySessions { .. } => C::PoolExhausted,
+        PoolError::Timeout { .. } => C::DeadlineExceeded,
+        PoolError::Protocol { .. } => C::ProtocolError,
+        PoolError::PythonException { error_type, .. } => rules.classify(error_type),
+        PoolError::UnknownCommand { .. } => C::UnknownCommand,
+        PoolError::InvalidRequest(_)
+        | PoolError::ResponseTooLarge(_)
+        | PoolError::SessionExists(_) => C::InvalidRequest,
+        PoolError::SessionLost { .. } => C::SessionLost,
+        PoolError::SessionNotFound { .. } => C::SessionNotFound,
+        PoolError::Cancelled => C::Cancelled,
+        PoolError::ShuttingDown => C::ShuttingDown,
+        PoolError::Internal(_) => C::Internal,
+    }
+}
+
+/// The table as Markdown, exactly as `docs/ERRORS.md` shows it.
+pub fn markdown_table() -> String {
+    let mut out = String::from(
+        "| class | gRPC code | severity | retryable | counts against breakers |\n|---|---|---|---|---|\n",
+    );
+    for r in TABLE {
+        let retry = match r.retry {
+            Retry::Always => "always",
+            Retry::IfIdempotent => "if idempotent",
+            Retry::Never => "never",
+        };
+        out.push_str(&format!(
+            "| `{}` | `{:?}` | {:?} | {} | {} |\n",
+            r.name,
+            r.code,
+            r.severity,
+            retry,
+            if r.breaker { "yes" } else { "no" }
+        ));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::worker::WorkerId;
+
+    #[test]
+    fn the_table_is_indexed_by_class_and_names_are_unique() {
+        for (i, class) in ErrorClass::ALL.iter().enumerate() {
+            assert_eq!(TABLE[i].class, *class);
+            assert_eq!(class.row().class, *class);
+            assert_eq!(ErrorClass::from_name(class.name()), Some(*class));
+        }
+        let mut names: Vec<_> = TABLE.iter().map(|r| r.name).collect();
+        names.sort();
+        names.dedup();
+        assert_eq!(names.len(), TABLE.len());
+    }
+
+    /// Row by row: the decisions every layer relies on.
+    #[test]
+    fn each_row_says_what_the_issue_asks() {
+        let expect = [
+            (C::WorkerCrashed, Code::Unavailable, R::IfIdempotent, true),
+            (
+                C::WorkerTimeout,
+                Code::DeadlineExceeded,
+                R::IfIdempotent,
+                true,
+            ),
+            (C::DeadlineExceeded, Code::DeadlineExceeded, R::Never, false),
+            (C::PoolExhausted, Code::ResourceExhausted, R::Always, false),
+            (C::CircuitOpen, Code::Unavailable, R::Always, false),
+            (C::ProtocolError, Code::Unavailable, R::IfIdempotent, true),
+            (C::PythonException, Code::Unknown, R::Never, false),
+            (C::InvalidRequest, Code::InvalidArgument, R::Never, false),
+            (C::UnknownCommand, Code::NotFound, R::Never, false),
+            (C::SessionLost, Code::FailedPrecondition, R::Never, false),
+            (C::SessionNotFound, Code::NotFound, R::Never, false),
+            (C::Cancelled, Code::Cancelled, R::Never, false),
+            (C::ShuttingDown, Code::Unavailable, R::Always, false),
+            (C::Internal, Code::Internal, R::Never, true),
+        ];
+        for (class, code, retry, breaker) in expect {
+            let r = class.row();
+            assert_eq!(
+                (r.code, r.retry, r.breaker),
+                (code, retry, breaker),
+                "{class}"
+            );
+        }
+        assert!(C::WorkerCrashed.retryable(true));
+        assert!(!C::WorkerCrashed.retryable(false));
+        assert!(C::PoolExhausted.retryable(false));
+        assert!(!C::PythonException.retryable(true));
+    }
+
+    #[test]
+    fn python_exceptions_follow_the_rules() {
+        let rules = ExceptionRules::with(vec![("mylib.RateLimited".into(), C::PoolExhausted)]);
+        assert_eq!(rules.classify("ValueError"), C::InvalidRequest);
+        assert_eq!(rules.classify("TimeoutError"), C::WorkerTimeout);
+        assert_eq!(rules.classify("MemoryError"), C::WorkerCrashed);
+        assert_eq!(rules.classify("mylib.RateLimited"), C::PoolExhausted);
+        assert_eq!(rules.classify("ZeroDivisionError"), C::PythonException);
+        let e = PoolError::PythonException {
+            worker: WorkerId(1),
+            error_type: "ValueError".into(),
+            message: String::new(),
+            traceback: String::new(),
+        };
+        assert_eq!(classify(&e, &rules), C::InvalidRequest);
+    }
+
+    #[test]
+    fn docs_errors_md_shows_the_same_table() {
+        let doc = include_str!("../../docs/ERRORS.md");
+        assert!(
+            doc.contains(&markdown_table()),
+            "docs/ERRORS.md is out of date; paste this table:\n{}",
+            markdown_table()
+        );
+    }
+}
