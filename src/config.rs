@@ -270,6 +270,18 @@ pub struct ErrorsSection {
     pub rules: std::collections::BTreeMap<String, ClassName>,
 }
 
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetrySection {
+    pub max_attempts: Positive,
+    pub backoff_base: Dur,
+    pub backoff_max: Dur,
+    pub jitter: Fraction,
+    pub budget_percent: f64,
+    pub budget_min_per_sec: u32,
+    pub budget_window: Dur,
+}
+
 /// The whole file. Every section and key must be present in the merged result; the
 /// embedded default supplies anything a user file leaves out.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -278,6 +290,7 @@ pub struct Config {
     pub server: ServerSection,
     pub pool: PoolSection,
     pub sessions: SessionsSection,
+    pub retry: RetrySection,
     pub errors: ErrorsSection,
     /// Where the file was read from, for resolving relative paths.
     #[serde(skip)]
@@ -396,6 +409,18 @@ impl Config {
         if p.request_timeout.0.is_zero() {
             return Err(fail("pool.request_timeout", "must be positive".into()));
         }
+        if let Err(e) = self.retry_settings().validate() {
+            let key = if e.starts_with("backoff") {
+                "retry.backoff_max"
+            } else if e.starts_with("budget_window") {
+                "retry.budget_window"
+            } else if e.starts_with("budget_percent") {
+                "retry.budget_percent"
+            } else {
+                "retry.max_attempts"
+            };
+            return Err(fail(key, e));
+        }
         if !p.adapter.contains(':') && p.adapter.trim().is_empty() {
             return Err(fail("pool.adapter", "must name MODULE:OBJECT".into()));
         }
@@ -480,6 +505,19 @@ impl Config {
         c.session_ttl = self.sessions.ttl.0;
         c.max_sessions = self.sessions.max.0 as usize;
         c
+    }
+
+    pub fn retry_settings(&self) -> crate::resilience::RetrySettings {
+        let r = &self.retry;
+        crate::resilience::RetrySettings {
+            max_attempts: r.max_attempts.0.min(u32::MAX as u64) as u32,
+            backoff_base: r.backoff_base.0,
+            backoff_max: r.backoff_max.0,
+            jitter: r.jitter.0,
+            budget_percent: r.budget_percent as f32,
+            budget_min_per_sec: r.budget_min_per_sec,
+            budget_window: r.budget_window.0,
+        }
     }
 
     /// The Python exception rules: the operator's, then the defaults.

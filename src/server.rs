@@ -83,10 +83,22 @@ impl RunningServer {
             })?;
 
         let pool = Pool::launch(config.pool_config("legacy"), Arc::new(Observer)).await?;
+        let rules = config.exception_rules();
+        let policy =
+            crate::resilience::RetryPolicy::new(&config.retry_settings()).map_err(|e| {
+                ServerError::Pool(crate::pool::PoolError::InvalidRequest(format!(
+                    "retry: {e}"
+                )))
+            })?;
+        let retry = tower::retry::Retry::new(
+            policy,
+            crate::resilience::PoolService::new(pool.clone(), Arc::new(rules.clone())),
+        );
         let edge = Arc::new(Edge {
             pool,
             include_tracebacks: config.server.include_tracebacks,
-            rules: config.exception_rules(),
+            rules,
+            retry,
             draining: Default::default(),
             started: tokio::time::Instant::now(),
             instance_id: instance_id(),

@@ -156,13 +156,17 @@ def alloc(req):
 
 @adapter.command
 def count(req):
-    """Record one execution of {"id": x}: appends "x pid" to $PITBOSS_FAULT_COUNT_FILE."""
-    rid = _args(req).get("id")
+    """Record one execution of {"id": x}: appends "x pid" to $PITBOSS_FAULT_COUNT_FILE,
+    then sleeps {"sleep": s} seconds (default 0), so a test can kill it mid-request."""
+    args = _args(req)
+    rid = args.get("id")
     path = os.environ.get("PITBOSS_FAULT_COUNT_FILE")
     if path:
         with open(path, "a") as f:
             f.write("%s %d\n" % (rid, os.getpid()))
-    return {"id": rid}
+    if args.get("sleep"):
+        time.sleep(float(args["sleep"]))
+    return {"id": rid, "pid": os.getpid()}
 
 
 @adapter.command

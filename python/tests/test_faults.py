@@ -107,7 +107,7 @@ class SurvivableTest(FaultsTestCase):
             w = WorkerProcess("examples.faults:adapter", env={"PITBOSS_FAULT_COUNT_FILE": path})
             self.addCleanup(w.kill)
             for i in (1, 2, 2):
-                self.assertEqual(json_of(w.call("count", b'{"id": %d}' % i)), {"id": i})
+                self.assertEqual(json_of(w.call("count", b'{"id": %d}' % i)), {"id": i, "pid": w.pid})
             with open(path) as f:
                 self.assertEqual(f.read(), "1 %d\n2 %d\n2 %d\n" % ((w.pid,) * 3))
         self.assertEqual(json_of(self.w.call("alloc", b'{"mb": 3}')), {"held_mb": 3})

@@ -38,6 +38,8 @@ pub struct Edge {
     pub include_tracebacks: bool,
     /// How Python exceptions are classified.
     pub rules: crate::resilience::ExceptionRules,
+    /// The pool behind tower's retry layer.
+    pub retry: tower::retry::Retry<crate::resilience::RetryPolicy, crate::resilience::PoolService>,
     /// Set when shutdown starts: new calls are refused with UNAVAILABLE.
     pub draining: AtomicBool,
     pub started: tokio::time::Instant,
@@ -138,25 +140,48 @@ impl Bridge for BridgeService {
         &self,
         req: Request<pb::ExecuteRequest>,
     ) -> Result<Response<pb::ExecuteResponse>, Status> {
+        use tower::ServiceExt;
         let edge = &self.0;
         edge.refuse_if_draining()?;
         let (md, _, r) = req.into_parts();
+        let idempotent = r.idempotent;
         let pr = edge.pool_request(r, &md);
-        match edge.pool.execute(pr).await {
-            Ok(resp) => {
-                let worker = resp.worker.to_string();
+        let deadline = pr
+            .deadline
+            .unwrap_or_else(|| tokio::time::Instant::now() + edge.pool.config().default_timeout);
+        let attempt = crate::resilience::Attempt {
+            request: pr,
+            idempotent,
+            number: 1,
+            deadline,
+        };
+        match edge.retry.clone().oneshot(attempt).await {
+            Ok(served) => {
+                let worker = served.response.worker.to_string();
                 Ok(edge.respond(
                     pb::ExecuteResponse {
-                        payload: resp.payload,
-                        content_type: resp.content_type,
+                        payload: served.response.payload,
+                        content_type: served.response.content_type,
                         backend: BACKEND_LEGACY.into(),
                         worker_id: worker.clone(),
-                        attempts: 1,
+                        attempts: served.attempts,
                     },
                     Some(worker),
                 ))
             }
-            Err(e) => Err(edge.status(&e)),
+            Err(failed) => {
+                let mut status = edge.status(&failed.error);
+                if let Ok(v) = MetadataValue::try_from(failed.attempts.to_string()) {
+                    status.metadata_mut().insert("x-pitboss-attempts", v);
+                }
+                if failed.budget_exhausted {
+                    status.metadata_mut().insert(
+                        "x-pitboss-retry-budget-exhausted",
+                        MetadataValue::from_static("true"),
+                    );
+                }
+                Err(status)
+            }
         }
     }
 

@@ -1,0 +1,419 @@
+//! Retry, as a tower [`Policy`] that consults the error classification.
+//!
+//! - Exponential backoff with jitter from tower's [`ExponentialBackoffMaker`].
+//! - A [`TpsBudget`] shared by all requests: retries stay within a share of the
+//!   requests plus a small floor, so a failing backend is not hammered with multiplied
+//!   load.
+//! - Never past the client's deadline: a retry whose backoff would end after the
+//!   deadline is not made.
+//! - Ambiguous failures (the request may have reached Python) are retried only for
+//!   idempotent requests; failures that provably never reached a worker always may be.
+//! - A retry prefers another worker than the one that failed (`avoid_worker`); session
+//!   requests stay on their worker, as the affinity mode demands.
+
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use futures_util::future::BoxFuture;
+use tokio::time::Instant;
+use tower::retry::backoff::{Backoff, ExponentialBackoff, ExponentialBackoffMaker, MakeBackoff};
+use tower::retry::budget::{Budget, TpsBudget};
+use tower::retry::Policy;
+use tower::util::rng::HasherRng;
+use tower::Service;
+
+use super::class::{classify, ErrorClass, ExceptionRules};
+use crate::pool::{Pool, PoolError, PoolRequest, PoolResponse};
+
+/// Validated retry settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RetrySettings {
+    /// Attempts in all, the first included (1 = no retry).
+    pub max_attempts: u32,
+    pub backoff_base: Duration,
+    pub backoff_max: Duration,
+    /// Up to this fraction of the base delay is added at random (0 = none).
+    pub jitter: f64,
+    /// Retries allowed as a share of requests (0.2 = 20%) ...
+    pub budget_percent: f32,
+    /// ... plus this many per second, so a quiet service can still retry.
+    pub budget_min_per_sec: u32,
+    /// The window over which the budget is counted (1 to 60 s).
+    pub budget_window: Duration,
+}
+
+impl Default for RetrySettings {
+    fn default() -> Self {
+        RetrySettings {
+            max_attempts: 3,
+            backoff_base: Duration::from_millis(25),
+            backoff_max: Duration::from_millis(250),
+            jitter: 1.0,
+            budget_percent: 0.2,
+            budget_min_per_sec: 10,
+            budget_window: Duration::from_secs(10),
+        }
+    }
+}
+
+impl RetrySettings {
+    pub fn validate(&self) -> Result<(), String> {
+        if self.max_attempts == 0 {
+            return Err("max_attempts must be at least 1".into());
+        }
+        if self.backoff_max < self.backoff_base || self.backoff_max.is_zero() {
+            return Err("backoff_max must be positive and at least backoff_base".into());
+        }
+        if !(0.0..=1.0).contains(&self.jitter) {
+            return Err("jitter must be between 0 and 1".into());
+        }
+        if !(0.0..=10.0).contains(&self.budget_percent) {
+            return Err("budget_percent must be between 0 and 10".into());
+        }
+        if self.budget_window < Duration::from_secs(1)
+            || self.budget_window > Duration::from_secs(60)
+        {
+            return Err("budget_window must be between 1s and 60s".into());
+        }
+        Ok(())
+    }
+}
+
+/// One request as the retry layer sees it: the pool request plus what retry needs.
+#[derive(Debug, Clone)]
+pub struct Attempt {
+    pub request: PoolRequest,
+    /// The client says running it twice is harmless.
+    pub idempotent: bool,
+    /// 1 for the first try.
+    pub number: u32,
+    /// The client's deadline: no retry ends after it.
+    pub deadline: Instant,
+}
+
+/// A success, with the attempts it took.
+#[derive(Debug, Clone)]
+pub struct Served {
+    pub response: PoolResponse,
+    pub attempts: u32,
+}
+
+/// A failure, classified once, with the attempts made.
+#[derive(Debug, Clone)]
+pub struct Failed {
+    pub error: PoolError,
+    pub class: ErrorClass,
+    pub attempts: u32,
+    /// A retry was wanted but the budget said no.
+    pub budget_exhausted: bool,
+}
+
+/// Why a failed attempt is or is not retried; a pure decision.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    Retry,
+    NotRetryable,
+    OutOfAttempts,
+}
+
+/// The retry decision, before budget and deadline.
+pub fn decide(
+    err: &PoolError,
+    class: ErrorClass,
+    idempotent: bool,
+    attempt: u32,
+    max_attempts: u32,
+) -> Decision {
+    // Refused before the write: it provably never ran, so even non-idempotent
+    // requests may go again.
+    let never_ran = matches!(err, PoolError::WorkerCrashed { sent: false, .. });
+    if !(never_ran || class.retryable(idempotent)) {
+        return Decision::NotRetryable;
+    }
+    if attempt >= max_attempts {
+        return Decision::OutOfAttempts;
+    }
+    Decision::Retry
+}
+
+/// Notified of retries, for metrics.
+pub trait RetryObserver: Send + Sync + 'static {
+    fn retried(&self, _class: ErrorClass) {}
+    fn budget_exhausted(&self) {}
+}
+
+struct Quiet;
+impl RetryObserver for Quiet {}
+
+/// The tower retry policy. Cloned per request, so the backoff progresses per request,
+/// while the budget is shared.
+#[derive(Clone)]
+pub struct RetryPolicy {
+    backoff: ExponentialBackoff<HasherRng>,
+    budget: Arc<TpsBudget>,
+    max_attempts: u32,
+    observer: Arc<dyn RetryObserver>,
+}
+
+impl RetryPolicy {
+    pub fn new(settings: &RetrySettings) -> Result<RetryPolicy, String> {
+        settings.validate()?;
+        let mut maker = ExponentialBackoffMaker::new(
+            settings.backoff_base,
+            settings.backoff_max,
+            settings.jitter,
+            HasherRng::default(),
+        )
+        .map_err(|e| format!("{e:?}"))?;
+        Ok(RetryPolicy {
+            backoff: maker.make_backoff(),
+            budget: Arc::new(TpsBudget::new(
+                settings.budget_window,
+                settings.budget_min_per_sec,
+                settings.budget_percent,
+            )),
+            max_attempts: settings.max_attempts,
+            observer: Arc::new(Quiet),
+        })
+    }
+
+    pub fn with_observer(mut self, observer: Arc<dyn RetryObserver>) -> Self {
+        self.observer = observer;
+        self
+    }
+}
+
+impl Policy<Attempt, Served, Failed> for RetryPolicy {
+    type Future = tokio::time::Sleep;
+
+    fn retry(
+        &mut self,
+        req: &mut Attempt,
+        result: &mut Result<Served, Failed>,
+    ) -> Option<Self::Future> {
+        if req.number == 1 {
+            // Every request earns retry credit, so retries are a share of all requests.
+            self.budget.deposit();
+        }
+        let failed = match result {
+            Ok(_) => return None,
+            Err(f) => f,
+        };
+        if decide(
+            &failed.error,
+            failed.class,
+            req.idempotent,
+            req.number,
+            self.max_attempts,
+        ) != Decision::Retry
+        {
+            return None;
+        }
+        let sleep = self.backoff.next_backoff();
+        if sleep.deadline() >= req.deadline {
+            return None; // never retry past the client's deadline
+        }
+        if !self.budget.withdraw() {
+            failed.budget_exhausted = true;
+            self.observer.budget_exhausted();
+            return None;
+        }
+        self.observer.retried(failed.class);
+        req.number += 1;
+        req.request.avoid_worker = failed.error.worker();
+        Some(sleep)
+    }
+
+    fn clone_request(&mut self, req: &Attempt) -> Option<Attempt> {
+        Some(req.clone())
+    }
+}
+
+/// The pool as a tower service of attempts.
+#[derive(Clone)]
+pub struct PoolService {
+    pool: Pool,
+    rules: Arc<ExceptionRules>,
+}
+
+impl PoolService {
+    pub fn new(pool: Pool, rules: Arc<ExceptionRules>) -> Self {
+        PoolService { pool, rules }
+    }
+}
+
+impl Service<Attempt> for PoolService {
+    type Response = Served;
+    type Error = Failed;
+    type Future = BoxFuture<'static, Result<Served, Failed>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Failed>> {
+        // The pool queues and sheds load itself.
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, attempt: Attempt) -> Self::Future {
+        let pool = self.pool.clone();
+        let rules = self.rules.clone();
+        Box::pin(async move {
+            let mut request = attempt.request;
+            request.deadline = Some(attempt.deadline);
+            match pool.execute(request).await {
+                Ok(response) => Ok(Served {
+                    response,
+                    attempts: attempt.number,
+                }),
+                Err(error) => Err(Failed {
+                    class: classify(&error, &rules),
+                    error,
+                    attempts: attempt.number,
+                    budget_exhausted: false,
+                }),
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::worker::WorkerId;
+
+    fn crashed(sent: bool) -> PoolError {
+        PoolError::WorkerCrashed {
+            worker: WorkerId(7),
+            detail: "killed".into(),
+            sent,
+        }
+    }
+
+    #[test]
+    fn decisions_follow_the_classification() {
+        use ErrorClass as C;
+        assert_eq!(
+            decide(&crashed(true), C::WorkerCrashed, true, 1, 3),
+            Decision::Retry
+        );
+        assert_eq!(
+            decide(&crashed(true), C::WorkerCrashed, false, 1, 3),
+            Decision::NotRetryable
+        );
+        assert_eq!(
+            decide(&crashed(false), C::WorkerCrashed, false, 1, 3),
+            Decision::Retry,
+            "never ran"
+        );
+        assert_eq!(
+            decide(&crashed(true), C::WorkerCrashed, true, 3, 3),
+            Decision::OutOfAttempts
+        );
+        let py = PoolError::InvalidRequest("x".into());
+        assert_eq!(
+            decide(&py, C::InvalidRequest, true, 1, 3),
+            Decision::NotRetryable
+        );
+    }
+
+    fn settings(jitter: f64) -> RetrySettings {
+        RetrySettings {
+            max_attempts: 10,
+            backoff_base: Duration::from_millis(100),
+            backoff_max: Duration::from_millis(800),
+            jitter,
+            budget_percent: 0.2,
+            budget_min_per_sec: 1,
+            budget_window: Duration::from_secs(10),
+        }
+    }
+
+    fn attempt(deadline: Duration) -> Attempt {
+        Attempt {
+            request: PoolRequest::new("echo", "x"),
+            idempotent: true,
+            number: 1,
+            deadline: Instant::now() + deadline,
+        }
+    }
+
+    fn failure() -> Result<Served, Failed> {
+        Err(Failed {
+            error: crashed(true),
+            class: ErrorClass::WorkerCrashed,
+            attempts: 1,
+            budget_exhausted: false,
+        })
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn backoff_doubles_within_bounds_with_zero_jitter_and_moves_off_the_failed_worker() {
+        let mut p = RetryPolicy::new(&settings(0.0)).unwrap();
+        let mut req = attempt(Duration::from_secs(60));
+        let mut delays = vec![];
+        for _ in 0..5 {
+            let start = Instant::now();
+            let sleep = p.retry(&mut req, &mut failure()).expect("retry");
+            delays.push((sleep.deadline() - start).as_millis());
+        }
+        assert_eq!(delays, [100, 200, 400, 800, 800]);
+        assert_eq!(req.number, 6);
+        assert_eq!(req.request.avoid_worker, Some(WorkerId(7)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn jittered_backoff_stays_within_base_and_cap() {
+        let mut p = RetryPolicy::new(&settings(1.0)).unwrap();
+        let mut req = attempt(Duration::from_secs(60));
+        for i in 0..6u32 {
+            let start = Instant::now();
+            let d = p.retry(&mut req, &mut failure()).unwrap().deadline() - start;
+            let base = Duration::from_millis(100 * 2u64.pow(i)).min(Duration::from_millis(800));
+            assert!(
+                d >= base && d <= Duration::from_millis(800).max(base),
+                "try {i}: {d:?}"
+            );
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn no_retry_ends_past_the_deadline() {
+        let mut p = RetryPolicy::new(&settings(0.0)).unwrap();
+        let mut req = attempt(Duration::from_millis(250));
+        let first = p
+            .retry(&mut req, &mut failure())
+            .expect("a 100 ms backoff fits");
+        first.await; // (paused time: this advances the clock by 100 ms)
+        assert!(
+            p.retry(&mut req, &mut failure()).is_none(),
+            "100 + 200 ms would not"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_budget_caps_retries_under_total_failure() {
+        // 100 requests, all failing: at most 20% of them plus the floor are retried.
+        let s = settings(0.0);
+        let p = RetryPolicy::new(&s).unwrap();
+        let mut retried = 0;
+        let mut exhausted = 0;
+        for _ in 0..100 {
+            let mut policy = p.clone();
+            let mut req = attempt(Duration::from_secs(60));
+            let mut result = failure();
+            loop {
+                match policy.retry(&mut req, &mut result) {
+                    Some(_) => retried += 1,
+                    None => break,
+                }
+                result = failure();
+            }
+            if matches!(&result, Err(f) if f.budget_exhausted) {
+                exhausted += 1;
+            }
+        }
+        // TpsBudget: 20% of deposits plus min_per_sec x window of reserve.
+        assert!(retried <= 20 + 10, "{retried} retries");
+        assert!(retried >= 20, "{retried} retries");
+        assert!(exhausted > 50, "{exhausted} requests stopped by the budget");
+    }
+}

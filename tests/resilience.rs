@@ -1,0 +1,149 @@
+//! Retry against real workers: a worker killed mid-request, with and without
+//! idempotency. The fault adapter records every execution in a file, so duplicates
+//! would show.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use pitboss::config::Config;
+use pitboss::grpc::pb;
+use pitboss::server::RunningServer;
+use tonic::Code;
+
+const LONG: Duration = Duration::from_secs(20);
+
+async fn start(
+    count_file: &std::path::Path,
+) -> (
+    RunningServer,
+    pb::bridge_client::BridgeClient<tonic::transport::Channel>,
+) {
+    init_tracing();
+    let text = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
+         [pool]\nadapter = \"faults:adapter\"\nsize = 2\n\
+         env = {{ PITBOSS_FAULT_COUNT_FILE = \"{}\" }}\n",
+        count_file.display()
+    );
+    let cfg =
+        Config::from_sources("test.toml", Some(&text), Vec::<(String, String)>::new()).unwrap();
+    let server = RunningServer::start(cfg).await.unwrap();
+    server.pool().wait_ready(2, LONG).await.unwrap();
+    let client = pb::bridge_client::BridgeClient::connect(format!("http://{}", server.bridge_addr))
+        .await
+        .unwrap();
+    (server, client)
+}
+
+fn executions(file: &std::path::Path, id: &str) -> Vec<u32> {
+    std::fs::read_to_string(file)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            let (rid, pid) = l.split_once(' ')?;
+            (rid == id).then(|| pid.parse().ok()).flatten()
+        })
+        .collect()
+}
+
+/// Starts `count` for `id` (sleeping 2 s inside), kills its worker once it is running,
+/// and returns the call's result.
+async fn kill_mid_request(
+    client: &mut pb::bridge_client::BridgeClient<tonic::transport::Channel>,
+    file: &std::path::Path,
+    id: &str,
+    idempotent: bool,
+) -> (
+    Result<tonic::Response<pb::ExecuteResponse>, tonic::Status>,
+    u32,
+) {
+    let mut c = client.clone();
+    let req = pb::ExecuteRequest {
+        command: "count".into(),
+        payload: format!(r#"{{"id": "{id}", "sleep": 2}}"#)
+            .into_bytes()
+            .into(),
+        idempotent,
+        ..Default::default()
+    };
+    let call = tokio::spawn(async move { c.execute(req).await });
+    let mut victim = 0;
+    assert!(
+        eventually(LONG, || {
+            victim = executions(file, id).first().copied().unwrap_or(0);
+            victim != 0
+        })
+        .await,
+        "the command never started"
+    );
+    kill(victim, libc::SIGKILL);
+    (call.await.unwrap(), victim)
+}
+
+#[tokio::test]
+async fn an_idempotent_request_survives_its_worker_being_killed() {
+    let file = std::env::temp_dir().join(format!("pitboss-count-a-{}", std::process::id()));
+    let _ = std::fs::remove_file(&file);
+    let (server, mut client) = start(&file).await;
+    let (result, victim) = kill_mid_request(&mut client, &file, "a", true).await;
+    let r = result
+        .expect("an idempotent request is retried")
+        .into_inner();
+    assert_eq!(r.attempts, 2, "attempts counts the retry");
+    let v: serde_json::Value = serde_json::from_slice(&r.payload).unwrap();
+    assert_ne!(
+        v["pid"].as_u64().unwrap() as u32,
+        victim,
+        "retried on another worker"
+    );
+    assert_eq!(executions(&file, "a").len(), 2, "ran once per attempt");
+    server.shutdown().await;
+    let _ = std::fs::remove_file(&file);
+}
+
+#[tokio::test]
+async fn a_non_idempotent_request_gets_worker_crashed_and_runs_once() {
+    let file = std::env::temp_dir().join(format!("pitboss-count-b-{}", std::process::id()));
+    let _ = std::fs::remove_file(&file);
+    let (server, mut client) = start(&file).await;
+    let (result, _) = kill_mid_request(&mut client, &file, "b", false).await;
+    let err = result.expect_err("a non-idempotent request is not retried");
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert_eq!(
+        err.metadata().get("x-pitboss-error-class").unwrap(),
+        "worker_crashed"
+    );
+    assert_eq!(err.metadata().get("x-pitboss-attempts").unwrap(), "1");
+    assert!(
+        err.message().contains("retry if the command is idempotent"),
+        "{}",
+        err.message()
+    );
+    // Wait out the 2 s the command would have taken: no second execution appears.
+    let pool = server.pool().clone();
+    assert!(eventually(LONG, || pool.status().ready == 2).await);
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(executions(&file, "b").len(), 1, "no duplicate execution");
+    server.shutdown().await;
+    let _ = std::fs::remove_file(&file);
+}
+
+#[tokio::test]
+async fn a_value_error_is_invalid_argument_and_is_not_retried() {
+    let file = std::env::temp_dir().join(format!("pitboss-count-c-{}", std::process::id()));
+    let (server, mut client) = start(&file).await;
+    let err = client
+        .execute(pb::ExecuteRequest {
+            command: "raise".into(),
+            payload: br#"{"type": "ValueError", "message": "bad"}"#.to_vec().into(),
+            idempotent: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert_eq!(err.metadata().get("x-pitboss-attempts").unwrap(), "1");
+    server.shutdown().await;
+}
