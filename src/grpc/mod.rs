@@ -55,11 +55,16 @@ impl Edge {
     }
 
     fn status(&self, e: &PoolError) -> Status {
-        let mut s = status::to_status(e, &self.rules, self.include_tracebacks);
-        if let Ok(v) = MetadataValue::try_from(self.instance_id.as_str()) {
-            s.metadata_mut().insert("x-pitboss-instance", v);
-        }
-        s
+        self.status_after(e, 1)
+    }
+
+    fn status_after(&self, e: &PoolError, attempts: u32) -> Status {
+        let ctx = status::ErrorContext {
+            backend: BACKEND_LEGACY,
+            attempts,
+            instance: &self.instance_id,
+        };
+        status::to_status(e, &self.rules, self.include_tracebacks, ctx)
     }
 
     fn pool_request(
@@ -170,10 +175,7 @@ impl Bridge for BridgeService {
                 ))
             }
             Err(failed) => {
-                let mut status = edge.status(&failed.error);
-                if let Ok(v) = MetadataValue::try_from(failed.attempts.to_string()) {
-                    status.metadata_mut().insert("x-pitboss-attempts", v);
-                }
+                let mut status = edge.status_after(&failed.error, failed.attempts);
                 if failed.budget_exhausted {
                     status.metadata_mut().insert(
                         "x-pitboss-retry-budget-exhausted",

@@ -1,11 +1,15 @@
 //! The one place where a pool error becomes a gRPC status. Messages tell the caller
 //! what happened and what to do; metadata carries machine-readable details.
 
+use std::collections::HashMap;
 use tonic::metadata::MetadataValue;
+
+use tonic::metadata::MetadataMap;
 use tonic::Status;
+use tonic_types::{ErrorDetails, StatusExt};
 
 use crate::pool::{ExhaustedReason, PoolError};
-use crate::resilience::{classify, ExceptionRules};
+use crate::resilience::{classify, ErrorClass, ExceptionRules};
 
 /// What to add to the message so the caller knows what to do next.
 fn advice(err: &PoolError) -> &'static str {
@@ -21,20 +25,48 @@ fn advice(err: &PoolError) -> &'static str {
     }
 }
 
-/// Maps a pool error to a status with `x-pitboss-*` metadata. The code comes from the
-/// error's row in the classification table.
-pub fn to_status(err: &PoolError, rules: &ExceptionRules, include_traceback: bool) -> Status {
+/// Where an error happened, for its details.
+#[derive(Debug, Clone, Copy)]
+pub struct ErrorContext<'a> {
+    pub backend: &'a str,
+    pub attempts: u32,
+    pub instance: &'a str,
+}
+
+/// How long a client should wait before retrying after `pool_exhausted`.
+pub const POOL_EXHAUSTED_PUSHBACK: std::time::Duration = std::time::Duration::from_millis(200);
+
+/// Maps a pool error to a status. The code comes from the error's row in the
+/// classification table. Details travel twice: as the standard `google.rpc` error
+/// model (`ErrorInfo` with reason = the class and domain `pitboss`, plus `RetryInfo`
+/// and a `grpc-retry-pushback-ms` trailer when the client should back off), and as
+/// plain `x-pitboss-*` metadata for clients without rich-error support.
+pub fn to_status(
+    err: &PoolError,
+    rules: &ExceptionRules,
+    include_traceback: bool,
+    ctx: ErrorContext<'_>,
+) -> Status {
     let class = classify(err, rules);
-    let mut status = Status::new(class.row().code, format!("{err}{}", advice(err)));
-    let md = status.metadata_mut();
-    md.insert(
-        "x-pitboss-error-class",
-        MetadataValue::from_static(class.name()),
-    );
-    if let Some(w) = err.worker() {
-        if let Ok(v) = MetadataValue::try_from(w.to_string()) {
-            md.insert("x-pitboss-worker", v);
+    let mut info: HashMap<String, String> = HashMap::new();
+    let mut md = MetadataMap::new();
+    let mut put = |key: &str, value: String, info: &mut HashMap<String, String>| {
+        if let Ok(v) = MetadataValue::try_from(sanitize(&value)) {
+            md.insert(
+                format!("x-pitboss-{}", key.replace('_', "-"))
+                    .parse::<tonic::metadata::MetadataKey<_>>()
+                    .expect("static key"),
+                v,
+            );
         }
+        info.insert(key.to_string(), value);
+    };
+    put("error_class", class.name().to_string(), &mut info);
+    put("backend", ctx.backend.to_string(), &mut info);
+    put("attempts", ctx.attempts.to_string(), &mut info);
+    put("instance", ctx.instance.to_string(), &mut info);
+    if let Some(w) = err.worker() {
+        put("worker", w.to_string(), &mut info);
     }
     if let PoolError::PythonException {
         error_type,
@@ -42,16 +74,29 @@ pub fn to_status(err: &PoolError, rules: &ExceptionRules, include_traceback: boo
         ..
     } = err
     {
-        if let Ok(v) = MetadataValue::try_from(sanitize(error_type)) {
-            md.insert("x-pitboss-python-type", v);
-        }
+        put("python_type", error_type.clone(), &mut info);
         if include_traceback {
-            if let Ok(v) = MetadataValue::try_from(sanitize(&tail(traceback, 4000))) {
-                md.insert("x-pitboss-traceback", v);
-            }
+            put("traceback", tail(traceback, 4000), &mut info);
         }
     }
-    status
+    let mut details = ErrorDetails::new();
+    details.set_error_info(class.name(), "pitboss", info);
+    let pushback = match class {
+        ErrorClass::PoolExhausted | ErrorClass::CircuitOpen => Some(POOL_EXHAUSTED_PUSHBACK),
+        _ => None,
+    };
+    if let Some(delay) = pushback {
+        details.set_retry_info(Some(delay));
+        if let Ok(v) = MetadataValue::try_from(delay.as_millis().to_string()) {
+            md.insert("grpc-retry-pushback-ms", v);
+        }
+    }
+    Status::with_error_details_and_metadata(
+        class.row().code,
+        format!("{err}{}", advice(err)),
+        details,
+        md,
+    )
 }
 
 /// Metadata values must be visible ASCII; escape the rest.
@@ -86,6 +131,48 @@ mod tests {
     use crate::worker::WorkerId;
     use tonic::Code;
 
+    fn ctx() -> ErrorContext<'static> {
+        ErrorContext {
+            backend: "legacy",
+            attempts: 2,
+            instance: "i-1",
+        }
+    }
+
+    #[test]
+    fn rich_details_follow_the_google_rpc_model() {
+        let e = PoolError::PoolExhausted {
+            reason: ExhaustedReason::QueueFull,
+        };
+        let s = to_status(&e, &ExceptionRules::default(), true, ctx());
+        assert_eq!(s.code(), Code::ResourceExhausted);
+        let d = s.get_error_details();
+        let info = d.error_info().expect("ErrorInfo");
+        assert_eq!(info.reason, "pool_exhausted");
+        assert_eq!(info.domain, "pitboss");
+        assert_eq!(info.metadata.get("attempts").map(String::as_str), Some("2"));
+        assert_eq!(
+            info.metadata.get("backend").map(String::as_str),
+            Some("legacy")
+        );
+        assert_eq!(
+            d.retry_info().unwrap().retry_delay,
+            Some(POOL_EXHAUSTED_PUSHBACK)
+        );
+        assert_eq!(s.metadata().get("grpc-retry-pushback-ms").unwrap(), "200");
+        let crash = PoolError::WorkerCrashed {
+            worker: WorkerId(4),
+            detail: "x".into(),
+            sent: true,
+        };
+        let s = to_status(&crash, &ExceptionRules::default(), true, ctx());
+        assert!(s.get_error_details().retry_info().is_none());
+        assert_eq!(
+            s.get_error_details().error_info().unwrap().metadata["worker"],
+            "w4"
+        );
+    }
+
     #[test]
     fn python_exceptions_carry_type_and_message() {
         let e = PoolError::PythonException {
@@ -95,7 +182,7 @@ mod tests {
             traceback: "Traceback\n  line".into(),
         };
         let rules = ExceptionRules::default();
-        let s = to_status(&e, &rules, true);
+        let s = to_status(&e, &rules, true, ctx());
         assert_eq!(
             s.code(),
             Code::InvalidArgument,
@@ -114,7 +201,7 @@ mod tests {
             s.metadata().get("x-pitboss-traceback").unwrap(),
             "Traceback |   line"
         );
-        assert!(to_status(&e, &rules, false)
+        assert!(to_status(&e, &rules, false, ctx())
             .metadata()
             .get("x-pitboss-traceback")
             .is_none());
@@ -147,7 +234,7 @@ mod tests {
         ];
         for (e, code) in cases {
             assert_eq!(
-                to_status(&e, &ExceptionRules::default(), true).code(),
+                to_status(&e, &ExceptionRules::default(), true, ctx()).code(),
                 code,
                 "{e}"
             );
