@@ -282,6 +282,12 @@ pub struct RetrySection {
     pub budget_window: Dur,
 }
 
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsSection {
+    pub max_concurrency: u64,
+}
+
 /// The whole file. Every section and key must be present in the merged result; the
 /// embedded default supplies anything a user file leaves out.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -291,6 +297,7 @@ pub struct Config {
     pub pool: PoolSection,
     pub sessions: SessionsSection,
     pub retry: RetrySection,
+    pub limits: LimitsSection,
     pub errors: ErrorsSection,
     /// Where the file was read from, for resolving relative paths.
     #[serde(skip)]

@@ -94,11 +94,19 @@ impl RunningServer {
             policy,
             crate::resilience::PoolService::new(pool.clone(), Arc::new(rules.clone())),
         );
+        let limit = match config.limits.max_concurrency {
+            0 => tokio::sync::Semaphore::MAX_PERMITS,
+            n => n.min(tokio::sync::Semaphore::MAX_PERMITS as u64) as usize,
+        };
+        let stack = tower::ServiceBuilder::new()
+            .load_shed()
+            .concurrency_limit(limit)
+            .service(retry);
         let edge = Arc::new(Edge {
             pool,
             include_tracebacks: config.server.include_tracebacks,
             rules,
-            retry,
+            stack,
             draining: Default::default(),
             started: tokio::time::Instant::now(),
             instance_id: instance_id(),

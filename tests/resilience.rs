@@ -14,17 +14,18 @@ use tonic::Code;
 
 const LONG: Duration = Duration::from_secs(20);
 
-async fn start(
-    count_file: &std::path::Path,
-) -> (
-    RunningServer,
-    pb::bridge_client::BridgeClient<tonic::transport::Channel>,
-) {
+type Client = pb::bridge_client::BridgeClient<tonic::transport::Channel>;
+
+async fn start(count_file: &std::path::Path) -> (RunningServer, Client) {
+    start_with(count_file, "").await
+}
+
+async fn start_with(count_file: &std::path::Path, extra: &str) -> (RunningServer, Client) {
     init_tracing();
     let text = format!(
         "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
          [pool]\nadapter = \"faults:adapter\"\nsize = 2\n\
-         env = {{ PITBOSS_FAULT_COUNT_FILE = \"{}\" }}\n",
+         env = {{ PITBOSS_FAULT_COUNT_FILE = \"{}\" }}\n{extra}",
         count_file.display()
     );
     let cfg =
@@ -145,5 +146,64 @@ async fn a_value_error_is_invalid_argument_and_is_not_retried() {
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
     assert_eq!(err.metadata().get("x-pitboss-attempts").unwrap(), "1");
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn over_the_concurrency_limit_calls_are_shed_at_once_with_pushback() {
+    let file = std::env::temp_dir().join(format!("pitboss-count-d-{}", std::process::id()));
+    let (server, client) = start_with(&file, "[limits]\nmax_concurrency = 2\n").await;
+    let slow = |c: &pb::bridge_client::BridgeClient<tonic::transport::Channel>| {
+        let mut c = c.clone();
+        tokio::spawn(async move {
+            c.execute(pb::ExecuteRequest {
+                command: "async_sleep".into(),
+                payload: br#"{"seconds": 1.5}"#.to_vec().into(),
+                ..Default::default()
+            })
+            .await
+        })
+    };
+    let held = [slow(&client), slow(&client)];
+    let pool = server.pool().clone();
+    assert!(
+        eventually(LONG, || pool
+            .status()
+            .workers
+            .iter()
+            .map(|w| w.in_flight)
+            .sum::<u32>()
+            == 2)
+        .await
+    );
+    let start = tokio::time::Instant::now();
+    let mut c = client.clone();
+    let err = c
+        .execute(pb::ExecuteRequest {
+            command: "echo".into(),
+            payload: b"1".to_vec().into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        start.elapsed() < Duration::from_millis(500),
+        "shed at once: {:?}",
+        start.elapsed()
+    );
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    assert_eq!(
+        err.metadata().get("x-pitboss-error-class").unwrap(),
+        "pool_exhausted"
+    );
+    assert!(err.metadata().get("grpc-retry-pushback-ms").is_some());
+    assert!(
+        err.message().contains("concurrency limit"),
+        "{}",
+        err.message()
+    );
+    for h in held {
+        h.await.unwrap().expect("calls under the limit complete");
+    }
     server.shutdown().await;
 }

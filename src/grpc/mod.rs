@@ -32,14 +32,21 @@ use pb::bridge_server::Bridge;
 /// The backend role of the single pool, until the rollout issue adds `new`.
 pub const BACKEND_LEGACY: &str = "legacy";
 
+/// The tower stack every `Execute` goes through, outermost first.
+pub type ExecuteStack = tower::load_shed::LoadShed<
+    tower::limit::ConcurrencyLimit<
+        tower::retry::Retry<crate::resilience::RetryPolicy, crate::resilience::PoolService>,
+    >,
+>;
+
 /// State shared by both services.
 pub struct Edge {
     pub pool: Pool,
     pub include_tracebacks: bool,
     /// How Python exceptions are classified.
     pub rules: crate::resilience::ExceptionRules,
-    /// The pool behind tower's retry layer.
-    pub retry: tower::retry::Retry<crate::resilience::RetryPolicy, crate::resilience::PoolService>,
+    /// The pool behind tower's layers: load shedding over a concurrency limit over retry.
+    pub stack: ExecuteStack,
     /// Set when shutdown starts: new calls are refused with UNAVAILABLE.
     pub draining: AtomicBool,
     pub started: tokio::time::Instant,
@@ -160,7 +167,26 @@ impl Bridge for BridgeService {
             number: 1,
             deadline,
         };
-        match edge.retry.clone().oneshot(attempt).await {
+        let result = edge.stack.clone().oneshot(attempt).await;
+        let result = result.map_err(|e| match e.downcast::<crate::resilience::Failed>() {
+            Ok(failed) => *failed,
+            Err(e) => {
+                let error = if e.is::<tower::load_shed::error::Overloaded>() {
+                    PoolError::PoolExhausted {
+                        reason: crate::pool::ExhaustedReason::ConcurrencyLimit,
+                    }
+                } else {
+                    PoolError::Internal(e.to_string())
+                };
+                crate::resilience::Failed {
+                    class: crate::resilience::classify(&error, &edge.rules),
+                    error,
+                    attempts: 0,
+                    budget_exhausted: false,
+                }
+            }
+        });
+        match result {
             Ok(served) => {
                 let worker = served.response.worker.to_string();
                 Ok(edge.respond(

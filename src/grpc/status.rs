@@ -18,7 +18,10 @@ fn advice(err: &PoolError) -> &'static str {
             " (retry if the command is idempotent)"
         }
         PoolError::PoolExhausted {
-            reason: ExhaustedReason::QueueFull | ExhaustedReason::QueueTimeout,
+            reason:
+                ExhaustedReason::QueueFull
+                | ExhaustedReason::QueueTimeout
+                | ExhaustedReason::ConcurrencyLimit,
         } => "",
         PoolError::ShuttingDown => " (retry against another instance)",
         _ => "",

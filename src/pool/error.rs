@@ -14,6 +14,8 @@ pub enum ExhaustedReason {
     QueueTimeout,
     /// Its session's worker is busy and the affinity mode is `strict_fail_fast`.
     WorkerBusy,
+    /// The backend's concurrency limit (`limits.max_concurrency`) is reached.
+    ConcurrencyLimit,
 }
 
 /// Where a request was when its deadline passed.
@@ -90,6 +92,9 @@ fn exhausted_message(reason: ExhaustedReason) -> &'static str {
         }
         ExhaustedReason::WorkerBusy => {
             "pool exhausted: the session's worker is busy (affinity mode strict_fail_fast); retry with backoff"
+        }
+        ExhaustedReason::ConcurrencyLimit => {
+            "pool exhausted: the backend is at its concurrency limit and sheds load; retry with backoff"
         }
     }
 }

@@ -109,6 +109,14 @@ pub struct Failed {
     pub budget_exhausted: bool,
 }
 
+impl std::fmt::Display for Failed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} (after {} attempts)", self.error, self.attempts)
+    }
+}
+
+impl std::error::Error for Failed {}
+
 /// Why a failed attempt is or is not retried; a pure decision.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Decision {
