@@ -284,6 +284,18 @@ pub struct RetrySection {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+pub struct BreakerSection {
+    pub enabled: bool,
+    pub consecutive_failures: Positive,
+    pub min_success_rate: Fraction,
+    pub min_requests: u32,
+    pub window: Dur,
+    pub open_for: Dur,
+    pub half_open_probes: Positive,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct LimitsSection {
     pub max_concurrency: u64,
 }
@@ -297,6 +309,7 @@ pub struct Config {
     pub pool: PoolSection,
     pub sessions: SessionsSection,
     pub retry: RetrySection,
+    pub circuit_breaker: BreakerSection,
     pub limits: LimitsSection,
     pub errors: ErrorsSection,
     /// Where the file was read from, for resolving relative paths.
@@ -428,6 +441,10 @@ impl Config {
             };
             return Err(fail(key, e));
         }
+        if let Err(e) = self.breaker_settings().validate() {
+            let key = e.split(' ').next().unwrap_or("window");
+            return Err(fail(&format!("circuit_breaker.{key}"), e));
+        }
         if !p.adapter.contains(':') && p.adapter.trim().is_empty() {
             return Err(fail("pool.adapter", "must name MODULE:OBJECT".into()));
         }
@@ -524,6 +541,19 @@ impl Config {
             budget_percent: r.budget_percent as f32,
             budget_min_per_sec: r.budget_min_per_sec,
             budget_window: r.budget_window.0,
+        }
+    }
+
+    pub fn breaker_settings(&self) -> crate::resilience::BreakerSettings {
+        let b = &self.circuit_breaker;
+        crate::resilience::BreakerSettings {
+            enabled: b.enabled,
+            consecutive_failures: b.consecutive_failures.0.min(u32::MAX as u64) as u32,
+            min_success_rate: b.min_success_rate.0,
+            min_requests: b.min_requests,
+            window: b.window.0,
+            open_for: b.open_for.0,
+            half_open_probes: b.half_open_probes.0.min(u32::MAX as u64) as u32,
         }
     }
 

@@ -90,10 +90,17 @@ impl RunningServer {
                     "retry: {e}"
                 )))
             })?;
-        let retry = tower::retry::Retry::new(
-            policy,
+        let breaker = crate::resilience::Breaker::new("legacy", config.breaker_settings())
+            .map_err(|e| {
+                ServerError::Pool(crate::pool::PoolError::InvalidRequest(format!(
+                    "circuit_breaker: {e}"
+                )))
+            })?;
+        let guarded = tower::Layer::layer(
+            &crate::resilience::BreakerLayer::new(breaker.clone()),
             crate::resilience::PoolService::new(pool.clone(), Arc::new(rules.clone())),
         );
+        let retry = tower::retry::Retry::new(policy, guarded);
         let limit = match config.limits.max_concurrency {
             0 => tokio::sync::Semaphore::MAX_PERMITS,
             n => n.min(tokio::sync::Semaphore::MAX_PERMITS as u64) as usize,
@@ -107,6 +114,7 @@ impl RunningServer {
             include_tracebacks: config.server.include_tracebacks,
             rules,
             stack,
+            breaker,
             draining: Default::default(),
             started: tokio::time::Instant::now(),
             instance_id: instance_id(),

@@ -207,3 +207,64 @@ async fn over_the_concurrency_limit_calls_are_shed_at_once_with_pushback() {
     }
     server.shutdown().await;
 }
+
+#[tokio::test]
+async fn the_breaker_opens_under_a_burst_of_crashes_fails_fast_and_recovers() {
+    let file = std::env::temp_dir().join(format!("pitboss-count-e-{}", std::process::id()));
+    let (server, mut client) = start_with(
+        &file,
+        "[pool.restart]\nbackoff_base = \"20ms\"\nmax_restarts = 50\n\
+         [circuit_breaker]\nconsecutive_failures = 3\nopen_for = \"1s\"\n",
+    )
+    .await;
+    let call = |command: &str, payload: &str| pb::ExecuteRequest {
+        command: command.into(),
+        payload: payload.as_bytes().to_vec().into(),
+        ..Default::default()
+    };
+    for _ in 0..3 {
+        let err = client.execute(call("crash", "{}")).await.unwrap_err();
+        assert_eq!(
+            err.metadata().get("x-pitboss-error-class").unwrap(),
+            "worker_crashed"
+        );
+    }
+    // Open: refused at once, without touching a worker, with pushback.
+    let start = tokio::time::Instant::now();
+    let err = client.execute(call("echo", "1")).await.unwrap_err();
+    assert!(
+        start.elapsed() < Duration::from_millis(200),
+        "fails fast: {:?}",
+        start.elapsed()
+    );
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert_eq!(
+        err.metadata().get("x-pitboss-error-class").unwrap(),
+        "circuit_open"
+    );
+    let pushback: u64 = err
+        .metadata()
+        .get("grpc-retry-pushback-ms")
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(pushback > 0 && pushback <= 1000, "{pushback}");
+    // After open_for, a probe goes through, succeeds, and closes the breaker.
+    let pool = server.pool().clone();
+    assert!(eventually(LONG, || pool.status().ready == 2).await);
+    tokio::time::sleep(Duration::from_millis(pushback + 50)).await;
+    let r = client
+        .execute(call("echo", "1"))
+        .await
+        .expect("the probe succeeds");
+    assert_eq!(&r.into_inner().payload[..], b"1");
+    for _ in 0..5 {
+        client
+            .execute(call("echo", "2"))
+            .await
+            .expect("closed again");
+    }
+    server.shutdown().await;
+}

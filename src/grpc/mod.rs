@@ -35,7 +35,10 @@ pub const BACKEND_LEGACY: &str = "legacy";
 /// The tower stack every `Execute` goes through, outermost first.
 pub type ExecuteStack = tower::load_shed::LoadShed<
     tower::limit::ConcurrencyLimit<
-        tower::retry::Retry<crate::resilience::RetryPolicy, crate::resilience::PoolService>,
+        tower::retry::Retry<
+            crate::resilience::RetryPolicy,
+            crate::resilience::breaker::BreakerService<crate::resilience::PoolService>,
+        >,
     >,
 >;
 
@@ -45,8 +48,10 @@ pub struct Edge {
     pub include_tracebacks: bool,
     /// How Python exceptions are classified.
     pub rules: crate::resilience::ExceptionRules,
-    /// The pool behind tower's layers: load shedding over a concurrency limit over retry.
+    /// The pool behind tower's layers: load shedding, a concurrency limit, retry, and
+    /// the backend's circuit breaker (which sees every attempt).
     pub stack: ExecuteStack,
+    pub breaker: crate::resilience::Breaker,
     /// Set when shutdown starts: new calls are refused with UNAVAILABLE.
     pub draining: AtomicBool,
     pub started: tokio::time::Instant,

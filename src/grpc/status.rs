@@ -84,8 +84,9 @@ pub fn to_status(
     }
     let mut details = ErrorDetails::new();
     details.set_error_info(class.name(), "pitboss", info);
-    let pushback = match class {
-        ErrorClass::PoolExhausted | ErrorClass::CircuitOpen => Some(POOL_EXHAUSTED_PUSHBACK),
+    let pushback = match (class, err) {
+        (_, PoolError::CircuitOpen { retry_after }) => Some(*retry_after),
+        (ErrorClass::PoolExhausted, _) => Some(POOL_EXHAUSTED_PUSHBACK),
         _ => None,
     };
     if let Some(delay) = pushback {

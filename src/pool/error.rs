@@ -74,6 +74,10 @@ pub enum PoolError {
     WorkerGone { worker: WorkerId },
     #[error("the request was cancelled")]
     Cancelled,
+    /// Produced by the resilience layer's breaker, never by the pool itself; it lives
+    /// here so that every failure shares one error type.
+    #[error("circuit open: the backend is failing and calls are refused for {retry_after:?}; retry later")]
+    CircuitOpen { retry_after: Duration },
     #[error("the pool is shutting down and takes no new requests")]
     ShuttingDown,
     #[error("no worker is available: {0}")]

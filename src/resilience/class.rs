@@ -305,6 +305,7 @@ pub fn classify(err: &PoolError, rules: &ExceptionRules) -> ErrorClass {
         PoolError::SessionLost { .. } => C::SessionLost,
         PoolError::SessionNotFound { .. } => C::SessionNotFound,
         PoolError::Cancelled => C::Cancelled,
+        PoolError::CircuitOpen { .. } => C::CircuitOpen,
         PoolError::ShuttingDown => C::ShuttingDown,
         PoolError::Internal(_) => C::Internal,
     }

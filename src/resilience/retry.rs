@@ -135,6 +135,11 @@ pub fn decide(
 ) -> Decision {
     // Refused before the write: it provably never ran, so even non-idempotent
     // requests may go again.
+    // The client may retry an open circuit later; retrying it now, from inside, would
+    // only spin against the breaker.
+    if class == ErrorClass::CircuitOpen {
+        return Decision::NotRetryable;
+    }
     let never_ran = matches!(err, PoolError::WorkerCrashed { sent: false, .. });
     if !(never_ran || class.retryable(idempotent)) {
         return Decision::NotRetryable;

@@ -1,0 +1,397 @@
+//! The per-backend circuit breaker: the `failsafe` state machine inside our own tower
+//! layer, fed by the error classification.
+//!
+//! ```text
+//! Closed ──K consecutive system failures, or success rate < R over the window──> Open
+//! Open ──open_for elapsed──> HalfOpen (at most `half_open_probes` calls in flight)
+//! HalfOpen ──probe succeeds──> Closed;  ──probe fails──> Open
+//! ```
+//!
+//! Only classes whose row says `breaker = yes` count as failures: a backend that
+//! correctly rejects bad input is healthy. While open, calls fail at the top of `call`
+//! with `circuit_open`, without touching a worker. failsafe's jittered and exponential
+//! backoffs panic for delays under 1 s, so the open time is a constant backoff.
+
+use std::sync::atomic::{AtomicU32, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use failsafe::backoff::{self, Constant};
+use failsafe::failure_policy::{
+    consecutive_failures, success_rate_over_time_window, ConsecutiveFailures, OrElse,
+    SuccessRateOverTimeWindow,
+};
+use failsafe::{FailurePolicy, Instrument, StateMachine};
+use futures_util::future::BoxFuture;
+use tower::{Layer, Service};
+
+use super::class::ErrorClass;
+use super::retry::{Attempt, Failed, Served};
+use crate::pool::PoolError;
+
+/// Validated breaker settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BreakerSettings {
+    pub enabled: bool,
+    /// Open after this many system failures in a row.
+    pub consecutive_failures: u32,
+    /// Open when the success rate over `window` falls below this ...
+    pub min_success_rate: f64,
+    /// ... once at least this many calls were seen in the window. The rule decides only
+    /// after a whole window of data: no verdict without data.
+    pub min_requests: u32,
+    /// At least 1 s (failsafe counts it in whole seconds).
+    pub window: Duration,
+    /// How long the breaker stays open before probing.
+    pub open_for: Duration,
+    /// Calls let through at once while half-open.
+    pub half_open_probes: u32,
+}
+
+impl Default for BreakerSettings {
+    fn default() -> Self {
+        BreakerSettings {
+            enabled: true,
+            consecutive_failures: 5,
+            min_success_rate: 0.5,
+            min_requests: 20,
+            window: Duration::from_secs(30),
+            open_for: Duration::from_secs(5),
+            half_open_probes: 1,
+        }
+    }
+}
+
+impl BreakerSettings {
+    pub fn validate(&self) -> Result<(), String> {
+        if self.consecutive_failures == 0 {
+            return Err("consecutive_failures must be at least 1".into());
+        }
+        if !(0.0..=1.0).contains(&self.min_success_rate) {
+            return Err("min_success_rate must be between 0 and 1".into());
+        }
+        if self.window < Duration::from_secs(1) {
+            return Err("window must be at least 1s".into());
+        }
+        if self.open_for.is_zero() {
+            return Err("open_for must be positive".into());
+        }
+        if self.half_open_probes == 0 {
+            return Err("half_open_probes must be at least 1".into());
+        }
+        Ok(())
+    }
+}
+
+/// The breaker's state, as exported in metrics: 0 closed, 1 half-open, 2 open.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum BreakerState {
+    Closed = 0,
+    HalfOpen = 1,
+    Open = 2,
+}
+
+/// Tracks failsafe's transitions (its `Instrument` hook) for state, logs and metrics.
+#[derive(Debug, Default)]
+struct Tracker {
+    name: String,
+    state: AtomicU8,
+    opened_at: Mutex<Option<Instant>>,
+    transitions: AtomicU32,
+}
+
+impl Tracker {
+    fn set(&self, s: BreakerState) {
+        let old = self.state.swap(s as u8, Ordering::AcqRel);
+        if old != s as u8 {
+            self.transitions.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(backend = %self.name, state = ?s, "circuit breaker state changed");
+        }
+    }
+}
+
+#[derive(Clone)]
+struct SharedTracker(Arc<Tracker>);
+
+impl Instrument for SharedTracker {
+    fn on_call_rejected(&self) {}
+    fn on_open(&self) {
+        *self.0.opened_at.lock().unwrap_or_else(|e| e.into_inner()) = Some(failsafe::clock::now());
+        self.0.set(BreakerState::Open);
+    }
+    fn on_half_open(&self) {
+        self.0.set(BreakerState::HalfOpen);
+    }
+    fn on_closed(&self) {
+        self.0.set(BreakerState::Closed);
+    }
+}
+
+type Policy = OrElse<ConsecutiveFailures<Constant>, SuccessRateOverTimeWindow<Constant>>;
+
+/// One backend's breaker. Cheap to clone; clones share the state.
+#[derive(Clone)]
+pub struct Breaker {
+    machine: Arc<StateMachine<Policy, SharedTracker>>,
+    tracker: Arc<Tracker>,
+    probes: Arc<AtomicU32>,
+    settings: Arc<BreakerSettings>,
+}
+
+/// Permission to make one call; report its outcome with [`Permit::record`].
+pub struct Permit {
+    breaker: Breaker,
+    probe: bool,
+}
+
+impl Breaker {
+    pub fn new(name: &str, settings: BreakerSettings) -> Result<Breaker, String> {
+        settings.validate()?;
+        let open = backoff::constant(settings.open_for);
+        let policy = consecutive_failures(settings.consecutive_failures, open.clone()).or_else(
+            success_rate_over_time_window(
+                settings.min_success_rate,
+                settings.min_requests,
+                settings.window,
+                open,
+            ),
+        );
+        let tracker = Arc::new(Tracker {
+            name: name.to_string(),
+            ..Default::default()
+        });
+        let machine = failsafe::Config::new()
+            .failure_policy(policy)
+            .instrument(SharedTracker(tracker.clone()))
+            .build();
+        Ok(Breaker {
+            machine: Arc::new(machine),
+            tracker,
+            probes: Arc::new(AtomicU32::new(0)),
+            settings: Arc::new(settings),
+        })
+    }
+
+    pub fn state(&self) -> BreakerState {
+        match self.tracker.state.load(Ordering::Acquire) {
+            0 => BreakerState::Closed,
+            1 => BreakerState::HalfOpen,
+            _ => BreakerState::Open,
+        }
+    }
+
+    pub fn transitions(&self) -> u32 {
+        self.tracker.transitions.load(Ordering::Relaxed)
+    }
+
+    /// Asks to make a call. `Err` carries how long until the breaker probes again.
+    pub fn try_acquire(&self) -> Result<Permit, Duration> {
+        if !self.settings.enabled {
+            return Ok(Permit {
+                breaker: self.clone(),
+                probe: false,
+            });
+        }
+        if !self.machine.is_call_permitted() {
+            return Err(self.retry_after());
+        }
+        if self.state() == BreakerState::HalfOpen {
+            // failsafe lets every call through while half-open; we probe with a few.
+            let n = self.probes.fetch_add(1, Ordering::AcqRel);
+            if n >= self.settings.half_open_probes {
+                self.probes.fetch_sub(1, Ordering::AcqRel);
+                return Err(self.settings.open_for.min(Duration::from_secs(1)));
+            }
+            return Ok(Permit {
+                breaker: self.clone(),
+                probe: true,
+            });
+        }
+        Ok(Permit {
+            breaker: self.clone(),
+            probe: false,
+        })
+    }
+
+    fn retry_after(&self) -> Duration {
+        let opened = *self
+            .tracker
+            .opened_at
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        match opened {
+            Some(t) => {
+                (t + self.settings.open_for).saturating_duration_since(failsafe::clock::now())
+            }
+            None => self.settings.open_for,
+        }
+        .max(Duration::from_millis(1))
+    }
+}
+
+impl Permit {
+    /// Records the outcome: `None` for success, else the failure's class.
+    pub fn record(self, failure: Option<ErrorClass>) {
+        let b = &self.breaker;
+        match failure {
+            Some(class) if class.row().breaker => b.machine.on_error(),
+            // Application errors prove the backend is up.
+            _ => b.machine.on_success(),
+        }
+        if self.probe {
+            b.probes.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+}
+
+/// The tower layer that puts a [`Breaker`] in front of a service of attempts.
+#[derive(Clone)]
+pub struct BreakerLayer {
+    breaker: Breaker,
+}
+
+impl BreakerLayer {
+    pub fn new(breaker: Breaker) -> Self {
+        BreakerLayer { breaker }
+    }
+}
+
+impl<S> Layer<S> for BreakerLayer {
+    type Service = BreakerService<S>;
+    fn layer(&self, inner: S) -> BreakerService<S> {
+        BreakerService {
+            inner,
+            breaker: self.breaker.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct BreakerService<S> {
+    inner: S,
+    breaker: Breaker,
+}
+
+impl<S> Service<Attempt> for BreakerService<S>
+where
+    S: Service<Attempt, Response = Served, Error = Failed> + Send + 'static,
+    S::Future: Send + 'static,
+{
+    type Response = Served;
+    type Error = Failed;
+    type Future = BoxFuture<'static, Result<Served, Failed>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Failed>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, attempt: Attempt) -> Self::Future {
+        let number = attempt.number;
+        let permit = match self.breaker.try_acquire() {
+            Ok(p) => p,
+            Err(retry_after) => {
+                // Rejected at the top of `call`: no worker is touched.
+                return Box::pin(std::future::ready(Err(Failed {
+                    error: PoolError::CircuitOpen { retry_after },
+                    class: ErrorClass::CircuitOpen,
+                    attempts: number,
+                    budget_exhausted: false,
+                })));
+            }
+        };
+        let fut = self.inner.call(attempt);
+        Box::pin(async move {
+            let result = fut.await;
+            permit.record(result.as_ref().err().map(|f| f.class));
+            result
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings() -> BreakerSettings {
+        BreakerSettings {
+            enabled: true,
+            consecutive_failures: 3,
+            min_success_rate: 0.0,
+            min_requests: 1000,
+            window: Duration::from_secs(10),
+            open_for: Duration::from_millis(500),
+            half_open_probes: 1,
+        }
+    }
+
+    #[test]
+    fn closed_open_half_open_then_closed_or_open_again() {
+        failsafe::clock::freeze(|clock| {
+            let b = Breaker::new("t", settings()).unwrap();
+            assert_eq!(b.state(), BreakerState::Closed);
+            // Application errors never open it.
+            for _ in 0..10 {
+                b.try_acquire()
+                    .unwrap()
+                    .record(Some(ErrorClass::InvalidRequest));
+            }
+            assert_eq!(b.state(), BreakerState::Closed);
+            for _ in 0..3 {
+                b.try_acquire()
+                    .unwrap()
+                    .record(Some(ErrorClass::WorkerCrashed));
+            }
+            assert_eq!(b.state(), BreakerState::Open);
+            let wait = b.try_acquire().err().expect("open: rejected");
+            assert!(
+                wait <= Duration::from_millis(500) && wait > Duration::ZERO,
+                "{wait:?}"
+            );
+
+            clock.advance(Duration::from_millis(501));
+            let probe = b.try_acquire().expect("half-open lets a probe through");
+            assert_eq!(b.state(), BreakerState::HalfOpen);
+            assert!(b.try_acquire().is_err(), "only one probe at a time");
+            probe.record(Some(ErrorClass::WorkerCrashed));
+            assert_eq!(
+                b.state(),
+                BreakerState::Open,
+                "a failed probe opens it again"
+            );
+
+            clock.advance(Duration::from_millis(501));
+            b.try_acquire().unwrap().record(None);
+            assert_eq!(b.state(), BreakerState::Closed, "a good probe closes it");
+            assert_eq!(b.transitions(), 5);
+        });
+    }
+
+    #[test]
+    fn a_low_success_rate_opens_it() {
+        failsafe::clock::freeze(|clock| {
+            let mut s = settings();
+            s.consecutive_failures = 1000;
+            s.min_success_rate = 0.9;
+            s.min_requests = 10;
+            let b = Breaker::new("t", s).unwrap();
+            // Half the calls fail, spread over time (the success rate is a time-decayed
+            // average, so calls at one frozen instant would carry no weight). The rule
+            // decides only once a whole window (10 s) of data exists.
+            for i in 0..100 {
+                clock.advance(Duration::from_millis(200));
+                let Ok(p) = b.try_acquire() else { break };
+                p.record((i % 2 == 0).then_some(ErrorClass::WorkerTimeout));
+            }
+            assert_eq!(b.state(), BreakerState::Open);
+        });
+    }
+
+    #[test]
+    fn settings_are_validated() {
+        let mut s = settings();
+        s.window = Duration::from_millis(500);
+        assert!(Breaker::new("t", s).is_err());
+    }
+}
