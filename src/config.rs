@@ -280,6 +280,7 @@ pub struct RetrySection {
     pub budget_percent: f64,
     pub budget_min_per_sec: u32,
     pub budget_window: Dur,
+    pub per_try_timeout: Dur,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -541,6 +542,7 @@ impl Config {
             budget_percent: r.budget_percent as f32,
             budget_min_per_sec: r.budget_min_per_sec,
             budget_window: r.budget_window.0,
+            per_try_timeout: r.per_try_timeout.nonzero(),
         }
     }
 

@@ -98,7 +98,11 @@ impl RunningServer {
             })?;
         let guarded = tower::Layer::layer(
             &crate::resilience::BreakerLayer::new(breaker.clone()),
-            crate::resilience::PoolService::new(pool.clone(), Arc::new(rules.clone())),
+            crate::resilience::PoolService::new(
+                pool.clone(),
+                Arc::new(rules.clone()),
+                config.retry_settings().per_try_timeout,
+            ),
         );
         let retry = tower::retry::Retry::new(policy, guarded);
         let limit = match config.limits.max_concurrency {

@@ -268,3 +268,33 @@ async fn the_breaker_opens_under_a_burst_of_crashes_fails_fast_and_recovers() {
     }
     server.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_slow_attempt_is_cut_by_the_per_try_timeout_and_retried() {
+    let file = std::env::temp_dir().join(format!("pitboss-count-f-{}", std::process::id()));
+    let _ = std::fs::remove_file(&file);
+    let (server, mut client) = start_with(&file, "[retry]\nper_try_timeout = \"300ms\"\n").await;
+    let mut req = tonic::Request::new(pb::ExecuteRequest {
+        command: "count".into(),
+        payload: br#"{"id": "f", "sleep_first": 3}"#.to_vec().into(),
+        idempotent: true,
+        ..Default::default()
+    });
+    req.set_timeout(Duration::from_secs(10));
+    let start = tokio::time::Instant::now();
+    let r = client
+        .execute(req)
+        .await
+        .expect("the second attempt is fast")
+        .into_inner();
+    assert_eq!(r.attempts, 2);
+    assert!(
+        start.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        start.elapsed()
+    );
+    let v: serde_json::Value = serde_json::from_slice(&r.payload).unwrap();
+    assert!(v.get("slow").is_none(), "answered by the fast retry: {v}");
+    server.shutdown().await;
+    let _ = std::fs::remove_file(&file);
+}

@@ -157,10 +157,19 @@ def alloc(req):
 @adapter.command
 def count(req):
     """Record one execution of {"id": x}: appends "x pid" to $PITBOSS_FAULT_COUNT_FILE,
-    then sleeps {"sleep": s} seconds (default 0), so a test can kill it mid-request."""
+    then sleeps {"sleep": s} seconds (default 0), so a test can kill it mid-request.
+    With {"sleep_first": s} it sleeps only on the first execution of that id."""
     args = _args(req)
     rid = args.get("id")
     path = os.environ.get("PITBOSS_FAULT_COUNT_FILE")
+    if path and args.get("sleep_first"):
+        # Slow only on the first execution of this id (in any worker).
+        seen = os.path.exists(path) and any(l.split(" ")[0] == str(rid) for l in open(path))
+        if not seen:
+            with open(path, "a") as f:
+                f.write("%s %d\n" % (rid, os.getpid()))
+            time.sleep(float(args["sleep_first"]))
+            return {"id": rid, "pid": os.getpid(), "slow": True}
     if path:
         with open(path, "a") as f:
             f.write("%s %d\n" % (rid, os.getpid()))

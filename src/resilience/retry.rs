@@ -41,6 +41,9 @@ pub struct RetrySettings {
     pub budget_min_per_sec: u32,
     /// The window over which the budget is counted (1 to 60 s).
     pub budget_window: Duration,
+    /// Each attempt may take at most this long (`None`: the whole remaining deadline).
+    /// An attempt cut short by it is `worker_timeout`, which an idempotent call retries.
+    pub per_try_timeout: Option<Duration>,
 }
 
 impl Default for RetrySettings {
@@ -53,6 +56,7 @@ impl Default for RetrySettings {
             budget_percent: 0.2,
             budget_min_per_sec: 10,
             budget_window: Duration::from_secs(10),
+            per_try_timeout: None,
         }
     }
 }
@@ -248,11 +252,16 @@ impl Policy<Attempt, Served, Failed> for RetryPolicy {
 pub struct PoolService {
     pool: Pool,
     rules: Arc<ExceptionRules>,
+    per_try_timeout: Option<Duration>,
 }
 
 impl PoolService {
-    pub fn new(pool: Pool, rules: Arc<ExceptionRules>) -> Self {
-        PoolService { pool, rules }
+    pub fn new(pool: Pool, rules: Arc<ExceptionRules>, per_try_timeout: Option<Duration>) -> Self {
+        PoolService {
+            pool,
+            rules,
+            per_try_timeout,
+        }
     }
 }
 
@@ -269,20 +278,31 @@ impl Service<Attempt> for PoolService {
     fn call(&mut self, attempt: Attempt) -> Self::Future {
         let pool = self.pool.clone();
         let rules = self.rules.clone();
+        let try_deadline = self
+            .per_try_timeout
+            .map(|t| (Instant::now() + t).min(attempt.deadline))
+            .unwrap_or(attempt.deadline);
         Box::pin(async move {
             let mut request = attempt.request;
-            request.deadline = Some(attempt.deadline);
+            request.deadline = Some(try_deadline);
             match pool.execute(request).await {
                 Ok(response) => Ok(Served {
                     response,
                     attempts: attempt.number,
                 }),
-                Err(error) => Err(Failed {
-                    class: classify(&error, &rules),
-                    error,
-                    attempts: attempt.number,
-                    budget_exhausted: false,
-                }),
+                Err(error) => {
+                    let mut class = classify(&error, &rules);
+                    if class == ErrorClass::DeadlineExceeded && try_deadline < attempt.deadline {
+                        // Our per-try limit, not the client's deadline: the worker was slow.
+                        class = ErrorClass::WorkerTimeout;
+                    }
+                    Err(Failed {
+                        class,
+                        error,
+                        attempts: attempt.number,
+                        budget_exhausted: false,
+                    })
+                }
             }
         })
     }
@@ -337,6 +357,7 @@ mod tests {
             budget_percent: 0.2,
             budget_min_per_sec: 1,
             budget_window: Duration::from_secs(10),
+            per_try_timeout: None,
         }
     }
 
