@@ -298,3 +298,60 @@ async fn a_slow_attempt_is_cut_by_the_per_try_timeout_and_retried() {
     server.shutdown().await;
     let _ = std::fs::remove_file(&file);
 }
+
+#[tokio::test]
+async fn retries_stay_within_the_budget_when_every_call_fails() {
+    let file = std::env::temp_dir().join(format!("pitboss-count-g-{}", std::process::id()));
+    let (server, mut client) = start_with(
+        &file,
+        "[pool.restart]\nbackoff_base = \"10ms\"\nbackoff_max = \"50ms\"\nmax_restarts = 1000\n\
+         [circuit_breaker]\nenabled = false\n\
+         [retry]\nmax_attempts = 5\nbudget_percent = 0.2\nbudget_min_per_sec = 1\nbudget_window = \"1s\"\n",
+    )
+    .await;
+    let calls = 20;
+    let mut attempts = 0;
+    let mut exhausted = 0;
+    for _ in 0..calls {
+        let err = client
+            .execute(pb::ExecuteRequest {
+                command: "crash".into(),
+                payload: b"{}".to_vec().into(),
+                idempotent: true,
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(
+            err.metadata().get("x-pitboss-error-class").unwrap(),
+            "worker_crashed"
+        );
+        attempts += err
+            .metadata()
+            .get("x-pitboss-attempts")
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .parse::<u32>()
+            .unwrap();
+        if err
+            .metadata()
+            .get("x-pitboss-retry-budget-exhausted")
+            .is_some()
+        {
+            exhausted += 1;
+        }
+    }
+    let retries = attempts - calls;
+    // Without a budget: 4 retries per call = 80. With it: 20% of calls plus a reserve
+    // of 1 per second of window.
+    assert!(
+        retries <= calls / 5 + 2,
+        "{retries} retries for {calls} calls"
+    );
+    assert!(
+        exhausted >= calls / 2,
+        "{exhausted} calls stopped by the budget"
+    );
+    server.shutdown().await;
+}
