@@ -293,6 +293,10 @@ pub struct BreakerSection {
     pub window: Dur,
     pub open_for: Dur,
     pub half_open_probes: Positive,
+    pub worker_consecutive_failures: u32,
+    pub worker_cooldown: Dur,
+    pub max_ejected_share: Fraction,
+    pub worker_replace_after: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -556,6 +560,16 @@ impl Config {
             window: b.window.0,
             open_for: b.open_for.0,
             half_open_probes: b.half_open_probes.0.min(u32::MAX as u64) as u32,
+        }
+    }
+
+    pub fn outlier_settings(&self) -> crate::resilience::OutlierSettings {
+        let b = &self.circuit_breaker;
+        crate::resilience::OutlierSettings {
+            consecutive_failures: b.worker_consecutive_failures,
+            cooldown: b.worker_cooldown.0,
+            max_ejected_share: b.max_ejected_share.0,
+            replace_after: b.worker_replace_after,
         }
     }
 

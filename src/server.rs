@@ -102,6 +102,9 @@ impl RunningServer {
                 pool.clone(),
                 Arc::new(rules.clone()),
                 config.retry_settings().per_try_timeout,
+                Arc::new(crate::resilience::OutlierDetector::new(
+                    config.outlier_settings(),
+                )),
             ),
         );
         let retry = tower::retry::Retry::new(policy, guarded);

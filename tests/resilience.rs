@@ -355,3 +355,57 @@ async fn retries_stay_within_the_budget_when_every_call_fails() {
     );
     server.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_worker_that_keeps_failing_is_ejected_and_the_pool_keeps_serving() {
+    let file = std::env::temp_dir().join(format!("pitboss-count-h-{}", std::process::id()));
+    let (server, mut client) = start_with(
+        &file,
+        "[circuit_breaker]\nenabled = false\nworker_consecutive_failures = 3\n\
+         worker_cooldown = \"60s\"\nmax_ejected_share = 0.5\nworker_replace_after = 0\n",
+    )
+    .await;
+    // MemoryError is a system failure by default (worker_crashed), yet the worker
+    // stays alive: exactly the case for ejection rather than restart.
+    for _ in 0..6 {
+        let err = client
+            .execute(pb::ExecuteRequest {
+                command: "raise".into(),
+                payload: br#"{"type": "MemoryError", "message": "oom"}"#.to_vec().into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(
+            err.metadata().get("x-pitboss-error-class").unwrap(),
+            "worker_crashed"
+        );
+    }
+    let st = server.pool().status();
+    let ejected: Vec<_> = st.workers.iter().filter(|w| w.ejected).collect();
+    assert_eq!(
+        ejected.len(),
+        1,
+        "one ejected, the cap keeps the other: {st:#?}"
+    );
+    assert_eq!(st.ready, 2, "ejected, not killed");
+    let ejected_pid = ejected[0].pid.unwrap();
+    for _ in 0..10 {
+        let r = client
+            .execute(pb::ExecuteRequest {
+                command: "pid".into(),
+                payload: b"{}".to_vec().into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let v: serde_json::Value = serde_json::from_slice(&r.payload).unwrap();
+        assert_ne!(
+            v["pid"].as_u64().unwrap() as u32,
+            ejected_pid,
+            "no traffic to the ejected worker"
+        );
+    }
+    server.shutdown().await;
+}

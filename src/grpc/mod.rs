@@ -358,7 +358,11 @@ impl Admin for AdminService {
                 id: w.worker.map(|w| w.to_string()).unwrap_or_default(),
                 slot: w.slot as u32,
                 pid: w.pid.unwrap_or(0),
-                state: w.state.as_str().into(),
+                state: if w.ejected {
+                    "ejected".into()
+                } else {
+                    w.state.as_str().into()
+                },
                 in_flight: w.in_flight,
                 requests_served: w.served,
                 restarts: w.restarts,

@@ -27,6 +27,10 @@ struct Slot {
     /// Recycle after this many requests (0 = never).
     recycle_after: u64,
     sessions: usize,
+    /// Out of general rotation until then (outlier ejection).
+    ejected_until: Option<Instant>,
+    /// The resilience layer asked for this worker to be replaced.
+    replace_requested: bool,
     /// Signalled when a draining worker has nothing in flight.
     idle: Arc<Notify>,
     /// Signalled when the worker has served `recycle_after` requests.
@@ -34,13 +38,18 @@ struct Slot {
 }
 
 impl Slot {
-    fn candidate(&self) -> Candidate {
+    fn ejected(&self, now: Instant) -> bool {
+        self.ejected_until.is_some_and(|t| t > now)
+    }
+
+    fn candidate(&self, now: Instant) -> Candidate {
         Candidate {
             id: self.id,
             accepting: self.accepting,
             in_flight: self.in_flight,
             max_in_flight: self.max_in_flight,
             served: self.served,
+            ejected: self.ejected(now),
         }
     }
 }
@@ -99,6 +108,7 @@ impl Drop for Lease {
 pub struct SlotSnapshot {
     pub id: WorkerId,
     pub accepting: bool,
+    pub ejected: bool,
     pub in_flight: u32,
     pub served: u64,
     pub sessions: usize,
@@ -142,6 +152,8 @@ impl Dispatcher {
             served: 0,
             recycle_after,
             sessions: 0,
+            ejected_until: None,
+            replace_requested: false,
             idle: signals.idle.clone(),
             recycle: signals.recycle.clone(),
         });
@@ -167,7 +179,8 @@ impl Dispatcher {
             if st.closed {
                 return Err(PoolError::ShuttingDown);
             }
-            let candidates: Vec<Candidate> = st.slots.iter().map(Slot::candidate).collect();
+            let now = Instant::now();
+            let candidates: Vec<Candidate> = st.slots.iter().map(|s| s.candidate(now)).collect();
             if let Some(idx) = pick(&candidates, target) {
                 return Ok(self.take(&mut st, idx));
             }
@@ -233,7 +246,16 @@ impl Dispatcher {
             return false;
         }
         let id = st.slots[idx].id;
-        while let Some(pos) = st.waiters.iter().position(|w| w.target.accepts(id)) {
+        let ejected = st.slots[idx].ejected(Instant::now());
+        // An ejected worker's free slots go only to requests that must have it.
+        let wants = |t: &Target| {
+            if ejected {
+                *t == Target::Exactly(id)
+            } else {
+                t.accepts(id)
+            }
+        };
+        while let Some(pos) = st.waiters.iter().position(|w| wants(&w.target)) {
             let Some(waiter) = st.waiters.remove(pos) else {
                 break;
             };
@@ -279,6 +301,48 @@ impl Dispatcher {
         let idle = slot.in_flight == 0;
         fail_waiters_for(&mut st, worker);
         idle
+    }
+
+    /// Takes `worker` out of general rotation until `until`, unless that would leave
+    /// more than `max_share` of the workers ejected. Returns whether it was ejected.
+    pub fn eject(&self, worker: WorkerId, until: Instant, max_share: f64) -> bool {
+        let mut st = self.lock();
+        let now = Instant::now();
+        let total = st.slots.len();
+        let already = st.slots.iter().filter(|s| s.ejected(now)).count();
+        let cap = ((total as f64) * max_share).floor() as usize;
+        let Some(slot) = st.slots.iter_mut().find(|s| s.id == worker) else {
+            return false;
+        };
+        if slot.ejected(now) {
+            slot.ejected_until = Some(until);
+            return true;
+        }
+        if already + 1 > cap {
+            return false;
+        }
+        slot.ejected_until = Some(until);
+        true
+    }
+
+    /// Asks the supervisor to drain and replace `worker`.
+    pub fn request_replace(&self, worker: WorkerId) {
+        let mut st = self.lock();
+        if let Some(slot) = st.slots.iter_mut().find(|s| s.id == worker) {
+            if slot.accepting {
+                slot.accepting = false;
+                slot.replace_requested = true;
+                slot.recycle.notify_one();
+            }
+        }
+    }
+
+    /// Whether the last recycle signal of `worker` was a replacement request.
+    pub fn replace_requested(&self, worker: WorkerId) -> bool {
+        self.lock()
+            .slots
+            .iter()
+            .any(|s| s.id == worker && s.replace_requested)
     }
 
     /// Forgets a worker that has exited.
@@ -339,6 +403,7 @@ impl Dispatcher {
             .map(|s| SlotSnapshot {
                 id: s.id,
                 accepting: s.accepting,
+                ejected: s.ejected(Instant::now()),
                 in_flight: s.in_flight,
                 served: s.served,
                 sessions: s.sessions,

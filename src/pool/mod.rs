@@ -137,6 +137,8 @@ pub struct WorkerStatus {
     pub in_flight: u32,
     pub served: u64,
     pub sessions: usize,
+    /// Out of general rotation (outlier ejection).
+    pub ejected: bool,
     pub restarts: u32,
     pub rss_bytes: Option<u64>,
     pub uptime: Option<Duration>,
@@ -676,6 +678,7 @@ impl Pool {
                     in_flight: live.map(|l| l.in_flight).unwrap_or(0),
                     served: live.map(|l| l.served).unwrap_or(0),
                     sessions: live.map(|l| l.sessions).unwrap_or(0),
+                    ejected: live.is_some_and(|l| l.ejected),
                     restarts: s.restarts,
                     rss_bytes: s.rss_bytes,
                     uptime: s
@@ -719,6 +722,24 @@ impl Pool {
             let _ = t.await;
         }
         tracing::info!(pool = %shared.config.name, "all workers stopped");
+    }
+
+    /// Takes a misbehaving worker out of general rotation for `cooldown`, unless more
+    /// than `max_share` of the pool would be ejected. Its sessions still reach it.
+    pub fn eject(&self, worker: WorkerId, cooldown: Duration, max_share: f64) -> bool {
+        let ok = self
+            .shared()
+            .dispatcher
+            .eject(worker, Instant::now() + cooldown, max_share);
+        if ok {
+            tracing::warn!(pool = %self.shared().config.name, worker = %worker, ?cooldown, "worker ejected as an outlier");
+        }
+        ok
+    }
+
+    /// Drains and replaces a worker that is alive but keeps failing.
+    pub fn replace(&self, worker: WorkerId) {
+        self.shared().dispatcher.request_replace(worker);
     }
 
     /// The worker pids, for tests and diagnostics.

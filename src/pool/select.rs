@@ -12,6 +12,8 @@ pub struct Candidate {
     pub max_in_flight: u32,
     /// Requests served so far; breaks ties so that equal load rotates over workers.
     pub served: u64,
+    /// Taken out of general rotation (outlier ejection); its sessions still reach it.
+    pub ejected: bool,
 }
 
 impl Candidate {
@@ -58,7 +60,7 @@ pub fn pick(candidates: &[Candidate], target: Target) -> Option<usize> {
                 candidates
                     .iter()
                     .enumerate()
-                    .filter(|(_, c)| c.has_room() && Some(c.id) != skip)
+                    .filter(|(_, c)| c.has_room() && !c.ejected && Some(c.id) != skip)
                     .min_by_key(|(_, c)| (c.in_flight, c.served))
                     .map(|(i, _)| i)
             };
@@ -78,7 +80,16 @@ mod tests {
             in_flight,
             max_in_flight: 4,
             served,
+            ejected: false,
         }
+    }
+
+    #[test]
+    fn ejected_workers_serve_only_their_sessions() {
+        let mut ws = [c(1, 0, 0), c(2, 3, 0)];
+        ws[0].ejected = true;
+        assert_eq!(pick(&ws, Target::any()), Some(1));
+        assert_eq!(pick(&ws, Target::Exactly(WorkerId(1))), Some(0));
     }
 
     #[test]

@@ -27,6 +27,8 @@ const STDOUT_EOF_GRACE: Duration = Duration::from_millis(500);
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StopReason {
     RecycleRequests,
+    /// Ejected too often as an outlier: alive but misbehaving.
+    Replaced,
     RecycleLifetime,
     RecycleMemory,
     Shutdown,
@@ -56,6 +58,7 @@ impl ExitReason {
             ExitReason::CancelTimeout => "timeout",
             ExitReason::Protocol(_) => "protocol",
             ExitReason::Stopped(StopReason::RecycleRequests) => "recycle_requests",
+            ExitReason::Stopped(StopReason::Replaced) => "outlier",
             ExitReason::Stopped(StopReason::RecycleLifetime) => "recycle_ttl",
             ExitReason::Stopped(StopReason::RecycleMemory) => "recycle_memory",
             ExitReason::Stopped(StopReason::Shutdown) => "shutdown",
@@ -307,8 +310,14 @@ async fn run_worker(
                 }
             }
             _ = signals.recycle.notified(), if phase == Phase::Serving => {
-                tracing::info!(pool = %cfg.name, worker = %id, "recycling: served {recycle_after} requests");
-                phase = begin_drain(shared, slot, &conn, StopReason::RecycleRequests);
+                let reason = if shared.dispatcher.replace_requested(id) {
+                    tracing::warn!(pool = %cfg.name, worker = %id, "replacing an outlier worker");
+                    StopReason::Replaced
+                } else {
+                    tracing::info!(pool = %cfg.name, worker = %id, "recycling: served {recycle_after} requests");
+                    StopReason::RecycleRequests
+                };
+                phase = begin_drain(shared, slot, &conn, reason);
             }
             _ = signals.idle.notified(), if matches!(phase, Phase::Draining { .. }) => {
                 phase = ask_to_exit(shared, &conn, phase);

@@ -253,14 +253,21 @@ pub struct PoolService {
     pool: Pool,
     rules: Arc<ExceptionRules>,
     per_try_timeout: Option<Duration>,
+    outliers: Arc<super::outlier::OutlierDetector>,
 }
 
 impl PoolService {
-    pub fn new(pool: Pool, rules: Arc<ExceptionRules>, per_try_timeout: Option<Duration>) -> Self {
+    pub fn new(
+        pool: Pool,
+        rules: Arc<ExceptionRules>,
+        per_try_timeout: Option<Duration>,
+        outliers: Arc<super::outlier::OutlierDetector>,
+    ) -> Self {
         PoolService {
             pool,
             rules,
             per_try_timeout,
+            outliers,
         }
     }
 }
@@ -278,6 +285,7 @@ impl Service<Attempt> for PoolService {
     fn call(&mut self, attempt: Attempt) -> Self::Future {
         let pool = self.pool.clone();
         let rules = self.rules.clone();
+        let outliers = self.outliers.clone();
         let try_deadline = self
             .per_try_timeout
             .map(|t| (Instant::now() + t).min(attempt.deadline))
@@ -286,15 +294,21 @@ impl Service<Attempt> for PoolService {
             let mut request = attempt.request;
             request.deadline = Some(try_deadline);
             match pool.execute(request).await {
-                Ok(response) => Ok(Served {
-                    response,
-                    attempts: attempt.number,
-                }),
+                Ok(response) => {
+                    outliers.apply(&pool, response.worker, None);
+                    Ok(Served {
+                        response,
+                        attempts: attempt.number,
+                    })
+                }
                 Err(error) => {
                     let mut class = classify(&error, &rules);
                     if class == ErrorClass::DeadlineExceeded && try_deadline < attempt.deadline {
                         // Our per-try limit, not the client's deadline: the worker was slow.
                         class = ErrorClass::WorkerTimeout;
+                    }
+                    if let Some(worker) = error.worker() {
+                        outliers.apply(&pool, worker, Some(class));
                     }
                     Err(Failed {
                         class,
