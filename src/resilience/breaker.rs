@@ -108,7 +108,12 @@ impl Tracker {
         if old != s as u8 {
             self.transitions.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(backend = %self.name, state = ?s, "circuit breaker state changed");
+            metrics::counter!("pitboss_circuit_transitions_total", "backend" => self.name.clone(), "scope" => "backend")
+                .increment(1);
         }
+        // 0 closed, 1 half-open, 2 open.
+        metrics::gauge!("pitboss_circuit_state", "backend" => self.name.clone(), "scope" => "backend")
+            .set(s as u8 as f64);
     }
 }
 
@@ -162,6 +167,7 @@ impl Breaker {
             name: name.to_string(),
             ..Default::default()
         });
+        tracker.set(BreakerState::Closed); // exports the initial state; not a transition
         let machine = failsafe::Config::new()
             .failure_policy(policy)
             .instrument(SharedTracker(tracker.clone()))
@@ -386,6 +392,43 @@ mod tests {
             }
             assert_eq!(b.state(), BreakerState::Open);
         });
+    }
+
+    #[test]
+    fn state_changes_are_exported_as_metrics() {
+        use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+        let recorder = DebuggingRecorder::new();
+        let snapshotter = recorder.snapshotter();
+        metrics::with_local_recorder(&recorder, || {
+            failsafe::clock::freeze(|_| {
+                let b = Breaker::new("legacy", settings()).unwrap();
+                for _ in 0..3 {
+                    b.try_acquire()
+                        .unwrap()
+                        .record(Some(ErrorClass::WorkerCrashed));
+                }
+            })
+        });
+        let mut state = None;
+        let mut transitions = None;
+        for (key, _, _, value) in snapshotter.snapshot().into_vec() {
+            let labels: Vec<String> = key
+                .key()
+                .labels()
+                .map(|l| format!("{}={}", l.key(), l.value()))
+                .collect();
+            assert!(labels.contains(&"backend=legacy".to_string()));
+            assert!(labels.contains(&"scope=backend".to_string()));
+            match (key.key().name(), value) {
+                ("pitboss_circuit_state", DebugValue::Gauge(v)) => state = Some(v.into_inner()),
+                ("pitboss_circuit_transitions_total", DebugValue::Counter(n)) => {
+                    transitions = Some(n)
+                }
+                _ => {}
+            }
+        }
+        assert_eq!(state, Some(2.0), "open");
+        assert_eq!(transitions, Some(1));
     }
 
     #[test]
