@@ -12,6 +12,7 @@
 //! - [`server`]: runs the listeners and the pool; shuts them down in order.
 //! - [`grpc`]: the edge: `pitboss.v1.Bridge` and `Admin`, and the one mapping from
 //!   errors to gRPC statuses.
+//! - [`rollout`]: the split between the legacy and the new backend (in progress).
 //! - [`resilience`]: the single error classification (and, next, retry and breakers).
 //! - [`config`]: the config file, parsed into validated types.
 //! - [`worker`]: one Python process: spawning, the length-prefixed frame protocol
@@ -21,6 +22,7 @@ pub mod config;
 pub mod grpc;
 pub mod pool;
 pub mod resilience;
+pub mod rollout;
 pub mod runtime_files;
 pub mod server;
 pub mod worker;
