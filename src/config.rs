@@ -653,7 +653,7 @@ fn parse_env_value(raw: &str) -> toml::Value {
     }
 }
 
-fn span_error(origin: &str, text: &str, e: &toml::de::Error) -> ConfigError {
+pub(crate) fn span_error(origin: &str, text: &str, e: &toml::de::Error) -> ConfigError {
     let line = e.span().map(|s| line_at(text, s.start));
     ConfigError {
         origin: origin.to_string(),
@@ -664,23 +664,40 @@ fn span_error(origin: &str, text: &str, e: &toml::de::Error) -> ConfigError {
 }
 
 /// Finds the offending key of a serde error in the user's text, for a line number.
-fn locate(origin: &str, text: &str, message: &str) -> ConfigError {
-    // serde messages name the key: "unknown field `sise`, expected ..." or
-    // "invalid value ... for key `pool.size`".
-    let key = message
+///
+/// Deserialising a merged table loses spans, and the messages name either the key
+/// ("unknown field `sise`") or only the bad value ("unknown variant `xml`"). So each
+/// backticked token is tried as a key, then as a value, in the user's own text.
+pub(crate) fn locate(origin: &str, text: &str, message: &str) -> ConfigError {
+    let first = message.lines().next().unwrap_or(message).trim().to_string();
+    let tokens: Vec<&str> = message
         .split('`')
-        .nth(1)
-        .map(str::to_string)
-        .filter(|k| !k.contains(' '));
-    let leaf = key
-        .as_deref()
-        .map(|k| k.rsplit('.').next().unwrap_or(k).to_string());
-    let line = leaf.as_deref().and_then(|k| line_of_key(text, k));
+        .skip(1)
+        .step_by(2)
+        .filter(|t| !t.contains(' '))
+        .collect();
+    let found = tokens
+        .iter()
+        .find_map(|t| {
+            let leaf = t.rsplit('.').next().unwrap_or(t);
+            line_of_key(text, leaf).map(|line| (line, t.to_string()))
+        })
+        .or_else(|| {
+            tokens.iter().find_map(|t| {
+                text.lines().enumerate().find_map(|(i, l)| {
+                    let l = l.trim_start();
+                    let (key, value) = l.split_once('=')?;
+                    let value = value.trim().trim_matches('"');
+                    (!l.starts_with('#') && value == *t)
+                        .then(|| (i + 1, key.trim().trim_matches('"').to_string()))
+                })
+            })
+        });
     ConfigError {
         origin: origin.to_string(),
-        line,
-        key,
-        message: message.lines().next().unwrap_or(message).trim().to_string(),
+        line: found.as_ref().map(|(l, _)| *l),
+        key: found.map(|(_, k)| k),
+        message: first,
     }
 }
 
@@ -689,7 +706,7 @@ fn line_at(text: &str, offset: usize) -> usize {
 }
 
 /// The line of `key = ...` in the text (first match), ignoring comments.
-fn line_of_key(text: &str, key: &str) -> Option<usize> {
+pub(crate) fn line_of_key(text: &str, key: &str) -> Option<usize> {
     text.lines()
         .position(|l| {
             let l = l.trim_start();
@@ -758,6 +775,14 @@ mod tests {
             load("[pool]\nheartbeat_interval = \"5s\"\nheartbeat_timeout = \"1s\"\n").unwrap_err();
         assert_eq!(err.key.as_deref(), Some("pool.heartbeat_timeout"));
         assert_eq!(err.line, Some(3), "{err}");
+    }
+
+    #[test]
+    fn a_bad_choice_names_its_line_and_key() {
+        let err = load("[server]\nlog_format = \"xml\"\n").unwrap_err();
+        assert_eq!(err.line, Some(2), "{err}");
+        assert_eq!(err.key.as_deref(), Some("server.log_format"), "{err}");
+        assert!(err.to_string().contains("xml"), "{err}");
     }
 
     #[test]

@@ -1,10 +1,13 @@
 //! Progressive rollout between the `legacy` and the `new` backend.
 //!
-//! - [`bucket`]: the sticky, monotone split decision (pure).
+//! - [`bucket`]: the sticky, monotone split (pure).
+//! - [`flags`]: the flags file as validated types, and the pure routing decision.
 //!
-//! Still to come (issue 5): the flags file with hot reload, shadow comparison,
+//! Still to come (issue 5): a second backend, hot reload, shadow comparison,
 //! auto-rollback and the admin RPCs.
 
 pub mod bucket;
+pub mod flags;
 
 pub use bucket::{bucket, in_new, Percent, BUCKETS};
+pub use flags::{route, sticky_key, Flags, Mode, Route};

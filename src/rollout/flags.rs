@@ -1,0 +1,303 @@
+//! The rollout flags file (`config/flags.toml`), parsed into validated types, and the
+//! pure routing decision that reads it.
+
+use std::collections::BTreeSet;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use super::bucket::{bucket, in_new, Percent, BUCKETS};
+use crate::config::{line_of_key, locate, span_error, ConfigError, Dur, Fraction};
+
+/// The embedded default flags: everything on legacy.
+pub const DEFAULT_FLAGS: &str = include_str!("../../config/flags.toml");
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    Off,
+    Shadow,
+    Canary,
+    Full,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RolloutState {
+    Active,
+    Paused,
+    RolledBack,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Compare {
+    Bytes,
+    Json,
+}
+
+/// A percentage in the file, validated into [`Percent`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PercentValue(pub Percent);
+
+impl<'de> Deserialize<'de> for PercentValue {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let v = f64::deserialize(d)?;
+        Percent::from_f64(v)
+            .map(PercentValue)
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+impl Serialize for PercentValue {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_f64(self.0.as_f64())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Shadow {
+    pub sample_percent: PercentValue,
+    pub compare: Compare,
+    pub ignore_fields: Vec<String>,
+    pub only_idempotent: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rollback {
+    pub error_rate_threshold: Fraction,
+    pub latency_p99_threshold_ms: u64,
+    pub min_requests: u64,
+    pub window: Dur,
+    pub relative_error_rate: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Status {
+    pub state: RolloutState,
+    pub reason: String,
+    pub changed_at: String,
+    pub changed_by: String,
+}
+
+/// The whole flags file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Flags {
+    pub mode: Mode,
+    pub percent: PercentValue,
+    pub commands: BTreeSet<String>,
+    pub salt: String,
+    pub fallback_to_legacy: bool,
+    pub shadow: Shadow,
+    pub rollback: Rollback,
+    pub status: Status,
+}
+
+impl Flags {
+    /// Parses a flags file; keys it leaves out keep their defaults. Errors name the
+    /// file, line and key.
+    pub fn parse(origin: &str, text: &str) -> Result<Flags, ConfigError> {
+        let defaults: toml::Table =
+            DEFAULT_FLAGS
+                .parse()
+                .map_err(|e: toml::de::Error| ConfigError {
+                    origin: "<embedded flags>".into(),
+                    line: None,
+                    key: None,
+                    message: e.to_string(),
+                })?;
+        let user: toml::Table = text
+            .parse()
+            .map_err(|e: toml::de::Error| span_error(origin, text, &e))?;
+        let mut merged = defaults;
+        for (k, v) in user {
+            match (merged.get_mut(&k), v) {
+                (Some(toml::Value::Table(base)), toml::Value::Table(over)) => base.extend(over),
+                (_, v) => {
+                    merged.insert(k, v);
+                }
+            }
+        }
+        let flags = Flags::deserialize(toml::Value::Table(merged))
+            .map_err(|e| locate(origin, text, &e.to_string()))?;
+        if flags.rollback.relative_error_rate < 0.0 {
+            return Err(ConfigError {
+                origin: origin.into(),
+                line: line_of_key(text, "relative_error_rate"),
+                key: Some("rollback.relative_error_rate".into()),
+                message: "must be 0 (off) or positive".into(),
+            });
+        }
+        if flags.salt.is_empty() {
+            return Err(ConfigError {
+                origin: origin.into(),
+                line: line_of_key(text, "salt"),
+                key: Some("salt".into()),
+                message: "must not be empty".into(),
+            });
+        }
+        Ok(flags)
+    }
+
+    pub fn defaults() -> Flags {
+        Flags::parse("<embedded flags>", "").expect("the embedded flags are valid")
+    }
+
+    /// The file's text, for writing back (auto-rollback, admin changes).
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).unwrap_or_default()
+    }
+
+    fn eligible(&self, command: &str) -> bool {
+        self.commands.contains("*") || self.commands.contains(command)
+    }
+
+    /// The percentage in force: 0 once rolled back.
+    pub fn effective_percent(&self) -> Percent {
+        match (self.status.state, self.mode) {
+            (RolloutState::RolledBack, _) | (_, Mode::Off | Mode::Shadow) => Percent::ZERO,
+            (_, Mode::Full) => Percent::ALL,
+            (_, Mode::Canary) => self.percent.0,
+        }
+    }
+}
+
+/// Where one call goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    Legacy,
+    New,
+    /// Legacy answers; new runs alongside for comparison.
+    Shadow,
+}
+
+/// The stickiness key of a call: the session id, else the routing key, else none
+/// (then the caller supplies a random bucket).
+pub fn sticky_key<'a>(
+    session_id: Option<&'a str>,
+    routing_key: Option<&'a str>,
+) -> Option<&'a str> {
+    session_id
+        .filter(|s| !s.is_empty())
+        .or(routing_key.filter(|s| !s.is_empty()))
+}
+
+/// The routing decision, pure. `random_bucket` (in [0, 10000)) is used for calls
+/// without a key.
+pub fn route(
+    flags: &Flags,
+    command: &str,
+    key: Option<&str>,
+    idempotent: bool,
+    random_bucket: u32,
+) -> Route {
+    if !flags.eligible(command) || flags.status.state == RolloutState::RolledBack {
+        return Route::Legacy;
+    }
+    let b = key
+        .map(|k| bucket(&flags.salt, k))
+        .unwrap_or(random_bucket % BUCKETS);
+    match flags.mode {
+        Mode::Off => Route::Legacy,
+        Mode::Full => Route::New,
+        Mode::Canary => {
+            if in_new(b, flags.percent.0) {
+                Route::New
+            } else {
+                Route::Legacy
+            }
+        }
+        Mode::Shadow => {
+            if (idempotent || !flags.shadow.only_idempotent)
+                && in_new(b, flags.shadow.sample_percent.0)
+            {
+                Route::Shadow
+            } else {
+                Route::Legacy
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_embedded_flags_send_everything_to_legacy() {
+        let f = Flags::defaults();
+        assert_eq!(f.mode, Mode::Off);
+        assert_eq!(route(&f, "echo", Some("k"), true, 0), Route::Legacy);
+        assert_eq!(f.effective_percent(), Percent::ZERO);
+    }
+
+    #[test]
+    fn canary_splits_by_key_and_only_listed_commands() {
+        let f = Flags::parse(
+            "flags.toml",
+            "mode = \"canary\"\npercent = 50.0\ncommands = [\"echo\"]\n",
+        )
+        .unwrap();
+        let new = (0..10_000)
+            .filter(|i| route(&f, "echo", Some(&format!("k{i}")), false, 0) == Route::New)
+            .count();
+        assert!((4_800..5_200).contains(&new), "{new}");
+        assert_eq!(
+            route(&f, "compute", Some("k1"), false, 0),
+            Route::Legacy,
+            "not in the allowlist"
+        );
+        // Sticky: the same key always gets the same answer.
+        let r = route(&f, "echo", Some("user-7"), false, 0);
+        assert!((0..100).all(|_| route(&f, "echo", Some("user-7"), false, 0) == r));
+        // Without a key, the caller's random bucket decides.
+        assert_eq!(route(&f, "echo", None, false, 10), Route::New);
+        assert_eq!(route(&f, "echo", None, false, 9_999), Route::Legacy);
+    }
+
+    #[test]
+    fn full_shadow_and_rolled_back() {
+        let full = Flags::parse("f", "mode = \"full\"\ncommands = [\"*\"]\n").unwrap();
+        assert_eq!(route(&full, "anything", None, false, 0), Route::New);
+        let shadow = Flags::parse("f", "mode = \"shadow\"\ncommands = [\"*\"]\n").unwrap();
+        assert_eq!(route(&shadow, "x", Some("k"), true, 0), Route::Shadow);
+        assert_eq!(
+            route(&shadow, "x", Some("k"), false, 0),
+            Route::Legacy,
+            "only idempotent calls are shadowed"
+        );
+        let rb = Flags::parse(
+            "f",
+            "mode = \"full\"\ncommands = [\"*\"]\n[status]\nstate = \"rolled_back\"\n",
+        )
+        .unwrap();
+        assert_eq!(route(&rb, "x", None, true, 0), Route::Legacy);
+        assert_eq!(rb.effective_percent(), Percent::ZERO);
+    }
+
+    #[test]
+    fn bad_flags_name_the_line_and_key() {
+        let err = Flags::parse("flags.toml", "mode = \"canary\"\npercent = 150.0\n").unwrap_err();
+        assert_eq!(err.line, Some(2), "{err}");
+        assert!(err.to_string().contains("percent"), "{err}");
+        let err = Flags::parse("flags.toml", "mode = \"sideways\"\n").unwrap_err();
+        assert_eq!(err.line, Some(1), "{err}");
+        let err = Flags::parse("flags.toml", "\n[rollback]\nwindoww = \"1m\"\n").unwrap_err();
+        assert_eq!(err.line, Some(3), "{err}");
+        assert!(err.to_string().contains("windoww"), "{err}");
+    }
+
+    #[test]
+    fn flags_round_trip_through_their_text() {
+        let f = Flags::parse(
+            "f",
+            "mode = \"canary\"\npercent = 12.34\ncommands = [\"a\", \"b\"]\n",
+        )
+        .unwrap();
+        let again = Flags::parse("f", &f.to_toml()).unwrap();
+        assert_eq!(again, f);
+    }
+}
