@@ -1,0 +1,231 @@
+//! Hot reload of the flags file.
+//!
+//! The watcher watches the file's *directory*, not the file: editors and
+//! `kubectl`-mounted ConfigMaps replace a file by writing a temporary one and renaming
+//! it over the original, which a watch on the old inode would miss. Every change is
+//! re-read and validated; a valid file is swapped in atomically (`ArcSwap`), so calls in
+//! flight keep the flags they started with and none is dropped. An invalid file is
+//! logged with its line and key, counted, and the previous flags stay in force.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use notify::{RecursiveMode, Watcher};
+use tokio::sync::mpsc;
+
+use super::flags::Flags;
+
+/// The flags in force, shared by every call.
+pub struct LiveFlags {
+    current: ArcSwap<Flags>,
+    path: PathBuf,
+    reloads_ok: AtomicU64,
+    reloads_failed: AtomicU64,
+    last_error: std::sync::Mutex<Option<String>>,
+}
+
+impl LiveFlags {
+    /// Reads the file (a missing file means the embedded defaults) and returns the
+    /// live flags. A present but invalid file is an error at startup.
+    pub fn load(path: &Path) -> Result<Arc<LiveFlags>, crate::config::ConfigError> {
+        let flags = match std::fs::read_to_string(path) {
+            Ok(text) => Flags::parse(&path.display().to_string(), &text)?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Flags::defaults(),
+            Err(e) => {
+                return Err(crate::config::ConfigError {
+                    origin: path.display().to_string(),
+                    line: None,
+                    key: None,
+                    message: format!("cannot read: {e}"),
+                })
+            }
+        };
+        Ok(Arc::new(LiveFlags {
+            current: ArcSwap::from_pointee(flags),
+            path: path.to_path_buf(),
+            reloads_ok: AtomicU64::new(0),
+            reloads_failed: AtomicU64::new(0),
+            last_error: Default::default(),
+        }))
+    }
+
+    /// The flags in force now. Cheap: one atomic load.
+    pub fn get(&self) -> Arc<Flags> {
+        self.current.load_full()
+    }
+
+    /// Replaces the flags in force (admin changes, auto-rollback).
+    pub fn set(&self, flags: Flags) {
+        self.current.store(Arc::new(flags));
+    }
+
+    pub fn reloads(&self) -> (u64, u64) {
+        (
+            self.reloads_ok.load(Ordering::Relaxed),
+            self.reloads_failed.load(Ordering::Relaxed),
+        )
+    }
+
+    pub fn last_error(&self) -> Option<String> {
+        self.last_error
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Re-reads the file now. Returns whether new flags were applied.
+    pub fn reload(&self) -> bool {
+        let origin = self.path.display().to_string();
+        let result = std::fs::read_to_string(&self.path)
+            .map_err(|e| format!("{origin}: cannot read: {e}"))
+            .and_then(|text| Flags::parse(&origin, &text).map_err(|e| e.to_string()));
+        match result {
+            Ok(flags) => {
+                if *self.get() != flags {
+                    tracing::info!(file = %origin, mode = ?flags.mode, percent = flags.percent.0.as_f64(), "flags reloaded");
+                    self.set(flags);
+                }
+                self.reloads_ok.fetch_add(1, Ordering::Relaxed);
+                metrics::counter!("pitboss_config_reloads_total", "file" => "flags", "result" => "ok").increment(1);
+                *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                true
+            }
+            Err(e) => {
+                tracing::error!("flags file rejected, previous flags stay in force: {e}");
+                self.reloads_failed.fetch_add(1, Ordering::Relaxed);
+                metrics::counter!("pitboss_config_reloads_total", "file" => "flags", "result" => "error").increment(1);
+                *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(e);
+                false
+            }
+        }
+    }
+
+    /// Watches the file's directory and reloads on every change to the file, until the
+    /// returned guard is dropped.
+    pub fn watch(self: &Arc<Self>) -> notify::Result<WatchGuard> {
+        let dir = self
+            .path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."))
+            .to_path_buf();
+        let name = self.path.file_name().map(|n| n.to_os_string());
+        let (tx, mut rx) = mpsc::unbounded_channel::<()>();
+        let mut watcher =
+            notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+                if let Ok(event) = event {
+                    if event
+                        .paths
+                        .iter()
+                        .any(|p| p.file_name().map(|n| n.to_os_string()) == name)
+                    {
+                        let _ = tx.send(());
+                    }
+                }
+            })?;
+        watcher.watch(&dir, RecursiveMode::NonRecursive)?;
+        let live = self.clone();
+        let task = tokio::spawn(async move {
+            while rx.recv().await.is_some() {
+                // Coalesce the burst of events one save produces (write, chmod, rename).
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                while rx.try_recv().is_ok() {}
+                live.reload();
+            }
+        });
+        Ok(WatchGuard {
+            _watcher: watcher,
+            task,
+        })
+    }
+}
+
+/// Keeps the watch alive; dropping it stops reloading.
+pub struct WatchGuard {
+    _watcher: notify::RecommendedWatcher,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for WatchGuard {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rollout::Mode;
+
+    fn temp_dir(tag: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("pitboss-flags-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    async fn until(mut f: impl FnMut() -> bool) -> bool {
+        // Real file-system events: poll with a generous bound.
+        for _ in 0..200 {
+            if f() {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        false
+    }
+
+    #[tokio::test]
+    async fn edits_in_place_and_by_rename_are_applied_and_bad_files_are_rejected() {
+        let dir = temp_dir("reload");
+        let path = dir.join("flags.toml");
+        std::fs::write(&path, "mode = \"off\"\n").unwrap();
+        let live = LiveFlags::load(&path).unwrap();
+        let _guard = live.watch().unwrap();
+        assert_eq!(live.get().mode, Mode::Off);
+
+        // An in-place write.
+        std::fs::write(&path, "mode = \"canary\"\npercent = 10.0\n").unwrap();
+        assert!(
+            until(|| live.get().mode == Mode::Canary).await,
+            "in-place edit not applied"
+        );
+
+        // An editor's write-temp-then-rename.
+        let tmp = dir.join(".flags.toml.swp");
+        std::fs::write(&tmp, "mode = \"canary\"\npercent = 50.0\n").unwrap();
+        std::fs::rename(&tmp, &path).unwrap();
+        assert!(
+            until(|| live.get().percent.0.as_f64() == 50.0).await,
+            "rename not applied"
+        );
+
+        // A bad file: rejected with its line, the old flags stay.
+        let (_, failed_before) = live.reloads();
+        std::fs::write(&path, "mode = \"canary\"\npercent = 500.0\n").unwrap();
+        assert!(
+            until(|| live.reloads().1 > failed_before).await,
+            "bad file not noticed"
+        );
+        assert_eq!(
+            live.get().percent.0.as_f64(),
+            50.0,
+            "previous flags stay in force"
+        );
+        let err = live.last_error().unwrap();
+        assert!(
+            err.contains("flags.toml:2") && err.contains("percent"),
+            "{err}"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_missing_file_means_the_defaults() {
+        let live = LiveFlags::load(Path::new("/nonexistent/pitboss/flags.toml")).unwrap();
+        assert_eq!(live.get().mode, Mode::Off);
+    }
+}
