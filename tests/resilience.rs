@@ -251,6 +251,15 @@ async fn the_breaker_opens_under_a_burst_of_crashes_fails_fast_and_recovers() {
         .parse()
         .unwrap();
     assert!(pushback > 0 && pushback <= 1000, "{pushback}");
+    // Streams are guarded by the same breaker.
+    let err = client
+        .execute_stream(call("stream_chunks_never_sent", "{}"))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.metadata().get("x-pitboss-error-class").unwrap(),
+        "circuit_open"
+    );
     // After open_for, a probe goes through, succeeds, and closes the breaker.
     let pool = server.pool().clone();
     assert!(eventually(LONG, || pool.status().ready == 2).await);

@@ -228,11 +228,19 @@ impl Bridge for BridgeService {
         edge.refuse_if_draining()?;
         let (md, _, r) = req.into_parts();
         let pr = edge.pool_request(r, &md);
-        let mut stream = edge
-            .pool
-            .execute_stream(pr)
-            .await
-            .map_err(|e| edge.status(&e))?;
+        // Streams are not retried (chunks may already be out), but the backend's
+        // breaker guards them and learns from them like any call.
+        let permit = edge
+            .breaker
+            .try_acquire()
+            .map_err(|retry_after| edge.status(&PoolError::CircuitOpen { retry_after }))?;
+        let mut stream = match edge.pool.execute_stream(pr).await {
+            Ok(s) => s,
+            Err(e) => {
+                permit.record(Some(crate::resilience::classify(&e, &edge.rules)));
+                return Err(edge.status(&e));
+            }
+        };
         let worker = stream.worker().map(|w| w.to_string()).unwrap_or_default();
         let (tx, rx) = mpsc::channel(16);
         let w = worker.clone();
@@ -250,11 +258,15 @@ impl Bridge for BridgeService {
                         };
                         if let Some(prev) = held.replace(next) {
                             if tx.send(Ok(prev)).await.is_err() {
-                                return; // client went away: dropping `stream` cancels
+                                // The client went away: dropping `stream` cancels. That
+                                // says nothing about the backend's health.
+                                permit.record(None);
+                                return;
                             }
                         }
                     }
                     Some(Err(err)) => {
+                        permit.record(Some(crate::resilience::classify(&err, &e2.rules)));
                         if let Some(prev) = held.take() {
                             let _ = tx.send(Ok(prev)).await;
                         }
@@ -262,6 +274,7 @@ impl Bridge for BridgeService {
                         return;
                     }
                     None => {
+                        permit.record(None);
                         let mut last = held.take().unwrap_or_default();
                         last.last = true;
                         last.backend = BACKEND_LEGACY.into();
