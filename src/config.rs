@@ -435,22 +435,12 @@ impl Config {
             return Err(fail("pool.request_timeout", "must be positive".into()));
         }
         if let Err(e) = self.retry_settings().validate() {
-            let key = if e.starts_with("backoff") {
-                "retry.backoff_max"
-            } else if e.starts_with("budget_window") {
-                "retry.budget_window"
-            } else if e.starts_with("budget_percent") {
-                "retry.budget_percent"
-            } else {
-                "retry.max_attempts"
-            };
-            return Err(fail(key, e));
+            return Err(fail(&format!("retry.{}", e.field), e.to_string()));
         }
         if let Err(e) = self.breaker_settings().validate() {
-            let key = e.split(' ').next().unwrap_or("window");
-            return Err(fail(&format!("circuit_breaker.{key}"), e));
+            return Err(fail(&format!("circuit_breaker.{}", e.field), e.to_string()));
         }
-        if !p.adapter.contains(':') && p.adapter.trim().is_empty() {
+        if p.adapter.trim().is_empty() {
             return Err(fail("pool.adapter", "must name MODULE:OBJECT".into()));
         }
         Ok(())
@@ -783,6 +773,21 @@ mod tests {
         assert_eq!(err.line, Some(2), "{err}");
         assert_eq!(err.key.as_deref(), Some("server.log_format"), "{err}");
         assert!(err.to_string().contains("xml"), "{err}");
+    }
+
+    #[test]
+    fn retry_and_breaker_settings_name_their_own_key() {
+        let err = load("[retry]\nmax_attempts = 2\nbudget_window = \"90s\"\n").unwrap_err();
+        assert_eq!(err.key.as_deref(), Some("retry.budget_window"), "{err}");
+        assert_eq!(err.line, Some(3), "{err}");
+        assert!(
+            err.to_string()
+                .contains("budget_window must be between 1s and 60s"),
+            "{err}"
+        );
+        let err = load("[circuit_breaker]\nwindow = \"500ms\"\n").unwrap_err();
+        assert_eq!(err.key.as_deref(), Some("circuit_breaker.window"), "{err}");
+        assert_eq!(err.line, Some(2), "{err}");
     }
 
     #[test]

@@ -83,13 +83,13 @@ impl RunningServer {
             })?;
 
         let pool = Pool::launch(config.pool_config("legacy"), Arc::new(Observer)).await?;
+        let retry_settings = config.retry_settings();
         let rules = config.exception_rules();
-        let policy =
-            crate::resilience::RetryPolicy::new(&config.retry_settings()).map_err(|e| {
-                ServerError::Pool(crate::pool::PoolError::InvalidRequest(format!(
-                    "retry: {e}"
-                )))
-            })?;
+        let policy = crate::resilience::RetryPolicy::new(&retry_settings).map_err(|e| {
+            ServerError::Pool(crate::pool::PoolError::InvalidRequest(format!(
+                "retry: {e}"
+            )))
+        })?;
         let breaker = crate::resilience::Breaker::new("legacy", config.breaker_settings())
             .map_err(|e| {
                 ServerError::Pool(crate::pool::PoolError::InvalidRequest(format!(
@@ -101,7 +101,7 @@ impl RunningServer {
             crate::resilience::PoolService::new(
                 pool.clone(),
                 Arc::new(rules.clone()),
-                config.retry_settings().per_try_timeout,
+                retry_settings.per_try_timeout,
                 Arc::new(crate::resilience::OutlierDetector::new(
                     config.outlier_settings(),
                 )),

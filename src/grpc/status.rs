@@ -2,13 +2,12 @@
 //! what happened and what to do; metadata carries machine-readable details.
 
 use std::collections::HashMap;
-use tonic::metadata::MetadataValue;
 
-use tonic::metadata::MetadataMap;
+use tonic::metadata::{MetadataMap, MetadataValue};
 use tonic::Status;
 use tonic_types::{ErrorDetails, StatusExt};
 
-use crate::pool::{ExhaustedReason, PoolError};
+use crate::pool::PoolError;
 use crate::resilience::{classify, ErrorClass, ExceptionRules};
 
 /// What to add to the message so the caller knows what to do next.
@@ -17,12 +16,6 @@ fn advice(err: &PoolError) -> &'static str {
         PoolError::WorkerCrashed { .. } | PoolError::Protocol { .. } => {
             " (retry if the command is idempotent)"
         }
-        PoolError::PoolExhausted {
-            reason:
-                ExhaustedReason::QueueFull
-                | ExhaustedReason::QueueTimeout
-                | ExhaustedReason::ConcurrencyLimit,
-        } => "",
         PoolError::ShuttingDown => " (retry against another instance)",
         _ => "",
     }
@@ -132,6 +125,7 @@ fn tail(s: &str, max: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::pool::ExhaustedReason;
     use crate::worker::WorkerId;
     use tonic::Code;
 

@@ -151,8 +151,9 @@ impl SessionTable {
     }
 
     /// The session's worker, for routing a request; refreshes its idle timer.
-    pub fn route(&self, id: &str) -> Result<WorkerId, PoolError> {
-        let mut entry = self
+    /// The live entry of `id`: not found, or lost with its worker, are errors.
+    fn live(&self, id: &str) -> Result<dashmap::mapref::one::RefMut<'_, String, Entry>, PoolError> {
+        let entry = self
             .map
             .get_mut(id)
             .ok_or_else(|| PoolError::SessionNotFound {
@@ -164,20 +165,17 @@ impl SessionTable {
                 worker: entry.worker,
             });
         }
+        Ok(entry)
+    }
+
+    pub fn route(&self, id: &str) -> Result<WorkerId, PoolError> {
+        let mut entry = self.live(id)?;
         entry.last_used = Instant::now();
         Ok(entry.worker)
     }
 
     pub fn get(&self, id: &str) -> Result<SessionInfo, PoolError> {
-        let entry = self.map.get(id).ok_or_else(|| PoolError::SessionNotFound {
-            session_id: id.to_string(),
-        })?;
-        if entry.lost {
-            return Err(PoolError::SessionLost {
-                session_id: id.to_string(),
-                worker: entry.worker,
-            });
-        }
+        let entry = self.live(id)?;
         Ok(self.info(id, &entry, Instant::now()))
     }
 

@@ -28,6 +28,7 @@ use tower::{Layer, Service};
 
 use super::class::ErrorClass;
 use super::retry::{Attempt, Failed, Served};
+use super::InvalidSetting;
 use crate::pool::PoolError;
 
 /// Validated breaker settings.
@@ -64,21 +65,22 @@ impl Default for BreakerSettings {
 }
 
 impl BreakerSettings {
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), InvalidSetting> {
+        let bad = InvalidSetting::new;
         if self.consecutive_failures == 0 {
-            return Err("consecutive_failures must be at least 1".into());
+            return Err(bad("consecutive_failures", "must be at least 1"));
         }
         if !(0.0..=1.0).contains(&self.min_success_rate) {
-            return Err("min_success_rate must be between 0 and 1".into());
+            return Err(bad("min_success_rate", "must be between 0 and 1"));
         }
         if self.window < Duration::from_secs(1) {
-            return Err("window must be at least 1s".into());
+            return Err(bad("window", "must be at least 1s"));
         }
         if self.open_for.is_zero() {
-            return Err("open_for must be positive".into());
+            return Err(bad("open_for", "must be positive"));
         }
         if self.half_open_probes == 0 {
-            return Err("half_open_probes must be at least 1".into());
+            return Err(bad("half_open_probes", "must be at least 1"));
         }
         Ok(())
     }
@@ -153,7 +155,7 @@ pub struct Permit {
 
 impl Breaker {
     pub fn new(name: &str, settings: BreakerSettings) -> Result<Breaker, String> {
-        settings.validate()?;
+        settings.validate().map_err(|e| e.to_string())?;
         let open = backoff::constant(settings.open_for);
         let policy = consecutive_failures(settings.consecutive_failures, open.clone()).or_else(
             success_rate_over_time_window(

@@ -12,6 +12,26 @@ pub mod class;
 pub mod outlier;
 pub mod retry;
 
+/// A setting that failed validation: which field, and what is wrong with it. Displays
+/// as "field message", e.g. "max_attempts must be at least 1".
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InvalidSetting {
+    pub field: &'static str,
+    pub message: &'static str,
+}
+
+impl InvalidSetting {
+    fn new(field: &'static str, message: &'static str) -> Self {
+        InvalidSetting { field, message }
+    }
+}
+
+impl std::fmt::Display for InvalidSetting {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {}", self.field, self.message)
+    }
+}
+
 pub use breaker::{Breaker, BreakerLayer, BreakerSettings, BreakerState};
 pub use class::{classify, ErrorClass, ExceptionRules, Retry, Severity};
 pub use outlier::{OutlierDetector, OutlierSettings};

@@ -24,6 +24,7 @@ use tower::util::rng::HasherRng;
 use tower::Service;
 
 use super::class::{classify, ErrorClass, ExceptionRules};
+use super::InvalidSetting;
 use crate::pool::{Pool, PoolError, PoolRequest, PoolResponse};
 
 /// Validated retry settings.
@@ -62,23 +63,27 @@ impl Default for RetrySettings {
 }
 
 impl RetrySettings {
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), InvalidSetting> {
+        let bad = InvalidSetting::new;
         if self.max_attempts == 0 {
-            return Err("max_attempts must be at least 1".into());
+            return Err(bad("max_attempts", "must be at least 1"));
         }
         if self.backoff_max < self.backoff_base || self.backoff_max.is_zero() {
-            return Err("backoff_max must be positive and at least backoff_base".into());
+            return Err(bad(
+                "backoff_max",
+                "must be positive and at least backoff_base",
+            ));
         }
         if !(0.0..=1.0).contains(&self.jitter) {
-            return Err("jitter must be between 0 and 1".into());
+            return Err(bad("jitter", "must be between 0 and 1"));
         }
         if !(0.0..=10.0).contains(&self.budget_percent) {
-            return Err("budget_percent must be between 0 and 10".into());
+            return Err(bad("budget_percent", "must be between 0 and 10"));
         }
         if self.budget_window < Duration::from_secs(1)
             || self.budget_window > Duration::from_secs(60)
         {
-            return Err("budget_window must be between 1s and 60s".into());
+            return Err(bad("budget_window", "must be between 1s and 60s"));
         }
         Ok(())
     }
@@ -175,7 +180,7 @@ pub struct RetryPolicy {
 
 impl RetryPolicy {
     pub fn new(settings: &RetrySettings) -> Result<RetryPolicy, String> {
-        settings.validate()?;
+        settings.validate().map_err(|e| e.to_string())?;
         let mut maker = ExponentialBackoffMaker::new(
             settings.backoff_base,
             settings.backoff_max,
