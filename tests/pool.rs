@@ -549,16 +549,7 @@ async fn graceful_shutdown_finishes_in_flight_work_and_refuses_new_work() {
             tokio::spawn(async move { p.execute(req("sleep", json!({"seconds": 0.7}))).await })
         })
         .collect();
-    assert!(
-        eventually(LONG, || pool
-            .status()
-            .workers
-            .iter()
-            .map(|w| w.in_flight)
-            .sum::<u32>()
-            == 2)
-        .await
-    );
+    assert!(eventually(LONG, || in_flight(&pool) == 2).await);
     let p = pool.clone();
     let shutdown = tokio::spawn(async move { p.shutdown().await });
     assert!(eventually(LONG, || pool.status().shutting_down).await);

@@ -62,12 +62,8 @@ async fn kill_mid_request(
 ) {
     let mut c = client.clone();
     let req = pb::ExecuteRequest {
-        command: "count".into(),
-        payload: format!(r#"{{"id": "{id}", "sleep": 2}}"#)
-            .into_bytes()
-            .into(),
         idempotent,
-        ..Default::default()
+        ..exec("count", format!(r#"{{"id": "{id}", "sleep": 2}}"#))
     };
     let call = tokio::spawn(async move { c.execute(req).await });
     let mut victim = 0;
@@ -136,12 +132,10 @@ async fn a_value_error_is_invalid_argument_and_is_not_retried() {
     let file = std::env::temp_dir().join(format!("pitboss-count-c-{}", std::process::id()));
     let (server, mut client) = start(&file).await;
     let err = client
-        .execute(pb::ExecuteRequest {
-            command: "raise".into(),
-            payload: br#"{"type": "ValueError", "message": "bad"}"#.to_vec().into(),
-            idempotent: true,
-            ..Default::default()
-        })
+        .execute(idempotent(exec(
+            "raise",
+            br#"{"type": "ValueError", "message": "bad"}"#,
+        )))
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
@@ -155,37 +149,14 @@ async fn over_the_concurrency_limit_calls_are_shed_at_once_with_pushback() {
     let (server, client) = start_with(&file, "[limits]\nmax_concurrency = 2\n").await;
     let slow = |c: &pb::bridge_client::BridgeClient<tonic::transport::Channel>| {
         let mut c = c.clone();
-        tokio::spawn(async move {
-            c.execute(pb::ExecuteRequest {
-                command: "async_sleep".into(),
-                payload: br#"{"seconds": 1.5}"#.to_vec().into(),
-                ..Default::default()
-            })
-            .await
-        })
+        tokio::spawn(async move { c.execute(exec("async_sleep", br#"{"seconds": 1.5}"#)).await })
     };
     let held = [slow(&client), slow(&client)];
     let pool = server.pool().clone();
-    assert!(
-        eventually(LONG, || pool
-            .status()
-            .workers
-            .iter()
-            .map(|w| w.in_flight)
-            .sum::<u32>()
-            == 2)
-        .await
-    );
+    assert!(eventually(LONG, || in_flight(&pool) == 2).await);
     let start = tokio::time::Instant::now();
     let mut c = client.clone();
-    let err = c
-        .execute(pb::ExecuteRequest {
-            command: "echo".into(),
-            payload: b"1".to_vec().into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap_err();
+    let err = c.execute(exec("echo", b"1")).await.unwrap_err();
     assert!(
         start.elapsed() < Duration::from_millis(500),
         "shed at once: {:?}",
@@ -217,13 +188,8 @@ async fn the_breaker_opens_under_a_burst_of_crashes_fails_fast_and_recovers() {
          [circuit_breaker]\nconsecutive_failures = 3\nopen_for = \"1s\"\n",
     )
     .await;
-    let call = |command: &str, payload: &str| pb::ExecuteRequest {
-        command: command.into(),
-        payload: payload.as_bytes().to_vec().into(),
-        ..Default::default()
-    };
     for _ in 0..3 {
-        let err = client.execute(call("crash", "{}")).await.unwrap_err();
+        let err = client.execute(exec("crash", "{}")).await.unwrap_err();
         assert_eq!(
             err.metadata().get("x-pitboss-error-class").unwrap(),
             "worker_crashed"
@@ -231,7 +197,7 @@ async fn the_breaker_opens_under_a_burst_of_crashes_fails_fast_and_recovers() {
     }
     // Open: refused at once, without touching a worker, with pushback.
     let start = tokio::time::Instant::now();
-    let err = client.execute(call("echo", "1")).await.unwrap_err();
+    let err = client.execute(exec("echo", "1")).await.unwrap_err();
     assert!(
         start.elapsed() < Duration::from_millis(200),
         "fails fast: {:?}",
@@ -253,7 +219,7 @@ async fn the_breaker_opens_under_a_burst_of_crashes_fails_fast_and_recovers() {
     assert!(pushback > 0 && pushback <= 1000, "{pushback}");
     // Streams are guarded by the same breaker.
     let err = client
-        .execute_stream(call("stream_chunks_never_sent", "{}"))
+        .execute_stream(exec("stream_chunks_never_sent", "{}"))
         .await
         .unwrap_err();
     assert_eq!(
@@ -265,13 +231,13 @@ async fn the_breaker_opens_under_a_burst_of_crashes_fails_fast_and_recovers() {
     assert!(eventually(LONG, || pool.status().ready == 2).await);
     tokio::time::sleep(Duration::from_millis(pushback + 50)).await;
     let r = client
-        .execute(call("echo", "1"))
+        .execute(exec("echo", "1"))
         .await
         .expect("the probe succeeds");
     assert_eq!(&r.into_inner().payload[..], b"1");
     for _ in 0..5 {
         client
-            .execute(call("echo", "2"))
+            .execute(exec("echo", "2"))
             .await
             .expect("closed again");
     }
@@ -283,12 +249,10 @@ async fn a_slow_attempt_is_cut_by_the_per_try_timeout_and_retried() {
     let file = std::env::temp_dir().join(format!("pitboss-count-f-{}", std::process::id()));
     let _ = std::fs::remove_file(&file);
     let (server, mut client) = start_with(&file, "[retry]\nper_try_timeout = \"300ms\"\n").await;
-    let mut req = tonic::Request::new(pb::ExecuteRequest {
-        command: "count".into(),
-        payload: br#"{"id": "f", "sleep_first": 3}"#.to_vec().into(),
-        idempotent: true,
-        ..Default::default()
-    });
+    let mut req = tonic::Request::new(idempotent(exec(
+        "count",
+        br#"{"id": "f", "sleep_first": 3}"#,
+    )));
     req.set_timeout(Duration::from_secs(10));
     let start = tokio::time::Instant::now();
     let r = client
@@ -323,12 +287,7 @@ async fn retries_stay_within_the_budget_when_every_call_fails() {
     let mut exhausted = 0;
     for _ in 0..calls {
         let err = client
-            .execute(pb::ExecuteRequest {
-                command: "crash".into(),
-                payload: b"{}".to_vec().into(),
-                idempotent: true,
-                ..Default::default()
-            })
+            .execute(idempotent(exec("crash", b"{}")))
             .await
             .unwrap_err();
         assert_eq!(
@@ -378,11 +337,10 @@ async fn a_worker_that_keeps_failing_is_ejected_and_the_pool_keeps_serving() {
     // stays alive: exactly the case for ejection rather than restart.
     for _ in 0..6 {
         let err = client
-            .execute(pb::ExecuteRequest {
-                command: "raise".into(),
-                payload: br#"{"type": "MemoryError", "message": "oom"}"#.to_vec().into(),
-                ..Default::default()
-            })
+            .execute(exec(
+                "raise",
+                br#"{"type": "MemoryError", "message": "oom"}"#,
+            ))
             .await
             .unwrap_err();
         assert_eq!(
@@ -401,11 +359,7 @@ async fn a_worker_that_keeps_failing_is_ejected_and_the_pool_keeps_serving() {
     let ejected_pid = ejected[0].pid.unwrap();
     for _ in 0..10 {
         let r = client
-            .execute(pb::ExecuteRequest {
-                command: "pid".into(),
-                payload: b"{}".to_vec().into(),
-                ..Default::default()
-            })
+            .execute(exec("pid", b"{}"))
             .await
             .unwrap()
             .into_inner();

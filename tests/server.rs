@@ -32,14 +32,6 @@ async fn start(extra: &str) -> (RunningServer, pb::bridge_client::BridgeClient<C
     (server, client)
 }
 
-fn exec(command: &str, payload: &str) -> pb::ExecuteRequest {
-    pb::ExecuteRequest {
-        command: command.into(),
-        payload: payload.as_bytes().to_vec().into(),
-        ..Default::default()
-    }
-}
-
 #[tokio::test]
 async fn execute_and_execute_stream_work() {
     let (server, mut client) = start("").await;

@@ -5,7 +5,8 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use pitboss::pool::{PoolConfig, PoolRequest, PoolResponse, WorkerCommand};
+use pitboss::grpc::pb;
+use pitboss::pool::{Pool, PoolConfig, PoolRequest, PoolResponse, WorkerCommand};
 use serde_json::Value;
 
 pub fn python_dir() -> PathBuf {
@@ -92,4 +93,26 @@ pub fn kill(pid: u32, signal: i32) {
     unsafe {
         libc::kill(pid as i32, signal);
     }
+}
+
+/// An `ExecuteRequest` for the gRPC tests.
+pub fn exec(command: &str, payload: impl AsRef<[u8]>) -> pb::ExecuteRequest {
+    pb::ExecuteRequest {
+        command: command.into(),
+        payload: payload.as_ref().to_vec().into(),
+        ..Default::default()
+    }
+}
+
+/// The same request, marked safe to run twice.
+pub fn idempotent(req: pb::ExecuteRequest) -> pb::ExecuteRequest {
+    pb::ExecuteRequest {
+        idempotent: true,
+        ..req
+    }
+}
+
+/// Requests in flight over the whole pool.
+pub fn in_flight(pool: &Pool) -> u32 {
+    pool.status().workers.iter().map(|w| w.in_flight).sum()
 }
