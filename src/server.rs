@@ -116,6 +116,7 @@ impl RunningServer {
             .load_shed()
             .concurrency_limit(limit)
             .service(retry);
+        let instance_id = instance_id();
         let edge = Arc::new(Edge {
             pool,
             include_tracebacks: config.server.include_tracebacks,
@@ -124,7 +125,8 @@ impl RunningServer {
             breaker,
             draining: Default::default(),
             started: tokio::time::Instant::now(),
-            instance_id: instance_id(),
+            instance_header: instance_id.parse().ok(),
+            instance_id,
         });
 
         let (health, health_service) = tonic_health::server::health_reporter();

@@ -56,6 +56,8 @@ pub struct Edge {
     pub draining: AtomicBool,
     pub started: tokio::time::Instant,
     pub instance_id: String,
+    /// `instance_id` as a ready metadata value, built once rather than per response.
+    pub instance_header: Option<MetadataValue<tonic::metadata::Ascii>>,
 }
 
 impl Edge {
@@ -105,8 +107,8 @@ impl Edge {
             "x-pitboss-backend",
             MetadataValue::from_static(BACKEND_LEGACY),
         );
-        if let Ok(v) = MetadataValue::try_from(self.instance_id.as_str()) {
-            md.insert("x-pitboss-instance", v);
+        if let Some(v) = &self.instance_header {
+            md.insert("x-pitboss-instance", v.clone());
         }
         if let Some(w) = worker.and_then(|w| MetadataValue::try_from(w).ok()) {
             md.insert("x-pitboss-worker", w);

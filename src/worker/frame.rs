@@ -394,9 +394,8 @@ impl Encoder<&Frame> for FrameCodec {
         dst.put_u8(frame.kind() as u8);
         dst.put_u16(0);
         dst.put_u64(frame.request_id());
-        let json = |v: &dyn erased_json::Json, dst: &mut BytesMut| v.write(dst);
         match frame {
-            Frame::Ready(info) => json(info, dst),
+            Frame::Ready(info) => put_json(info, dst),
             Frame::Request(r) => {
                 dst.put_u16(short_len(&r.command, "command")?);
                 dst.put_u16(short_len(&r.session_id, "session id")?);
@@ -421,7 +420,7 @@ impl Encoder<&Frame> for FrameCodec {
                 dst.put_slice(content_type.as_bytes());
                 dst.put_slice(payload);
             }
-            Frame::Error { body, .. } => json(body, dst),
+            Frame::Error { body, .. } => put_json(body, dst),
             Frame::SessionClose { session_id } => dst.put_slice(session_id.as_bytes()),
             Frame::StreamEnd { .. }
             | Frame::Cancel { .. }
@@ -442,20 +441,10 @@ impl Encoder<&Frame> for FrameCodec {
     }
 }
 
-/// Serialising the two JSON bodies through one small trait keeps `encode` flat.
-mod erased_json {
-    use bytes::{BufMut, BytesMut};
-
-    pub trait Json {
-        fn write(&self, dst: &mut BytesMut);
-    }
-
-    impl<T: serde::Serialize> Json for T {
-        fn write(&self, dst: &mut BytesMut) {
-            // Serialising plain structs of strings and numbers into memory cannot fail.
-            let _ = serde_json::to_writer(dst.writer(), self);
-        }
-    }
+/// Writes a JSON body (the rare `READY` and `ERROR` frames).
+fn put_json<T: Serialize>(value: &T, dst: &mut BytesMut) {
+    // Serialising plain structs of strings and numbers into memory cannot fail.
+    let _ = serde_json::to_writer(dst.writer(), value);
 }
 
 #[cfg(test)]
