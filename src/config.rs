@@ -305,6 +305,67 @@ pub struct LimitsSection {
     pub max_concurrency: u64,
 }
 
+/// What serves a backend role.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendKind {
+    /// No backend (only valid for `new`): everything is served by legacy.
+    None,
+    /// A pool of Python workers, configured by `[pool]` plus this backend's overrides.
+    Pool,
+    /// An upstream server that speaks `pitboss.v1.Bridge`.
+    Grpc,
+}
+
+/// One backend role (`legacy` or `new`): its kind, and the keys of the shared
+/// `[pool]`, `[retry]`, `[circuit_breaker]` and `[limits]` sections that differ for it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackendSection {
+    pub kind: BackendKind,
+    /// For `kind = "grpc"`: the upstream, e.g. `http://10.0.0.5:50051`.
+    pub address: String,
+    #[serde(default)]
+    pub pool: toml::Table,
+    #[serde(default)]
+    pub retry: toml::Table,
+    #[serde(default)]
+    pub circuit_breaker: toml::Table,
+    #[serde(default)]
+    pub limits: toml::Table,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackendsSection {
+    pub legacy: BackendSection,
+    pub new: BackendSection,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RolloutSection {
+    /// The hot-reloaded flags file; relative to this file. Empty: flags live in memory
+    /// (the embedded defaults, changed only through the admin API, not persisted).
+    pub flags_file: String,
+    /// Environment variable holding the admin bearer token.
+    pub admin_token_env: String,
+    /// File holding the admin bearer token (first line); used when the variable is unset.
+    pub admin_token_file: String,
+    /// How often the auto-rollback rules are evaluated.
+    pub check_interval: Dur,
+}
+
+/// A backend role with its effective settings, ready to start.
+#[derive(Debug, Clone)]
+pub struct BackendConfig {
+    pub role: &'static str,
+    pub kind: BackendKind,
+    pub address: String,
+    /// The whole config with this backend's overrides applied.
+    pub effective: Config,
+}
+
 /// The whole file. Every section and key must be present in the merged result; the
 /// embedded default supplies anything a user file leaves out.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -317,6 +378,8 @@ pub struct Config {
     pub circuit_breaker: BreakerSection,
     pub limits: LimitsSection,
     pub errors: ErrorsSection,
+    pub rollout: RolloutSection,
+    pub backends: BackendsSection,
     /// Where the file was read from, for resolving relative paths.
     #[serde(skip)]
     pub base_dir: PathBuf,
@@ -443,7 +506,150 @@ impl Config {
         if p.adapter.trim().is_empty() {
             return Err(fail("pool.adapter", "must name MODULE:OBJECT".into()));
         }
+        if self.backends.legacy.kind == BackendKind::None {
+            return Err(fail(
+                "backends.legacy.kind",
+                "legacy must be \"pool\" or \"grpc\": it serves everything new does not".into(),
+            ));
+        }
+        if self.rollout.check_interval.0.is_zero() {
+            return Err(fail("rollout.check_interval", "must be positive".into()));
+        }
+        for role in ["legacy", "new"] {
+            self.backend_with(role, origin, text)?;
+        }
         Ok(())
+    }
+
+    /// A backend role's effective settings: `[pool]`, `[retry]`, `[circuit_breaker]`
+    /// and `[limits]` with `[backends.<role>.*]` merged over them.
+    pub fn backend(&self, role: &str) -> Result<BackendConfig, ConfigError> {
+        self.backend_with(role, "<config>", None)
+    }
+
+    fn backend_with(
+        &self,
+        role: &str,
+        origin: &str,
+        text: Option<&str>,
+    ) -> Result<BackendConfig, ConfigError> {
+        let (role, section) = match role {
+            "new" => ("new", &self.backends.new),
+            _ => ("legacy", &self.backends.legacy),
+        };
+        let err = |key: String, message: String| ConfigError {
+            origin: origin.to_string(),
+            line: text.and_then(|t| line_of_key(t, key.rsplit('.').next().unwrap_or(&key))),
+            key: Some(key),
+            message,
+        };
+        if section.kind == BackendKind::Grpc {
+            let ok = (section.address.starts_with("http://")
+                || section.address.starts_with("https://"))
+                && section.address.parse::<tonic::transport::Uri>().is_ok();
+            if !ok {
+                return Err(err(
+                    format!("backends.{role}.address"),
+                    format!(
+                        "a grpc backend needs an address like \"http://127.0.0.1:50051\", got {:?}",
+                        section.address
+                    ),
+                ));
+            }
+        }
+        let overrides = [
+            ("pool", &section.pool),
+            ("retry", &section.retry),
+            ("circuit_breaker", &section.circuit_breaker),
+            ("limits", &section.limits),
+        ];
+        let mut effective = self.clone();
+        if overrides.iter().any(|(_, t)| !t.is_empty()) {
+            let mut table = match toml::Table::try_from(self) {
+                Ok(t) => t,
+                Err(e) => return Err(err(format!("backends.{role}"), e.to_string())),
+            };
+            for (name, over) in overrides {
+                if let Some(toml::Value::Table(base)) = table.get_mut(name) {
+                    let merged = merge(std::mem::take(base), over.clone());
+                    *base = merged;
+                }
+            }
+            // The overrides must not recurse into another backends section.
+            table.remove("backends");
+            table.insert(
+                "backends".into(),
+                toml::Value::try_from(&BackendsSection {
+                    legacy: BackendSection {
+                        kind: BackendKind::Pool,
+                        ..self.backends.legacy.clone()
+                    }
+                    .without_overrides(),
+                    new: self.backends.new.without_overrides(),
+                })
+                .map_err(|e| err(format!("backends.{role}"), e.to_string()))?,
+            );
+            effective = Config::deserialize(toml::Value::Table(table)).map_err(|e| {
+                let mut located = match text {
+                    Some(t) => locate(origin, t, &e.to_string()),
+                    None => err(format!("backends.{role}"), e.to_string()),
+                };
+                located.message = format!("in [backends.{role}]: {}", located.message);
+                located
+            })?;
+            effective.base_dir = self.base_dir.clone();
+            effective.check_relations(origin, None).map_err(|mut e| {
+                e.key = e.key.map(|k| format!("backends.{role}.{k}"));
+                if let (Some(t), Some(k)) = (text, &e.key) {
+                    e.line = line_of_key(t, k.rsplit('.').next().unwrap_or(k));
+                }
+                e
+            })?;
+        }
+        Ok(BackendConfig {
+            role,
+            kind: section.kind,
+            address: section.address.clone(),
+            effective,
+        })
+    }
+
+    /// The admin bearer token: from the configured variable, else the file; `None`
+    /// when neither is set (then only read-only admin calls are served).
+    pub fn admin_token(&self) -> Result<Option<String>, ConfigError> {
+        let r = &self.rollout;
+        if !r.admin_token_env.is_empty() {
+            if let Ok(v) = std::env::var(&r.admin_token_env) {
+                if !v.trim().is_empty() {
+                    return Ok(Some(v.trim().to_string()));
+                }
+            }
+        }
+        if r.admin_token_file.is_empty() {
+            return Ok(None);
+        }
+        let path = self.base_dir.join(&r.admin_token_file);
+        let text = std::fs::read_to_string(&path).map_err(|e| ConfigError {
+            origin: path.display().to_string(),
+            line: None,
+            key: Some("rollout.admin_token_file".into()),
+            message: format!("cannot read the admin token: {e}"),
+        })?;
+        let token = text.lines().next().unwrap_or("").trim().to_string();
+        if token.is_empty() {
+            return Err(ConfigError {
+                origin: path.display().to_string(),
+                line: Some(1),
+                key: Some("rollout.admin_token_file".into()),
+                message: "the admin token file is empty".into(),
+            });
+        }
+        Ok(Some(token))
+    }
+
+    /// The flags file's path, resolved against this file's directory.
+    pub fn flags_path(&self) -> Option<PathBuf> {
+        (!self.rollout.flags_file.is_empty()).then(|| self.base_dir.join(&self.rollout.flags_file))
     }
 
     /// The pool settings, with paths resolved against the config file's directory.
@@ -577,6 +783,19 @@ impl Config {
     /// The effective configuration as TOML.
     pub fn to_toml(&self) -> String {
         toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render: {e}"))
+    }
+}
+
+impl BackendSection {
+    fn without_overrides(&self) -> BackendSection {
+        BackendSection {
+            kind: self.kind,
+            address: self.address.clone(),
+            pool: Default::default(),
+            retry: Default::default(),
+            circuit_breaker: Default::default(),
+            limits: Default::default(),
+        }
     }
 }
 

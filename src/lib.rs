@@ -12,12 +12,16 @@
 //! - [`server`]: runs the listeners and the pool; shuts them down in order.
 //! - [`grpc`]: the edge: `pitboss.v1.Bridge` and `Admin`, and the one mapping from
 //!   errors to gRPC statuses.
-//! - [`rollout`]: the split between the legacy and the new backend (in progress).
+//! - [`rollout`]: the split between the legacy and the new backend: flags, sticky
+//!   bucketing, shadow comparison, rolling statistics and auto-rollback.
+//! - [`backend`]: what serves a role (`legacy` or `new`): a pool or a grpc upstream,
+//!   each behind its own resilience stack.
 //! - [`resilience`]: the single error classification (and, next, retry and breakers).
 //! - [`config`]: the config file, parsed into validated types.
 //! - [`worker`]: one Python process: spawning, the length-prefixed frame protocol
 //!   (`docs/PROTOCOL.md`), and the connection that routes replies by request id.
 
+pub mod backend;
 pub mod config;
 pub mod grpc;
 pub mod pool;

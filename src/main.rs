@@ -32,6 +32,27 @@ enum Command {
     Status {
         #[arg(long, default_value = "http://127.0.0.1:50052")]
         addr: String,
+        /// The admin token; default: $PITBOSS_ADMIN_TOKEN.
+        #[arg(long, env = "PITBOSS_ADMIN_TOKEN", hide_env_values = true)]
+        token: Option<String>,
+    },
+    /// Drive the rollout from legacy to new (see docs/ROLLOUT.md).
+    Rollout {
+        #[command(subcommand)]
+        action: RolloutCommand,
+        #[arg(long, global = true, default_value = "http://127.0.0.1:50052")]
+        addr: String,
+        /// The admin token; default: $PITBOSS_ADMIN_TOKEN.
+        #[arg(
+            long,
+            global = true,
+            env = "PITBOSS_ADMIN_TOKEN",
+            hide_env_values = true
+        )]
+        token: Option<String>,
+        /// Who makes the change, for the audit log; default: $USER.
+        #[arg(long, global = true)]
+        actor: Option<String>,
     },
     /// Check grpc.health.v1: prints SERVING or NOT_SERVING; exits 0 only when serving.
     Health {
@@ -50,6 +71,12 @@ enum Command {
         /// Route to this session's worker (also sent as x-session-id metadata).
         #[arg(long)]
         session: Option<String>,
+        /// The stickiness key for the rollout split (calls without a session).
+        #[arg(long)]
+        routing_key: Option<String>,
+        /// The command is safe to run twice (permits retries, fallback, shadowing).
+        #[arg(long)]
+        idempotent: bool,
         /// Stream the result (for generator commands).
         #[arg(long)]
         stream: bool,
@@ -59,6 +86,22 @@ enum Command {
         #[arg(long)]
         timeout_ms: Option<u64>,
     },
+}
+
+#[derive(Subcommand)]
+enum RolloutCommand {
+    /// Mode, percentage, state, and both backends' live error rate and p99.
+    Status,
+    /// Send PERCENT (0 to 100, steps of 0.01) of eligible keys to new (canary mode).
+    Set { percent: f64 },
+    /// Set the mode: off, shadow, canary or full.
+    Mode { mode: String },
+    /// Hold: new takes no new traffic until `resume`.
+    Pause,
+    /// Resume after a pause or a rollback.
+    Resume,
+    /// Send everything back to legacy now (state rolled_back until `resume`).
+    Rollback,
 }
 
 fn main() -> ExitCode {
@@ -74,16 +117,33 @@ fn main() -> ExitCode {
         match cli.command.unwrap_or(Command::Serve) {
             Command::Serve => serve(cli.config).await,
             Command::CheckConfig { file } => check_config(file),
-            Command::Status { addr } => status(addr).await,
+            Command::Status { addr, token } => status(addr, token).await,
+            Command::Rollout {
+                action,
+                addr,
+                token,
+                actor,
+            } => rollout(addr, token, actor, action).await,
             Command::Health { addr, service } => health(addr, service).await,
             Command::Call {
                 command,
                 payload,
                 session,
+                routing_key,
+                idempotent,
                 stream,
                 addr,
                 timeout_ms,
-            } => call(addr, command, payload, session, stream, timeout_ms).await,
+            } => {
+                let opts = CallOptions {
+                    session,
+                    routing_key,
+                    idempotent,
+                    stream,
+                    timeout_ms,
+                };
+                call(addr, command, payload, opts).await
+            }
         }
     });
     match result {
@@ -130,12 +190,164 @@ fn check_config(file: PathBuf) -> Result<(), String> {
     Ok(())
 }
 
-async fn status(addr: String) -> Result<(), String> {
-    let mut client = pb::admin_client::AdminClient::connect(addr.clone())
+/// An admin request carrying the bearer token, when there is one.
+fn admin_request<T>(msg: T, token: &Option<String>) -> Result<tonic::Request<T>, String> {
+    let mut req = tonic::Request::new(msg);
+    if let Some(t) = token.as_deref().filter(|t| !t.is_empty()) {
+        let v = format!("Bearer {t}")
+            .parse()
+            .map_err(|_| "the admin token is not valid metadata".to_string())?;
+        req.metadata_mut().insert("authorization", v);
+    }
+    Ok(req)
+}
+
+async fn admin_client(
+    addr: &str,
+) -> Result<pb::admin_client::AdminClient<tonic::transport::Channel>, String> {
+    pb::admin_client::AdminClient::connect(addr.to_string())
         .await
-        .map_err(|e| format!("cannot connect to {addr}: {e}"))?;
+        .map_err(|e| format!("cannot connect to the admin listener {addr}: {e}"))
+}
+
+fn show_status(s: tonic::Status) -> String {
+    format!("{:?}: {}", s.code(), s.message())
+}
+
+async fn rollout(
+    addr: String,
+    token: Option<String>,
+    actor: Option<String>,
+    action: RolloutCommand,
+) -> Result<(), String> {
+    let mut client = admin_client(&addr).await?;
+    let set = |mode: &str, percent: f64, action: &str| pb::SetRolloutRequest {
+        mode: mode.into(),
+        percent,
+        action: action.into(),
+        actor: actor
+            .clone()
+            .or_else(|| std::env::var("USER").ok())
+            .unwrap_or_default(),
+    };
+    let r = match action {
+        RolloutCommand::Status => client
+            .get_rollout(admin_request(pb::GetRolloutRequest {}, &token)?)
+            .await
+            .map_err(show_status)?,
+        other => {
+            let msg = match other {
+                RolloutCommand::Set { percent } => set("", percent, ""),
+                RolloutCommand::Mode { mode } => set(&mode, -1.0, ""),
+                RolloutCommand::Pause => set("", -1.0, "pause"),
+                RolloutCommand::Resume => set("", -1.0, "resume"),
+                RolloutCommand::Rollback => set("", -1.0, "rollback"),
+                RolloutCommand::Status => unreachable!("handled above"),
+            };
+            client
+                .set_rollout(admin_request(msg, &token)?)
+                .await
+                .map_err(show_status)?
+        }
+    }
+    .into_inner();
+    print!("{}", render_rollout(&r));
+    Ok(())
+}
+
+/// `pitboss rollout status` as text: the flags, then both backends side by side.
+fn render_rollout(r: &pb::Rollout) -> String {
+    let mut out = String::new();
+    let commands = if r.commands.is_empty() {
+        "(none)".to_string()
+    } else {
+        r.commands.join(", ")
+    };
+    out.push_str(&format!(
+        "mode {}  percent {}  effective {}%  state {}\n",
+        r.mode, r.percent, r.effective_percent, r.state
+    ));
+    out.push_str(&format!("commands {commands}\n"));
+    if !r.reason.is_empty() || !r.changed_at.is_empty() {
+        out.push_str(&format!(
+            "last change {} by {}: {}\n",
+            if r.changed_at.is_empty() {
+                "-"
+            } else {
+                &r.changed_at
+            },
+            if r.changed_by.is_empty() {
+                "-"
+            } else {
+                &r.changed_by
+            },
+            if r.reason.is_empty() { "-" } else { &r.reason }
+        ));
+    }
+    out.push_str(&format!(
+        "flags file {}\n",
+        if r.flags_file.is_empty() {
+            "(none: in memory only)"
+        } else {
+            &r.flags_file
+        }
+    ));
+    if !r.has_new {
+        out.push_str("no new backend is configured: everything is served by legacy\n");
+    }
+    out.push_str(&format!(
+        "shadow match {}  mismatch {}  error {}   fallbacks {}   rollbacks {}\n\n",
+        r.shadow_matches, r.shadow_mismatches, r.shadow_errors, r.fallbacks, r.rollbacks
+    ));
+    let window = r
+        .backends
+        .first()
+        .and_then(|b| b.window)
+        .map(|w| w.seconds)
+        .unwrap_or(0);
+    out.push_str(&format!(
+        "{:<8} {:>9} {:>8} {:>10} {:>10} {:>10} {:<10} {}\n",
+        "BACKEND", "REQUESTS", "ERRORS", "ERROR-RATE", "P50-MS", "P99-MS", "BREAKER", "TARGET"
+    ));
+    let num = |v: f64, pct: bool| {
+        if v.is_nan() {
+            "-".to_string()
+        } else if pct {
+            format!("{:.2}%", v * 100.0)
+        } else {
+            format!("{v:.1}")
+        }
+    };
+    for b in &r.backends {
+        out.push_str(&format!(
+            "{:<8} {:>9} {:>8} {:>10} {:>10} {:>10} {:<10} {}\n",
+            b.backend,
+            b.requests,
+            b.errors,
+            num(b.error_rate, true),
+            num(b.p50_ms, false),
+            num(b.p99_ms, false),
+            b.breaker,
+            b.target
+        ));
+        if !b.errors_by_class.is_empty() {
+            let mut classes: Vec<_> = b.errors_by_class.iter().collect();
+            classes.sort();
+            let list: Vec<String> = classes.iter().map(|(k, v)| format!("{k} {v}")).collect();
+            out.push_str(&format!("         failures: {}\n", list.join(", ")));
+        }
+    }
+    out.push_str(&format!("(statistics over the last {window}s)\n"));
+    if r.state == "rolled_back" {
+        out.push_str("rolled back: new takes no traffic until `pitboss rollout resume`\n");
+    }
+    out
+}
+
+async fn status(addr: String, token: Option<String>) -> Result<(), String> {
+    let mut client = admin_client(&addr).await?;
     let st = client
-        .get_status(pb::GetStatusRequest {})
+        .get_status(admin_request(pb::GetStatusRequest {}, &token)?)
         .await
         .map_err(|s| format!("{}: {}", s.code(), s.message()))?
         .into_inner();
@@ -211,14 +423,27 @@ async fn health(addr: String, service: String) -> Result<(), String> {
     }
 }
 
+struct CallOptions {
+    session: Option<String>,
+    routing_key: Option<String>,
+    idempotent: bool,
+    stream: bool,
+    timeout_ms: Option<u64>,
+}
+
 async fn call(
     addr: String,
     command: String,
     payload: String,
-    session: Option<String>,
-    stream: bool,
-    timeout_ms: Option<u64>,
+    opts: CallOptions,
 ) -> Result<(), String> {
+    let CallOptions {
+        session,
+        routing_key,
+        idempotent,
+        stream,
+        timeout_ms,
+    } = opts;
     let mut client = pb::bridge_client::BridgeClient::connect(addr.clone())
         .await
         .map_err(|e| format!("cannot connect to {addr}: {e}"))?;
@@ -227,7 +452,8 @@ async fn call(
         payload: payload.into_bytes().into(),
         content_type: "application/json".into(),
         session_id: session.clone().unwrap_or_default(),
-        ..Default::default()
+        idempotent,
+        routing_key: routing_key.unwrap_or_default(),
     });
     if let Some(s) = &session {
         // Load balancers hash on this header to keep a session on its instance.

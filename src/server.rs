@@ -17,11 +17,15 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::Server;
 use tonic_health::ServingStatus;
 
+use crate::backend::Backend;
+use crate::config::BackendKind;
 use crate::config::Config;
 use crate::grpc::pb::admin_server::AdminServer;
 use crate::grpc::pb::bridge_server::BridgeServer;
 use crate::grpc::{pb, AdminService, BridgeService, Edge};
 use crate::pool::{Pool, PoolObserver};
+use crate::rollout::controller::Rollout;
+use crate::rollout::LiveFlags;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -34,6 +38,8 @@ pub enum ServerError {
     Pool(#[from] crate::pool::PoolError),
     #[error("reflection: {0}")]
     Reflection(String),
+    #[error("{0}")]
+    Config(String),
 }
 
 const BRIDGE_SERVICE: &str = "pitboss.v1.Bridge";
@@ -48,6 +54,8 @@ pub struct RunningServer {
     edge: Arc<Edge>,
     stop_listeners: CancellationToken,
     stop_health: CancellationToken,
+    stop_background: CancellationToken,
+    _watch: Option<crate::rollout::reload::WatchGuard>,
     health: tonic_health::server::HealthReporter,
     servers: Vec<JoinHandle<()>>,
     grace: Duration,
@@ -82,52 +90,64 @@ impl RunningServer {
                 source,
             })?;
 
-        let pool = Pool::launch(config.pool_config("legacy"), Arc::new(Observer)).await?;
-        let retry_settings = config.retry_settings();
-        let rules = config.exception_rules();
-        let policy = crate::resilience::RetryPolicy::new(&retry_settings).map_err(|e| {
-            ServerError::Pool(crate::pool::PoolError::InvalidRequest(format!(
-                "retry: {e}"
-            )))
-        })?;
-        let breaker = crate::resilience::Breaker::new("legacy", config.breaker_settings())
-            .map_err(|e| {
-                ServerError::Pool(crate::pool::PoolError::InvalidRequest(format!(
-                    "circuit_breaker: {e}"
-                )))
-            })?;
-        let guarded = tower::Layer::layer(
-            &crate::resilience::BreakerLayer::new(breaker.clone()),
-            crate::resilience::PoolService::new(
-                pool.clone(),
-                Arc::new(rules.clone()),
-                retry_settings.per_try_timeout,
-                Arc::new(crate::resilience::OutlierDetector::new(
-                    config.outlier_settings(),
-                )),
-            ),
-        );
-        let retry = tower::retry::Retry::new(policy, guarded);
-        let limit = match config.limits.max_concurrency {
-            0 => tokio::sync::Semaphore::MAX_PERMITS,
-            n => n.min(tokio::sync::Semaphore::MAX_PERMITS as u64) as usize,
+        let observer: Arc<dyn PoolObserver> = Arc::new(Observer);
+        let legacy_cfg = config
+            .backend("legacy")
+            .map_err(|e| ServerError::Config(e.to_string()))?;
+        let new_cfg = config
+            .backend("new")
+            .map_err(|e| ServerError::Config(e.to_string()))?;
+        let admin_token = config
+            .admin_token()
+            .map_err(|e| ServerError::Config(e.to_string()))?;
+        let flags = match config.flags_path() {
+            Some(path) => LiveFlags::load(&path).map_err(|e| ServerError::Config(e.to_string()))?,
+            None => LiveFlags::in_memory(crate::rollout::Flags::defaults()),
         };
-        let stack = tower::ServiceBuilder::new()
-            .load_shed()
-            .concurrency_limit(limit)
-            .service(retry);
+        let legacy = Backend::start(&legacy_cfg, observer.clone())
+            .await
+            .map_err(ServerError::Config)?;
+        let new = match new_cfg.kind {
+            BackendKind::None => None,
+            _ => Some(
+                Backend::start(&new_cfg, observer)
+                    .await
+                    .map_err(ServerError::Config)?,
+            ),
+        };
+        let stop_background = CancellationToken::new();
+        let watch = if flags.path().is_some() {
+            match flags.watch() {
+                Ok(guard) => Some(guard),
+                Err(e) => {
+                    tracing::error!("cannot watch the flags file; edits need a restart: {e}");
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        let rollout = Rollout::new(flags, new.is_some());
+        rollout.spawn_checker(config.rollout.check_interval.0, stop_background.clone());
         let instance_id = instance_id();
         let edge = Arc::new(Edge {
-            pool,
+            legacy,
+            new,
+            rollout,
+            sessions: crate::grpc::sessions::SessionRoutes::new(config.sessions.ttl.0),
             include_tracebacks: config.server.include_tracebacks,
-            rules,
-            stack,
-            breaker,
             draining: Default::default(),
             started: tokio::time::Instant::now(),
             instance_header: instance_id.parse().ok(),
             instance_id,
+            admin_token,
         });
+        spawn_session_pruning(edge.clone(), stop_background.clone());
+        if edge.admin_token.is_none() {
+            tracing::warn!(
+                "no admin token is configured: the admin API serves read-only calls only"
+            );
+        }
 
         let (health, health_service) = tonic_health::server::health_reporter();
         health
@@ -193,14 +213,29 @@ impl RunningServer {
             edge,
             stop_listeners,
             stop_health,
+            stop_background,
+            _watch: watch,
             health,
             servers: vec![bridge_task, admin_task],
             grace: config.server.shutdown_grace.0,
         })
     }
 
+    /// The legacy backend's pool (`None` when legacy is a grpc upstream).
     pub fn pool(&self) -> &Pool {
-        &self.edge.pool
+        self.edge
+            .legacy
+            .pool()
+            .expect("the legacy backend is a pool")
+    }
+
+    /// The new backend's pool, when it is one.
+    pub fn new_pool(&self) -> Option<&Pool> {
+        self.edge.new.as_ref().and_then(|b| b.pool())
+    }
+
+    pub fn edge(&self) -> &Arc<Edge> {
+        &self.edge
     }
 
     /// Graceful shutdown; see the module docs for the order.
@@ -219,7 +254,10 @@ impl RunningServer {
         if tokio::time::timeout(self.grace, servers).await.is_err() {
             tracing::warn!("in-flight calls did not finish within {:?}", self.grace);
         }
-        self.edge.pool.shutdown().await;
+        self.stop_background.cancel();
+        for b in self.edge.backends() {
+            b.shutdown().await;
+        }
         tracing::info!("pitboss stopped");
     }
 
@@ -254,11 +292,16 @@ async fn track_health(
     stop: CancellationToken,
 ) {
     let mut last = None;
+    let never = tokio::sync::Notify::new();
     loop {
-        let changed = edge.pool.changed();
+        // Wake on the legacy pool's changes (a grpc legacy has none: the tick decides).
+        let changed = match edge.legacy.pool() {
+            Some(p) => p.changed(),
+            None => never.notified(),
+        };
         tokio::pin!(changed);
         changed.as_mut().enable();
-        let serving = edge.pool.status().ready > 0 && !edge.draining.load(Ordering::Acquire);
+        let serving = edge.legacy.ready() && !edge.draining.load(Ordering::Acquire);
         if last != Some(serving) {
             let status = if serving {
                 ServingStatus::Serving
@@ -276,6 +319,20 @@ async fn track_health(
             _ = stop.cancelled() => return,
         }
     }
+}
+
+/// Drops session pins idle past their TTL, once a minute.
+fn spawn_session_pruning(edge: Arc<Edge>, stop: CancellationToken) {
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs(60)) => {
+                    edge.sessions.prune(tokio::time::Instant::now());
+                }
+                _ = stop.cancelled() => return,
+            }
+        }
+    });
 }
 
 /// A random id for this process, reported in status and response metadata.

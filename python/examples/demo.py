@@ -2,7 +2,7 @@
 ``python/examples`` on PYTHONPATH), or ``examples.demo:adapter`` from ``python/``.
 
 Commands: echo, compute, counter (per-session state), stream (streaming), sleep
-(async), whoami.
+(async), whoami, version (1 here, 2 in demo_v2: tells the rollout backends apart).
 """
 
 import os
@@ -69,3 +69,9 @@ async def sleep(req):
 def whoami(req):
     """The worker's process id: {"pid": pid}."""
     return {"pid": os.getpid()}
+
+
+@adapter.command
+def version(req):
+    """Which adapter version answers: {"version": 1} (demo_v2 answers 2)."""
+    return {"version": 1}

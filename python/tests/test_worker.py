@@ -30,7 +30,7 @@ class HandshakeTest(DemoTestCase):
         self.assertEqual(info["adapter"], "demo")
         self.assertEqual(info["python"], "%d.%d.%d" % sys.version_info[:3])
         commands = dict((c["name"], c) for c in info["commands"])
-        self.assertEqual(set(commands), {"echo", "compute", "counter", "stream", "sleep", "whoami"})
+        self.assertEqual(set(commands), {"echo", "compute", "counter", "stream", "sleep", "whoami", "version"})
         self.assertEqual((commands["stream"]["streaming"], commands["stream"]["async"]), (True, False))
         self.assertEqual((commands["sleep"]["streaming"], commands["sleep"]["async"]), (False, True))
         self.assertEqual((commands["echo"]["streaming"], commands["echo"]["async"]), (False, False))

@@ -1,21 +1,31 @@
 //! The gRPC edge: `pitboss.v1.Bridge` and `pitboss.v1.Admin`. Decodes requests, applies
-//! the client's deadline, and maps results to statuses (in [`status`], only there).
+//! the client's deadline, splits calls between the `legacy` and the `new` backend
+//! (the rollout), and maps results to statuses (in [`status`], only there).
 
 pub mod deadline;
 pub mod status;
 
+pub mod admin;
+pub mod sessions;
+
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::Stream;
 use tonic::metadata::MetadataValue;
 use tonic::{Request, Response, Status};
 
-use crate::pool::{Pool, PoolError, PoolRequest, SessionInfo};
+use crate::backend::{Backend, Role};
+use crate::pool::{PoolError, PoolRequest};
+use crate::resilience::{Attempt, ErrorClass, Failed, Served};
+use crate::rollout::controller::Rollout;
+use crate::rollout::shadow::{self, Outcome};
+use crate::rollout::Route;
 
 /// Generated code for `proto/pitboss/v1/*.proto`.
 pub mod pb {
@@ -26,86 +36,108 @@ pub mod pb {
         include_bytes!(concat!(env!("OUT_DIR"), "/pitboss_descriptor.bin"));
 }
 
-use pb::admin_server::Admin;
+pub use admin::AdminService;
 use pb::bridge_server::Bridge;
-
-/// The backend role of the single pool, until the rollout issue adds `new`.
-pub const BACKEND_LEGACY: &str = "legacy";
-
-/// The tower stack every `Execute` goes through, outermost first.
-pub type ExecuteStack = tower::load_shed::LoadShed<
-    tower::limit::ConcurrencyLimit<
-        tower::retry::Retry<
-            crate::resilience::RetryPolicy,
-            crate::resilience::breaker::BreakerService<crate::resilience::PoolService>,
-        >,
-    >,
->;
 
 /// State shared by both services.
 pub struct Edge {
-    pub pool: Pool,
+    pub legacy: Backend,
+    /// Absent when no `new` backend is configured: everything is legacy.
+    pub new: Option<Backend>,
+    pub rollout: Arc<Rollout>,
+    /// Which backend holds each session, pinned at creation.
+    pub sessions: sessions::SessionRoutes,
     pub include_tracebacks: bool,
-    /// How Python exceptions are classified.
-    pub rules: crate::resilience::ExceptionRules,
-    /// The pool behind tower's layers: load shedding, a concurrency limit, retry, and
-    /// the backend's circuit breaker (which sees every attempt).
-    pub stack: ExecuteStack,
-    pub breaker: crate::resilience::Breaker,
     /// Set when shutdown starts: new calls are refused with UNAVAILABLE.
     pub draining: AtomicBool,
     pub started: tokio::time::Instant,
     pub instance_id: String,
     /// `instance_id` as a ready metadata value, built once rather than per response.
     pub instance_header: Option<MetadataValue<tonic::metadata::Ascii>>,
+    /// The admin bearer token; `None`: read-only admin calls only.
+    pub admin_token: Option<String>,
+}
+
+/// Whether a failed call of `new` may be served again by legacy: only system-class
+/// failures (the backend's fault, not the caller's), and only when running it again
+/// is safe: refused before it ran, or idempotent. Pure.
+pub fn fallback_allowed(class: ErrorClass, idempotent: bool) -> bool {
+    let system = class.row().breaker
+        || matches!(
+            class,
+            ErrorClass::CircuitOpen | ErrorClass::PoolExhausted | ErrorClass::ShuttingDown
+        );
+    system && class.retryable(idempotent)
 }
 
 impl Edge {
+    pub fn backend(&self, role: Role) -> &Backend {
+        match (role, &self.new) {
+            (Role::New, Some(b)) => b,
+            _ => &self.legacy,
+        }
+    }
+
+    pub fn backends(&self) -> impl Iterator<Item = &Backend> {
+        std::iter::once(&self.legacy).chain(self.new.as_ref())
+    }
+
     fn refuse_if_draining(&self) -> Result<(), Status> {
         if self.draining.load(Ordering::Acquire) {
-            return Err(self.status(&PoolError::ShuttingDown));
+            return Err(self.status(&PoolError::ShuttingDown, Role::Legacy));
         }
         Ok(())
     }
 
-    fn status(&self, e: &PoolError) -> Status {
-        self.status_after(e, 1)
+    fn status(&self, e: &PoolError, role: Role) -> Status {
+        self.status_after(e, 1, role)
     }
 
-    fn status_after(&self, e: &PoolError, attempts: u32) -> Status {
+    fn status_after(&self, e: &PoolError, attempts: u32, role: Role) -> Status {
         let ctx = status::ErrorContext {
-            backend: BACKEND_LEGACY,
+            backend: role.as_str(),
             attempts,
             instance: &self.instance_id,
         };
-        status::to_status(e, &self.rules, self.include_tracebacks, ctx)
+        status::to_status(e, &self.backend(role).rules, self.include_tracebacks, ctx)
+    }
+
+    fn failed_status(&self, failed: &Failed, role: Role) -> Status {
+        let mut status = self.status_after(&failed.error, failed.attempts, role);
+        if failed.budget_exhausted {
+            status.metadata_mut().insert(
+                "x-pitboss-retry-budget-exhausted",
+                MetadataValue::from_static("true"),
+            );
+        }
+        status
     }
 
     fn pool_request(
         &self,
-        r: pb::ExecuteRequest,
+        r: &mut pb::ExecuteRequest,
         md: &tonic::metadata::MetadataMap,
     ) -> PoolRequest {
         PoolRequest {
-            command: r.command,
-            payload: r.payload,
+            command: std::mem::take(&mut r.command),
+            payload: std::mem::take(&mut r.payload),
             content_type: if r.content_type.is_empty() {
                 "application/json".into()
             } else {
-                r.content_type
+                std::mem::take(&mut r.content_type)
             },
-            session_id: (!r.session_id.is_empty()).then_some(r.session_id),
+            session_id: (!r.session_id.is_empty()).then(|| std::mem::take(&mut r.session_id)),
             deadline: deadline::deadline_of(md),
             avoid_worker: None,
         }
     }
 
-    fn respond<T>(&self, msg: T, worker: Option<String>) -> Response<T> {
+    fn respond<T>(&self, msg: T, role: Role, worker: Option<String>) -> Response<T> {
         let mut resp = Response::new(msg);
         let md = resp.metadata_mut();
         md.insert(
             "x-pitboss-backend",
-            MetadataValue::from_static(BACKEND_LEGACY),
+            MetadataValue::from_static(role.as_str()),
         );
         if let Some(v) = &self.instance_header {
             md.insert("x-pitboss-instance", v.clone());
@@ -115,36 +147,107 @@ impl Edge {
         }
         resp
     }
-}
 
-fn timestamp(t: SystemTime) -> prost_types::Timestamp {
-    let d = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
-    prost_types::Timestamp {
-        seconds: d.as_secs() as i64,
-        nanos: d.subsec_nanos() as i32,
+    /// Runs a call on one backend and records the outcome in its rolling statistics.
+    async fn run(&self, role: Role, attempt: Attempt) -> Result<Served, Failed> {
+        let started = Instant::now();
+        let result = self.backend(role).execute(attempt).await;
+        self.rollout.record(
+            role,
+            started.elapsed(),
+            result.as_ref().err().map(|f| f.class),
+        );
+        result
+    }
+
+    /// Where a call goes: a session's backend, else the rollout's decision.
+    fn route(&self, req: &PoolRequest, routing_key: &str, idempotent: bool) -> Route {
+        match &req.session_id {
+            Some(id) => match self.sessions.role(id) {
+                Some(Role::New) if self.new.is_some() => Route::New,
+                _ => Route::Legacy,
+            },
+            None => self.rollout.route_call(
+                &req.command,
+                (!routing_key.is_empty()).then_some(routing_key),
+                idempotent,
+            ),
+        }
+    }
+
+    /// May this failure of `new` be served by legacy instead?
+    fn may_fall_back(&self, failed: &Failed, attempt: &Attempt) -> bool {
+        attempt.request.session_id.is_none()
+            && self.rollout.flags.get().fallback_to_legacy
+            && fallback_allowed(failed.class, attempt.idempotent)
+            && Instant::now() < attempt.deadline
     }
 }
 
-fn duration(d: Duration) -> prost_types::Duration {
-    prost_types::Duration {
-        seconds: d.as_secs() as i64,
-        nanos: d.subsec_nanos() as i32,
-    }
-}
-
-fn session_msg(s: SessionInfo) -> pb::Session {
-    pb::Session {
-        session_id: s.session_id,
-        backend: BACKEND_LEGACY.into(),
-        worker_id: s.worker.to_string(),
-        created_at: Some(timestamp(s.created)),
-        expires_at: Some(timestamp(s.expires)),
-        metadata: s
-            .metadata
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect(),
-    }
+/// Runs `new` alongside legacy, compares, and never touches the client's answer.
+fn spawn_shadow(
+    edge: Arc<Edge>,
+    attempt: Attempt,
+    legacy_result: oneshot::Receiver<Option<bytes::Bytes>>,
+) {
+    tokio::spawn(async move {
+        let deadline = attempt.deadline;
+        let command = attempt.request.command.clone();
+        let started = Instant::now();
+        let new_result =
+            tokio::time::timeout_at(deadline, edge.backend(Role::New).execute(attempt)).await;
+        let new_result = match new_result {
+            Ok(r) => r,
+            Err(_) => Err(Failed {
+                class: ErrorClass::DeadlineExceeded,
+                error: PoolError::Timeout {
+                    worker: None,
+                    after: started.elapsed(),
+                    stage: crate::pool::TimeoutStage::Running,
+                },
+                attempts: 1,
+                budget_exhausted: false,
+            }),
+        };
+        edge.rollout.record(
+            Role::New,
+            started.elapsed(),
+            new_result.as_ref().err().map(|f| f.class),
+        );
+        let legacy = legacy_result.await.ok().flatten();
+        let flags = edge.rollout.flags.get();
+        let outcome = match (&legacy, &new_result) {
+            (Some(l), Ok(n)) => {
+                if shadow::same(
+                    flags.shadow.compare,
+                    &flags.shadow.ignore_fields,
+                    l,
+                    &n.response.payload,
+                ) {
+                    Outcome::Match
+                } else {
+                    Outcome::Mismatch
+                }
+            }
+            _ => Outcome::Error,
+        };
+        let nth = edge.rollout.shadow_result(outcome);
+        match (outcome, legacy, new_result) {
+            (Outcome::Mismatch, Some(l), Ok(n)) if shadow::log_this_mismatch(nth) => {
+                tracing::warn!(
+                    command,
+                    mismatch = nth,
+                    legacy = %shadow::excerpt(&l, 512),
+                    new = %shadow::excerpt(&n.response.payload, 512),
+                    "shadow mismatch"
+                );
+            }
+            (Outcome::Error, _, Err(f)) => {
+                tracing::debug!(command, "shadow call failed on new: {}", f.error);
+            }
+            _ => {}
+        }
+    });
 }
 
 /// The Bridge service.
@@ -159,64 +262,67 @@ impl Bridge for BridgeService {
         &self,
         req: Request<pb::ExecuteRequest>,
     ) -> Result<Response<pb::ExecuteResponse>, Status> {
-        use tower::ServiceExt;
         let edge = &self.0;
         edge.refuse_if_draining()?;
-        let (md, _, r) = req.into_parts();
+        let (md, _, mut r) = req.into_parts();
         let idempotent = r.idempotent;
-        let pr = edge.pool_request(r, &md);
+        let pr = edge.pool_request(&mut r, &md);
+        let route = edge.route(&pr, &r.routing_key, idempotent);
+        let first = match route {
+            Route::New => Role::New,
+            Route::Legacy | Route::Shadow => Role::Legacy,
+        };
         let deadline = pr
             .deadline
-            .unwrap_or_else(|| tokio::time::Instant::now() + edge.pool.config().default_timeout);
-        let attempt = crate::resilience::Attempt {
+            .unwrap_or_else(|| Instant::now() + edge.backend(first).default_timeout);
+        let attempt = Attempt {
             request: pr,
             idempotent,
             number: 1,
             deadline,
         };
-        let result = edge.stack.clone().oneshot(attempt).await;
-        let result = result.map_err(|e| match e.downcast::<crate::resilience::Failed>() {
-            Ok(failed) => *failed,
-            Err(e) => {
-                let error = if e.is::<tower::load_shed::error::Overloaded>() {
-                    PoolError::PoolExhausted {
-                        reason: crate::pool::ExhaustedReason::ConcurrencyLimit,
+        let shadow_tx = (route == Route::Shadow).then(|| {
+            let (tx, rx) = oneshot::channel();
+            spawn_shadow(edge.clone(), attempt.clone(), rx);
+            tx
+        });
+        let (role, result) = match route {
+            Route::New => {
+                let retry_copy = attempt.clone();
+                match edge.run(Role::New, attempt).await {
+                    Err(failed) if edge.may_fall_back(&failed, &retry_copy) => {
+                        edge.rollout.fallback();
+                        tracing::info!(
+                            command = %retry_copy.request.command,
+                            class = failed.class.name(),
+                            "new failed; serving the call from legacy"
+                        );
+                        (Role::Legacy, edge.run(Role::Legacy, retry_copy).await)
                     }
-                } else {
-                    PoolError::Internal(e.to_string())
-                };
-                crate::resilience::Failed {
-                    class: crate::resilience::classify(&error, &edge.rules),
-                    error,
-                    attempts: 0,
-                    budget_exhausted: false,
+                    other => (Role::New, other),
                 }
             }
-        });
+            Route::Legacy | Route::Shadow => (Role::Legacy, edge.run(Role::Legacy, attempt).await),
+        };
+        if let Some(tx) = shadow_tx {
+            let _ = tx.send(result.as_ref().ok().map(|s| s.response.payload.clone()));
+        }
         match result {
             Ok(served) => {
-                let worker = served.response.worker.to_string();
+                let worker = served.worker_label();
                 Ok(edge.respond(
                     pb::ExecuteResponse {
                         payload: served.response.payload,
                         content_type: served.response.content_type,
-                        backend: BACKEND_LEGACY.into(),
+                        backend: role.as_str().into(),
                         worker_id: worker.clone(),
                         attempts: served.attempts,
                     },
+                    role,
                     Some(worker),
                 ))
             }
-            Err(failed) => {
-                let mut status = edge.status_after(&failed.error, failed.attempts);
-                if failed.budget_exhausted {
-                    status.metadata_mut().insert(
-                        "x-pitboss-retry-budget-exhausted",
-                        MetadataValue::from_static("true"),
-                    );
-                }
-                Err(status)
-            }
+            Err(failed) => Err(edge.failed_status(&failed, role)),
         }
     }
 
@@ -228,34 +334,55 @@ impl Bridge for BridgeService {
     ) -> Result<Response<Self::ExecuteStreamStream>, Status> {
         let edge = self.0.clone();
         edge.refuse_if_draining()?;
-        let (md, _, r) = req.into_parts();
-        let pr = edge.pool_request(r, &md);
-        // Streams are not retried (chunks may already be out), but the backend's
-        // breaker guards them and learns from them like any call.
-        let permit = edge
-            .breaker
-            .try_acquire()
-            .map_err(|retry_after| edge.status(&PoolError::CircuitOpen { retry_after }))?;
-        let mut stream = match edge.pool.execute_stream(pr).await {
-            Ok(s) => s,
-            Err(e) => {
-                permit.record(Some(crate::resilience::classify(&e, &edge.rules)));
-                return Err(edge.status(&e));
+        let (md, _, mut r) = req.into_parts();
+        let mut pr = edge.pool_request(&mut r, &md);
+        // Streams are not shadowed (their chunks cannot be held back to compare).
+        let mut role = match edge.route(&pr, &r.routing_key, r.idempotent) {
+            Route::New => Role::New,
+            Route::Legacy | Route::Shadow => Role::Legacy,
+        };
+        if pr.deadline.is_none() {
+            pr.deadline = Some(Instant::now() + edge.backend(role).default_timeout);
+        }
+        let started = Instant::now();
+        let (permit, mut stream) = match start_stream(&edge, role, pr.clone()).await {
+            Ok(ok) => ok,
+            Err((class, e)) => {
+                let probe = Failed {
+                    class,
+                    error: e.clone(),
+                    attempts: 1,
+                    budget_exhausted: false,
+                };
+                let attempt = Attempt {
+                    deadline: pr.deadline.unwrap_or_else(Instant::now),
+                    request: pr.clone(),
+                    idempotent: r.idempotent,
+                    number: 1,
+                };
+                if role == Role::New && edge.may_fall_back(&probe, &attempt) {
+                    edge.rollout.fallback();
+                    role = Role::Legacy;
+                    start_stream(&edge, role, pr)
+                        .await
+                        .map_err(|(_, e)| edge.status(&e, role))?
+                } else {
+                    return Err(edge.status(&e, role));
+                }
             }
         };
-        let worker = stream.worker().map(|w| w.to_string()).unwrap_or_default();
+        let worker = stream.worker();
         let (tx, rx) = mpsc::channel(16);
-        let w = worker.clone();
         let e2 = edge.clone();
         tokio::spawn(async move {
             // Hold one chunk back, so the last one can say it is last.
             let mut held: Option<pb::ExecuteChunk> = None;
             loop {
                 match stream.next().await {
-                    Some(Ok(chunk)) => {
+                    Some(Ok((payload, content_type))) => {
                         let next = pb::ExecuteChunk {
-                            payload: chunk.payload,
-                            content_type: chunk.content_type,
+                            payload,
+                            content_type,
                             ..Default::default()
                         };
                         if let Some(prev) = held.replace(next) {
@@ -268,19 +395,22 @@ impl Bridge for BridgeService {
                         }
                     }
                     Some(Err(err)) => {
-                        permit.record(Some(crate::resilience::classify(&err, &e2.rules)));
+                        let class = crate::resilience::classify(&err, &e2.backend(role).rules);
+                        permit.record(Some(class));
+                        e2.rollout.record(role, started.elapsed(), Some(class));
                         if let Some(prev) = held.take() {
                             let _ = tx.send(Ok(prev)).await;
                         }
-                        let _ = tx.send(Err(e2.status(&err))).await;
+                        let _ = tx.send(Err(e2.status(&err, role))).await;
                         return;
                     }
                     None => {
                         permit.record(None);
+                        e2.rollout.record(role, started.elapsed(), None);
                         let mut last = held.take().unwrap_or_default();
                         last.last = true;
-                        last.backend = BACKEND_LEGACY.into();
-                        last.worker_id = w;
+                        last.backend = role.as_str().into();
+                        last.worker_id = stream.worker();
                         last.attempts = 1;
                         let _ = tx.send(Ok(last)).await;
                         return;
@@ -290,6 +420,7 @@ impl Bridge for BridgeService {
         });
         Ok(edge.respond(
             Box::pin(ReceiverStream::new(rx)) as ChunkStream,
+            role,
             Some(worker),
         ))
     }
@@ -301,13 +432,37 @@ impl Bridge for BridgeService {
         let edge = &self.0;
         edge.refuse_if_draining()?;
         let r = req.into_inner();
-        let id = (!r.session_id.is_empty()).then_some(r.session_id);
-        let info = edge
-            .pool
-            .create_session(id, r.metadata.into_iter().collect())
-            .map_err(|e| edge.status(&e))?;
-        let worker = info.worker.to_string();
-        Ok(edge.respond(session_msg(info), Some(worker)))
+        let id = if r.session_id.is_empty() {
+            crate::pool::SessionTable::new_id()
+        } else {
+            r.session_id
+        };
+        crate::pool::SessionTable::validate_id(&id).map_err(|e| edge.status(&e, Role::Legacy))?;
+        if edge.sessions.role(&id).is_some() {
+            return Err(edge.status(&PoolError::SessionExists(id), Role::Legacy));
+        }
+        let metadata: std::collections::BTreeMap<String, String> = r.metadata.into_iter().collect();
+        let mut role = edge.rollout.route_session(
+            &id,
+            (!r.routing_key.is_empty()).then_some(r.routing_key.as_str()),
+        );
+        let mut result = edge
+            .backend(role)
+            .create_session(Some(id.clone()), metadata.clone())
+            .await;
+        if let (Role::New, Err(e)) = (role, &result) {
+            let class = crate::resilience::classify(e, &edge.backend(role).rules);
+            // Nothing ran yet, so falling back is always safe here.
+            if edge.rollout.flags.get().fallback_to_legacy && fallback_allowed(class, true) {
+                edge.rollout.fallback();
+                role = Role::Legacy;
+                result = edge.legacy.create_session(Some(id.clone()), metadata).await;
+            }
+        }
+        let session = result.map_err(|e| edge.status(&e, role))?;
+        edge.sessions.pin(&id, role);
+        let worker = session.worker_id.clone();
+        Ok(edge.respond(session, role, Some(worker)))
     }
 
     async fn get_session(
@@ -315,11 +470,14 @@ impl Bridge for BridgeService {
         req: Request<pb::GetSessionRequest>,
     ) -> Result<Response<pb::Session>, Status> {
         let edge = &self.0;
-        let info = edge
-            .pool
-            .get_session(&req.into_inner().session_id)
-            .map_err(|e| edge.status(&e))?;
-        Ok(edge.respond(session_msg(info), None))
+        let id = req.into_inner().session_id;
+        let role = edge.sessions.role(&id).unwrap_or(Role::Legacy);
+        let session = edge
+            .backend(role)
+            .get_session(&id)
+            .await
+            .map_err(|e| edge.status(&e, role))?;
+        Ok(edge.respond(session, role, None))
     }
 
     async fn close_session(
@@ -327,101 +485,86 @@ impl Bridge for BridgeService {
         req: Request<pb::CloseSessionRequest>,
     ) -> Result<Response<pb::CloseSessionResponse>, Status> {
         let edge = &self.0;
-        edge.pool
-            .close_session(&req.into_inner().session_id)
-            .map_err(|e| edge.status(&e))?;
-        Ok(edge.respond(pb::CloseSessionResponse {}, None))
+        let id = req.into_inner().session_id;
+        let role = edge.sessions.role(&id).unwrap_or(Role::Legacy);
+        let result = edge.backend(role).close_session(&id).await;
+        edge.sessions.unpin(&id);
+        result.map_err(|e| edge.status(&e, role))?;
+        Ok(edge.respond(pb::CloseSessionResponse {}, role, None))
     }
 
     async fn list_commands(
         &self,
         _req: Request<pb::ListCommandsRequest>,
     ) -> Result<Response<pb::ListCommandsResponse>, Status> {
-        let commands = self
-            .0
-            .pool
-            .commands()
-            .into_iter()
-            .map(|c| pb::CommandInfo {
-                name: c.name,
-                streaming: c.streaming,
-                is_async: c.is_async,
-                doc: c.doc,
-                backends: vec![BACKEND_LEGACY.into()],
-            })
-            .collect();
-        Ok(self.0.respond(pb::ListCommandsResponse { commands }, None))
+        let edge = &self.0;
+        let mut commands: Vec<pb::CommandInfo> = Vec::new();
+        for backend in edge.backends() {
+            for mut c in backend.commands().await {
+                match commands.iter_mut().find(|k| k.name == c.name) {
+                    Some(known) => known.backends.push(backend.role.as_str().into()),
+                    None => {
+                        c.backends = vec![backend.role.as_str().into()];
+                        commands.push(c);
+                    }
+                }
+            }
+        }
+        Ok(edge.respond(pb::ListCommandsResponse { commands }, Role::Legacy, None))
     }
 }
 
-/// The Admin service.
-#[derive(Clone)]
-pub struct AdminService(pub Arc<Edge>);
-
-#[tonic::async_trait]
-impl Admin for AdminService {
-    async fn get_status(
-        &self,
-        _req: Request<pb::GetStatusRequest>,
-    ) -> Result<Response<pb::Status>, Status> {
-        let edge = &self.0;
-        let st = edge.pool.status();
-        let workers = st
-            .workers
-            .iter()
-            .map(|w| pb::WorkerStatus {
-                id: w.worker.map(|w| w.to_string()).unwrap_or_default(),
-                slot: w.slot as u32,
-                pid: w.pid.unwrap_or(0),
-                state: if w.ejected {
-                    "ejected".into()
-                } else {
-                    w.state.as_str().into()
-                },
-                in_flight: w.in_flight,
-                requests_served: w.served,
-                restarts: w.restarts,
-                rss_bytes: w.rss_bytes.unwrap_or(0),
-                sessions: w.sessions as u64,
-                last_exit: w.last_exit.clone().unwrap_or_default(),
-                uptime: w.uptime.map(duration),
-            })
-            .collect();
-        let pool = pb::PoolStatus {
-            backend: BACKEND_LEGACY.into(),
-            adapter: edge.pool.config().worker.adapter.clone(),
-            size: st.size as u32,
-            ready: st.ready as u32,
-            degraded: st.degraded,
-            queue_depth: st.queue_depth as u32,
-            sessions: st.sessions as u64,
-            workers,
-        };
-        Ok(Response::new(pb::Status {
-            version: env!("CARGO_PKG_VERSION").into(),
-            instance_id: edge.instance_id.clone(),
-            uptime: Some(duration(edge.started.elapsed())),
-            pools: vec![pool],
-            sessions: st.sessions as u64,
-            serving: st.ready > 0 && !edge.draining.load(Ordering::Acquire),
-        }))
+/// Starts a stream on one backend behind its breaker; the permit records the outcome.
+async fn start_stream(
+    edge: &Edge,
+    role: Role,
+    pr: PoolRequest,
+) -> Result<
+    (
+        crate::resilience::breaker::Permit,
+        crate::backend::ChunkSource,
+    ),
+    (ErrorClass, PoolError),
+> {
+    let backend = edge.backend(role);
+    let permit = backend.breaker.try_acquire().map_err(|retry_after| {
+        (
+            ErrorClass::CircuitOpen,
+            PoolError::CircuitOpen { retry_after },
+        )
+    })?;
+    match backend.execute_stream(pr).await {
+        Ok(s) => Ok((permit, s)),
+        Err(e) => {
+            let class = crate::resilience::classify(&e, &backend.rules);
+            permit.record(Some(class));
+            Err((class, e))
+        }
     }
+}
 
-    async fn get_rollout(
-        &self,
-        _req: Request<pb::GetRolloutRequest>,
-    ) -> Result<Response<pb::Rollout>, Status> {
-        Err(Status::unimplemented(
-            "rollouts are not available yet: this build serves a single (legacy) backend",
-        ))
+fn duration(d: Duration) -> prost_types::Duration {
+    prost_types::Duration {
+        seconds: d.as_secs() as i64,
+        nanos: d.subsec_nanos() as i32,
     }
+}
 
-    async fn set_rollout(
-        &self,
-        _req: Request<pb::SetRolloutRequest>,
-    ) -> Result<Response<pb::Rollout>, Status> {
-        Err(Status::unimplemented(
-            "rollouts are not available yet: this build serves a single (legacy) backend",
-        ))
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fallback_only_for_system_failures_that_are_safe_to_rerun() {
+        // Refused before running: always safe.
+        assert!(fallback_allowed(ErrorClass::CircuitOpen, false));
+        assert!(fallback_allowed(ErrorClass::PoolExhausted, false));
+        // Ran, maybe: only when idempotent.
+        assert!(fallback_allowed(ErrorClass::WorkerCrashed, true));
+        assert!(!fallback_allowed(ErrorClass::WorkerCrashed, false));
+        // The caller's own doing, or the application's answer: never.
+        assert!(!fallback_allowed(ErrorClass::InvalidRequest, true));
+        assert!(!fallback_allowed(ErrorClass::PythonException, true));
+        assert!(!fallback_allowed(ErrorClass::DeadlineExceeded, true));
     }
 }

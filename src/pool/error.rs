@@ -84,6 +84,15 @@ pub enum PoolError {
     Unavailable(String),
     #[error("internal error: {0}")]
     Internal(String),
+    /// A failure reported by a `grpc` backend (an upstream Bridge), classified from its
+    /// status: the upstream's own `x-pitboss-error-class` when it is a pitboss, else
+    /// from the status code.
+    #[error("upstream {address}: {message}")]
+    Upstream {
+        address: String,
+        class: crate::resilience::ErrorClass,
+        message: String,
+    },
 }
 
 fn exhausted_message(reason: ExhaustedReason) -> &'static str {

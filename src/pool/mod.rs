@@ -33,12 +33,11 @@ use tokio_util::sync::CancellationToken;
 pub use config::{PoolConfig, WorkerCommand};
 pub use error::{ExhaustedReason, PoolError, TimeoutStage};
 pub use select::Target;
-pub use sessions::{AffinityMode, SessionInfo};
+pub use sessions::{AffinityMode, SessionInfo, SessionTable};
 pub use supervisor::{ExitReason, StopReason};
 
 use dispatch::{Dispatcher, Lease};
 use restart::RestartTracker;
-use sessions::SessionTable;
 
 use crate::worker::{
     resolve_python, signal_group, CallRequest, CommandInfo, ReadyInfo, ReplyMode, WorkerId,

@@ -308,6 +308,7 @@ pub fn classify(err: &PoolError, rules: &ExceptionRules) -> ErrorClass {
         PoolError::CircuitOpen { .. } => C::CircuitOpen,
         PoolError::ShuttingDown => C::ShuttingDown,
         PoolError::Internal(_) => C::Internal,
+        PoolError::Upstream { class, .. } => *class,
     }
 }
 

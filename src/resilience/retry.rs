@@ -106,6 +106,17 @@ pub struct Attempt {
 pub struct Served {
     pub response: PoolResponse,
     pub attempts: u32,
+    /// The worker as a `grpc` backend's upstream named it (its `worker_id`).
+    pub remote_worker: Option<String>,
+}
+
+impl Served {
+    /// The worker that served it, as the client is told.
+    pub fn worker_label(&self) -> String {
+        self.remote_worker
+            .clone()
+            .unwrap_or_else(|| self.response.worker.to_string())
+    }
 }
 
 /// A failure, classified once, with the attempts made.
@@ -304,6 +315,7 @@ impl Service<Attempt> for PoolService {
                     Ok(Served {
                         response,
                         attempts: attempt.number,
+                        remote_worker: None,
                     })
                 }
                 Err(error) => {

@@ -155,10 +155,22 @@ impl Flags {
         self.commands.contains("*") || self.commands.contains(command)
     }
 
-    /// The percentage in force: 0 once rolled back.
+    /// Whether new takes any traffic now: not while paused or rolled back.
+    pub fn serving_new(&self) -> bool {
+        self.status.state == RolloutState::Active
+    }
+
+    /// Whether sessions may be pinned to new: a session's calls cannot be split
+    /// between backends, so only when every command is eligible (`commands = ["*"]`).
+    pub fn sessions_eligible(&self) -> bool {
+        self.commands.contains("*")
+    }
+
+    /// The percentage in force: 0 while paused or rolled back.
     pub fn effective_percent(&self) -> Percent {
         match (self.status.state, self.mode) {
-            (RolloutState::RolledBack, _) | (_, Mode::Off | Mode::Shadow) => Percent::ZERO,
+            (RolloutState::RolledBack | RolloutState::Paused, _)
+            | (_, Mode::Off | Mode::Shadow) => Percent::ZERO,
             (_, Mode::Full) => Percent::ALL,
             (_, Mode::Canary) => self.percent.0,
         }
@@ -194,7 +206,7 @@ pub fn route(
     idempotent: bool,
     random_bucket: u32,
 ) -> Route {
-    if !flags.eligible(command) || flags.status.state == RolloutState::RolledBack {
+    if !flags.eligible(command) || !flags.serving_new() {
         return Route::Legacy;
     }
     let b = key
@@ -220,6 +232,141 @@ pub fn route(
             }
         }
     }
+}
+
+/// Where a new session is pinned, for its whole life. Shadow mode pins to legacy
+/// (a session's state lives in one backend, so it cannot be shadowed).
+pub fn session_route(flags: &Flags, key: &str) -> Route {
+    if !flags.sessions_eligible() || !flags.serving_new() {
+        return Route::Legacy;
+    }
+    match flags.mode {
+        Mode::Full => Route::New,
+        Mode::Canary if in_new(bucket(&flags.salt, key), flags.percent.0) => Route::New,
+        _ => Route::Legacy,
+    }
+}
+
+/// An operator's change to the rollout (admin RPC or CLI).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Change {
+    pub mode: Option<Mode>,
+    pub percent: Option<Percent>,
+    pub action: Option<Action>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    Pause,
+    Resume,
+    Rollback,
+}
+
+impl Action {
+    pub fn parse(s: &str) -> Result<Option<Action>, String> {
+        match s {
+            "" => Ok(None),
+            "pause" => Ok(Some(Action::Pause)),
+            "resume" => Ok(Some(Action::Resume)),
+            "rollback" => Ok(Some(Action::Rollback)),
+            other => Err(format!(
+                "unknown action {other:?}; expected pause, resume or rollback"
+            )),
+        }
+    }
+}
+
+impl Mode {
+    pub fn parse(s: &str) -> Result<Mode, String> {
+        match s {
+            "off" => Ok(Mode::Off),
+            "shadow" => Ok(Mode::Shadow),
+            "canary" => Ok(Mode::Canary),
+            "full" => Ok(Mode::Full),
+            other => Err(format!(
+                "unknown mode {other:?}; expected off, shadow, canary or full"
+            )),
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Off => "off",
+            Mode::Shadow => "shadow",
+            Mode::Canary => "canary",
+            Mode::Full => "full",
+        }
+    }
+}
+
+impl RolloutState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RolloutState::Active => "active",
+            RolloutState::Paused => "paused",
+            RolloutState::RolledBack => "rolled_back",
+        }
+    }
+}
+
+/// Applies an operator's change, pure. Setting a percentage while the mode is `off`
+/// or `shadow` switches to `canary` (that is what the operator asks for). A change of
+/// mode or percentage never resumes a paused or rolled-back rollout: only `resume`
+/// does, so a rollback cannot be undone by accident.
+pub fn apply_change(
+    flags: &Flags,
+    change: &Change,
+    actor: &str,
+    now: &str,
+) -> Result<Flags, String> {
+    let mut f = flags.clone();
+    if let Some(mode) = change.mode {
+        f.mode = mode;
+    }
+    if let Some(p) = change.percent {
+        f.percent = PercentValue(p);
+        if change.mode.is_none() && matches!(f.mode, Mode::Off | Mode::Shadow) {
+            f.mode = Mode::Canary;
+        }
+    }
+    let mut reason = None;
+    match change.action {
+        None => {}
+        Some(Action::Pause) => {
+            if f.status.state == RolloutState::RolledBack {
+                return Err("the rollout is rolled back; resume it (not pause)".into());
+            }
+            f.status.state = RolloutState::Paused;
+            reason = Some("paused by an operator".to_string());
+        }
+        Some(Action::Resume) => {
+            f.status.state = RolloutState::Active;
+            reason = Some("resumed by an operator".to_string());
+        }
+        Some(Action::Rollback) => {
+            f.status.state = RolloutState::RolledBack;
+            reason = Some("rolled back by an operator".to_string());
+        }
+    }
+    if f == *flags {
+        return Ok(f);
+    }
+    if let Some(r) = reason {
+        f.status.reason = r;
+    }
+    f.status.changed_at = now.to_string();
+    f.status.changed_by = actor.to_string();
+    Ok(f)
+}
+
+/// The automatic rollback, pure.
+pub fn rolled_back(flags: &Flags, reason: &str, now: &str) -> Flags {
+    let mut f = flags.clone();
+    f.status.state = RolloutState::RolledBack;
+    f.status.reason = reason.to_string();
+    f.status.changed_at = now.to_string();
+    f.status.changed_by = "pitboss auto-rollback".into();
+    f
 }
 
 #[cfg(test)]
@@ -276,6 +423,89 @@ mod tests {
         .unwrap();
         assert_eq!(route(&rb, "x", None, true, 0), Route::Legacy);
         assert_eq!(rb.effective_percent(), Percent::ZERO);
+    }
+
+    #[test]
+    fn sessions_are_pinned_only_when_every_command_is_eligible() {
+        let all = Flags::parse(
+            "f",
+            "mode = \"canary\"\npercent = 50.0\ncommands = [\"*\"]\n",
+        )
+        .unwrap();
+        let some = Flags::parse(
+            "f",
+            "mode = \"canary\"\npercent = 50.0\ncommands = [\"a\"]\n",
+        )
+        .unwrap();
+        let new = (0..2000)
+            .filter(|i| session_route(&all, &format!("s{i}")) == Route::New)
+            .count();
+        assert!((900..1100).contains(&new), "{new}");
+        assert!((0..2000).all(|i| session_route(&some, &format!("s{i}")) == Route::Legacy));
+        let shadow = Flags::parse("f", "mode = \"shadow\"\ncommands = [\"*\"]\n").unwrap();
+        assert_eq!(session_route(&shadow, "s1"), Route::Legacy);
+    }
+
+    #[test]
+    fn operator_changes_and_their_rules() {
+        let f = Flags::defaults();
+        let set10 = Change {
+            percent: Some(Percent::from_f64(10.0).unwrap()),
+            ..Default::default()
+        };
+        let g = apply_change(&f, &set10, "ops", "t1").unwrap();
+        assert_eq!(g.mode, Mode::Canary, "a percentage means canary");
+        assert_eq!(g.status.changed_by, "ops");
+        let paused = apply_change(
+            &g,
+            &Change {
+                action: Some(Action::Pause),
+                ..Default::default()
+            },
+            "ops",
+            "t2",
+        )
+        .unwrap();
+        assert_eq!(paused.effective_percent(), Percent::ZERO);
+        assert_eq!(route(&paused, "echo", Some("k"), true, 0), Route::Legacy);
+        let rb = rolled_back(&g, "error rate 9% > 5%", "t3");
+        assert_eq!(rb.status.state, RolloutState::RolledBack);
+        // Raising the percentage does not resume a rolled-back rollout ...
+        let still = apply_change(
+            &rb,
+            &Change {
+                percent: Some(Percent::from_f64(50.0).unwrap()),
+                ..Default::default()
+            },
+            "ops",
+            "t4",
+        )
+        .unwrap();
+        assert_eq!(still.status.state, RolloutState::RolledBack);
+        assert_eq!(still.effective_percent(), Percent::ZERO);
+        assert!(apply_change(
+            &rb,
+            &Change {
+                action: Some(Action::Pause),
+                ..Default::default()
+            },
+            "ops",
+            "t4"
+        )
+        .is_err());
+        // ... only resume does.
+        let resumed = apply_change(
+            &still,
+            &Change {
+                action: Some(Action::Resume),
+                ..Default::default()
+            },
+            "ops",
+            "t5",
+        )
+        .unwrap();
+        assert_eq!(resumed.effective_percent().as_f64(), 50.0);
+        assert_eq!(resumed.status.reason, "resumed by an operator");
     }
 
     #[test]

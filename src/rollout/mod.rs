@@ -4,12 +4,16 @@
 //! - [`flags`]: the flags file as validated types, and the pure routing decision.
 //! - [`reload`]: hot reload of the flags file (directory watch, atomic swap).
 //!
-//! Still to come (issue 5): a second backend, shadow comparison,
-//! auto-rollback and the admin RPCs.
+//! - [`shadow`]: comparing legacy's and new's answers (pure).
+//! - [`stats`]: per-backend rolling statistics and the rollback decision (pure).
+//! - [`controller`]: the live rollout: routing, recording, auto-rollback, changes.
 
 pub mod bucket;
+pub mod controller;
 pub mod flags;
 pub mod reload;
+pub mod shadow;
+pub mod stats;
 
 pub use bucket::{bucket, in_new, Percent, BUCKETS};
 pub use flags::{route, sticky_key, Flags, Mode, Route};

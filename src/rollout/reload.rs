@@ -21,7 +21,11 @@ use super::flags::Flags;
 /// The flags in force, shared by every call.
 pub struct LiveFlags {
     current: ArcSwap<Flags>,
-    path: PathBuf,
+    /// `None`: flags live in memory only (no flags file configured).
+    path: Option<PathBuf>,
+    /// Serialises writers (admin changes, auto-rollback), so two read-modify-write
+    /// changes never lose one another.
+    write_lock: tokio::sync::Mutex<()>,
     reloads_ok: AtomicU64,
     reloads_failed: AtomicU64,
     last_error: std::sync::Mutex<Option<String>>,
@@ -43,13 +47,48 @@ impl LiveFlags {
                 })
             }
         };
-        Ok(Arc::new(LiveFlags {
+        Ok(Arc::new(LiveFlags::new(flags, Some(path.to_path_buf()))))
+    }
+
+    /// Flags without a file: changes apply in memory and are lost on restart.
+    pub fn in_memory(flags: Flags) -> Arc<LiveFlags> {
+        Arc::new(LiveFlags::new(flags, None))
+    }
+
+    fn new(flags: Flags, path: Option<PathBuf>) -> LiveFlags {
+        LiveFlags {
             current: ArcSwap::from_pointee(flags),
-            path: path.to_path_buf(),
+            path,
+            write_lock: Default::default(),
             reloads_ok: AtomicU64::new(0),
             reloads_failed: AtomicU64::new(0),
             last_error: Default::default(),
-        }))
+        }
+    }
+
+    pub fn path(&self) -> Option<&Path> {
+        self.path.as_deref()
+    }
+
+    /// Applies a change computed from the flags in force, and writes the result to the
+    /// file atomically (a temporary file in the same directory, synced, then renamed
+    /// over the original), so a restart keeps it and a reader never sees half a file.
+    /// Returns the old and the new flags. The file is written before the swap: if it
+    /// cannot be written, nothing changes and the error says why.
+    pub async fn update(
+        &self,
+        change: impl FnOnce(&Flags) -> Result<Flags, String>,
+    ) -> Result<(Arc<Flags>, Arc<Flags>), String> {
+        let _guard = self.write_lock.lock().await;
+        let old = self.get();
+        let new = change(&old)?;
+        if let Some(path) = &self.path {
+            write_atomically(path, &new.to_toml())
+                .map_err(|e| format!("cannot write the flags file {}: {e}", path.display()))?;
+        }
+        let new = Arc::new(new);
+        self.current.store(new.clone());
+        Ok((old, new))
     }
 
     /// The flags in force now. Cheap: one atomic load.
@@ -78,8 +117,11 @@ impl LiveFlags {
 
     /// Re-reads the file now. Returns whether new flags were applied.
     pub fn reload(&self) -> bool {
-        let origin = self.path.display().to_string();
-        let result = std::fs::read_to_string(&self.path)
+        let Some(path) = &self.path else {
+            return false;
+        };
+        let origin = path.display().to_string();
+        let result = std::fs::read_to_string(path)
             .map_err(|e| format!("{origin}: cannot read: {e}"))
             .and_then(|text| Flags::parse(&origin, &text).map_err(|e| e.to_string()));
         match result {
@@ -106,13 +148,15 @@ impl LiveFlags {
     /// Watches the file's directory and reloads on every change to the file, until the
     /// returned guard is dropped.
     pub fn watch(self: &Arc<Self>) -> notify::Result<WatchGuard> {
-        let dir = self
-            .path
+        let Some(path) = &self.path else {
+            return Err(notify::Error::generic("no flags file to watch"));
+        };
+        let dir = path
             .parent()
             .filter(|p| !p.as_os_str().is_empty())
             .unwrap_or(Path::new("."))
             .to_path_buf();
-        let name = self.path.file_name().map(|n| n.to_os_string());
+        let name = path.file_name().map(|n| n.to_os_string());
         let (tx, mut rx) = mpsc::unbounded_channel::<()>();
         let mut watcher =
             notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
@@ -141,6 +185,28 @@ impl LiveFlags {
             task,
         })
     }
+}
+
+fn write_atomically(path: &Path, text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "flags.toml".into());
+    let tmp = path.with_file_name(format!(".{name}.pitboss-{}.tmp", std::process::id()));
+    let header = "# Rollout flags, written by pitboss (auto-rollback or an admin change).\n\
+                  # Edits are hot reloaded; comments are not kept when pitboss writes.\n\n";
+    let result = (|| {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(header.as_bytes())?;
+        f.write_all(text.as_bytes())?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
 }
 
 /// Keeps the watch alive; dropping it stops reloading.
@@ -220,6 +286,34 @@ mod tests {
             err.contains("flags.toml:2") && err.contains("percent"),
             "{err}"
         );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test]
+    async fn updates_are_written_atomically_and_survive_a_reload() {
+        let dir = temp_dir("update");
+        let path = dir.join("flags.toml");
+        std::fs::write(&path, "mode = \"canary\"\npercent = 5.0\n").unwrap();
+        let live = LiveFlags::load(&path).unwrap();
+        let (old, new) = live
+            .update(|f| {
+                let mut f = f.clone();
+                f.status.state = crate::rollout::flags::RolloutState::RolledBack;
+                f.status.reason = "error rate".into();
+                Ok(f)
+            })
+            .await
+            .unwrap();
+        assert_eq!(old.percent.0.as_f64(), 5.0);
+        let again = LiveFlags::load(&path).unwrap();
+        assert_eq!(*again.get(), *new, "the file holds what is in force");
+        assert!(
+            std::fs::read_dir(&dir).unwrap().count() == 1,
+            "no temp file left"
+        );
+        // A failed change changes nothing.
+        assert!(live.update(|_| Err("no".into())).await.is_err());
+        assert_eq!(*live.get(), *new);
         let _ = std::fs::remove_dir_all(&dir);
     }
 

@@ -1,0 +1,82 @@
+"""The demo adapter's next version, for rollouts: ``demo_v2:adapter``.
+
+Serves the same commands as ``demo`` (so calls can move between the two backends),
+with two deliberate differences a migration would have:
+
+* ``compute`` adds ``"engine": "v2"`` to its answer, so shadow mode reports a
+  mismatch unless ``engine`` is in ``[shadow] ignore_fields``;
+* ``version`` answers ``{"version": 2}`` (``demo`` answers 1).
+
+``DEMO_V2_BROKEN`` in the worker's environment makes it misbehave, to rehearse an
+automatic rollback or a fallback: ``raise`` (every call raises RuntimeError) or
+``crash`` (every call kills the worker: a system failure).
+"""
+
+import os
+
+from pitboss_worker import Adapter
+
+adapter = Adapter("demo_v2")
+_BROKEN = os.environ.get("DEMO_V2_BROKEN", "")
+
+
+def _args(req):
+    return req.json() if req.payload else {}
+
+
+def _misbehave():
+    if _BROKEN == "raise":
+        raise RuntimeError("demo_v2 is broken on purpose (DEMO_V2_BROKEN=raise)")
+    if _BROKEN == "crash":
+        os._exit(3)
+
+
+@adapter.command
+def echo(req):
+    """Return the payload unchanged."""
+    _misbehave()
+    return req.payload
+
+
+@adapter.command
+def compute(req):
+    """The sum of i*i for i < n ({"n": N}, default 10000), computed the v2 way."""
+    _misbehave()
+    n = int(_args(req).get("n", 10000))
+    return {"n": n, "sum": (n - 1) * n * (2 * n - 1) // 6, "engine": "v2"}
+
+
+@adapter.session_state
+def new_session(session_id):
+    return {"count": 0}
+
+
+@adapter.command
+def counter(req):
+    """Count the calls of this session."""
+    _misbehave()
+    if req.session is None:
+        raise ValueError("counter needs a session: send the request with a session id")
+    req.session["count"] += 1
+    return {"count": req.session["count"], "pid": os.getpid()}
+
+
+@adapter.command
+def stream(req):
+    """Stream {"i": 0} .. {"i": n-1} ({"n": N}, default 3)."""
+    _misbehave()
+    for i in range(int(_args(req).get("n", 3))):
+        yield {"i": i}
+
+
+@adapter.command
+def version(req):
+    """Which adapter version answers: {"version": 2}."""
+    _misbehave()
+    return {"version": 2}
+
+
+@adapter.command
+def whoami(req):
+    """The worker's process id: {"pid": pid}."""
+    return {"pid": os.getpid()}

@@ -1,0 +1,308 @@
+//! `pitboss.v1.Admin`: status and the rollout controls, behind a bearer token.
+//!
+//! With a token configured, every admin call needs `authorization: Bearer <token>`:
+//! a missing token is `UNAUTHENTICATED`, a wrong one `PERMISSION_DENIED`. Without one,
+//! only the read-only calls are served, so a fresh install can be inspected but not
+//! changed by anyone who can reach the (loopback) admin port.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use tonic::{Request, Response, Status};
+
+use super::pb::admin_server::Admin;
+use super::{duration, pb, Edge};
+use crate::backend::Target;
+use crate::rollout::flags::{Action, Change, Mode};
+use crate::rollout::Percent;
+
+/// Compares in constant time for equal lengths, so the time taken does not tell an
+/// attacker how much of a guess was right.
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// The authorization decision, pure.
+pub fn authorize(token: Option<&str>, header: Option<&str>, mutating: bool) -> Result<(), Status> {
+    let Some(token) = token else {
+        if mutating {
+            return Err(Status::failed_precondition(
+                "the admin API is read-only: no admin token is configured; set \
+                 PITBOSS_ADMIN_TOKEN (or rollout.admin_token_file) and restart pitboss",
+            ));
+        }
+        return Ok(());
+    };
+    let Some(header) = header else {
+        return Err(Status::unauthenticated(
+            "missing admin token: send the metadata `authorization: Bearer <token>`",
+        ));
+    };
+    let given = header
+        .strip_prefix("Bearer ")
+        .or_else(|| header.strip_prefix("bearer "))
+        .unwrap_or(header)
+        .trim();
+    if constant_time_eq(given.as_bytes(), token.as_bytes()) {
+        Ok(())
+    } else {
+        Err(Status::permission_denied("wrong admin token"))
+    }
+}
+
+/// The Admin service.
+#[derive(Clone)]
+pub struct AdminService(pub Arc<Edge>);
+
+impl AdminService {
+    fn check<T>(&self, req: &Request<T>, mutating: bool) -> Result<(), Status> {
+        let header = req
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok());
+        authorize(self.0.admin_token.as_deref(), header, mutating)
+    }
+
+    fn rollout_msg(&self) -> pb::Rollout {
+        let edge = &self.0;
+        let f = edge.rollout.flags.get();
+        let c = &edge.rollout.counters;
+        let backends = edge
+            .backends()
+            .map(|b| {
+                let s = edge.rollout.stats(b.role);
+                let ms = |d: Option<std::time::Duration>| {
+                    d.map(|d| d.as_secs_f64() * 1000.0).unwrap_or(f64::NAN)
+                };
+                pb::BackendStats {
+                    backend: b.role.as_str().into(),
+                    target: b.describe.clone(),
+                    requests: s.requests,
+                    errors: s.errors,
+                    error_rate: s.error_rate().unwrap_or(f64::NAN),
+                    p50_ms: ms(s.p50),
+                    p99_ms: ms(s.p99),
+                    window: Some(duration(s.window)),
+                    errors_by_class: s
+                        .by_class
+                        .iter()
+                        .map(|(k, v)| (k.to_string(), *v))
+                        .collect(),
+                    breaker: match b.breaker.state() {
+                        crate::resilience::BreakerState::Closed => "closed",
+                        crate::resilience::BreakerState::HalfOpen => "half_open",
+                        crate::resilience::BreakerState::Open => "open",
+                    }
+                    .into(),
+                }
+            })
+            .collect();
+        pb::Rollout {
+            mode: f.mode.as_str().into(),
+            percent: f.percent.0.as_f64(),
+            state: f.status.state.as_str().into(),
+            reason: f.status.reason.clone(),
+            effective_percent: f.effective_percent().as_f64(),
+            commands: f.commands.iter().cloned().collect(),
+            changed_at: f.status.changed_at.clone(),
+            changed_by: f.status.changed_by.clone(),
+            flags_file: edge
+                .rollout
+                .flags
+                .path()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default(),
+            has_new: edge.new.is_some(),
+            backends,
+            shadow_matches: c.shadow_match.load(Ordering::Relaxed),
+            shadow_mismatches: c.shadow_mismatch.load(Ordering::Relaxed),
+            shadow_errors: c.shadow_error.load(Ordering::Relaxed),
+            fallbacks: c.fallbacks.load(Ordering::Relaxed),
+            rollbacks: c.rollbacks.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// Turns a `SetRolloutRequest` into a change, checking every field.
+pub fn parse_change(r: &pb::SetRolloutRequest) -> Result<Change, String> {
+    let mode = if r.mode.is_empty() {
+        None
+    } else {
+        Some(Mode::parse(&r.mode)?)
+    };
+    let percent = if r.percent < 0.0 {
+        None
+    } else {
+        Some(Percent::from_f64(r.percent)?)
+    };
+    let action = Action::parse(&r.action)?;
+    if mode.is_none() && percent.is_none() && action.is_none() {
+        return Err("nothing to change: give a mode, a percent (0 to 100) or an action".into());
+    }
+    Ok(Change {
+        mode,
+        percent,
+        action,
+    })
+}
+
+#[tonic::async_trait]
+impl Admin for AdminService {
+    async fn get_status(
+        &self,
+        req: Request<pb::GetStatusRequest>,
+    ) -> Result<Response<pb::Status>, Status> {
+        self.check(&req, false)?;
+        let edge = &self.0;
+        let mut pools = Vec::new();
+        let mut sessions = 0;
+        for b in edge.backends() {
+            match &b.target {
+                Target::Pool(pool) => {
+                    let st = pool.status();
+                    sessions += st.sessions as u64;
+                    let workers = st
+                        .workers
+                        .iter()
+                        .map(|w| pb::WorkerStatus {
+                            id: w.worker.map(|w| w.to_string()).unwrap_or_default(),
+                            slot: w.slot as u32,
+                            pid: w.pid.unwrap_or(0),
+                            state: if w.ejected {
+                                "ejected".into()
+                            } else {
+                                w.state.as_str().into()
+                            },
+                            in_flight: w.in_flight,
+                            requests_served: w.served,
+                            restarts: w.restarts,
+                            rss_bytes: w.rss_bytes.unwrap_or(0),
+                            sessions: w.sessions as u64,
+                            last_exit: w.last_exit.clone().unwrap_or_default(),
+                            uptime: w.uptime.map(duration),
+                        })
+                        .collect();
+                    pools.push(pb::PoolStatus {
+                        backend: b.role.as_str().into(),
+                        adapter: pool.config().worker.adapter.clone(),
+                        size: st.size as u32,
+                        ready: st.ready as u32,
+                        degraded: st.degraded,
+                        queue_depth: st.queue_depth as u32,
+                        sessions: st.sessions as u64,
+                        workers,
+                    });
+                }
+                Target::Grpc(u) => pools.push(pb::PoolStatus {
+                    backend: b.role.as_str().into(),
+                    adapter: format!("grpc upstream {}", u.address),
+                    ..Default::default()
+                }),
+            }
+        }
+        let (_, new_sessions) = edge.sessions.counts();
+        if matches!(edge.new.as_ref().map(|b| &b.target), Some(Target::Grpc(_))) {
+            sessions += new_sessions as u64;
+        }
+        Ok(Response::new(pb::Status {
+            version: env!("CARGO_PKG_VERSION").into(),
+            instance_id: edge.instance_id.clone(),
+            uptime: Some(duration(edge.started.elapsed())),
+            pools,
+            sessions,
+            serving: edge.legacy.ready() && !edge.draining.load(Ordering::Acquire),
+        }))
+    }
+
+    async fn get_rollout(
+        &self,
+        req: Request<pb::GetRolloutRequest>,
+    ) -> Result<Response<pb::Rollout>, Status> {
+        self.check(&req, false)?;
+        Ok(Response::new(self.rollout_msg()))
+    }
+
+    async fn set_rollout(
+        &self,
+        req: Request<pb::SetRolloutRequest>,
+    ) -> Result<Response<pb::Rollout>, Status> {
+        self.check(&req, true)?;
+        let peer = req
+            .remote_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_else(|| "unknown".into());
+        let r = req.into_inner();
+        let change = parse_change(&r).map_err(Status::invalid_argument)?;
+        if self.0.new.is_none() && change.action != Some(Action::Rollback) {
+            let wants_new = change.mode.is_some_and(|m| m != Mode::Off)
+                || change.percent.is_some_and(|p| p != Percent::ZERO);
+            if wants_new {
+                return Err(Status::failed_precondition(
+                    "no new backend is configured ([backends.new] kind is \"none\"): \
+                     nothing to send traffic to",
+                ));
+            }
+        }
+        let actor = if r.actor.is_empty() {
+            format!("admin@{peer}")
+        } else {
+            format!("{}@{peer}", r.actor)
+        };
+        self.0
+            .rollout
+            .change(&change, &actor)
+            .await
+            .map_err(Status::failed_precondition)?;
+        Ok(Response::new(self.rollout_msg()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_are_required_and_compared_exactly() {
+        assert!(constant_time_eq(b"abc", b"abc"));
+        assert!(!constant_time_eq(b"abc", b"abd"));
+        assert!(!constant_time_eq(b"abc", b"abcd"));
+        let t = Some("s3cret");
+        assert_eq!(
+            authorize(t, None, false).unwrap_err().code(),
+            tonic::Code::Unauthenticated
+        );
+        assert_eq!(
+            authorize(t, Some("Bearer nope"), true).unwrap_err().code(),
+            tonic::Code::PermissionDenied
+        );
+        assert!(authorize(t, Some("Bearer s3cret"), true).is_ok());
+        // Without a token: reads only.
+        assert!(authorize(None, None, false).is_ok());
+        assert_eq!(
+            authorize(None, Some("Bearer x"), true).unwrap_err().code(),
+            tonic::Code::FailedPrecondition
+        );
+    }
+
+    #[test]
+    fn set_requests_are_validated() {
+        let mut r = pb::SetRolloutRequest {
+            percent: -1.0,
+            ..Default::default()
+        };
+        assert!(parse_change(&r).unwrap_err().contains("nothing to change"));
+        r.percent = 150.0;
+        assert!(parse_change(&r).is_err());
+        r.percent = 12.5;
+        r.mode = "sideways".into();
+        assert!(parse_change(&r).unwrap_err().contains("unknown mode"));
+        r.mode = "canary".into();
+        r.action = "resume".into();
+        let c = parse_change(&r).unwrap();
+        assert_eq!(c.mode, Some(Mode::Canary));
+        assert_eq!(c.action, Some(Action::Resume));
+    }
+}

@@ -1,0 +1,98 @@
+//! Which backend holds each session. A session is pinned to one backend when it is
+//! created and stays there for its whole life, whatever the rollout does later: its
+//! state lives in that backend's worker.
+
+use std::time::Duration;
+
+use dashmap::DashMap;
+use tokio::time::Instant;
+
+use crate::backend::Role;
+
+struct Pin {
+    role: Role,
+    last_used: Instant,
+}
+
+/// Session id → backend. Entries leave on close, or once idle for longer than the
+/// session TTL (by then the backend has expired the session too).
+pub struct SessionRoutes {
+    map: DashMap<String, Pin>,
+    ttl: Duration,
+}
+
+impl SessionRoutes {
+    pub fn new(ttl: Duration) -> SessionRoutes {
+        SessionRoutes {
+            map: DashMap::new(),
+            ttl,
+        }
+    }
+
+    pub fn pin(&self, id: &str, role: Role) {
+        self.map.insert(
+            id.to_string(),
+            Pin {
+                role,
+                last_used: Instant::now(),
+            },
+        );
+    }
+
+    /// The session's backend, marking it used.
+    pub fn role(&self, id: &str) -> Option<Role> {
+        self.map.get_mut(id).map(|mut p| {
+            p.last_used = Instant::now();
+            p.role
+        })
+    }
+
+    pub fn unpin(&self, id: &str) {
+        self.map.remove(id);
+    }
+
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+
+    /// Sessions pinned to each role: (legacy, new).
+    pub fn counts(&self) -> (usize, usize) {
+        self.map.iter().fold((0, 0), |(l, n), p| match p.role {
+            Role::Legacy => (l + 1, n),
+            Role::New => (l, n + 1),
+        })
+    }
+
+    /// Drops pins idle for longer than the TTL plus a margin. Returns how many.
+    pub fn prune(&self, now: Instant) -> usize {
+        let before = self.map.len();
+        let keep_for = self.ttl + Duration::from_secs(60);
+        self.map
+            .retain(|_, p| now.saturating_duration_since(p.last_used) <= keep_for);
+        before - self.map.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn pins_last_while_used_and_leave_when_idle_or_closed() {
+        let r = SessionRoutes::new(Duration::from_secs(600));
+        r.pin("a", Role::New);
+        r.pin("b", Role::Legacy);
+        assert_eq!(r.counts(), (1, 1));
+        tokio::time::advance(Duration::from_secs(500)).await;
+        assert_eq!(r.role("a"), Some(Role::New), "used: stays");
+        tokio::time::advance(Duration::from_secs(500)).await;
+        assert_eq!(r.prune(Instant::now()), 1, "b idle past ttl + margin");
+        assert_eq!(r.role("b"), None);
+        r.unpin("a");
+        assert!(r.is_empty());
+    }
+}
