@@ -972,6 +972,55 @@ mod tests {
     }
 
     #[test]
+    fn a_backend_inherits_the_shared_sections_and_overrides_some_keys() {
+        let c = load(
+            "[pool]\nsize = 3\n[retry]\nmax_attempts = 4\n\
+             [backends.new]\nkind = \"pool\"\n\
+             [backends.new.pool]\nadapter = \"demo_v2:adapter\"\nenv = { A = \"1\" }\n\
+             [backends.new.circuit_breaker]\nconsecutive_failures = 2\n",
+        )
+        .unwrap();
+        let legacy = c.backend("legacy").unwrap();
+        let new = c.backend("new").unwrap();
+        assert_eq!(legacy.effective.pool.adapter, "demo:adapter");
+        assert_eq!(new.effective.pool.adapter, "demo_v2:adapter");
+        assert_eq!(new.effective.pool.size.0, 3, "inherited from [pool]");
+        assert_eq!(
+            new.effective.retry.max_attempts.0, 4,
+            "inherited from [retry]"
+        );
+        assert_eq!(new.effective.circuit_breaker.consecutive_failures.0, 2);
+        assert_eq!(legacy.effective.circuit_breaker.consecutive_failures.0, 5);
+        assert_eq!(new.effective.pool.env.get("A").unwrap().as_str(), Some("1"));
+        assert_eq!(c.backend("new").unwrap().kind, BackendKind::Pool);
+        let plain = load("").unwrap();
+        assert_eq!(
+            plain.backends.new.kind,
+            BackendKind::None,
+            "no rollout by default"
+        );
+        assert!(plain.flags_path().is_none());
+    }
+
+    #[test]
+    fn bad_backend_settings_name_the_line_and_key() {
+        let err =
+            load("[backends.new]\nkind = \"pool\"\n[backends.new.pool]\nsise = 2\n").unwrap_err();
+        assert_eq!(err.line, Some(4), "{err}");
+        assert!(err.to_string().contains("sise"), "{err}");
+        let err = load("[backends.new]\nkind = \"grpc\"\naddress = \"localhost\"\n").unwrap_err();
+        assert_eq!(err.key.as_deref(), Some("backends.new.address"), "{err}");
+        assert_eq!(err.line, Some(3), "{err}");
+        let err = load("[backends.legacy]\nkind = \"none\"\n").unwrap_err();
+        assert_eq!(err.key.as_deref(), Some("backends.legacy.kind"), "{err}");
+        let err = load("[backends.new]\nkind = \"pool\"\n[backends.new.retry]\nmax_attempts = 0\n")
+            .unwrap_err();
+        assert_eq!(err.line, Some(4), "{err}");
+        let err = load("[backends.new]\nkind = \"blue\"\n").unwrap_err();
+        assert_eq!(err.line, Some(2), "{err}");
+    }
+
+    #[test]
     fn a_bad_duration_names_the_key() {
         let err = load("[pool]\nqueue_timeout = \"soon\"\n").unwrap_err();
         assert_eq!(err.line, Some(2), "{err}");

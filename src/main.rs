@@ -28,6 +28,8 @@ enum Command {
     Serve,
     /// Validate a config file and print the effective configuration.
     CheckConfig { file: PathBuf },
+    /// Validate a rollout flags file and print the flags it sets (all keys).
+    CheckFlags { file: PathBuf },
     /// Print the Admin status as a table.
     Status {
         #[arg(long, default_value = "http://127.0.0.1:50052")]
@@ -96,6 +98,8 @@ enum RolloutCommand {
     Set { percent: f64 },
     /// Set the mode: off, shadow, canary or full.
     Mode { mode: String },
+    /// Set the commands eligible for new ("*" for all; none for an empty list).
+    Commands { commands: Vec<String> },
     /// Hold: new takes no new traffic until `resume`.
     Pause,
     /// Resume after a pause or a rollback.
@@ -117,6 +121,7 @@ fn main() -> ExitCode {
         match cli.command.unwrap_or(Command::Serve) {
             Command::Serve => serve(cli.config).await,
             Command::CheckConfig { file } => check_config(file),
+            Command::CheckFlags { file } => check_flags(file),
             Command::Status { addr, token } => status(addr, token).await,
             Command::Rollout {
                 action,
@@ -229,6 +234,7 @@ async fn rollout(
             .clone()
             .or_else(|| std::env::var("USER").ok())
             .unwrap_or_default(),
+        ..Default::default()
     };
     let r = match action {
         RolloutCommand::Status => client
@@ -239,6 +245,11 @@ async fn rollout(
             let msg = match other {
                 RolloutCommand::Set { percent } => set("", percent, ""),
                 RolloutCommand::Mode { mode } => set(&mode, -1.0, ""),
+                RolloutCommand::Commands { commands } => pb::SetRolloutRequest {
+                    commands,
+                    set_commands: true,
+                    ..set("", -1.0, "")
+                },
                 RolloutCommand::Pause => set("", -1.0, "pause"),
                 RolloutCommand::Resume => set("", -1.0, "resume"),
                 RolloutCommand::Rollback => set("", -1.0, "rollback"),
@@ -342,6 +353,20 @@ fn render_rollout(r: &pb::Rollout) -> String {
         out.push_str("rolled back: new takes no traffic until `pitboss rollout resume`\n");
     }
     out
+}
+
+fn check_flags(file: PathBuf) -> Result<(), String> {
+    let text = std::fs::read_to_string(&file)
+        .map_err(|e| format!("{}: cannot read: {e}", file.display()))?;
+    let flags = pitboss::rollout::Flags::parse(&file.display().to_string(), &text)
+        .map_err(|e| e.to_string())?;
+    println!(
+        "# {}: valid; new gets {}% of eligible keys now. Effective flags:",
+        file.display(),
+        flags.effective_percent().as_f64()
+    );
+    print!("{}", flags.to_toml());
+    Ok(())
 }
 
 async fn status(addr: String, token: Option<String>) -> Result<(), String> {

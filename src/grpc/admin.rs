@@ -139,12 +139,26 @@ pub fn parse_change(r: &pb::SetRolloutRequest) -> Result<Change, String> {
         Some(Percent::from_f64(r.percent)?)
     };
     let action = Action::parse(&r.action)?;
-    if mode.is_none() && percent.is_none() && action.is_none() {
-        return Err("nothing to change: give a mode, a percent (0 to 100) or an action".into());
+    let commands = if r.set_commands {
+        let set: std::collections::BTreeSet<String> = r
+            .commands
+            .iter()
+            .map(|c| c.trim().to_string())
+            .filter(|c| !c.is_empty())
+            .collect();
+        Some(set)
+    } else {
+        None
+    };
+    if mode.is_none() && percent.is_none() && action.is_none() && commands.is_none() {
+        return Err(
+            "nothing to change: give a mode, a percent (0 to 100), commands or an action".into(),
+        );
     }
     Ok(Change {
         mode,
         percent,
+        commands,
         action,
     })
 }

@@ -374,6 +374,7 @@ impl Bridge for BridgeService {
         let worker = stream.worker();
         let (tx, rx) = mpsc::channel(16);
         let e2 = edge.clone();
+        let started_on = worker.clone();
         tokio::spawn(async move {
             // Hold one chunk back, so the last one can say it is last.
             let mut held: Option<pb::ExecuteChunk> = None;
@@ -410,7 +411,14 @@ impl Bridge for BridgeService {
                         let mut last = held.take().unwrap_or_default();
                         last.last = true;
                         last.backend = role.as_str().into();
-                        last.worker_id = stream.worker();
+                        // A pool's stream knows its worker from the start; an
+                        // upstream's names it on its last chunk.
+                        let ended_on = stream.worker();
+                        last.worker_id = if ended_on.is_empty() {
+                            started_on
+                        } else {
+                            ended_on
+                        };
                         last.attempts = 1;
                         let _ = tx.send(Ok(last)).await;
                         return;

@@ -252,6 +252,8 @@ pub fn session_route(flags: &Flags, key: &str) -> Route {
 pub struct Change {
     pub mode: Option<Mode>,
     pub percent: Option<Percent>,
+    /// A new allowlist of eligible commands.
+    pub commands: Option<BTreeSet<String>>,
     pub action: Option<Action>,
 }
 
@@ -329,7 +331,20 @@ pub fn apply_change(
             f.mode = Mode::Canary;
         }
     }
-    let mut reason = None;
+    if let Some(c) = &change.commands {
+        f.commands = c.clone();
+    }
+    let mut reason = (f.mode != flags.mode
+        || f.percent != flags.percent
+        || f.commands != flags.commands)
+        .then(|| {
+            format!(
+                "set mode {} percent {} commands [{}]",
+                f.mode.as_str(),
+                f.percent.0.as_f64(),
+                f.commands.iter().cloned().collect::<Vec<_>>().join(", ")
+            )
+        });
     match change.action {
         None => {}
         Some(Action::Pause) => {

@@ -1,12 +1,12 @@
-//! Per-backend rolling statistics, and the pure auto-rollback decision.
+//! Per-backend rolling statistics and the automatic rollback decision.
 //!
-//! Each backend keeps the last `window` of calls in ten slices (so old calls leave the
-//! window a tenth at a time, not all at once), with a fixed log-scale latency
-//! histogram per slice: merging slices is adding arrays, and a p99 costs a scan of a
-//! few hundred counters, not a sort of every sample.
+//! Each backend keeps a [`RollingStats`]: the calls of the last `window`, in ten time
+//! slices so old calls fall out without remembering each one. [`rollback_reason`] is
+//! the pure decision over two snapshots (new and legacy), so it is tested without
+//! clocks or backends.
 
 use std::collections::BTreeMap;
-use std::sync::Mutex;
+use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -15,56 +15,67 @@ use crate::resilience::ErrorClass;
 
 /// Whether a failure counts as the backend's error for rollback purposes.
 ///
-/// The backend's own failures count, including `python_exception`: a new adapter
-/// that raises where legacy did not is exactly the regression a rollout must catch.
-/// Failures that are the caller's doing, or nobody's (a client deadline, a cancel,
-/// shutdown), do not.
+/// Only failures the backend is responsible for count: a canary must not be rolled
+/// back because callers sent bad requests, gave up, or lost their sessions. Overload
+/// (`PoolExhausted`, `CircuitOpen`) counts: a backend that cannot keep up is unhealthy.
 pub fn counts_as_error(class: ErrorClass) -> bool {
-    use ErrorClass as C;
     match class {
-        C::WorkerCrashed
-        | C::WorkerTimeout
-        | C::PoolExhausted
-        | C::CircuitOpen
-        | C::ProtocolError
-        | C::PythonException
-        | C::Internal => true,
-        C::DeadlineExceeded
-        | C::InvalidRequest
-        | C::UnknownCommand
-        | C::SessionLost
-        | C::SessionNotFound
-        | C::Cancelled
-        | C::ShuttingDown => false,
+        ErrorClass::WorkerCrashed
+        | ErrorClass::WorkerTimeout
+        | ErrorClass::PoolExhausted
+        | ErrorClass::CircuitOpen
+        | ErrorClass::ProtocolError
+        | ErrorClass::PythonException
+        | ErrorClass::Internal => true,
+        ErrorClass::DeadlineExceeded
+        | ErrorClass::InvalidRequest
+        | ErrorClass::UnknownCommand
+        | ErrorClass::SessionLost
+        | ErrorClass::SessionNotFound
+        | ErrorClass::Cancelled
+        | ErrorClass::ShuttingDown => false,
     }
 }
 
+/// Number of time slices per window: old data leaves the window in steps of a tenth.
 const SLICES: usize = 10;
-/// Bucket bounds grow by 10% from 1 µs; 200 buckets reach past 100 s.
-const BUCKETS: usize = 200;
-const GROWTH: f64 = 1.1;
 
-fn bucket_of(latency: Duration) -> usize {
-    let us = latency.as_secs_f64() * 1e6;
-    if us <= 1.0 {
-        return 0;
+/// Number of latency buckets; the last bound is the first one at or above 120 s.
+const BUCKETS: usize = 197;
+
+/// Upper bounds (inclusive, in nanoseconds) of the latency buckets: 1 µs, then each
+/// about 10% above the previous one, up to ~129 s. A fixed log-linear layout keeps the
+/// relative error of every quantile under 10% at any scale, with no allocation.
+const BOUNDS: [u64; BUCKETS] = bounds();
+
+const fn bounds() -> [u64; BUCKETS] {
+    let mut b = [0u64; BUCKETS];
+    b[0] = 1_000;
+    let mut i = 1;
+    while i < BUCKETS {
+        b[i] = b[i - 1] * 11 / 10;
+        i += 1;
     }
-    ((us.ln() / GROWTH.ln()).ceil() as usize).min(BUCKETS - 1)
+    b
 }
 
-/// The upper bound of a bucket: a quantile never under-reports.
-fn bucket_bound(i: usize) -> Duration {
-    Duration::from_secs_f64(GROWTH.powi(i as i32) / 1e6)
+/// The bucket of a latency: the first whose bound is at or above it. Latencies beyond
+/// the last bound are counted in the last bucket (they are failures anyway).
+fn bucket_of(latency: Duration) -> usize {
+    let nanos = u64::try_from(latency.as_nanos()).unwrap_or(u64::MAX);
+    BOUNDS.partition_point(|&b| b < nanos).min(BUCKETS - 1)
 }
 
+/// The counts of one time slice.
 #[derive(Clone)]
 struct Slice {
-    /// The absolute slice number since the origin; stale slices are reset on use.
+    /// Absolute slice number since the origin; tells a live slice from a stale one
+    /// left in the ring.
     index: u64,
     requests: u64,
     errors: u64,
     by_class: BTreeMap<&'static str, u64>,
-    latency: [u32; BUCKETS],
+    latency: [u64; BUCKETS],
 }
 
 impl Slice {
@@ -81,178 +92,200 @@ impl Slice {
 
 struct Inner {
     window: Duration,
-    origin: Instant,
-    slices: Vec<Slice>,
+    /// `window / SLICES`, never zero (a zero window would divide by zero).
+    width: Duration,
+    ring: Vec<Slice>,
 }
 
 impl Inner {
-    fn slice_len(&self) -> Duration {
-        (self.window / SLICES as u32).max(Duration::from_millis(1))
-    }
-
-    fn index_at(&self, now: Instant) -> u64 {
-        (now.saturating_duration_since(self.origin).as_nanos() / self.slice_len().as_nanos()) as u64
+    fn new(window: Duration) -> Inner {
+        Inner {
+            window,
+            width: slice_width(window),
+            ring: vec![Slice::empty(0); SLICES],
+        }
     }
 }
 
-/// A backend's calls over the last `window`.
+fn slice_width(window: Duration) -> Duration {
+    (window / SLICES as u32).max(Duration::from_nanos(1))
+}
+
+/// Rolling window statistics of one backend; thread-safe.
+///
+/// The window is split into ten slices of `window / 10`, kept in a ring and tagged
+/// with their absolute number, so a slice is reused (reset) once it is a whole window
+/// old. A snapshot therefore covers between 90% and 100% of the window: recent enough
+/// to react, without storing every call.
 pub struct RollingStats {
+    origin: Instant,
     inner: Mutex<Inner>,
-}
-
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct WindowStats {
-    /// Every finished call: successes and all failures.
-    pub requests: u64,
-    /// Failures that [`counts_as_error`].
-    pub errors: u64,
-    /// Every failure, by class name.
-    pub by_class: BTreeMap<&'static str, u64>,
-    pub p50: Option<Duration>,
-    pub p99: Option<Duration>,
-    pub window: Duration,
-}
-
-impl WindowStats {
-    /// `None` without calls: no data is never "0% errors".
-    pub fn error_rate(&self) -> Option<f64> {
-        (self.requests > 0).then(|| self.errors as f64 / self.requests as f64)
-    }
 }
 
 impl RollingStats {
     pub fn new(window: Duration) -> RollingStats {
         RollingStats {
-            inner: Mutex::new(Inner {
-                window,
-                origin: Instant::now(),
-                slices: (0..SLICES).map(|_| Slice::empty(u64::MAX)).collect(),
-            }),
+            origin: Instant::now(),
+            inner: Mutex::new(Inner::new(window)),
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+    /// Poisoning is ignored: the data is plain counters, a panic mid-update can at
+    /// worst skew one sample.
+    fn lock(&self) -> MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Changes the window (a flags reload); the data so far is dropped, since its
-    /// slices were cut for the old window.
+    fn slice_index(&self, now: Instant, width: Duration) -> u64 {
+        let since = now.saturating_duration_since(self.origin).as_nanos();
+        u64::try_from(since / width.as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    /// Changes the window (flags hot reload). Slices of another width cannot be
+    /// re-cut, so the data is cleared; an unchanged window keeps it, so this can be
+    /// called on every check.
     pub fn set_window(&self, window: Duration) {
         let mut inner = self.lock();
         if inner.window != window {
-            inner.window = window;
-            for s in inner.slices.iter_mut() {
-                *s = Slice::empty(u64::MAX);
-            }
+            *inner = Inner::new(window);
         }
     }
 
-    /// One finished call.
+    /// One finished call: its latency and `None` on success or `Some(class)` on failure.
     pub fn record(&self, now: Instant, latency: Duration, failure: Option<ErrorClass>) {
         let mut inner = self.lock();
-        let index = inner.index_at(now);
-        let slot = &mut inner.slices[(index % SLICES as u64) as usize];
-        if slot.index != index {
-            *slot = Slice::empty(index);
+        let index = self.slice_index(now, inner.width);
+        let slice = &mut inner.ring[(index % SLICES as u64) as usize];
+        if slice.index < index {
+            *slice = Slice::empty(index);
+        } else if slice.index > index {
+            // Older than the whole window (a very late report): already out of it, and
+            // resetting the slot would wipe newer calls.
+            return;
         }
-        slot.requests += 1;
-        slot.latency[bucket_of(latency)] += 1;
+        slice.requests += 1;
         if let Some(class) = failure {
-            *slot.by_class.entry(class.name()).or_default() += 1;
+            *slice.by_class.entry(class.name()).or_insert(0) += 1;
             if counts_as_error(class) {
-                slot.errors += 1;
+                slice.errors += 1;
             }
         }
+        slice.latency[bucket_of(latency)] += 1;
     }
 
-    /// The totals over the window ending at `now`.
+    /// The totals over the last `window` ending at `now`.
     pub fn snapshot(&self, now: Instant) -> WindowStats {
         let inner = self.lock();
-        let current = inner.index_at(now);
+        let current = self.slice_index(now, inner.width);
         let oldest = current.saturating_sub(SLICES as u64 - 1);
-        let mut out = WindowStats {
+        let mut stats = WindowStats {
             window: inner.window,
-            ..Default::default()
+            ..WindowStats::default()
         };
         let mut latency = [0u64; BUCKETS];
-        for s in inner
-            .slices
-            .iter()
-            .filter(|s| s.index != u64::MAX && (oldest..=current).contains(&s.index))
-        {
-            out.requests += s.requests;
-            out.errors += s.errors;
-            for (k, v) in &s.by_class {
-                *out.by_class.entry(k).or_default() += v;
+        for slice in inner.ring.iter() {
+            if slice.index < oldest || slice.index > current {
+                continue;
             }
-            for (total, n) in latency.iter_mut().zip(s.latency.iter()) {
-                *total += u64::from(*n);
+            stats.requests += slice.requests;
+            stats.errors += slice.errors;
+            for (name, n) in &slice.by_class {
+                *stats.by_class.entry(name).or_insert(0) += n;
+            }
+            for (total, n) in latency.iter_mut().zip(slice.latency.iter()) {
+                *total += n;
             }
         }
-        out.p50 = quantile(&latency, out.requests, 0.50);
-        out.p99 = quantile(&latency, out.requests, 0.99);
-        out
+        stats.p50 = quantile(&latency, 500);
+        stats.p99 = quantile(&latency, 990);
+        stats
     }
 
+    /// Forgets everything (after a rollback or resume): the next decision must rest on
+    /// calls made after it.
     pub fn clear(&self) {
         let mut inner = self.lock();
-        for s in inner.slices.iter_mut() {
-            *s = Slice::empty(u64::MAX);
-        }
+        let window = inner.window;
+        *inner = Inner::new(window);
     }
 }
 
-fn quantile(hist: &[u64; BUCKETS], n: u64, q: f64) -> Option<Duration> {
+/// The quantile `per_mille / 1000` of a histogram: the smallest bucket bound whose
+/// cumulative count reaches `ceil(q × n)`. Integer arithmetic keeps p99 of 1000
+/// samples exactly the 990th, not the 991st by rounding. `None` with no samples.
+fn quantile(counts: &[u64; BUCKETS], per_mille: u64) -> Option<Duration> {
+    let n: u64 = counts.iter().sum();
     if n == 0 {
         return None;
     }
-    let rank = ((q * n as f64).ceil() as u64).max(1);
-    let mut seen = 0;
-    for (i, c) in hist.iter().enumerate() {
-        seen += c;
-        if seen >= rank {
-            return Some(bucket_bound(i));
+    let target = (per_mille * n).div_ceil(1000).max(1);
+    let mut cumulative = 0;
+    for (i, c) in counts.iter().enumerate() {
+        cumulative += c;
+        if cumulative >= target {
+            return Some(Duration::from_nanos(BOUNDS[i]));
         }
     }
-    Some(bucket_bound(BUCKETS - 1))
+    Some(Duration::from_nanos(BOUNDS[BUCKETS - 1]))
 }
 
-/// The thresholds of the flags file's `[rollback]` section.
+/// The totals of one backend over its window.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct WindowStats {
+    /// All finished calls: successes and every failure.
+    pub requests: u64,
+    /// Failures that [`counts_as_error`].
+    pub errors: u64,
+    /// Every failure by class name, counted or not (for operators).
+    pub by_class: BTreeMap<&'static str, u64>,
+    /// Upper bound of the median's bucket (at most ~10% over); `None` with no calls.
+    pub p50: Option<Duration>,
+    /// Upper bound of the 99th percentile's bucket; `None` with no calls.
+    pub p99: Option<Duration>,
+    pub window: Duration,
+}
+
+impl WindowStats {
+    /// `errors / requests`; `None` when there were no requests, because no data is
+    /// never "0% errors".
+    pub fn error_rate(&self) -> Option<f64> {
+        (self.requests > 0).then(|| self.errors as f64 / self.requests as f64)
+    }
+}
+
+/// When `new` is rolled back automatically.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RollbackRules {
+    /// Absolute error rate (e.g. 0.05) above which `new` is rolled back.
     pub error_rate_threshold: f64,
-    /// `Duration::ZERO`: no latency rule.
+    /// p99 latency above which `new` is rolled back; `Duration::ZERO` = off.
     pub latency_p99_threshold: Duration,
+    /// Calls needed in the window before anything is decided.
     pub min_requests: u64,
-    /// 0: no relative rule; else new's error rate may be at most this many times
-    /// legacy's.
+    /// `new`'s rate above this many times legacy's rolls back; 0.0 = off.
     pub relative_error_rate: f64,
 }
 
-fn pct(r: f64) -> String {
-    format!("{:.1}%", r * 100.0)
-}
-
-/// Whether `new` must be rolled back, and why. Pure.
+/// The pure decision: `Some(reason)` when `new` must be rolled back, `None` otherwise.
 ///
-/// Nothing is decided below `min_requests`: a few calls prove neither health nor
-/// sickness (Flagger's issue #361: no data must never pass for good data). The
-/// relative rule needs `min_requests` on legacy too, and measures legacy's rate as at
-/// least one error's worth, so a legacy with no errors at all does not turn new's
-/// first error into a rollback.
+/// Nothing is decided below `min_requests`: a handful of calls is neither proof of
+/// health nor of sickness. Then, in order, the first that fires: the absolute error
+/// rate, the p99 latency, and the error rate relative to legacy's (only when legacy
+/// has enough calls too; legacy's rate is floored at one error in its window, so a
+/// legacy with no errors does not turn new's first error into a rollback).
 pub fn rollback_reason(
     rules: &RollbackRules,
     new: &WindowStats,
     legacy: &WindowStats,
 ) -> Option<String> {
-    if new.requests < rules.min_requests.max(1) {
+    if new.requests < rules.min_requests {
         return None;
     }
     let rate = new.error_rate()?;
     let over = format!(
         "over {} requests in {}",
         new.requests,
-        crate::config::Dur(new.window)
+        fmt_duration(new.window)
     );
     if rate > rules.error_rate_threshold {
         return Some(format!(
@@ -265,162 +298,413 @@ pub fn rollback_reason(
         if let Some(p99) = new.p99 {
             if p99 > rules.latency_p99_threshold {
                 return Some(format!(
-                    "p99 latency {:?} > {:?} {over}",
-                    p99, rules.latency_p99_threshold
+                    "p99 latency {} > {} {over}",
+                    fmt_duration(p99),
+                    fmt_duration(rules.latency_p99_threshold)
                 ));
             }
         }
     }
-    if rules.relative_error_rate > 0.0 && legacy.requests >= rules.min_requests.max(1) {
-        let legacy_rate = legacy.error_rate().unwrap_or(0.0);
-        let floor = legacy_rate.max(1.0 / legacy.requests as f64);
-        if rate > rules.relative_error_rate * floor {
-            return Some(format!(
-                "error rate {} is more than {}× legacy's {} {over}",
-                pct(rate),
-                rules.relative_error_rate,
-                pct(legacy_rate)
-            ));
+    if rules.relative_error_rate > 0.0 && legacy.requests >= rules.min_requests {
+        if let Some(legacy_rate) = legacy.error_rate() {
+            let floor = 1.0 / legacy.requests as f64;
+            if rate > rules.relative_error_rate * legacy_rate.max(floor) {
+                let note = if legacy_rate < floor {
+                    format!(" (counted as 1 error in {})", legacy.requests)
+                } else {
+                    String::new()
+                };
+                return Some(format!(
+                    "error rate {} is more than {}× legacy's {}{note}",
+                    pct(rate),
+                    rules.relative_error_rate,
+                    pct(legacy_rate)
+                ));
+            }
         }
     }
     None
+}
+
+fn pct(rate: f64) -> String {
+    format!("{:.1}%", rate * 100.0)
+}
+
+/// A short human duration for reasons: "60s", "1.52s", "250ms", "800µs".
+fn fmt_duration(d: Duration) -> String {
+    let (value, unit) = if d >= Duration::from_secs(1) {
+        (d.as_secs_f64(), "s")
+    } else if d >= Duration::from_millis(1) {
+        (d.as_secs_f64() * 1e3, "ms")
+    } else {
+        (d.as_secs_f64() * 1e6, "µs")
+    };
+    let s = format!("{value:.2}");
+    let s = s.trim_end_matches('0').trim_end_matches('.');
+    format!("{s}{unit}")
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    const W: Duration = Duration::from_secs(10);
+    const WINDOW: Duration = Duration::from_secs(60);
 
-    fn stats(requests: u64, errors: u64, p99_ms: u64) -> WindowStats {
-        WindowStats {
-            requests,
-            errors,
-            p99: (requests > 0).then(|| Duration::from_millis(p99_ms)),
-            p50: None,
-            by_class: BTreeMap::new(),
-            window: W,
-        }
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
     }
 
     fn rules() -> RollbackRules {
         RollbackRules {
             error_rate_threshold: 0.05,
-            latency_p99_threshold: Duration::from_secs(1),
+            latency_p99_threshold: ms(1000),
             min_requests: 100,
             relative_error_rate: 0.0,
         }
     }
 
-    #[test]
-    fn counts_requests_errors_and_classes() {
-        let s = RollingStats::new(W);
-        let t = Instant::now();
-        s.record(t, Duration::from_millis(1), None);
-        s.record(t, Duration::from_millis(1), Some(ErrorClass::WorkerCrashed));
-        s.record(
-            t,
-            Duration::from_millis(1),
-            Some(ErrorClass::InvalidRequest),
-        );
-        let w = s.snapshot(t);
-        assert_eq!(
-            (w.requests, w.errors),
-            (3, 1),
-            "bad input is not new's error"
-        );
-        assert_eq!(w.by_class["worker_crashed"], 1);
-        assert_eq!(w.by_class["invalid_request"], 1);
-        assert_eq!(w.error_rate(), Some(1.0 / 3.0));
-        assert_eq!(RollingStats::new(W).snapshot(t).error_rate(), None);
+    fn stats(requests: u64, errors: u64) -> WindowStats {
+        WindowStats {
+            requests,
+            errors,
+            by_class: BTreeMap::new(),
+            p50: (requests > 0).then(|| ms(10)),
+            p99: (requests > 0).then(|| ms(100)),
+            window: WINDOW,
+        }
     }
 
     #[test]
-    fn old_calls_leave_the_window_a_slice_at_a_time() {
-        let s = RollingStats::new(W);
+    fn bounds_cover_1us_to_120s_in_steps_of_at_most_10_percent() {
+        assert_eq!(BOUNDS[0], 1_000);
+        assert!(BOUNDS[BUCKETS - 2] < 120_000_000_000);
+        assert!(BOUNDS[BUCKETS - 1] >= 120_000_000_000);
+        for w in BOUNDS.windows(2) {
+            assert!(w[1] > w[0]);
+            assert!(w[1] * 10 <= w[0] * 11, "{} -> {}", w[0], w[1]);
+        }
+        assert_eq!(bucket_of(Duration::ZERO), 0);
+        assert_eq!(bucket_of(Duration::from_nanos(1_000)), 0);
+        assert_eq!(bucket_of(Duration::from_nanos(1_001)), 1);
+        assert_eq!(bucket_of(Duration::from_secs(3600)), BUCKETS - 1);
+        assert_eq!(bucket_of(Duration::MAX), BUCKETS - 1);
+    }
+
+    #[test]
+    fn counts_as_error_only_for_the_backends_failures() {
+        use ErrorClass as C;
+        for c in [
+            C::WorkerCrashed,
+            C::WorkerTimeout,
+            C::PoolExhausted,
+            C::CircuitOpen,
+            C::ProtocolError,
+            C::PythonException,
+            C::Internal,
+        ] {
+            assert!(counts_as_error(c), "{c:?}");
+        }
+        for c in [
+            C::DeadlineExceeded,
+            C::InvalidRequest,
+            C::UnknownCommand,
+            C::SessionLost,
+            C::SessionNotFound,
+            C::Cancelled,
+            C::ShuttingDown,
+        ] {
+            assert!(!counts_as_error(c), "{c:?}");
+        }
+    }
+
+    #[test]
+    fn snapshot_counts_requests_errors_and_classes() {
+        let s = RollingStats::new(WINDOW);
         let t = Instant::now();
-        s.record(t, Duration::from_millis(1), None);
-        s.record(t + Duration::from_secs(5), Duration::from_millis(1), None);
-        assert_eq!(s.snapshot(t + Duration::from_secs(9)).requests, 2);
-        assert_eq!(s.snapshot(t + Duration::from_secs(11)).requests, 1);
-        assert_eq!(s.snapshot(t + Duration::from_secs(16)).requests, 0);
-        // A slot reused after a full turn starts empty.
-        s.record(t + Duration::from_secs(20), Duration::from_millis(1), None);
-        assert_eq!(s.snapshot(t + Duration::from_secs(20)).requests, 1);
-        s.clear();
-        assert_eq!(s.snapshot(t + Duration::from_secs(20)).requests, 0);
+        for _ in 0..5 {
+            s.record(t, ms(3), None);
+        }
+        s.record(t, ms(3), Some(ErrorClass::WorkerCrashed));
+        s.record(t, ms(3), Some(ErrorClass::WorkerCrashed));
+        s.record(t, ms(3), Some(ErrorClass::PythonException));
+        s.record(t, ms(3), Some(ErrorClass::InvalidRequest));
+        s.record(t, ms(3), Some(ErrorClass::Cancelled));
+
+        let snap = s.snapshot(t + ms(10));
+        assert_eq!(snap.requests, 10);
+        assert_eq!(snap.errors, 3, "InvalidRequest and Cancelled do not count");
+        let expected: BTreeMap<&'static str, u64> = [
+            (ErrorClass::WorkerCrashed.name(), 2),
+            (ErrorClass::PythonException.name(), 1),
+            (ErrorClass::InvalidRequest.name(), 1),
+            (ErrorClass::Cancelled.name(), 1),
+        ]
+        .into_iter()
+        .collect();
+        assert_eq!(snap.by_class, expected);
+        assert_eq!(snap.window, WINDOW);
+        assert_eq!(snap.error_rate(), Some(0.3));
+    }
+
+    #[test]
+    fn empty_snapshot_has_no_rate_and_no_latency() {
+        let s = RollingStats::new(WINDOW);
+        let snap = s.snapshot(Instant::now());
+        assert_eq!(snap.requests, 0);
+        assert_eq!(snap.error_rate(), None);
+        assert_eq!(snap.p50, None);
+        assert_eq!(snap.p99, None);
+        assert_eq!(snap.window, WINDOW);
+    }
+
+    #[test]
+    fn old_data_falls_out_of_the_window() {
+        let s = RollingStats::new(WINDOW);
+        let t0 = Instant::now();
+        s.record(t0, ms(5), Some(ErrorClass::WorkerCrashed));
+        s.record(t0 + Duration::from_secs(30), ms(5), None);
+
+        let snap = s.snapshot(t0 + Duration::from_secs(59));
+        assert_eq!((snap.requests, snap.errors), (2, 1));
+
+        // A whole window after the first call: only the second one is left.
+        let snap = s.snapshot(t0 + WINDOW);
+        assert_eq!((snap.requests, snap.errors), (1, 0));
+        assert!(snap.by_class.is_empty());
+
+        // A whole window after the second: nothing.
+        let snap = s.snapshot(t0 + Duration::from_secs(90));
+        assert_eq!(snap.requests, 0);
+        assert_eq!(snap.p99, None);
+    }
+
+    #[test]
+    fn reused_slices_are_reset_not_added_to() {
+        let s = RollingStats::new(WINDOW);
+        let t0 = Instant::now();
+        s.record(t0, ms(5), Some(ErrorClass::Internal));
+        // Same ring position, ten slices later.
+        let later = t0 + WINDOW + ms(1);
+        s.record(later, ms(5), None);
+        let snap = s.snapshot(later);
+        assert_eq!((snap.requests, snap.errors), (1, 0));
+        // A very late report from before the window neither lands in nor wipes the
+        // newer slice.
+        s.record(t0, ms(5), Some(ErrorClass::Internal));
+        let snap = s.snapshot(later);
+        assert_eq!((snap.requests, snap.errors), (1, 0));
     }
 
     #[test]
     fn quantiles_are_within_one_bucket() {
-        let s = RollingStats::new(W);
+        let s = RollingStats::new(WINDOW);
         let t = Instant::now();
-        for ms in 1..=1000 {
-            s.record(t, Duration::from_millis(ms), None);
+        for i in 1..=1000 {
+            s.record(t, ms(i), None);
         }
-        let w = s.snapshot(t);
-        let p50 = w.p50.unwrap().as_secs_f64() * 1000.0;
-        let p99 = w.p99.unwrap().as_secs_f64() * 1000.0;
-        assert!((500.0..=550.0).contains(&p50), "{p50}");
-        assert!((990.0..=1089.0).contains(&p99), "{p99}");
+        let snap = s.snapshot(t);
+        let p50 = snap.p50.unwrap();
+        let p99 = snap.p99.unwrap();
+        assert!(p50 >= ms(500) && p50 <= ms(550), "p50 {p50:?}");
+        assert!(p99 >= ms(990) && p99 <= ms(1089), "p99 {p99:?}");
     }
 
     #[test]
-    fn no_decision_without_enough_data() {
-        assert_eq!(
-            rollback_reason(&rules(), &stats(99, 99, 5000), &stats(0, 0, 0)),
-            None
-        );
-        assert_eq!(
-            rollback_reason(&rules(), &stats(0, 0, 0), &stats(0, 0, 0)),
-            None
-        );
+    fn single_sample_quantiles_are_its_bucket() {
+        let s = RollingStats::new(WINDOW);
+        let t = Instant::now();
+        s.record(t, ms(200), None);
+        let snap = s.snapshot(t);
+        let p = snap.p50.unwrap();
+        assert_eq!(snap.p99, Some(p));
+        assert!(p >= ms(200) && p <= ms(220), "{p:?}");
     }
 
     #[test]
-    fn thresholds_fire_in_order() {
-        let r = rollback_reason(&rules(), &stats(200, 20, 10), &stats(0, 0, 0)).unwrap();
-        assert!(
-            r.starts_with("error rate 10.0% > 5.0% over 200 requests in 10s"),
-            "{r}"
-        );
-        let r = rollback_reason(&rules(), &stats(200, 1, 1500), &stats(0, 0, 0)).unwrap();
-        assert!(r.contains("p99"), "{r}");
+    fn clear_forgets_everything() {
+        let s = RollingStats::new(WINDOW);
+        let t = Instant::now();
+        s.record(t, ms(5), Some(ErrorClass::WorkerTimeout));
+        s.clear();
+        let snap = s.snapshot(t);
         assert_eq!(
-            rollback_reason(&rules(), &stats(200, 5, 900), &stats(0, 0, 0)),
-            None
-        );
-        let mut no_latency = rules();
-        no_latency.latency_p99_threshold = Duration::ZERO;
-        assert_eq!(
-            rollback_reason(&no_latency, &stats(200, 1, 5000), &stats(0, 0, 0)),
-            None
+            snap,
+            WindowStats {
+                window: WINDOW,
+                ..WindowStats::default()
+            }
         );
     }
 
     #[test]
-    fn the_relative_rule_compares_with_legacy() {
-        let mut r = rules();
-        r.relative_error_rate = 3.0;
-        // new 4%, legacy 0.5%: more than 3x.
-        let why = rollback_reason(&r, &stats(200, 8, 10), &stats(1000, 5, 10)).unwrap();
-        assert!(why.contains("legacy's 0.5%"), "{why}");
-        // new 4%, legacy 2%: fine.
+    fn set_window_keeps_data_when_unchanged_and_clears_on_change() {
+        let s = RollingStats::new(WINDOW);
+        let t = Instant::now();
+        s.record(t, ms(5), None);
+        s.set_window(WINDOW);
+        assert_eq!(s.snapshot(t).requests, 1);
+
+        let shorter = Duration::from_secs(10);
+        s.set_window(shorter);
+        let snap = s.snapshot(t);
+        assert_eq!((snap.requests, snap.window), (0, shorter));
+
+        // The new width is used: data leaves after 10 s now.
+        s.record(t, ms(5), None);
+        assert_eq!(s.snapshot(t + Duration::from_secs(9)).requests, 1);
+        assert_eq!(s.snapshot(t + shorter).requests, 0);
+    }
+
+    #[test]
+    fn zero_window_does_not_panic() {
+        let s = RollingStats::new(Duration::ZERO);
+        let t = Instant::now();
+        s.record(t, ms(5), None);
+        let _ = s.snapshot(t + ms(1));
+    }
+
+    #[test]
+    fn error_rate_is_none_without_data() {
+        assert_eq!(WindowStats::default().error_rate(), None);
+        assert_eq!(stats(4, 1).error_rate(), Some(0.25));
+        assert_eq!(stats(4, 0).error_rate(), Some(0.0));
+    }
+
+    #[test]
+    fn nothing_is_decided_below_min_requests() {
+        let all_failed = WindowStats {
+            p99: Some(Duration::from_secs(30)),
+            ..stats(99, 99)
+        };
         assert_eq!(
-            rollback_reason(&r, &stats(200, 8, 10), &stats(1000, 20, 10)),
+            rollback_reason(&rules(), &all_failed, &stats(1000, 0)),
             None
         );
-        // Legacy without errors: its rate counts as one error in 1000 (0.1%), so one
-        // error of new in 200 (0.5%) fires, but not when legacy lacks data.
-        assert!(rollback_reason(&r, &stats(200, 1, 10), &stats(1000, 0, 10)).is_some());
+    }
+
+    #[test]
+    fn empty_stats_decide_nothing() {
+        let empty = WindowStats::default();
+        assert_eq!(rollback_reason(&rules(), &empty, &empty), None);
+        let no_min = RollbackRules {
+            min_requests: 0,
+            relative_error_rate: 2.0,
+            ..rules()
+        };
+        assert_eq!(rollback_reason(&no_min, &empty, &empty), None);
+    }
+
+    #[test]
+    fn healthy_new_is_kept() {
         assert_eq!(
-            rollback_reason(&r, &stats(200, 1, 10), &stats(50, 0, 10)),
+            rollback_reason(&rules(), &stats(200, 2), &stats(200, 2)),
             None
         );
-        // With few legacy calls the floor is higher: 1/100 = 1%, 3x = 3% > 0.5%.
+    }
+
+    #[test]
+    fn error_rate_above_threshold_rolls_back() {
+        let reason = rollback_reason(&rules(), &stats(120, 15), &stats(0, 0)).unwrap();
+        assert_eq!(reason, "error rate 12.5% > 5.0% over 120 requests in 60s");
+        // Exactly at the threshold is not above it.
         assert_eq!(
-            rollback_reason(&r, &stats(200, 1, 10), &stats(100, 0, 10)),
+            rollback_reason(&rules(), &stats(100, 5), &stats(0, 0)),
             None
         );
+    }
+
+    #[test]
+    fn p99_above_threshold_rolls_back() {
+        let slow = WindowStats {
+            p99: Some(ms(1520)),
+            ..stats(120, 0)
+        };
+        let reason = rollback_reason(&rules(), &slow, &stats(0, 0)).unwrap();
+        assert_eq!(reason, "p99 latency 1.52s > 1s over 120 requests in 60s");
+
+        let off = RollbackRules {
+            latency_p99_threshold: Duration::ZERO,
+            ..rules()
+        };
+        assert_eq!(rollback_reason(&off, &slow, &stats(0, 0)), None);
+
+        let at = WindowStats {
+            p99: Some(ms(1000)),
+            ..stats(120, 0)
+        };
+        assert_eq!(rollback_reason(&rules(), &at, &stats(0, 0)), None);
+    }
+
+    #[test]
+    fn error_rate_is_checked_before_latency() {
+        let both = WindowStats {
+            p99: Some(Duration::from_secs(5)),
+            ..stats(100, 50)
+        };
+        let reason = rollback_reason(&rules(), &both, &stats(0, 0)).unwrap();
+        assert!(reason.starts_with("error rate"), "{reason}");
+    }
+
+    #[test]
+    fn relative_rule_compares_with_legacy() {
+        let relative = RollbackRules {
+            relative_error_rate: 3.0,
+            ..rules()
+        };
+        // new 4.0%, legacy 0.5%: 8× legacy's rate, under the absolute 5%.
+        let reason = rollback_reason(&relative, &stats(200, 8), &stats(1000, 5)).unwrap();
+        assert_eq!(reason, "error rate 4.0% is more than 3× legacy's 0.5%");
+        // new 1.0% is only 2× legacy's 0.5%.
+        assert_eq!(
+            rollback_reason(&relative, &stats(200, 2), &stats(1000, 5)),
+            None
+        );
+        // Off when 0.0.
+        assert_eq!(
+            rollback_reason(&rules(), &stats(200, 8), &stats(1000, 5)),
+            None
+        );
+    }
+
+    #[test]
+    fn relative_rule_floors_a_legacy_without_errors_at_one_error() {
+        let relative = RollbackRules {
+            relative_error_rate: 3.0,
+            ..rules()
+        };
+        // One error in 200 (0.5%) against legacy's 0 of 100 (floored at 1%): kept.
+        assert_eq!(
+            rollback_reason(&relative, &stats(200, 1), &stats(100, 0)),
+            None
+        );
+        // 4.0% is more than 3 × 1%: rolled back.
+        let reason = rollback_reason(&relative, &stats(200, 8), &stats(100, 0)).unwrap();
+        assert!(reason.contains("more than 3× legacy's 0.0%"), "{reason}");
+        assert!(reason.contains("1 error in 100"), "{reason}");
+    }
+
+    #[test]
+    fn relative_rule_needs_enough_legacy_requests() {
+        let relative = RollbackRules {
+            relative_error_rate: 3.0,
+            ..rules()
+        };
+        // Legacy has 0 errors but only 50 calls: no comparison.
+        assert_eq!(
+            rollback_reason(&relative, &stats(200, 8), &stats(50, 0)),
+            None
+        );
+        assert_eq!(
+            rollback_reason(&relative, &stats(200, 8), &stats(0, 0)),
+            None
+        );
+    }
+
+    #[test]
+    fn durations_are_short_and_readable() {
+        assert_eq!(fmt_duration(Duration::from_secs(60)), "60s");
+        assert_eq!(fmt_duration(ms(1520)), "1.52s");
+        assert_eq!(fmt_duration(ms(250)), "250ms");
+        assert_eq!(fmt_duration(Duration::from_micros(800)), "800µs");
     }
 }
