@@ -177,6 +177,8 @@ pub struct ServerSection {
     pub listen: SocketAddr,
     /// gRPC listener for `pitboss.v1.Admin` (bind to loopback).
     pub admin_listen: SocketAddr,
+    /// HTTP listener for `/metrics`, `/healthz` and `/readyz`.
+    pub metrics_listen: SocketAddr,
     pub max_message_bytes: Positive,
     /// How long in-flight calls may take to finish on SIGTERM.
     pub shutdown_grace: Dur,

@@ -17,6 +17,7 @@
 //! - [`backend`]: what serves a role (`legacy` or `new`): a pool or a grpc upstream,
 //!   each behind its own resilience stack.
 //! - [`resilience`]: the single error classification (and, next, retry and breakers).
+//! - [`telemetry`]: Prometheus metrics, readiness, and the HTTP listener for them.
 //! - [`config`]: the config file, parsed into validated types.
 //! - [`worker`]: one Python process: spawning, the length-prefixed frame protocol
 //!   (`docs/PROTOCOL.md`), and the connection that routes replies by request id.
@@ -29,4 +30,5 @@ pub mod resilience;
 pub mod rollout;
 pub mod runtime_files;
 pub mod server;
+pub mod telemetry;
 pub mod worker;

@@ -43,14 +43,14 @@ pub enum ServerError {
 }
 
 const BRIDGE_SERVICE: &str = "pitboss.v1.Bridge";
-
-struct Observer;
-impl PoolObserver for Observer {}
+const ADMIN_SERVICE: &str = "pitboss.v1.Admin";
 
 /// A running pitboss.
 pub struct RunningServer {
     pub bridge_addr: SocketAddr,
     pub admin_addr: SocketAddr,
+    /// The HTTP listener: `/metrics`, `/healthz`, `/readyz`.
+    pub metrics_addr: SocketAddr,
     edge: Arc<Edge>,
     stop_listeners: CancellationToken,
     stop_health: CancellationToken,
@@ -83,6 +83,18 @@ impl RunningServer {
                 addr: config.server.listen,
                 source,
             })?;
+        let metrics_listener = TcpListener::bind(config.server.metrics_listen)
+            .await
+            .map_err(|source| ServerError::Bind {
+                addr: config.server.metrics_listen,
+                source,
+            })?;
+        let metrics_addr = metrics_listener
+            .local_addr()
+            .map_err(|source| ServerError::Bind {
+                addr: config.server.metrics_listen,
+                source,
+            })?;
         let admin_addr = admin_listener
             .local_addr()
             .map_err(|source| ServerError::Bind {
@@ -90,7 +102,7 @@ impl RunningServer {
                 source,
             })?;
 
-        let observer: Arc<dyn PoolObserver> = Arc::new(Observer);
+        let observer: Arc<dyn PoolObserver> = Arc::new(crate::telemetry::RestartCounter);
         let legacy_cfg = config
             .backend("legacy")
             .map_err(|e| ServerError::Config(e.to_string()))?;
@@ -141,8 +153,19 @@ impl RunningServer {
             instance_header: instance_id.parse().ok(),
             instance_id,
             admin_token,
+            commands: Default::default(),
         });
+        if crate::telemetry::prometheus().is_none() {
+            tracing::warn!("another metrics recorder is installed: /metrics will be empty");
+        }
+        metrics::gauge!(
+            "pitboss_build_info",
+            "version" => env!("CARGO_PKG_VERSION"),
+            "instance_id" => edge.instance_id.clone()
+        )
+        .set(1.0);
         spawn_session_pruning(edge.clone(), stop_background.clone());
+        spawn_command_refresh(edge.clone(), stop_background.clone());
         if edge.admin_token.is_none() {
             tracing::warn!(
                 "no admin token is configured: the admin API serves read-only calls only"
@@ -206,17 +229,28 @@ impl RunningServer {
                 tracing::error!("admin listener failed: {e}");
             }
         });
-        tracing::info!(%bridge_addr, %admin_addr, "pitboss listening");
+        let s3 = stop_listeners.clone();
+        let http = crate::telemetry::router(edge.clone());
+        let metrics_task = tokio::spawn(async move {
+            let r = axum::serve(metrics_listener, http)
+                .with_graceful_shutdown(s3.cancelled_owned())
+                .await;
+            if let Err(e) = r {
+                tracing::error!("metrics listener failed: {e}");
+            }
+        });
+        tracing::info!(%bridge_addr, %admin_addr, %metrics_addr, "pitboss listening");
         Ok(RunningServer {
             bridge_addr,
             admin_addr,
+            metrics_addr,
             edge,
             stop_listeners,
             stop_health,
             stop_background,
             _watch: watch,
             health,
-            servers: vec![bridge_task, admin_task],
+            servers: vec![bridge_task, admin_task, metrics_task],
             grace: config.server.shutdown_grace.0,
         })
     }
@@ -246,9 +280,11 @@ impl RunningServer {
         self.health
             .set_not_serving::<BridgeServer<BridgeService>>()
             .await;
-        self.health
-            .set_service_status("", ServingStatus::NotServing)
-            .await;
+        for service in ["", BRIDGE_SERVICE, ADMIN_SERVICE] {
+            self.health
+                .set_service_status(service, ServingStatus::NotServing)
+                .await;
+        }
         self.stop_listeners.cancel();
         let servers = futures_util::future::join_all(self.servers);
         if tokio::time::timeout(self.grace, servers).await.is_err() {
@@ -284,8 +320,11 @@ async fn wait_for_signal() {
     }
 }
 
-/// Keeps grpc.health.v1 in step with the pool: SERVING while a worker is ready.
-/// Driven by the pool's change notifications, with a slow tick as a backstop.
+/// Keeps grpc.health.v1 in step with readiness ([`crate::telemetry::readiness`]):
+/// `pitboss.v1.Bridge` and the server as a whole ("") are SERVING while pitboss is
+/// ready; `pitboss.v1.Admin` while it is not draining. Driven by the legacy pool's
+/// change notifications, with a 250 ms tick as a backstop (breakers and flags change
+/// without notifying).
 async fn track_health(
     edge: Arc<Edge>,
     health: tonic_health::server::HealthReporter,
@@ -294,31 +333,63 @@ async fn track_health(
     let mut last = None;
     let never = tokio::sync::Notify::new();
     loop {
-        // Wake on the legacy pool's changes (a grpc legacy has none: the tick decides).
         let changed = match edge.legacy.pool() {
             Some(p) => p.changed(),
             None => never.notified(),
         };
         tokio::pin!(changed);
         changed.as_mut().enable();
-        let serving = edge.legacy.ready() && !edge.draining.load(Ordering::Acquire);
-        if last != Some(serving) {
-            let status = if serving {
-                ServingStatus::Serving
-            } else {
-                ServingStatus::NotServing
+        let ready = crate::telemetry::edge_readiness(&edge);
+        let draining = edge.draining.load(Ordering::Acquire);
+        let now = (ready.is_ok(), draining);
+        if last != Some(now) {
+            let status = |ok: bool| {
+                if ok {
+                    ServingStatus::Serving
+                } else {
+                    ServingStatus::NotServing
+                }
             };
-            health.set_service_status(BRIDGE_SERVICE, status).await;
-            health.set_service_status("", status).await;
-            tracing::info!(serving, "health changed");
-            last = Some(serving);
+            health
+                .set_service_status(BRIDGE_SERVICE, status(now.0))
+                .await;
+            health.set_service_status("", status(now.0)).await;
+            health
+                .set_service_status(ADMIN_SERVICE, status(!draining))
+                .await;
+            match &ready {
+                Ok(()) => tracing::info!(serving = true, "health changed"),
+                Err(why) => tracing::info!(serving = false, reason = %why, "health changed"),
+            }
+            last = Some(now);
         }
         tokio::select! {
             _ = changed => {}
-            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = tokio::time::sleep(Duration::from_millis(250)) => {}
             _ = stop.cancelled() => return,
         }
     }
+}
+
+/// Keeps the commands every backend registered (an upstream is asked over gRPC):
+/// every second until some are known, then every ten.
+fn spawn_command_refresh(edge: Arc<Edge>, stop: CancellationToken) {
+    tokio::spawn(async move {
+        loop {
+            let mut all = std::collections::HashSet::new();
+            for b in edge.backends() {
+                for c in b.commands().await {
+                    all.insert(c.name);
+                }
+            }
+            let pause = if all.is_empty() { 1 } else { 10 };
+            edge.commands.set(all);
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs(pause)) => {}
+                _ = stop.cancelled() => return,
+            }
+        }
+    });
 }
 
 /// Drops session pins idle past their TTL, once a minute.

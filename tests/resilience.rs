@@ -23,7 +23,7 @@ async fn start(count_file: &std::path::Path) -> (RunningServer, Client) {
 async fn start_with(count_file: &std::path::Path, extra: &str) -> (RunningServer, Client) {
     init_tracing();
     let text = format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
+        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\nmetrics_listen = \"127.0.0.1:0\"\n\
          [pool]\nadapter = \"faults:adapter\"\nsize = 2\n\
          env = {{ PITBOSS_FAULT_COUNT_FILE = \"{}\" }}\n{extra}",
         count_file.display()

@@ -71,7 +71,7 @@ fn temp_dir(tag: &str) -> PathBuf {
 
 fn config_text(dir: &Path, adapter: &str, extra: &str) -> String {
     format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\nshutdown_grace = \"10s\"\n\
+        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\nmetrics_listen = \"127.0.0.1:0\"\nshutdown_grace = \"10s\"\n\
          [pool]\nadapter = \"{adapter}\"\nsize = 1\npython_path = [\"{py}/examples\"]\nruntime_dir = \"{py}\"\n\
          [pool.restart]\nbackoff_base = \"20ms\"\njitter = 0.0\n\
          [rollout]\nflags_file = \"{flags}\"\ncheck_interval = \"100ms\"\n\

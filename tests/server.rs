@@ -18,7 +18,7 @@ const LONG: Duration = Duration::from_secs(20);
 fn config(extra: &str) -> Config {
     init_tracing();
     let text = format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\nshutdown_grace = \"10s\"\n{extra}"
+        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\nmetrics_listen = \"127.0.0.1:0\"\nshutdown_grace = \"10s\"\n{extra}"
     );
     Config::from_sources("test.toml", Some(&text), Vec::<(String, String)>::new()).unwrap()
 }

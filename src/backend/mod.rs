@@ -158,7 +158,8 @@ impl Backend {
         let retry_settings = c.retry_settings();
         let rules = Arc::new(c.exception_rules());
         let policy = RetryPolicy::new(&retry_settings)
-            .map_err(|e| format!("backends.{}: retry: {e}", cfg.role))?;
+            .map_err(|e| format!("backends.{}: retry: {e}", cfg.role))?
+            .with_observer(Arc::new(crate::telemetry::RetryCounter(cfg.role)));
         let breaker = Breaker::new(cfg.role, c.breaker_settings())
             .map_err(|e| format!("backends.{}: circuit_breaker: {e}", cfg.role))?;
         let max_message = c.server.max_message_bytes.0 as usize;

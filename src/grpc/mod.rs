@@ -56,6 +56,8 @@ pub struct Edge {
     pub instance_header: Option<MetadataValue<tonic::metadata::Ascii>>,
     /// The admin bearer token; `None`: read-only admin calls only.
     pub admin_token: Option<String>,
+    /// Commands the backends registered: the only values of the `command` label.
+    pub commands: crate::telemetry::KnownCommands,
 }
 
 /// Whether a failed call of `new` may be served again by legacy: only system-class
@@ -256,17 +258,18 @@ pub struct BridgeService(pub Arc<Edge>);
 
 type ChunkStream = Pin<Box<dyn Stream<Item = Result<pb::ExecuteChunk, Status>> + Send>>;
 
-#[tonic::async_trait]
-impl Bridge for BridgeService {
-    async fn execute(
+impl BridgeService {
+    async fn execute_call(
         &self,
         req: Request<pb::ExecuteRequest>,
     ) -> Result<Response<pb::ExecuteResponse>, Status> {
         let edge = &self.0;
         edge.refuse_if_draining()?;
+        let received = Instant::now();
         let (md, _, mut r) = req.into_parts();
         let idempotent = r.idempotent;
         let pr = edge.pool_request(&mut r, &md);
+        let command_label = edge.commands.label(&pr.command).into_owned();
         let route = edge.route(&pr, &r.routing_key, idempotent);
         let first = match route {
             Route::New => Role::New,
@@ -307,6 +310,24 @@ impl Bridge for BridgeService {
         if let Some(tx) = shadow_tx {
             let _ = tx.send(result.as_ref().ok().map(|s| s.response.payload.clone()));
         }
+        let failure = result.as_ref().err().map(|f| f.class);
+        crate::telemetry::record_call(role, &command_label, failure, received.elapsed());
+        let span = tracing::Span::current();
+        span.record("backend", role.as_str());
+        match &result {
+            Ok(served) => {
+                span.record("worker", served.worker_label().as_str());
+                span.record("attempts", served.attempts);
+                tracing::debug!("call served");
+            }
+            Err(f) => {
+                span.record("attempts", f.attempts);
+                if let Some(w) = f.error.worker() {
+                    span.record("worker", w.to_string().as_str());
+                }
+                tracing::debug!(class = f.class.name(), "call failed: {}", f.error);
+            }
+        }
         match result {
             Ok(served) => {
                 let worker = served.worker_label();
@@ -326,16 +347,16 @@ impl Bridge for BridgeService {
         }
     }
 
-    type ExecuteStreamStream = ChunkStream;
-
-    async fn execute_stream(
+    async fn execute_stream_call(
         &self,
         req: Request<pb::ExecuteRequest>,
-    ) -> Result<Response<Self::ExecuteStreamStream>, Status> {
+    ) -> Result<Response<ChunkStream>, Status> {
         let edge = self.0.clone();
         edge.refuse_if_draining()?;
         let (md, _, mut r) = req.into_parts();
         let mut pr = edge.pool_request(&mut r, &md);
+        let command_label = edge.commands.label(&pr.command).into_owned();
+        let received = Instant::now();
         // Streams are not shadowed (their chunks cannot be held back to compare).
         let mut role = match edge.route(&pr, &r.routing_key, r.idempotent) {
             Route::New => Role::New,
@@ -363,10 +384,25 @@ impl Bridge for BridgeService {
                 if role == Role::New && edge.may_fall_back(&probe, &attempt) {
                     edge.rollout.fallback();
                     role = Role::Legacy;
-                    start_stream(&edge, role, pr)
-                        .await
-                        .map_err(|(_, e)| edge.status(&e, role))?
+                    match start_stream(&edge, role, pr).await {
+                        Ok(ok) => ok,
+                        Err((class, e)) => {
+                            crate::telemetry::record_call(
+                                role,
+                                &command_label,
+                                Some(class),
+                                received.elapsed(),
+                            );
+                            return Err(edge.status(&e, role));
+                        }
+                    }
                 } else {
+                    crate::telemetry::record_call(
+                        role,
+                        &command_label,
+                        Some(class),
+                        received.elapsed(),
+                    );
                     return Err(edge.status(&e, role));
                 }
             }
@@ -399,6 +435,12 @@ impl Bridge for BridgeService {
                         let class = crate::resilience::classify(&err, &e2.backend(role).rules);
                         permit.record(Some(class));
                         e2.rollout.record(role, started.elapsed(), Some(class));
+                        crate::telemetry::record_call(
+                            role,
+                            &command_label,
+                            Some(class),
+                            received.elapsed(),
+                        );
                         if let Some(prev) = held.take() {
                             let _ = tx.send(Ok(prev)).await;
                         }
@@ -408,6 +450,12 @@ impl Bridge for BridgeService {
                     None => {
                         permit.record(None);
                         e2.rollout.record(role, started.elapsed(), None);
+                        crate::telemetry::record_call(
+                            role,
+                            &command_label,
+                            None,
+                            received.elapsed(),
+                        );
                         let mut last = held.take().unwrap_or_default();
                         last.last = true;
                         last.backend = role.as_str().into();
@@ -431,6 +479,29 @@ impl Bridge for BridgeService {
             role,
             Some(worker),
         ))
+    }
+}
+
+#[tonic::async_trait]
+impl Bridge for BridgeService {
+    async fn execute(
+        &self,
+        req: Request<pb::ExecuteRequest>,
+    ) -> Result<Response<pb::ExecuteResponse>, Status> {
+        use tracing::Instrument;
+        let span = call_span(&req);
+        self.execute_call(req).instrument(span).await
+    }
+
+    type ExecuteStreamStream = ChunkStream;
+
+    async fn execute_stream(
+        &self,
+        req: Request<pb::ExecuteRequest>,
+    ) -> Result<Response<Self::ExecuteStreamStream>, Status> {
+        use tracing::Instrument;
+        let span = call_span(&req);
+        self.execute_stream_call(req).instrument(span).await
     }
 
     async fn create_session(
@@ -519,6 +590,38 @@ impl Bridge for BridgeService {
             }
         }
         Ok(edge.respond(pb::ListCommandsResponse { commands }, Role::Legacy, None))
+    }
+}
+
+/// One span per call: its request id (the client's `x-request-id`, else a new one),
+/// command, and, once known, the backend, worker and attempts.
+fn call_span<T>(req: &Request<T>) -> tracing::Span
+where
+    T: CommandName,
+{
+    let request_id = req
+        .metadata()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .map(|s| s.chars().take(64).collect::<String>())
+        .unwrap_or_else(|| format!("{:016x}", rand::random::<u64>()));
+    tracing::info_span!(
+        "call",
+        request_id = %request_id,
+        command = %req.get_ref().command_name(),
+        backend = tracing::field::Empty,
+        worker = tracing::field::Empty,
+        attempts = tracing::field::Empty,
+    )
+}
+
+trait CommandName {
+    fn command_name(&self) -> &str;
+}
+
+impl CommandName for pb::ExecuteRequest {
+    fn command_name(&self) -> &str {
+        &self.command
     }
 }
 

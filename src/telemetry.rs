@@ -1,0 +1,428 @@
+//! Metrics, readiness and the HTTP listener that serves them (`/metrics`, `/healthz`,
+//! `/readyz`).
+//!
+//! Counters and histograms are recorded where things happen (the edge, the retry
+//! policy, the supervisors). Gauges that describe state (workers, queue, in-flight,
+//! sessions, memory) are sampled from the pools at scrape time, so a scrape always
+//! shows the state as it is, not as it was at the last event. Every metric is
+//! described here, so each has HELP text, and `docs/METRICS.md` lists them all.
+
+use std::collections::HashSet;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+use crate::backend::{Backend, Role, Target};
+use crate::grpc::Edge;
+use crate::pool::{ExitReason, PoolObserver, SlotState};
+use crate::resilience::retry::RetryObserver;
+use crate::resilience::{BreakerState, ErrorClass};
+
+/// Latency buckets from 100 µs to 60 s: a Python call spans that whole range.
+pub const DURATION_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0, 30.0, 60.0,
+];
+
+static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+
+/// The process-wide Prometheus recorder, installed on first use. `None` when another
+/// recorder was installed first (a test's, for example): metrics then go there.
+pub fn prometheus() -> Option<PrometheusHandle> {
+    HANDLE
+        .get_or_init(|| {
+            let builder = PrometheusBuilder::new()
+                .set_buckets_for_metric(
+                    Matcher::Full("pitboss_request_duration_seconds".into()),
+                    DURATION_BUCKETS,
+                )
+                .ok()?;
+            match builder.install_recorder() {
+                Ok(handle) => {
+                    describe();
+                    Some(handle)
+                }
+                Err(e) => {
+                    tracing::warn!("cannot install the Prometheus recorder: {e}");
+                    None
+                }
+            }
+        })
+        .clone()
+}
+
+fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    describe_counter!(
+        "pitboss_requests_total",
+        "Calls answered, by backend, command (or `other`), outcome (ok or error) and error class."
+    );
+    describe_histogram!(
+        "pitboss_request_duration_seconds",
+        Unit::Seconds,
+        "Time from receiving a call to answering it, retries included."
+    );
+    describe_counter!(
+        "pitboss_retries_total",
+        "Retries made, by backend and the error class of the failed attempt."
+    );
+    describe_counter!(
+        "pitboss_retry_budget_exhausted_total",
+        "Retries refused because the backend's retry budget was spent."
+    );
+    describe_gauge!(
+        "pitboss_circuit_state",
+        "Circuit breaker state: 0 closed, 1 half-open, 2 open."
+    );
+    describe_counter!(
+        "pitboss_circuit_transitions_total",
+        "Circuit breaker state changes."
+    );
+    describe_gauge!(
+        "pitboss_workers",
+        "Worker slots by state: starting, ready, draining, backing_off, stopped, ejected."
+    );
+    describe_counter!(
+        "pitboss_worker_restarts_total",
+        "Worker processes replaced, by reason: crash, heartbeat, timeout, protocol, outlier, recycle_requests, recycle_ttl, recycle_memory."
+    );
+    describe_gauge!(
+        "pitboss_worker_rss_bytes",
+        Unit::Bytes,
+        "Resident memory of each worker process, by pool slot."
+    );
+    describe_gauge!("pitboss_queue_depth", "Calls waiting for a free worker.");
+    describe_gauge!("pitboss_inflight", "Calls running on workers.");
+    describe_gauge!("pitboss_sessions_active", "Open sessions.");
+    describe_gauge!(
+        "pitboss_rollout_percent",
+        "The share of eligible keys sent to the new backend now (0 while paused or rolled back)."
+    );
+    describe_gauge!(
+        "pitboss_rollout_state",
+        "Rollout state: 0 active, 1 paused, 2 rolled back."
+    );
+    describe_counter!(
+        "pitboss_rollout_rollbacks_total",
+        "Rollbacks, by reason: error_rate, latency, relative_error_rate (automatic) or operator."
+    );
+    describe_counter!(
+        "pitboss_fallbacks_total",
+        "Calls of the new backend that failed with a system error and were served by legacy."
+    );
+    describe_counter!(
+        "pitboss_shadow_comparisons_total",
+        "Shadow comparisons of legacy's and new's answers: match, mismatch or error."
+    );
+    describe_counter!(
+        "pitboss_config_reloads_total",
+        "Reloads of a hot-reloaded file, by file and result (ok or error)."
+    );
+    describe_gauge!(
+        "pitboss_build_info",
+        "Always 1; the labels carry the version and this process's instance id."
+    );
+}
+
+/// The `command` label: only commands a backend registered, else `other`, so a
+/// client cannot grow the label set.
+#[derive(Default)]
+pub struct KnownCommands(ArcSwap<HashSet<String>>);
+
+impl KnownCommands {
+    pub fn label<'a>(&self, command: &'a str) -> std::borrow::Cow<'a, str> {
+        if self.0.load().contains(command) {
+            std::borrow::Cow::Borrowed(command)
+        } else {
+            std::borrow::Cow::Borrowed("other")
+        }
+    }
+
+    pub fn set(&self, commands: HashSet<String>) {
+        if **self.0.load() != commands {
+            self.0.store(Arc::new(commands));
+        }
+    }
+}
+
+/// Records one answered call.
+pub fn record_call(role: Role, command: &str, failure: Option<ErrorClass>, elapsed: Duration) {
+    let (outcome, class) = match failure {
+        None => ("ok", ""),
+        Some(c) => ("error", c.name()),
+    };
+    metrics::counter!(
+        "pitboss_requests_total",
+        "backend" => role.as_str(),
+        "command" => command.to_string(),
+        "outcome" => outcome,
+        "error_class" => class
+    )
+    .increment(1);
+    metrics::histogram!(
+        "pitboss_request_duration_seconds",
+        "backend" => role.as_str(),
+        "command" => command.to_string()
+    )
+    .record(elapsed.as_secs_f64());
+}
+
+/// Counts restarts; the pool's name is its backend role.
+pub struct RestartCounter;
+
+impl PoolObserver for RestartCounter {
+    fn worker_exited(&self, pool: &str, reason: &ExitReason) {
+        let label = reason.label();
+        if label != "shutdown" {
+            metrics::counter!(
+                "pitboss_worker_restarts_total",
+                "backend" => pool.to_string(),
+                "reason" => label
+            )
+            .increment(1);
+        }
+    }
+}
+
+/// Counts retries and budget refusals for one backend.
+pub struct RetryCounter(pub &'static str);
+
+impl RetryObserver for RetryCounter {
+    fn retried(&self, class: ErrorClass) {
+        metrics::counter!("pitboss_retries_total", "backend" => self.0, "error_class" => class.name())
+            .increment(1);
+    }
+
+    fn budget_exhausted(&self) {
+        metrics::counter!("pitboss_retry_budget_exhausted_total", "backend" => self.0).increment(1);
+    }
+}
+
+const STATES: [&str; 6] = [
+    "starting",
+    "ready",
+    "draining",
+    "backing_off",
+    "stopped",
+    "ejected",
+];
+
+/// Samples the state gauges from the backends.
+pub fn publish_gauges(edge: &Edge) {
+    let (_, new_pins) = edge.sessions.counts();
+    for b in edge.backends() {
+        let role = b.role.as_str();
+        metrics::gauge!("pitboss_circuit_state", "backend" => role, "scope" => "backend")
+            .set(b.breaker.state() as u8 as f64);
+        match &b.target {
+            Target::Pool(pool) => {
+                let st = pool.status();
+                let mut counts = [0usize; 6];
+                let mut inflight = 0u64;
+                for w in &st.workers {
+                    let state = if w.ejected {
+                        "ejected"
+                    } else {
+                        w.state.as_str()
+                    };
+                    if let Some(i) = STATES.iter().position(|s| *s == state) {
+                        counts[i] += 1;
+                    }
+                    inflight += u64::from(w.in_flight);
+                    let rss = w
+                        .rss_bytes
+                        .filter(|_| w.state != SlotState::Stopped)
+                        .unwrap_or(0);
+                    metrics::gauge!("pitboss_worker_rss_bytes", "backend" => role, "slot" => w.slot.to_string())
+                        .set(rss as f64);
+                }
+                for (state, n) in STATES.iter().zip(counts) {
+                    metrics::gauge!("pitboss_workers", "backend" => role, "state" => *state)
+                        .set(n as f64);
+                }
+                metrics::gauge!("pitboss_queue_depth", "backend" => role)
+                    .set(st.queue_depth as f64);
+                metrics::gauge!("pitboss_inflight", "backend" => role).set(inflight as f64);
+                metrics::gauge!("pitboss_sessions_active", "backend" => role)
+                    .set(st.sessions as f64);
+            }
+            Target::Grpc(_) => {
+                let sessions = if b.role == Role::New { new_pins } else { 0 };
+                metrics::gauge!("pitboss_sessions_active", "backend" => role).set(sessions as f64);
+            }
+        }
+    }
+    edge.rollout.publish();
+}
+
+/// Why pitboss should not get traffic now; `Ok` when ready. Pure.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BackendHealth {
+    pub role: Role,
+    pub ready: bool,
+    pub breaker_open: bool,
+    /// The rollout sends it traffic now (new: a nonzero share or shadow mode).
+    pub takes_traffic: bool,
+}
+
+/// Not ready while draining; when legacy has no ready worker or its breaker is open
+/// (it serves everything new does not); when new takes traffic, has no ready worker
+/// or an open breaker, and failed calls may not fall back to legacy.
+pub fn readiness(draining: bool, backends: &[BackendHealth], fallback: bool) -> Result<(), String> {
+    if draining {
+        return Err("draining: shutting down".into());
+    }
+    for b in backends {
+        let matters = b.role == Role::Legacy || (b.takes_traffic && !fallback);
+        if !matters {
+            continue;
+        }
+        if !b.ready {
+            return Err(format!("backend {} has no ready worker", b.role.as_str()));
+        }
+        if b.breaker_open {
+            return Err(format!(
+                "backend {}'s circuit breaker is open",
+                b.role.as_str()
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn health_of(edge: &Edge, b: &Backend) -> BackendHealth {
+    let f = edge.rollout.flags.get();
+    let takes_traffic = b.role == Role::Legacy
+        || (f.serving_new()
+            && !f.commands.is_empty()
+            && matches!(
+                f.mode,
+                crate::rollout::Mode::Canary
+                    | crate::rollout::Mode::Full
+                    | crate::rollout::Mode::Shadow
+            )
+            && (f.mode != crate::rollout::Mode::Canary
+                || f.effective_percent() != crate::rollout::Percent::ZERO));
+    BackendHealth {
+        role: b.role,
+        ready: b.ready(),
+        breaker_open: b.breaker.state() == BreakerState::Open,
+        takes_traffic,
+    }
+}
+
+/// The edge's readiness now.
+pub fn edge_readiness(edge: &Edge) -> Result<(), String> {
+    let backends: Vec<BackendHealth> = edge.backends().map(|b| health_of(edge, b)).collect();
+    readiness(
+        edge.draining.load(Ordering::Acquire),
+        &backends,
+        edge.rollout.flags.get().fallback_to_legacy,
+    )
+}
+
+/// The HTTP listener's routes.
+pub fn router(edge: Arc<Edge>) -> axum::Router {
+    use axum::http::{header, StatusCode};
+    use axum::response::IntoResponse;
+    use axum::routing::get;
+    let metrics_edge = edge.clone();
+    let ready_edge = edge;
+    axum::Router::new()
+        .route(
+            "/metrics",
+            get(move || {
+                let edge = metrics_edge.clone();
+                async move {
+                    publish_gauges(&edge);
+                    match prometheus() {
+                        Some(h) => {
+                            h.run_upkeep();
+                            (
+                                StatusCode::OK,
+                                [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+                                h.render(),
+                            )
+                                .into_response()
+                        }
+                        None => (
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            "metrics are recorded elsewhere in this process\n",
+                        )
+                            .into_response(),
+                    }
+                }
+            }),
+        )
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route(
+            "/readyz",
+            get(move || {
+                let edge = ready_edge.clone();
+                async move {
+                    match edge_readiness(&edge) {
+                        Ok(()) => (StatusCode::OK, "ready\n".to_string()),
+                        Err(why) => (
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            format!("not ready: {why}\n"),
+                        ),
+                    }
+                }
+            }),
+        )
+        .layer(tower_http::timeout::TimeoutLayer::with_status_code(
+            StatusCode::REQUEST_TIMEOUT,
+            Duration::from_secs(10),
+        ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn b(role: Role, ready: bool, breaker_open: bool, takes_traffic: bool) -> BackendHealth {
+        BackendHealth {
+            role,
+            ready,
+            breaker_open,
+            takes_traffic,
+        }
+    }
+
+    #[test]
+    fn readiness_follows_legacy_draining_and_new_when_it_matters() {
+        let legacy_ok = b(Role::Legacy, true, false, true);
+        assert!(readiness(false, std::slice::from_ref(&legacy_ok), true).is_ok());
+        assert!(readiness(true, std::slice::from_ref(&legacy_ok), true)
+            .unwrap_err()
+            .contains("draining"));
+        assert!(
+            readiness(false, &[b(Role::Legacy, false, false, true)], true)
+                .unwrap_err()
+                .contains("no ready worker")
+        );
+        assert!(readiness(false, &[b(Role::Legacy, true, true, true)], true)
+            .unwrap_err()
+            .contains("breaker"));
+        // New without traffic, or with fallback, does not make pitboss unready.
+        let new_broken = b(Role::New, false, true, true);
+        assert!(readiness(false, &[legacy_ok.clone(), new_broken.clone()], true).is_ok());
+        let idle_new = b(Role::New, false, true, false);
+        assert!(readiness(false, &[legacy_ok.clone(), idle_new], false).is_ok());
+        // New takes traffic, no fallback: its health is pitboss's.
+        assert!(readiness(false, &[legacy_ok, new_broken], false)
+            .unwrap_err()
+            .contains("new"));
+    }
+
+    #[test]
+    fn unknown_commands_are_labelled_other() {
+        let k = KnownCommands::default();
+        k.set(["echo".to_string()].into_iter().collect());
+        assert_eq!(k.label("echo"), "echo");
+        assert_eq!(k.label("session-1234"), "other");
+    }
+}

@@ -1,0 +1,374 @@
+//! Metrics end to end: real traffic with injected faults against a real server, then
+//! `/metrics` is scraped over HTTP and the values are checked against what was sent;
+//! `promtool check metrics` lints the scrape, and a real Prometheus scrapes pitboss.
+//!
+//! The Prometheus recorder is process-wide, so this binary holds one test: nothing
+//! else adds to the counts it checks.
+//!
+//! `promtool` and `prometheus` come from Debian's `prometheus` package (`.ci/run`
+//! installs it and sets PITBOSS_REQUIRE_PROMETHEUS=1). Without them the checks that
+//! need them are skipped with a message, unless that variable is set.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::process::Stdio;
+use std::time::Duration;
+
+use common::*;
+use pitboss::config::Config;
+use pitboss::grpc::pb;
+use pitboss::server::RunningServer;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const LONG: Duration = Duration::from_secs(30);
+
+/// A plain HTTP/1.1 GET: (status, body).
+async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).await.unwrap();
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap();
+    let status: u16 = head.split(' ').nth(1).unwrap().parse().unwrap();
+    let body = if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        let mut out = String::new();
+        let mut rest = body;
+        while let Some((size, after)) = rest.split_once("\r\n") {
+            let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+            if n == 0 {
+                break;
+            }
+            out.push_str(&after[..n]);
+            rest = &after[n + 2..];
+        }
+        out
+    } else {
+        body.to_string()
+    };
+    (status, body)
+}
+
+/// The value of the sample `name{labels}` with exactly these labels, if present.
+fn sample(scrape: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    let want: BTreeMap<&str, &str> = labels.iter().copied().collect();
+    scrape
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|line| {
+            let (series, value) = line.rsplit_once(' ')?;
+            let (n, rest) = match series.split_once('{') {
+                Some((n, rest)) => (n, rest.strip_suffix('}')?),
+                None => (series, ""),
+            };
+            if n != name {
+                return None;
+            }
+            let got: BTreeMap<&str, &str> = rest
+                .split("\",")
+                .filter(|p| !p.is_empty())
+                .filter_map(|p| {
+                    let (k, v) = p.split_once("=\"")?;
+                    Some((k, v.trim_end_matches('"')))
+                })
+                .collect();
+            (got == want).then(|| value.parse().ok()).flatten()
+        })
+}
+
+fn require_prometheus() -> bool {
+    std::env::var("PITBOSS_REQUIRE_PROMETHEUS").is_ok_and(|v| v == "1")
+}
+
+fn have(tool: &str) -> bool {
+    std::process::Command::new(tool)
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+async fn call(
+    client: &mut pb::bridge_client::BridgeClient<tonic::transport::Channel>,
+    r: pb::ExecuteRequest,
+) -> Result<(), tonic::Status> {
+    client.execute(r).await.map(|_| ())
+}
+
+#[tokio::test]
+async fn metrics_count_what_clients_saw_and_real_prometheus_scrapes_them() {
+    init_tracing();
+    let text = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\nmetrics_listen = \"127.0.0.1:0\"\n\
+         [pool]\nadapter = \"faults:adapter\"\nsize = 2\npython_path = [\"{py}/examples\"]\nruntime_dir = \"{py}\"\n\
+         [pool.restart]\nbackoff_base = \"20ms\"\njitter = 0.0\n\
+         [circuit_breaker]\nconsecutive_failures = 100\nworker_consecutive_failures = 0\n",
+        py = python_dir().display()
+    );
+    let config =
+        Config::from_sources("metrics.toml", Some(&text), Vec::<(String, String)>::new()).unwrap();
+    let server = RunningServer::start(config).await.unwrap();
+    server.pool().wait_ready(2, LONG).await.unwrap();
+    let edge = server.edge().clone();
+    assert!(
+        eventually(LONG, || edge.commands.label("pid") == "pid").await,
+        "commands known"
+    );
+    let addr = server.metrics_addr;
+    let mut client =
+        pb::bridge_client::BridgeClient::connect(format!("http://{}", server.bridge_addr))
+            .await
+            .unwrap();
+
+    // The traffic, and what each client saw.
+    for _ in 0..10 {
+        call(&mut client, exec("pid", "{}")).await.unwrap();
+    }
+    for _ in 0..3 {
+        let e = call(&mut client, exec("raise", r#"{"type": "ValueError"}"#))
+            .await
+            .unwrap_err();
+        assert_eq!(
+            e.metadata().get("x-pitboss-error-class").unwrap(),
+            "invalid_request"
+        );
+    }
+    for _ in 0..2 {
+        let e = call(&mut client, exec("raise", r#"{"type": "RuntimeError"}"#))
+            .await
+            .unwrap_err();
+        assert_eq!(
+            e.metadata().get("x-pitboss-error-class").unwrap(),
+            "python_exception"
+        );
+    }
+    let e = call(&mut client, exec("no-such-command", "{}"))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        e.metadata().get("x-pitboss-error-class").unwrap(),
+        "unknown_command"
+    );
+    // A crash, not retried (not idempotent): one restart.
+    let e = call(&mut client, exec("crash", "{}")).await.unwrap_err();
+    assert_eq!(
+        e.metadata().get("x-pitboss-error-class").unwrap(),
+        "worker_crashed"
+    );
+    server.pool().wait_ready(2, LONG).await.unwrap();
+    // An idempotent crash: three attempts, two retries, three restarts.
+    let e = call(&mut client, idempotent(exec("crash", "{}")))
+        .await
+        .unwrap_err();
+    assert_eq!(e.metadata().get("x-pitboss-attempts").unwrap(), "3");
+
+    // The pool heals; the scrape then shows what the clients saw.
+    let ready_again = async {
+        for _ in 0..300 {
+            let (_, m) = http_get(addr, "/metrics").await;
+            let ready = sample(
+                &m,
+                "pitboss_workers",
+                &[("backend", "legacy"), ("state", "ready")],
+            );
+            let restarts = sample(
+                &m,
+                "pitboss_worker_restarts_total",
+                &[("backend", "legacy"), ("reason", "crash")],
+            );
+            if ready == Some(2.0) && restarts == Some(4.0) {
+                return m;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("the pool did not report 2 ready workers and 4 crash restarts");
+    };
+    let m = ready_again.await;
+    let req = |command: &str, outcome: &str, class: &str| {
+        sample(
+            &m,
+            "pitboss_requests_total",
+            &[
+                ("backend", "legacy"),
+                ("command", command),
+                ("outcome", outcome),
+                ("error_class", class),
+            ],
+        )
+    };
+    assert_eq!(req("pid", "ok", ""), Some(10.0), "{m}");
+    assert_eq!(req("raise", "error", "invalid_request"), Some(3.0));
+    assert_eq!(req("raise", "error", "python_exception"), Some(2.0));
+    assert_eq!(
+        req("other", "error", "unknown_command"),
+        Some(1.0),
+        "unknown commands are `other`"
+    );
+    assert_eq!(req("crash", "error", "worker_crashed"), Some(2.0));
+    assert!(
+        !m.contains("no-such-command"),
+        "client input never becomes a label"
+    );
+    assert_eq!(
+        sample(
+            &m,
+            "pitboss_request_duration_seconds_count",
+            &[("backend", "legacy"), ("command", "pid")]
+        ),
+        Some(10.0)
+    );
+    assert_eq!(
+        sample(
+            &m,
+            "pitboss_retries_total",
+            &[("backend", "legacy"), ("error_class", "worker_crashed")]
+        ),
+        Some(2.0)
+    );
+    assert_eq!(
+        sample(
+            &m,
+            "pitboss_build_info",
+            &[
+                ("version", env!("CARGO_PKG_VERSION")),
+                ("instance_id", &edge.instance_id)
+            ]
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(&m, "pitboss_inflight", &[("backend", "legacy")]),
+        Some(0.0)
+    );
+    assert_eq!(
+        sample(&m, "pitboss_queue_depth", &[("backend", "legacy")]),
+        Some(0.0)
+    );
+    assert_eq!(
+        sample(
+            &m,
+            "pitboss_circuit_state",
+            &[("backend", "legacy"), ("scope", "backend")]
+        ),
+        Some(0.0)
+    );
+    assert!(m.contains("pitboss_request_duration_seconds_bucket{backend=\"legacy\",command=\"pid\",le=\"0.0001\"}"), "buckets from 100 µs");
+    assert!(m.contains("le=\"60\""), "buckets to 60 s");
+    assert!(
+        m.contains("# HELP pitboss_requests_total"),
+        "metrics are described"
+    );
+    let rss = sample(
+        &m,
+        "pitboss_worker_rss_bytes",
+        &[("backend", "legacy"), ("slot", "0")],
+    )
+    .unwrap();
+    assert!(rss > 1e6, "a Python worker uses more than 1 MB: {rss}");
+
+    // Liveness and readiness.
+    assert_eq!(http_get(addr, "/healthz").await.0, 200);
+    let (code, body) = http_get(addr, "/readyz").await;
+    assert_eq!((code, body.as_str()), (200, "ready\n"));
+    assert_eq!(http_get(addr, "/nope").await.0, 404);
+
+    // promtool lints the scrape.
+    if have("promtool") {
+        let mut child = tokio::process::Command::new("promtool")
+            .args(["check", "metrics"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(m.as_bytes())
+            .await
+            .unwrap();
+        let out = child.wait_with_output().await.unwrap();
+        assert!(
+            out.status.success(),
+            "promtool check metrics: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    } else {
+        assert!(!require_prometheus(), "promtool is required but missing");
+        eprintln!("SKIPPED: promtool check metrics (install Debian's prometheus package)");
+    }
+
+    // A real Prometheus scrapes pitboss; its query API returns pitboss's series.
+    if have("prometheus") {
+        let dir = std::env::temp_dir().join(format!("pitboss-prom-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let cfg = dir.join("prometheus.yml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: pitboss\n    static_configs:\n      - targets: ['{addr}']\n"
+            ),
+        )
+        .unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut prom = tokio::process::Command::new("prometheus")
+            .arg(format!("--config.file={}", cfg.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.join("data").display()
+            ))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let prom_addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let query = "/api/v1/query?query=pitboss_requests_total%7Bcommand%3D%22pid%22%7D";
+        let mut found = None;
+        for _ in 0..300 {
+            if let Ok(Ok(_)) = tokio::time::timeout(
+                Duration::from_secs(2),
+                tokio::net::TcpStream::connect(prom_addr),
+            )
+            .await
+            {
+                let (code, body) = http_get(prom_addr, query).await;
+                if code == 200 && body.contains("\"result\":[{") {
+                    found = Some(body);
+                    break;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let _ = prom.kill().await;
+        let _ = std::fs::remove_dir_all(&dir);
+        let body = found.expect("Prometheus never returned a pitboss series");
+        assert!(body.contains("\"job\":\"pitboss\""), "{body}");
+        assert!(
+            body.contains("\"10\"]"),
+            "Prometheus saw the 10 pid calls: {body}"
+        );
+    } else {
+        assert!(!require_prometheus(), "prometheus is required but missing");
+        eprintln!("SKIPPED: real Prometheus scrape (install Debian's prometheus package)");
+    }
+    server.shutdown().await;
+}
