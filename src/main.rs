@@ -20,6 +20,9 @@ struct Cli {
     /// Config file for `serve` (the default command). Without one, the embedded default.
     #[arg(long, global = true)]
     config: Option<PathBuf>,
+    /// Log format for `serve`: text or json (overrides server.log_format).
+    #[arg(long, global = true, value_parser = ["text", "json"])]
+    log_format: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -119,7 +122,7 @@ fn main() -> ExitCode {
     };
     let result = rt.block_on(async move {
         match cli.command.unwrap_or(Command::Serve) {
-            Command::Serve => serve(cli.config).await,
+            Command::Serve => serve(cli.config, cli.log_format).await,
             Command::CheckConfig { file } => check_config(file),
             Command::CheckFlags { file } => check_flags(file),
             Command::Status { addr, token } => status(addr, token).await,
@@ -180,9 +183,13 @@ fn init_logs(format: LogFormat) {
     }
 }
 
-async fn serve(config: Option<PathBuf>) -> Result<(), String> {
+async fn serve(config: Option<PathBuf>, log_format: Option<String>) -> Result<(), String> {
     let cfg = load(config)?;
-    init_logs(cfg.server.log_format);
+    init_logs(match log_format.as_deref() {
+        Some("json") => LogFormat::Json,
+        Some(_) => LogFormat::Text,
+        None => cfg.server.log_format,
+    });
     let server = RunningServer::start(cfg).await.map_err(|e| e.to_string())?;
     server.run_until_signal().await;
     Ok(())

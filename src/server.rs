@@ -53,6 +53,8 @@ pub struct RunningServer {
     pub metrics_addr: SocketAddr,
     edge: Arc<Edge>,
     stop_listeners: CancellationToken,
+    stop_http: CancellationToken,
+    http_server: JoinHandle<()>,
     stop_health: CancellationToken,
     stop_background: CancellationToken,
     _watch: Option<crate::rollout::reload::WatchGuard>,
@@ -229,7 +231,10 @@ impl RunningServer {
                 tracing::error!("admin listener failed: {e}");
             }
         });
-        let s3 = stop_listeners.clone();
+        // The HTTP listener outlives the gRPC ones during shutdown, so that /readyz
+        // says "draining" (503) while in-flight calls finish.
+        let stop_http = CancellationToken::new();
+        let s3 = stop_http.clone();
         let http = crate::telemetry::router(edge.clone());
         let metrics_task = tokio::spawn(async move {
             let r = axum::serve(metrics_listener, http)
@@ -250,7 +255,9 @@ impl RunningServer {
             stop_background,
             _watch: watch,
             health,
-            servers: vec![bridge_task, admin_task, metrics_task],
+            servers: vec![bridge_task, admin_task],
+            stop_http,
+            http_server: metrics_task,
             grace: config.server.shutdown_grace.0,
         })
     }
@@ -294,6 +301,8 @@ impl RunningServer {
         for b in self.edge.backends() {
             b.shutdown().await;
         }
+        self.stop_http.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.http_server).await;
         tracing::info!("pitboss stopped");
     }
 

@@ -19,7 +19,7 @@ use crate::backend::{Backend, Role, Target};
 use crate::grpc::Edge;
 use crate::pool::{ExitReason, PoolObserver, SlotState};
 use crate::resilience::retry::RetryObserver;
-use crate::resilience::{BreakerState, ErrorClass};
+use crate::resilience::ErrorClass;
 
 /// Latency buckets from 100 µs to 60 s: a Python call spans that whole range.
 pub const DURATION_BUCKETS: &[f64] = &[
@@ -263,6 +263,7 @@ pub fn publish_gauges(edge: &Edge) {
 pub struct BackendHealth {
     pub role: Role,
     pub ready: bool,
+    /// The breaker refuses calls now (open, and not yet due to probe).
     pub breaker_open: bool,
     /// The rollout sends it traffic now (new: a nonzero share or shadow mode).
     pub takes_traffic: bool,
@@ -280,14 +281,14 @@ pub fn readiness(draining: bool, backends: &[BackendHealth], fallback: bool) -> 
         if !matters {
             continue;
         }
-        if !b.ready {
-            return Err(format!("backend {} has no ready worker", b.role.as_str()));
-        }
         if b.breaker_open {
             return Err(format!(
                 "backend {}'s circuit breaker is open",
                 b.role.as_str()
             ));
+        }
+        if !b.ready {
+            return Err(format!("backend {} has no ready worker", b.role.as_str()));
         }
     }
     Ok(())
@@ -309,7 +310,7 @@ fn health_of(edge: &Edge, b: &Backend) -> BackendHealth {
     BackendHealth {
         role: b.role,
         ready: b.ready(),
-        breaker_open: b.breaker.state() == BreakerState::Open,
+        breaker_open: b.breaker.refusing(),
         takes_traffic,
     }
 }

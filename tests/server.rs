@@ -573,3 +573,104 @@ async fn health_is_not_serving_while_no_worker_is_ready() {
     );
     server.shutdown().await;
 }
+
+#[tokio::test]
+async fn readiness_and_health_follow_every_transition() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    let cfg = config(
+        "[pool]\nadapter = \"faults:adapter\"\nsize = 1\n[pool.restart]\nbackoff_base = \"20ms\"\n\
+         [retry]\nmax_attempts = 1\n\
+         [circuit_breaker]\nconsecutive_failures = 2\nopen_for = \"2s\"\nworker_consecutive_failures = 0\n",
+    );
+    let server = RunningServer::start(cfg).await.unwrap();
+    let http = server.metrics_addr;
+    let channel = Channel::from_shared(format!("http://{}", server.bridge_addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
+    let status = |svc: &'static str| {
+        let mut h = health.clone();
+        async move {
+            h.check(tonic_health::pb::HealthCheckRequest {
+                service: svc.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .status
+        }
+    };
+    let serving = ServingStatus::Serving as i32;
+    let not_serving = ServingStatus::NotServing as i32;
+    async fn until_status(
+        f: impl Fn() -> std::pin::Pin<Box<dyn std::future::Future<Output = i32>>>,
+        want: i32,
+    ) -> bool {
+        for _ in 0..200 {
+            if f().await == want {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        false
+    }
+    let bridge = || Box::pin(status("pitboss.v1.Bridge")) as std::pin::Pin<Box<_>>;
+
+    // Starting -> ready.
+    assert!(until_status(bridge, serving).await, "never SERVING");
+    assert_eq!(http_get(http, "/readyz").await.0, 200);
+    assert_eq!(status("").await, serving);
+    assert_eq!(status("pitboss.v1.Admin").await, serving);
+
+    // The backend's breaker opens: not ready, and says why; Admin stays up.
+    let mut client = pb::bridge_client::BridgeClient::new(channel.clone());
+    for _ in 0..2 {
+        let e = client.execute(exec("crash", "{}")).await.unwrap_err();
+        assert_eq!(
+            e.metadata().get("x-pitboss-error-class").unwrap(),
+            "worker_crashed"
+        );
+    }
+    assert!(
+        until_status(bridge, not_serving).await,
+        "open breaker still SERVING"
+    );
+    let (code, body) = http_get(http, "/readyz").await;
+    assert_eq!(code, 503);
+    assert!(body.contains("circuit breaker is open"), "{body}");
+    assert_eq!(status("").await, not_serving);
+    assert_eq!(status("pitboss.v1.Admin").await, serving);
+    assert_eq!(http_get(http, "/healthz").await.0, 200, "alive all along");
+
+    // Its open period ends: ready to probe again, without any traffic.
+    assert!(
+        until_status(bridge, serving).await,
+        "never ready after open_for"
+    );
+    assert_eq!(http_get(http, "/readyz").await.0, 200);
+
+    // Draining: everything NOT_SERVING, /readyz says why while calls finish.
+    let slow = tokio::spawn({
+        let mut c = client.clone();
+        async move { c.execute(exec("sleep", r#"{"seconds": 1.0}"#)).await }
+    });
+    assert!(
+        eventually(LONG, || in_flight(server.pool()) == 1).await,
+        "the slow call is running"
+    );
+    let shutdown = tokio::spawn(server.shutdown());
+    let mut saw_draining = false;
+    for _ in 0..100 {
+        let (code, body) = http_get(http, "/readyz").await;
+        if code == 503 && body.contains("draining") {
+            saw_draining = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(saw_draining, "/readyz never said draining");
+    slow.await.unwrap().expect("the in-flight call finishes");
+    shutdown.await.unwrap();
+}

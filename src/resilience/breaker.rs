@@ -190,6 +190,22 @@ impl Breaker {
         }
     }
 
+    /// Whether it refuses calls right now: open, and its open period not yet over.
+    /// Once the period is over it is ready to probe, even though failsafe only moves
+    /// to half-open on the next call; readiness must say so, or a load balancer that
+    /// stops sending traffic to an unready instance would keep it open for ever.
+    pub fn refusing(&self) -> bool {
+        if !self.settings.enabled || self.state() != BreakerState::Open {
+            return false;
+        }
+        let opened = *self
+            .tracker
+            .opened_at
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        opened.is_some_and(|t| failsafe::clock::now() < t + self.settings.open_for)
+    }
+
     pub fn transitions(&self) -> u32 {
         self.tracker.transitions.load(Ordering::Relaxed)
     }
