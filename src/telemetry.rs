@@ -420,6 +420,22 @@ mod tests {
     }
 
     #[test]
+    fn docs_metrics_md_lists_every_metric() {
+        let source = include_str!("telemetry.rs");
+        let doc = include_str!("../docs/METRICS.md");
+        let mut names = vec![];
+        for part in source.split("describe_").skip(1) {
+            if let Some(name) = part.split('"').nth(1).filter(|n| n.starts_with("pitboss_")) {
+                names.push(name);
+            }
+        }
+        assert!(names.len() >= 19, "{names:?}");
+        for n in names {
+            assert!(doc.contains(&format!("`{n}`")), "docs/METRICS.md lacks {n}");
+        }
+    }
+
+    #[test]
     fn unknown_commands_are_labelled_other() {
         let k = KnownCommands::default();
         k.set(["echo".to_string()].into_iter().collect());

@@ -338,3 +338,80 @@ async fn metrics_count_what_clients_saw_and_real_prometheus_scrapes_them() {
     }
     server.shutdown().await;
 }
+
+fn repo(path: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
+}
+
+#[test]
+fn alert_rules_and_the_sample_config_pass_promtool() {
+    if !have("promtool") {
+        assert!(!require_prometheus(), "promtool is required but missing");
+        eprintln!("SKIPPED: promtool checks (install Debian's prometheus package)");
+        return;
+    }
+    for args in [
+        vec!["check", "rules", "config/prometheus/alerts.yml"],
+        vec!["test", "rules", "config/prometheus/alerts_test.yml"],
+        vec!["check", "config", "config/prometheus/prometheus.yml"],
+    ] {
+        let out = std::process::Command::new("promtool")
+            .args(&args)
+            .current_dir(repo(""))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "promtool {}: {}{}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+#[test]
+fn the_grafana_dashboard_covers_what_operators_watch() {
+    let text = std::fs::read_to_string(repo("config/grafana/pitboss.json")).unwrap();
+    let dash: serde_json::Value = serde_json::from_str(&text).expect("valid JSON");
+    let panels = dash["panels"].as_array().expect("panels");
+    let exprs: Vec<String> = panels
+        .iter()
+        .flat_map(|p| p["targets"].as_array().cloned().unwrap_or_default())
+        .filter_map(|t| t["expr"].as_str().map(str::to_string))
+        .collect();
+    let mut ids = std::collections::HashSet::new();
+    for p in panels {
+        if let Some(id) = p["id"].as_u64() {
+            assert!(ids.insert(id), "duplicate panel id {id}");
+        }
+    }
+    for metric in [
+        "pitboss_requests_total",
+        "pitboss_request_duration_seconds_bucket",
+        "pitboss_rollout_percent",
+        "pitboss_rollout_state",
+        "pitboss_circuit_state",
+        "pitboss_worker_restarts_total",
+        "pitboss_queue_depth",
+        "pitboss_shadow_comparisons_total",
+    ] {
+        assert!(
+            exprs.iter().any(|e| e.contains(metric)),
+            "no panel queries {metric}"
+        );
+    }
+    // Every metric the dashboard queries exists.
+    let doc = std::fs::read_to_string(repo("docs/METRICS.md")).unwrap();
+    for e in &exprs {
+        for word in e.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+            if let Some(base) = word.strip_prefix("pitboss_") {
+                let name = format!("pitboss_{base}");
+                let name = ["_bucket", "_count", "_sum"]
+                    .iter()
+                    .fold(name, |n, s| n.strip_suffix(s).map(str::to_string).unwrap_or(n));
+                assert!(doc.contains(&format!("`{name}`")), "the dashboard queries unknown {name}");
+            }
+        }
+    }
+}
