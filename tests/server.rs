@@ -674,3 +674,48 @@ async fn readiness_and_health_follow_every_transition() {
     slow.await.unwrap().expect("the in-flight call finishes");
     shutdown.await.unwrap();
 }
+
+#[tokio::test]
+async fn logs_are_json_lines_on_request() {
+    use tokio::io::AsyncBufReadExt;
+    let dir = std::env::temp_dir().join(format!("pitboss-json-logs-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = dir.join("p.toml");
+    std::fs::write(
+        &cfg,
+        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\nmetrics_listen = \"127.0.0.1:0\"\n\
+         [pool]\nsize = 1\n",
+    )
+    .unwrap();
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_pitboss"))
+        .args(["--log-format", "json", "--config"])
+        .arg(&cfg)
+        .env("RUST_LOG", "info")
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut seen = vec![];
+    let found = tokio::time::timeout(LONG, async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            let v: serde_json::Value =
+                serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+            let msg = v["fields"]["message"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string();
+            seen.push(msg.clone());
+            if msg == "worker ready" {
+                return v;
+            }
+        }
+        panic!("no 'worker ready' line: {seen:?}");
+    })
+    .await
+    .expect("worker ready within the bound");
+    assert_eq!(found["level"], "INFO");
+    assert!(found["fields"]["worker"].is_string(), "{found}");
+    let _ = child.kill().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
