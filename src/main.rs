@@ -41,6 +41,11 @@ enum Command {
         #[arg(long, env = "PITBOSS_ADMIN_TOKEN", hide_env_values = true)]
         token: Option<String>,
     },
+    /// Benchmarks: load generator and baselines (see BENCHMARKS.md).
+    Bench {
+        #[command(subcommand)]
+        what: BenchCommand,
+    },
     /// Drive the rollout from legacy to new (see docs/ROLLOUT.md).
     Rollout {
         #[command(subcommand)]
@@ -94,6 +99,85 @@ enum Command {
 }
 
 #[derive(Subcommand)]
+enum BenchCommand {
+    /// Drive load at a Bridge server (`--addr`) or at the floor (`--floor`), report
+    /// requests/s and latency percentiles, optionally as JSON.
+    Load(LoadArgs),
+    /// Worker pool startup: the floor's (spawn N workers, wait for READY) and
+    /// pitboss's pool, alternating, `--runs` times each.
+    Startup {
+        #[arg(long, default_value_t = 4)]
+        workers: usize,
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
+    /// Serve the gRPC ceiling: a Bridge answering without Python. Prints LISTENING ADDR.
+    Ceiling {
+        #[arg(long, default_value = "127.0.0.1:0")]
+        listen: std::net::SocketAddr,
+    },
+    /// Create SESSIONS sessions on a pitboss and report its RSS (by --pid) before and after.
+    Sessions {
+        #[arg(long, default_value = "http://127.0.0.1:50051")]
+        addr: String,
+        #[arg(long)]
+        pid: u32,
+        #[arg(long, default_value_t = 100_000)]
+        sessions: usize,
+        #[arg(long, default_value_t = 64)]
+        concurrency: usize,
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
+}
+
+#[derive(clap::Args)]
+struct LoadArgs {
+    /// A Bridge server to load (pitboss, the grpcio peer, the ceiling).
+    #[arg(long, conflicts_with = "floor")]
+    addr: Option<String>,
+    /// Drive the config's workers directly over frames instead (no gRPC, no pool).
+    #[arg(long)]
+    floor: bool,
+    /// Workers for --floor.
+    #[arg(long, default_value_t = 2)]
+    workers: usize,
+    #[arg(long, default_value_t = 8)]
+    concurrency: usize,
+    /// Stop after this many calls (default 10000 unless --duration-s is given).
+    #[arg(long)]
+    requests: Option<u64>,
+    /// Stop after this many seconds.
+    #[arg(long)]
+    duration_s: Option<f64>,
+    #[arg(long, default_value_t = 1.0)]
+    warmup_s: f64,
+    #[arg(long, default_value = "echo")]
+    command: String,
+    /// A JSON payload of about this many bytes ...
+    #[arg(long, default_value_t = 64)]
+    payload_size: usize,
+    /// ... or this exact payload.
+    #[arg(long)]
+    payload: Option<String>,
+    /// Spread calls over this many sessions (0: none).
+    #[arg(long, default_value_t = 0)]
+    sessions: usize,
+    #[arg(long)]
+    stream: bool,
+    #[arg(long)]
+    idempotent: bool,
+    /// A name for the report.
+    #[arg(long, default_value = "")]
+    name: String,
+    /// Also write the report here as JSON.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
 enum RolloutCommand {
     /// Mode, percentage, state, and both backends' live error rate and p99.
     Status,
@@ -125,6 +209,7 @@ fn main() -> ExitCode {
             Command::Serve => serve(cli.config, cli.log_format).await,
             Command::CheckConfig { file } => check_config(file),
             Command::CheckFlags { file } => check_flags(file),
+            Command::Bench { what } => bench(cli.config, what).await,
             Command::Status { addr, token } => status(addr, token).await,
             Command::Rollout {
                 action,
@@ -360,6 +445,177 @@ fn render_rollout(r: &pb::Rollout) -> String {
         out.push_str("rolled back: new takes no traffic until `pitboss rollout resume`\n");
     }
     out
+}
+
+fn write_json(path: &Option<PathBuf>, value: &impl serde::Serialize) -> Result<(), String> {
+    if let Some(p) = path {
+        let text = serde_json::to_string_pretty(value).map_err(|e| e.to_string())?;
+        std::fs::write(p, text).map_err(|e| format!("{}: {e}", p.display()))?;
+    }
+    Ok(())
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+async fn bench(config: Option<PathBuf>, what: BenchCommand) -> Result<(), String> {
+    use pitboss::bench;
+    match what {
+        BenchCommand::Load(a) => {
+            let (target, name) = if a.floor {
+                let cfg = load(config)?;
+                let spec = bench::floor_spec(&cfg).await?;
+                let (floor, took) = bench::Floor::start(&spec, a.workers).await?;
+                eprintln!("floor: {} workers ready in {took:?}", a.workers);
+                (
+                    bench::Target::Floor(std::sync::Arc::new(floor)),
+                    "floor".to_string(),
+                )
+            } else {
+                let addr = a
+                    .addr
+                    .clone()
+                    .unwrap_or_else(|| "http://127.0.0.1:50051".into());
+                (bench::Target::grpc(&addr).await?, addr)
+            };
+            let payload = match &a.payload {
+                Some(p) => p.clone().into_bytes().into(),
+                None => bench::payload_of_size(a.payload_size),
+            };
+            let spec = bench::LoadSpec {
+                concurrency: a.concurrency,
+                requests: a.requests.or(if a.duration_s.is_none() {
+                    Some(10_000)
+                } else {
+                    None
+                }),
+                duration: a.duration_s.map(std::time::Duration::from_secs_f64),
+                warmup: std::time::Duration::from_secs_f64(a.warmup_s),
+                command: a.command.clone(),
+                payload,
+                sessions: a.sessions,
+                stream: a.stream,
+                idempotent: a.idempotent,
+            };
+            let name = if a.name.is_empty() {
+                name
+            } else {
+                a.name.clone()
+            };
+            let r = bench::run(target, &name, spec).await?;
+            println!(
+                "{}: {} {} B c={} s={}: {:.0} req/s  p50 {} µs  p90 {} µs  p99 {} µs  p99.9 {} µs  ({} calls, {} errors)",
+                r.target, r.command, r.payload_bytes, r.concurrency, r.sessions, r.rps,
+                r.p50_us, r.p90_us, r.p99_us, r.p999_us, r.requests, r.errors
+            );
+            if let Some(e) = &r.first_error {
+                eprintln!("first error: {e}");
+            }
+            write_json(&a.json, &r)
+        }
+        BenchCommand::Startup {
+            workers,
+            runs,
+            json,
+        } => {
+            let cfg = load(config)?;
+            let spec = bench::floor_spec(&cfg).await?;
+            let mut floor_ms = vec![];
+            let mut pool_ms = vec![];
+            for _ in 0..runs {
+                let (floor, took) = bench::Floor::start(&spec, workers).await?;
+                floor_ms.push(took.as_secs_f64() * 1000.0);
+                drop(floor);
+                tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+                let mut pc = cfg.pool_config("bench");
+                pc.size = workers;
+                let t = tokio::time::Instant::now();
+                let pool = pitboss::pool::Pool::launch(
+                    pc,
+                    std::sync::Arc::new(pitboss::telemetry::RestartCounter),
+                )
+                .await
+                .map_err(|e| e.to_string())?;
+                pool.wait_ready(workers, std::time::Duration::from_secs(60))
+                    .await
+                    .map_err(|e| e.to_string())?;
+                pool_ms.push(t.elapsed().as_secs_f64() * 1000.0);
+                pool.shutdown().await;
+                tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+            }
+            let (f, p) = (median(floor_ms.clone()), median(pool_ms.clone()));
+            println!(
+                "startup of {workers} workers, median of {runs}: floor {f:.1} ms, pitboss pool {p:.1} ms, ratio {:.2}",
+                p / f
+            );
+            write_json(
+                &json,
+                &serde_json::json!({"workers": workers, "runs": runs, "floor_ms": floor_ms,
+                    "pool_ms": pool_ms, "floor_median_ms": f, "pool_median_ms": p, "ratio": p / f}),
+            )
+        }
+        BenchCommand::Ceiling { listen } => {
+            let l = tokio::net::TcpListener::bind(listen)
+                .await
+                .map_err(|e| format!("{listen}: {e}"))?;
+            println!("LISTENING {}", l.local_addr().map_err(|e| e.to_string())?);
+            use std::io::Write;
+            let _ = std::io::stdout().flush();
+            tonic::transport::Server::builder()
+                .add_service(pb::bridge_server::BridgeServer::new(bench::CeilingBridge))
+                .serve_with_incoming(pitboss::server::incoming(l))
+                .await
+                .map_err(|e| e.to_string())
+        }
+        BenchCommand::Sessions {
+            addr,
+            pid,
+            sessions,
+            concurrency,
+            json,
+        } => {
+            let before = bench::rss_of(pid).ok_or(format!("no process {pid}"))?;
+            let target = bench::Target::grpc(&addr).await?;
+            let bench::Target::Grpc(client) = target else {
+                unreachable!()
+            };
+            let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+            let tasks: Vec<_> = (0..concurrency)
+                .map(|_| {
+                    let (mut c, next) = (client.clone(), next.clone());
+                    tokio::spawn(async move {
+                        loop {
+                            let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            if i >= sessions {
+                                return Ok::<(), String>(());
+                            }
+                            c.create_session(pb::CreateSessionRequest::default())
+                                .await
+                                .map_err(|s| s.message().to_string())?;
+                        }
+                    })
+                })
+                .collect();
+            for t in tasks {
+                t.await.map_err(|e| e.to_string())??;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            let after = bench::rss_of(pid).ok_or(format!("no process {pid}"))?;
+            let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
+            println!(
+                "pitboss RSS: {:.1} MiB idle, {:.1} MiB with {sessions} sessions (+{:.0} bytes/session)",
+                mib(before),
+                mib(after),
+                (after.saturating_sub(before)) as f64 / sessions as f64
+            );
+            write_json(
+                &json,
+                &serde_json::json!({"sessions": sessions, "rss_idle_bytes": before, "rss_sessions_bytes": after}),
+            )
+        }
+    }
 }
 
 fn check_flags(file: PathBuf) -> Result<(), String> {

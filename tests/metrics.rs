@@ -407,10 +407,13 @@ fn the_grafana_dashboard_covers_what_operators_watch() {
         for word in e.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
             if let Some(base) = word.strip_prefix("pitboss_") {
                 let name = format!("pitboss_{base}");
-                let name = ["_bucket", "_count", "_sum"]
-                    .iter()
-                    .fold(name, |n, s| n.strip_suffix(s).map(str::to_string).unwrap_or(n));
-                assert!(doc.contains(&format!("`{name}`")), "the dashboard queries unknown {name}");
+                let name = ["_bucket", "_count", "_sum"].iter().fold(name, |n, s| {
+                    n.strip_suffix(s).map(str::to_string).unwrap_or(n)
+                });
+                assert!(
+                    doc.contains(&format!("`{name}`")),
+                    "the dashboard queries unknown {name}"
+                );
             }
         }
     }
