@@ -1,0 +1,107 @@
+#!/usr/bin/env python3
+"""Aggregates a benches/run.sh result directory into one Markdown table.
+
+Each figure is the median over the rounds; every ratio compares targets measured in
+the same run (they alternate), because these machines are noisy.
+"""
+import glob
+import json
+import os
+import statistics
+import sys
+
+
+def load(out):
+    runs = {}
+    for path in glob.glob(os.path.join(out, "*.*.*.json")):
+        name = os.path.basename(path)
+        if name.startswith(("startup.", "rss.")):
+            continue
+        scenario, target, _round, _ = name.rsplit(".", 3)
+        with open(path) as f:
+            runs.setdefault((scenario, target), []).append(json.load(f))
+    return runs
+
+
+def med(rs, key):
+    return statistics.median(r[key] for r in rs)
+
+
+def main(out):
+    runs = load(out)
+    scenarios = sorted({s for s, _ in runs}, key=lambda s: (s.split("-")[0], s))
+    targets = ["floor", "pitboss", "ceiling", "peer"]
+    print("## Throughput and latency (median of rounds)\n")
+    print("| scenario | target | req/s | p50 µs | p90 µs | p99 µs | p99.9 µs | errors |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    for s in scenarios:
+        for t in targets:
+            rs = runs.get((s, t))
+            if not rs:
+                continue
+            print(
+                f"| {s} | {t} | {med(rs, 'rps'):,.0f} | {med(rs, 'p50_us'):,.0f} | "
+                f"{med(rs, 'p90_us'):,.0f} | {med(rs, 'p99_us'):,.0f} | {med(rs, 'p999_us'):,.0f} | "
+                f"{sum(r['errors'] for r in rs)} |"
+            )
+
+    def get(s, t, k):
+        rs = runs.get((s, t))
+        return med(rs, k) if rs else None
+
+    print("\n## Targets (ratios within this run)\n")
+    print("| measure | target | measured | met |")
+    print("|---|---|---:|---|")
+
+    def row(measure, target, value, ok, fmt="{:.2f}"):
+        if value is None:
+            print(f"| {measure} | {target} | n/a | - |")
+        else:
+            print(f"| {measure} | {target} | {fmt.format(value)} | {'yes' if ok else 'NO'} |")
+
+    pb, fl = get("compute-c8", "pitboss", "rps"), get("compute-c8", "floor", "rps")
+    r = pb / fl if pb and fl else None
+    row("throughput, CPU-bound command, vs floor", ">= 0.90", r, r is not None and r >= 0.9)
+    pb, fl, ce = (get("echo-64B-c8", t, "rps") for t in ("pitboss", "floor", "ceiling"))
+    base = min(x for x in (fl, ce) if x) if (fl or ce) else None
+    r = pb / base if pb and base else None
+    row("throughput, echo 64 B c=8, vs min(floor, ceiling)", ">= 0.80", r, r is not None and r >= 0.8)
+    pb, fl = get("echo-64B-c1", "pitboss", "p50_us"), get("echo-64B-c1", "floor", "p50_us")
+    r = pb - fl if pb and fl else None
+    row("added p50 latency over floor, echo c=1 (µs)", "<= 100", r, r is not None and r <= 100, "{:.0f}")
+    pb, pe = get("echo-64B-c8", "pitboss", "rps"), get("echo-64B-c8", "peer", "rps")
+    r = pb / pe if pb and pe else None
+    row("throughput vs grpcio + ProcessPool peer, echo", ">= 5", r, r is not None and r >= 5, "{:.1f}x")
+    for s in scenarios:
+        pb, pe = get(s, "pitboss", "p99_us"), get(s, "peer", "p99_us")
+        r = pb / pe if pb and pe else None
+        row(f"p99 vs peer, {s} (ratio)", "< 1", r, r is not None and r < 1)
+
+    starts = sorted(glob.glob(os.path.join(out, "startup.*.json")))
+    if starts:
+        print("\n## Pool startup (median of runs)\n")
+        print("| workers | floor ms | pitboss ms | ratio | target <= 1.2 (8 workers) |")
+        print("|---:|---:|---:|---:|---|")
+        for p in sorted(starts, key=lambda p: int(p.split(".")[-2])):
+            with open(p) as f:
+                d = json.load(f)
+            ok = "yes" if d["ratio"] <= 1.2 else "NO"
+            print(
+                f"| {d['workers']} | {d['floor_median_ms']:.1f} | {d['pool_median_ms']:.1f} | "
+                f"{d['ratio']:.2f} | {ok if d['workers'] == 8 else '-'} |"
+            )
+    rss = os.path.join(out, "rss.json")
+    if os.path.exists(rss):
+        with open(rss) as f:
+            d = json.load(f)
+        mib = lambda b: b / 1048576
+        ok = "yes" if mib(d["rss_sessions_bytes"]) <= 64 else "NO"
+        print("\n## pitboss memory\n")
+        print("| state | RSS MiB | target |")
+        print("|---|---:|---|")
+        print(f"| idle (after the load above) | {mib(d['rss_idle_bytes']):.1f} | |")
+        print(f"| with {d['sessions']:,} sessions | {mib(d['rss_sessions_bytes']):.1f} | <= 64: {ok} |")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

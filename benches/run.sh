@@ -1,0 +1,97 @@
+#!/usr/bin/env bash
+# Runs every benchmark scenario against every baseline in the same run, alternating
+# them, and prints one table (benches/report.py). See BENCHMARKS.md.
+#
+#   benches/run.sh                 # all scenarios, 3 rounds of 5 s each
+#   ROUNDS=5 SECONDS_PER_RUN=10 benches/run.sh
+#   WORKERS=4 benches/run.sh       # pool size for pitboss, the floor and the peer
+#   SKIP_PEER=1 benches/run.sh     # without the grpcio peer (no PyPI access)
+#
+# Results: benches/results/<timestamp>/*.json and report.md.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+ROUNDS=${ROUNDS:-3}
+SECS=${SECONDS_PER_RUN:-5}
+WARMUP=${WARMUP:-1}
+WORKERS=${WORKERS:-2}
+OUT=${OUT:-benches/results/$(date -u +%Y%m%dT%H%M%SZ)}
+mkdir -p "$OUT"
+
+cargo build --release --quiet
+BIN=target/release/pitboss
+export RUST_LOG=${RUST_LOG:-warn}
+
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
+trap cleanup EXIT
+
+# pitboss under test.
+PITBOSS_POOL_SIZE=$WORKERS "$BIN" --config benches/pitboss-bench.toml >"$OUT/pitboss.log" 2>&1 &
+PB_PID=$!; pids+=($PB_PID)
+# The gRPC ceiling.
+"$BIN" bench ceiling --listen 127.0.0.1:50161 >"$OUT/ceiling.log" 2>&1 &
+pids+=($!)
+# The grpcio + ProcessPoolExecutor peer.
+PEER=""
+if [ -z "${SKIP_PEER:-}" ]; then
+  PY=$(bash benches/peers/setup.sh | tail -1)
+  "$PY" benches/peers/grpcio_peer.py --port 50171 --workers "$WORKERS" --adapter demo:adapter \
+    --python-path python --python-path python/examples >"$OUT/peer.log" 2>&1 &
+  pids+=($!)
+  PEER=http://127.0.0.1:50171
+fi
+
+wait_serving() { # addr
+  for _ in $(seq 1 100); do
+    if "$BIN" bench load --addr "$1" --requests 1 --warmup-s 0 --concurrency 1 >/dev/null 2>&1; then return 0; fi
+    sleep 0.2
+  done
+  echo "no answer from $1" >&2; return 1
+}
+wait_serving http://127.0.0.1:50151
+wait_serving http://127.0.0.1:50161
+[ -n "$PEER" ] && wait_serving "$PEER"
+
+# scenario name | load arguments
+scenarios=(
+  "echo-64B-c1|--command echo --payload-size 64 --concurrency 1"
+  "echo-64B-c8|--command echo --payload-size 64 --concurrency 8"
+  "echo-64KiB-c8|--command echo --payload-size 65536 --concurrency 8"
+  "compute-c8|--command compute --payload {\"n\":10000} --concurrency 8"
+  "sessions-1000-c8|--command counter --payload {} --sessions 1000 --concurrency 8"
+  "stream-100-c4|--command stream --payload {\"n\":100} --stream --concurrency 4"
+)
+
+targets=(floor pitboss ceiling)
+[ -n "$PEER" ] && targets+=(peer)
+
+for round in $(seq 1 "$ROUNDS"); do
+  for sc in "${scenarios[@]}"; do
+    name=${sc%%|*}; args=${sc#*|}
+    # Alternate the order each round so no target always runs first (or last).
+    order=("${targets[@]}")
+    if [ $((round % 2)) -eq 0 ]; then order=($(printf '%s\n' "${targets[@]}" | tac)); fi
+    for t in "${order[@]}"; do
+      case $t in
+        floor)   where=(--floor --workers "$WORKERS" --config benches/pitboss-bench.toml) ;;
+        pitboss) where=(--addr http://127.0.0.1:50151) ;;
+        ceiling) where=(--addr http://127.0.0.1:50161) ;;
+        peer)    where=(--addr "$PEER") ;;
+      esac
+      # The ceiling has no Python: it only makes sense for echo-like scenarios.
+      if [ "$t" = ceiling ] && [[ $name == compute* ]]; then continue; fi
+      # shellcheck disable=SC2086
+      "$BIN" bench load "${where[@]}" $args --duration-s "$SECS" --warmup-s "$WARMUP" \
+        --name "$t" --json "$OUT/$name.$t.$round.json" | sed "s/^/[$name r$round] /"
+    done
+  done
+done
+
+# Startup and memory.
+for n in 1 4 8; do
+  "$BIN" --config benches/pitboss-bench.toml bench startup --workers "$n" --runs 5 --json "$OUT/startup.$n.json"
+done
+"$BIN" bench sessions --addr http://127.0.0.1:50151 --pid "$PB_PID" --sessions 100000 --json "$OUT/rss.json"
+
+python3 benches/report.py "$OUT" | tee "$OUT/report.md"
