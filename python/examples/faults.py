@@ -194,3 +194,23 @@ def deadline(req):
 def big(req):
     """Return {"bytes": n} bytes of payload (to exceed the frame limit on purpose)."""
     return b"x" * int(_args(req).get("bytes", 1024))
+
+
+@adapter.command
+def chunks(req):
+    """Stream {"n": N} chunks {"i": 0} .. {"i": N-1}, sleeping {"sleep": s} between them."""
+    args = _args(req)
+    pause = float(args.get("sleep", 0))
+    for i in range(int(args.get("n", 3))):
+        if pause:
+            time.sleep(pause)
+        yield {"i": i}
+
+
+@adapter.command
+def tally(req):
+    """Count this session's calls: {"n": calls so far in this session, "pid": pid}."""
+    if req.session is None:
+        raise ValueError("tally needs a session")
+    req.session["n"] = req.session.get("n", 0) + 1
+    return {"n": req.session["n"], "pid": os.getpid()}
