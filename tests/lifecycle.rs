@@ -1,0 +1,241 @@
+//! pitboss itself as a process: SIGTERM drains and exits 0 leaving no Python
+//! process; after a SIGKILL and a restart, sessions are gone (clients are told so)
+//! and the rollout state persisted in the flags file is kept.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use common::*;
+use pitboss::grpc::pb;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+use tonic::Code;
+
+const LONG: Duration = Duration::from_secs(30);
+
+struct Proc {
+    child: Child,
+    bridge: String,
+    admin: String,
+}
+
+fn temp_dir(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("pitboss-life-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// Starts the real binary with JSON logs and reads its listening addresses.
+async fn spawn(config: &Path) -> Proc {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_pitboss"))
+        .args(["--log-format", "json", "--config"])
+        .arg(config)
+        .env("RUST_LOG", "info")
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let fields = tokio::time::timeout(LONG, async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+            if v["fields"]["message"] == "pitboss listening" {
+                return v["fields"].clone();
+            }
+        }
+        panic!("pitboss exited before listening");
+    })
+    .await
+    .expect("listening within the bound");
+    // Keep draining stderr so the process never blocks on a full pipe.
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    Proc {
+        child,
+        bridge: format!("http://{}", fields["bridge_addr"].as_str().unwrap()),
+        admin: format!("http://{}", fields["admin_addr"].as_str().unwrap()),
+    }
+}
+
+async fn worker_pids(admin: &str, token: Option<&str>) -> Vec<u32> {
+    let mut c = pb::admin_client::AdminClient::connect(admin.to_string())
+        .await
+        .unwrap();
+    let mut req = tonic::Request::new(pb::GetStatusRequest {});
+    if let Some(t) = token {
+        req.metadata_mut()
+            .insert("authorization", format!("Bearer {t}").parse().unwrap());
+    }
+    let st = c.get_status(req).await.unwrap().into_inner();
+    st.pools
+        .iter()
+        .flat_map(|p| p.workers.iter().map(|w| w.pid))
+        .filter(|p| *p != 0)
+        .collect()
+}
+
+async fn serving(bridge: &str) -> bool {
+    let Ok(ch) = tonic::transport::Endpoint::from_shared(bridge.to_string())
+        .unwrap()
+        .connect()
+        .await
+    else {
+        return false;
+    };
+    let mut h = tonic_health::pb::health_client::HealthClient::new(ch);
+    h.check(tonic_health::pb::HealthCheckRequest {
+        service: "pitboss.v1.Bridge".into(),
+    })
+    .await
+    .map(|r| r.into_inner().status == 1)
+    .unwrap_or(false)
+}
+
+#[tokio::test]
+async fn sigterm_drains_in_flight_calls_refuses_new_ones_and_leaves_no_python() {
+    let dir = temp_dir("term");
+    let cfg = dir.join("p.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\nmetrics_listen = \"127.0.0.1:0\"\nshutdown_grace = \"10s\"\n\
+             [pool]\nadapter = \"faults:adapter\"\nsize = 2\npython_path = [\"{py}/examples\"]\nruntime_dir = \"{py}\"\n",
+            py = python_dir().display()
+        ),
+    )
+    .unwrap();
+    let mut p = spawn(&cfg).await;
+    let mut ok = false;
+    for _ in 0..300 {
+        if serving(&p.bridge).await {
+            ok = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(ok, "never SERVING");
+    let pids = worker_pids(&p.admin, None).await;
+    assert_eq!(pids.len(), 2);
+
+    // A call in flight when SIGTERM arrives.
+    let mut client = pb::bridge_client::BridgeClient::connect(p.bridge.clone())
+        .await
+        .unwrap();
+    let mut c2 = client.clone();
+    let slow = tokio::spawn(async move { c2.execute(exec("sleep", r#"{"seconds": 1.5}"#)).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    kill(p.child.id().unwrap(), libc::SIGTERM);
+
+    // At once: new calls are refused with UNAVAILABLE.
+    let refused = async {
+        for _ in 0..100 {
+            match client.execute(exec("pid", "{}")).await {
+                Err(e) if e.code() == Code::Unavailable => return true,
+                _ => tokio::time::sleep(Duration::from_millis(10)).await,
+            }
+        }
+        false
+    };
+    assert!(refused.await, "new calls were not refused");
+    // The call in flight finishes.
+    let r = slow.await.unwrap().expect("the in-flight call completes");
+    assert!(String::from_utf8_lossy(&r.into_inner().payload).contains("slept"));
+    // The process exits 0, and no Python process remains.
+    let status = tokio::time::timeout(LONG, p.child.wait())
+        .await
+        .expect("exits within the grace period")
+        .unwrap();
+    assert!(status.success(), "{status}");
+    assert!(
+        eventually(Duration::from_secs(5), || pids.iter().all(|p| !alive(*p))).await,
+        "workers outlived pitboss"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
+async fn after_a_crash_sessions_are_gone_and_the_rollout_state_is_kept() {
+    let dir = temp_dir("restart");
+    let cfg = dir.join("p.toml");
+    std::fs::write(dir.join("token"), "life-token\n").unwrap();
+    std::fs::write(
+        &cfg,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\nmetrics_listen = \"127.0.0.1:0\"\n\
+             [pool]\nsize = 1\npython_path = [\"{py}/examples\"]\nruntime_dir = \"{py}\"\n\
+             [rollout]\nflags_file = \"flags.toml\"\nadmin_token_file = \"token\"\n\
+             [backends.new]\nkind = \"pool\"\n[backends.new.pool]\nadapter = \"demo_v2:adapter\"\n",
+            py = python_dir().display()
+        ),
+    )
+    .unwrap();
+    let p = spawn(&cfg).await;
+    let mut client = pb::bridge_client::BridgeClient::connect(p.bridge.clone())
+        .await
+        .unwrap();
+    let mut session = None;
+    for _ in 0..300 {
+        if let Ok(s) = client
+            .create_session(pb::CreateSessionRequest::default())
+            .await
+        {
+            session = Some(s.into_inner().session_id);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let session = session.expect("a session");
+    let mut admin = pb::admin_client::AdminClient::connect(p.admin.clone())
+        .await
+        .unwrap();
+    let mut set = tonic::Request::new(pb::SetRolloutRequest {
+        mode: "canary".into(),
+        percent: 25.0,
+        actor: "ops".into(),
+        ..Default::default()
+    });
+    set.metadata_mut()
+        .insert("authorization", "Bearer life-token".parse().unwrap());
+    admin.set_rollout(set).await.unwrap();
+    let pids = worker_pids(&p.admin, Some("life-token")).await;
+    assert_eq!(pids.len(), 2, "a legacy and a new worker");
+
+    // SIGKILL: the parent-death signal takes the workers down too.
+    let mut child = p.child;
+    child.start_kill().unwrap();
+    child.wait().await.unwrap();
+    assert!(
+        eventually(Duration::from_secs(2), || pids.iter().all(|p| !alive(*p))).await,
+        "workers outlived a SIGKILLed pitboss"
+    );
+
+    // Restart: the rollout state is read back from the flags file ...
+    let p2 = spawn(&cfg).await;
+    let mut admin = pb::admin_client::AdminClient::connect(p2.admin.clone())
+        .await
+        .unwrap();
+    let mut get = tonic::Request::new(pb::GetRolloutRequest {});
+    get.metadata_mut()
+        .insert("authorization", "Bearer life-token".parse().unwrap());
+    let r = admin.get_rollout(get).await.unwrap().into_inner();
+    assert_eq!((r.mode.as_str(), r.percent), ("canary", 25.0));
+    assert!(r.changed_by.starts_with("ops@"), "{}", r.changed_by);
+    // ... and the old session is gone, which the client is told clearly.
+    let mut client = pb::bridge_client::BridgeClient::connect(p2.bridge.clone())
+        .await
+        .unwrap();
+    let mut req = exec("counter", "{}");
+    req.session_id = session.clone();
+    let e = client.execute(req).await.unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
+    assert_eq!(
+        e.metadata().get("x-pitboss-error-class").unwrap(),
+        "session_not_found"
+    );
+    assert!(e.message().contains(&session), "{}", e.message());
+    drop(p2);
+    let _ = std::fs::remove_dir_all(&dir);
+}
