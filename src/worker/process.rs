@@ -212,6 +212,29 @@ mod tests {
         );
     }
 
+    #[tokio::test]
+    async fn the_command_is_argv_never_a_shell() {
+        // Shell metacharacters in config values reach Python verbatim: nothing runs them.
+        let marker = std::env::temp_dir().join(format!("pitboss-no-shell-{}", std::process::id()));
+        let _ = std::fs::remove_file(&marker);
+        let mut s = spec();
+        s.python = "python3".into();
+        s.runtime_dir = crate::runtime_files::runtime_dir();
+        s.inherit_env = vec!["PATH".into(), "HOME".into(), "PYENV_VERSION".into()];
+        s.adapter = format!(
+            "nope; touch {}; echo $(touch {})",
+            marker.display(),
+            marker.display()
+        );
+        let mut child = s.spawn().expect("spawn python3");
+        let status = tokio::time::timeout(std::time::Duration::from_secs(30), child.wait())
+            .await
+            .expect("exits")
+            .unwrap();
+        assert!(!status.success(), "a nonsense adapter cannot start");
+        assert!(!marker.exists(), "something ran a shell");
+    }
+
     #[test]
     fn rss_of_this_process_is_readable() {
         assert!(rss_bytes(std::process::id()).unwrap() > 0);
