@@ -14,6 +14,7 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
+use tonic::codegen::http;
 use tonic::transport::Server;
 use tonic_health::ServingStatus;
 
@@ -203,9 +204,11 @@ impl RunningServer {
             .max_encoding_message_size(max);
 
         let stop_listeners = CancellationToken::new();
+        let (e1, e2) = (edge.clone(), edge.clone());
         let s1 = stop_listeners.clone();
         let bridge_task = tokio::spawn(async move {
             let r = Server::builder()
+                .layer(message_limit_layer(e1, max))
                 .add_service(health_service)
                 .add_service(reflection)
                 .add_service(bridge)
@@ -218,6 +221,7 @@ impl RunningServer {
         let s2 = stop_listeners.clone();
         let admin_task = tokio::spawn(async move {
             let r = Server::builder()
+                .layer(message_limit_layer(e2, max))
                 .add_service(admin)
                 .serve_with_incoming_shutdown(incoming(admin_listener), s2.cancelled_owned())
                 .await;
@@ -407,6 +411,51 @@ pub fn incoming(
         conn.set_nodelay(true)?;
         Ok(conn)
     })
+}
+
+/// tonic refuses a request message over `server.max_message_bytes` with OUT_OF_RANGE,
+/// before pitboss sees it. This answers it the way pitboss answers any request over a
+/// limit: RESOURCE_EXHAUSTED (the code gRPC itself uses for a message over the limit),
+/// class `invalid_request`, naming the setting.
+fn message_limit_layer(
+    edge: Arc<Edge>,
+    max: usize,
+) -> tower::util::MapResponseLayer<
+    impl Fn(http::Response<tonic::body::Body>) -> http::Response<tonic::body::Body> + Clone,
+> {
+    tower::util::MapResponseLayer::new(move |resp: http::Response<tonic::body::Body>| {
+        let Some(len) = resp
+            .extensions()
+            .get::<tonic::Status>()
+            .and_then(decoded_too_large)
+        else {
+            return resp;
+        };
+        let err = crate::pool::PoolError::RequestTooLarge {
+            len,
+            max,
+            limit: "server.max_message_bytes",
+        };
+        let ctx = crate::grpc::status::ErrorContext {
+            backend: crate::backend::Role::Legacy.as_str(),
+            attempts: 1,
+            instance: &edge.instance_id,
+        };
+        crate::grpc::status::to_status(&err, &edge.legacy.rules, edge.include_tracebacks, ctx)
+            .into_http()
+    })
+}
+
+/// The length tonic found, when `status` is its refusal of a request message over the
+/// limit ("Error, decoded message length too large: found N bytes, ...").
+fn decoded_too_large(status: &tonic::Status) -> Option<usize> {
+    if status.code() != tonic::Code::OutOfRange {
+        return None;
+    }
+    let rest = status
+        .message()
+        .strip_prefix("Error, decoded message length too large: found ")?;
+    rest.split(' ').next()?.parse().ok()
 }
 
 /// Drops session pins idle past their TTL, once a minute.

@@ -77,6 +77,18 @@ async fn worker_pids(admin: &str, token: Option<&str>) -> Vec<u32> {
         .collect()
 }
 
+/// Polls until `n` workers have a pid.
+async fn wait_pids(admin: &str, token: Option<&str>, n: usize) -> Vec<u32> {
+    for _ in 0..300 {
+        let pids = worker_pids(admin, token).await;
+        if pids.len() == n {
+            return pids;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("never {n} workers with a pid");
+}
+
 async fn serving(bridge: &str) -> bool {
     let Ok(ch) = tonic::transport::Endpoint::from_shared(bridge.to_string())
         .unwrap()
@@ -117,8 +129,7 @@ async fn sigterm_drains_in_flight_calls_refuses_new_ones_and_leaves_no_python() 
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(ok, "never SERVING");
-    let pids = worker_pids(&p.admin, None).await;
-    assert_eq!(pids.len(), 2);
+    let pids = wait_pids(&p.admin, None, 2).await;
 
     // A call in flight when SIGTERM arrives.
     let mut client = pb::bridge_client::BridgeClient::connect(p.bridge.clone())
@@ -200,8 +211,8 @@ async fn after_a_crash_sessions_are_gone_and_the_rollout_state_is_kept() {
     set.metadata_mut()
         .insert("authorization", "Bearer life-token".parse().unwrap());
     admin.set_rollout(set).await.unwrap();
-    let pids = worker_pids(&p.admin, Some("life-token")).await;
-    assert_eq!(pids.len(), 2, "a legacy and a new worker");
+    // A legacy and a new worker.
+    let pids = wait_pids(&p.admin, Some("life-token"), 2).await;
 
     // SIGKILL: the parent-death signal takes the workers down too.
     let mut child = p.child;

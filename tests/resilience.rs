@@ -285,6 +285,7 @@ async fn retries_stay_within_the_budget_when_every_call_fails() {
     let calls = 20;
     let mut attempts = 0;
     let mut exhausted = 0;
+    let started = std::time::Instant::now();
     for _ in 0..calls {
         let err = client
             .execute(idempotent(exec("crash", b"{}")))
@@ -312,10 +313,11 @@ async fn retries_stay_within_the_budget_when_every_call_fails() {
     }
     let retries = attempts - calls;
     // Without a budget: 4 retries per call = 80. With it: 20% of calls plus a reserve
-    // of 1 per second of window.
+    // of 1 retry per second, so a slow run (a loaded machine) earns a little more.
+    let seconds = started.elapsed().as_secs() as u32 + 1;
     assert!(
-        retries <= calls / 5 + 2,
-        "{retries} retries for {calls} calls"
+        retries <= calls / 5 + seconds + 1,
+        "{retries} retries for {calls} calls in {seconds} s"
     );
     assert!(
         exhausted >= calls / 2,

@@ -88,12 +88,14 @@ pub fn to_status(
             md.insert("grpc-retry-pushback-ms", v);
         }
     }
-    Status::with_error_details_and_metadata(
-        class.row().code,
-        format!("{err}{}", advice(err)),
-        details,
-        md,
-    )
+    // A request over a size limit is `invalid_request` (never retried, never held
+    // against the backend), but answered with the code gRPC itself gives a message over
+    // the limit, as docs/ERRORS.md says.
+    let code = match err {
+        PoolError::RequestTooLarge { .. } => tonic::Code::ResourceExhausted,
+        _ => class.row().code,
+    };
+    Status::with_error_details_and_metadata(code, format!("{err}{}", advice(err)), details, md)
 }
 
 /// Metadata values must be visible ASCII; escape the rest.
@@ -222,6 +224,14 @@ mod tests {
             ),
             (PoolError::ShuttingDown, Code::Unavailable),
             (PoolError::InvalidRequest("x".into()), Code::InvalidArgument),
+            (
+                PoolError::RequestTooLarge {
+                    len: 2048,
+                    max: 1024,
+                    limit: "pool.max_frame_bytes",
+                },
+                Code::ResourceExhausted,
+            ),
             (
                 PoolError::UnknownCommand {
                     command: "x".into(),

@@ -59,6 +59,14 @@ pub enum PoolError {
     InvalidRequest(String),
     #[error("the command's response is larger than the maximum frame size: {0}")]
     ResponseTooLarge(String),
+    /// A request over a size limit (`limit` names the setting). The caller's to fix:
+    /// refused before any worker is involved, never retried.
+    #[error("request too large: {len} bytes, over the limit of {max} bytes ({limit}); send a smaller payload or raise {limit}")]
+    RequestTooLarge {
+        len: usize,
+        max: usize,
+        limit: &'static str,
+    },
     #[error("session {session_id} is lost: its worker {worker} exited, and its state went with it; create a new session")]
     SessionLost {
         session_id: String,

@@ -491,6 +491,29 @@ impl Pool {
                 Some(_) => {}
             }
         }
+        // A request the frame codec would refuse is the caller's error, found here
+        // before a worker is chosen: not the worker's (a protocol error would count
+        // against it and mark its sessions lost).
+        if req.content_type.len() > usize::from(u16::MAX) {
+            return Err(PoolError::InvalidRequest(format!(
+                "the content type is {} bytes, the limit is {}",
+                req.content_type.len(),
+                u16::MAX
+            )));
+        }
+        let frame_len = crate::worker::frame::request_frame_len(
+            &req.command,
+            req.session_id.as_deref().unwrap_or(""),
+            &req.content_type,
+            req.payload.len(),
+        );
+        if frame_len > shared.config.max_frame_bytes {
+            return Err(PoolError::RequestTooLarge {
+                len: frame_len,
+                max: shared.config.max_frame_bytes,
+                limit: "pool.max_frame_bytes",
+            });
+        }
         if now >= deadline {
             return Err(PoolError::Timeout {
                 worker: None,

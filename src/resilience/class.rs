@@ -301,6 +301,7 @@ pub fn classify(err: &PoolError, rules: &ExceptionRules) -> ErrorClass {
         PoolError::UnknownCommand { .. } => C::UnknownCommand,
         PoolError::InvalidRequest(_)
         | PoolError::ResponseTooLarge(_)
+        | PoolError::RequestTooLarge { .. }
         | PoolError::SessionExists(_) => C::InvalidRequest,
         PoolError::SessionLost { .. } => C::SessionLost,
         PoolError::SessionNotFound { .. } => C::SessionNotFound,

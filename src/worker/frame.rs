@@ -369,6 +369,18 @@ fn decode_payload_body(mut body: Bytes) -> Result<(String, Bytes), String> {
     Ok((content_type, body))
 }
 
+/// The size of a `REQUEST` frame with these fields, as checked against the frame limit
+/// (everything after the 4-byte length prefix), so that a request too large for the
+/// worker is refused before one is chosen.
+pub fn request_frame_len(
+    command: &str,
+    session_id: &str,
+    content_type: &str,
+    payload_len: usize,
+) -> usize {
+    HEADER_LEN + 10 + command.len() + session_id.len() + content_type.len() + payload_len
+}
+
 fn short_len(s: &str, what: &str) -> Result<u16, FrameError> {
     u16::try_from(s.len()).map_err(|_| FrameError::Body {
         kind: Kind::Request,
@@ -572,6 +584,24 @@ mod tests {
             Err(FrameError::TooLarge { .. })
         ));
         assert_eq!(&buf[..], b"keep");
+    }
+
+    #[test]
+    fn request_frame_len_is_the_encoded_length() {
+        let frame = Frame::Request(RequestFrame {
+            id: 9,
+            command: "echo".into(),
+            session_id: "s-1".into(),
+            content_type: "application/json".into(),
+            timeout_ms: 5,
+            payload: Bytes::from(vec![7u8; 333]),
+        });
+        let mut buf = BytesMut::new();
+        FrameCodec::default().encode(&frame, &mut buf).unwrap();
+        assert_eq!(
+            request_frame_len("echo", "s-1", "application/json", 333),
+            buf.len() - 4
+        );
     }
 
     fn raw(version: u8, kind: u8, flags: u16, body: &[u8]) -> BytesMut {
