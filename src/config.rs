@@ -45,6 +45,8 @@ fn location(line: &Option<usize>, key: &Option<String>) -> String {
 pub struct Dur(pub Duration);
 
 impl Dur {
+    /// Parses exactly, in decimal: "1.5ms" is 1,500,000 ns, not a float's
+    /// approximation, so what [`Dur`]'s `Display` writes reads back the same.
     pub fn parse(s: &str) -> Result<Dur, String> {
         let s = s.trim();
         if s == "0" {
@@ -54,24 +56,46 @@ impl Dur {
             .find(|c: char| !(c.is_ascii_digit() || c == '.'))
             .ok_or_else(|| format!("duration {s:?} needs a unit: ms, s, m or h"))?;
         let (num, unit) = s.split_at(split);
-        let n: f64 = num
-            .parse()
-            .map_err(|_| format!("duration {s:?} does not start with a number"))?;
-        let secs = match unit.trim() {
-            "ms" => n / 1000.0,
-            "s" => n,
-            "m" => n * 60.0,
-            "h" => n * 3600.0,
+        let unit_nanos: u128 = match unit.trim() {
+            "ms" => 1_000_000,
+            "s" => 1_000_000_000,
+            "m" => 60_000_000_000,
+            "h" => 3_600_000_000_000,
             other => {
                 return Err(format!(
                     "unknown duration unit {other:?} in {s:?}; use ms, s, m or h"
                 ))
             }
         };
-        if !secs.is_finite() || !(0.0..=1e9).contains(&secs) {
-            return Err(format!("duration {s:?} is out of range"));
+        let (whole, frac) = num.split_once('.').unwrap_or((num, ""));
+        if whole.is_empty() && frac.is_empty() || frac.contains('.') {
+            return Err(format!("duration {s:?} does not start with a number"));
         }
-        Ok(Dur(Duration::from_secs_f64(secs)))
+        let digits_ok = |d: &str| d.chars().all(|c| c.is_ascii_digit());
+        if !digits_ok(whole) || !digits_ok(frac) {
+            return Err(format!("duration {s:?} does not start with a number"));
+        }
+        let too_big = || format!("duration {s:?} is out of range");
+        let whole: u128 = if whole.is_empty() {
+            0
+        } else {
+            whole.parse().map_err(|_| too_big())?
+        };
+        // Fractional digits below a nanosecond are dropped.
+        let mut nanos = whole.checked_mul(unit_nanos).ok_or_else(too_big)?;
+        let mut scale = unit_nanos;
+        for c in frac.chars() {
+            scale /= 10;
+            if scale == 0 {
+                break;
+            }
+            nanos += u128::from(c as u8 - b'0') * scale;
+        }
+        const MAX_NANOS: u128 = 1_000_000_000 * 1_000_000_000; // 1e9 s
+        if nanos > MAX_NANOS {
+            return Err(too_big());
+        }
+        Ok(Dur(Duration::from_nanos(nanos as u64)))
     }
 
     /// `None` for zero ("off").
@@ -83,8 +107,13 @@ impl Dur {
 impl fmt::Display for Dur {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let ms = self.0.as_millis();
-        if ms == 0 {
+        let sub_ms = self.0.as_nanos() % 1_000_000;
+        if self.0.is_zero() {
             f.write_str("0")
+        } else if sub_ms != 0 {
+            // Exact: "1.5ms", "0.000001ms"; never rounded to a different duration.
+            let frac = format!("{sub_ms:06}");
+            write!(f, "{ms}.{}ms", frac.trim_end_matches('0'))
         } else if ms % 3_600_000 == 0 {
             write!(f, "{}h", ms / 3_600_000)
         } else if ms % 60_000 == 0 {
@@ -717,7 +746,7 @@ impl Config {
         c.max_requests = p.max_requests;
         c.max_requests_jitter = p.max_requests_jitter;
         c.max_lifetime = p.max_lifetime.nonzero();
-        c.max_rss_bytes = (p.max_rss_mb > 0).then_some(p.max_rss_mb * 1024 * 1024);
+        c.max_rss_bytes = (p.max_rss_mb > 0).then_some(p.max_rss_mb.saturating_mul(1024 * 1024));
         c.drain_timeout = p.drain_timeout.0;
         c.term_grace = p.term_grace.0;
         c.restart = RestartPolicy {
@@ -954,6 +983,20 @@ mod tests {
         assert!(Dur::parse("5 parsecs").is_err());
         assert_eq!(Dur(Duration::from_millis(1500)).to_string(), "1500ms");
         assert_eq!(Dur(Duration::from_secs(120)).to_string(), "2m");
+        // Sub-millisecond values are exact both ways (a backend's effective config and
+        // the flags pitboss writes back go through Display).
+        assert_eq!(Dur::parse("0.5ms").unwrap().0, Duration::from_micros(500));
+        assert_eq!(Dur(Duration::from_micros(1500)).to_string(), "1.5ms");
+        assert_eq!(Dur(Duration::from_nanos(1)).to_string(), "0.000001ms");
+        for d in [1u64, 999, 1_000_001, 4_100_000, 123_456_789_123] {
+            let dur = Dur(Duration::from_nanos(d));
+            assert_eq!(Dur::parse(&dur.to_string()).unwrap(), dur, "{dur}");
+        }
+        assert!(Dur::parse("1.2.3ms").is_err());
+        assert!(Dur::parse("ms").is_err());
+        assert!(Dur::parse("99999999999h")
+            .unwrap_err()
+            .contains("out of range"));
     }
 
     #[test]

@@ -123,7 +123,8 @@ impl Flags {
         }
         let flags = Flags::deserialize(toml::Value::Table(merged))
             .map_err(|e| locate(origin, text, &e.to_string()))?;
-        if flags.rollback.relative_error_rate < 0.0 {
+        let r = flags.rollback.relative_error_rate;
+        if !r.is_finite() || r < 0.0 {
             return Err(ConfigError {
                 origin: origin.into(),
                 line: line_of_key(text, "relative_error_rate"),
