@@ -8,6 +8,7 @@ checked-in generated code. A real client would generate them once in its build.
 """
 
 import json
+import uuid
 import os
 import sys
 import tempfile
@@ -43,10 +44,13 @@ def main(addr):
         r = bridge.Execute(pb.ExecuteRequest(command="echo", payload=b'{"hello": "world"}'), timeout=10)
         print("echo ->", r.payload.decode(), "from", r.backend, r.worker_id)
 
-        # A session: send its id in the request and as x-session-id metadata, so that a
-        # load balancer can keep the session on the instance that holds it.
-        s = bridge.CreateSession(pb.CreateSessionRequest(), timeout=10)
-        meta = [("x-session-id", s.session_id)]
+        # A session: choose its id (random 128-bit) and send it in the request and as
+        # x-session-id metadata, from CreateSession on, so that a load balancer hashing
+        # on that header (config/nginx/pitboss.conf) keeps the session on the instance
+        # that holds it.
+        sid = uuid.uuid4().hex
+        meta = [("x-session-id", sid)]
+        s = bridge.CreateSession(pb.CreateSessionRequest(session_id=sid), metadata=meta, timeout=10)
         for _ in range(3):
             r = bridge.Execute(pb.ExecuteRequest(command="counter", session_id=s.session_id),
                                metadata=meta, timeout=10)
