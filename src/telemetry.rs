@@ -110,6 +110,10 @@ fn describe() {
         "Rollbacks, by reason: error_rate, latency, relative_error_rate (automatic) or operator."
     );
     describe_counter!(
+        "pitboss_rollout_rollback_failures_total",
+        "Automatic rollbacks wanted but not made: the flags file could not be written (a read-only volume, for example)."
+    );
+    describe_counter!(
         "pitboss_fallbacks_total",
         "Calls of the new backend that failed with a system error and were served by legacy."
     );

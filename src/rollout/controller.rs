@@ -152,8 +152,10 @@ impl Rollout {
             }
             Err(e) if e == "already changed" => None,
             Err(e) => {
-                // The file could not be written: nothing changed, say so loudly.
+                // The file could not be written (a read-only ConfigMap volume, a full
+                // disk): nothing changed. Say so loudly, and count it for alerts.
                 tracing::error!(%reason, "auto-rollback wanted but failed: {e}");
+                metrics::counter!("pitboss_rollout_rollback_failures_total").increment(1);
                 None
             }
         }

@@ -161,11 +161,7 @@ impl LiveFlags {
         let mut watcher =
             notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
                 if let Ok(event) = event {
-                    if event
-                        .paths
-                        .iter()
-                        .any(|p| p.file_name().map(|n| n.to_os_string()) == name)
-                    {
+                    if should_reload(&event, name.as_deref()) {
                         let _ = tx.send(());
                     }
                 }
@@ -185,6 +181,22 @@ impl LiveFlags {
             task,
         })
     }
+}
+
+/// Whether a file-system event may have changed the flags file.
+///
+/// * Access events (open, read, close without writing) never do, and pitboss's own
+///   reads produce them: reacting to them made every reload trigger the next one.
+/// * A Kubernetes ConfigMap volume updates by swapping its `..data` symlink; the
+///   `flags.toml` link itself never changes, so an event on `..data` counts too.
+fn should_reload(event: &notify::Event, name: Option<&std::ffi::OsStr>) -> bool {
+    if matches!(event.kind, notify::EventKind::Access(_)) {
+        return false;
+    }
+    event.paths.iter().any(|p| {
+        let file = p.file_name();
+        (name.is_some() && file == name) || file == Some(std::ffi::OsStr::new("..data"))
+    })
 }
 
 fn write_atomically(path: &Path, text: &str) -> std::io::Result<()> {
