@@ -119,10 +119,7 @@ impl Service<Attempt> for UpstreamService {
 
     fn call(&mut self, attempt: Attempt) -> Self::Future {
         let upstream = self.upstream.clone();
-        let try_deadline = self
-            .per_try_timeout
-            .map(|t| (Instant::now() + t).min(attempt.deadline))
-            .unwrap_or(attempt.deadline);
+        let try_deadline = attempt.try_deadline(self.per_try_timeout);
         Box::pin(async move {
             let r = attempt.request;
             let msg = pb::ExecuteRequest {
@@ -138,10 +135,11 @@ impl Service<Attempt> for UpstreamService {
             let started = Instant::now();
             let result = tokio::time::timeout_at(try_deadline, client.execute(req)).await;
             let fail = |error: PoolError| {
-                let mut class = crate::resilience::classify(&error, &Default::default());
-                if class == ErrorClass::DeadlineExceeded && try_deadline < attempt.deadline {
-                    class = ErrorClass::WorkerTimeout;
-                }
+                let class = crate::resilience::retry::class_of_try(
+                    crate::resilience::classify(&error, &Default::default()),
+                    try_deadline,
+                    attempt.deadline,
+                );
                 Failed {
                     class,
                     error,

@@ -101,6 +101,26 @@ pub struct Attempt {
     pub deadline: Instant,
 }
 
+impl Attempt {
+    /// When this try must end: the per-try timeout from now, never past the client's
+    /// deadline.
+    pub fn try_deadline(&self, per_try_timeout: Option<Duration>) -> Instant {
+        per_try_timeout
+            .map(|t| (Instant::now() + t).min(self.deadline))
+            .unwrap_or(self.deadline)
+    }
+}
+
+/// A failed try's class, knowing the try's own deadline: a deadline hit before the
+/// client's is our per-try limit, so the backend was slow (`worker_timeout`).
+pub fn class_of_try(class: ErrorClass, try_deadline: Instant, deadline: Instant) -> ErrorClass {
+    if class == ErrorClass::DeadlineExceeded && try_deadline < deadline {
+        ErrorClass::WorkerTimeout
+    } else {
+        class
+    }
+}
+
 /// A success, with the attempts it took.
 #[derive(Debug, Clone)]
 pub struct Served {
@@ -302,10 +322,7 @@ impl Service<Attempt> for PoolService {
         let pool = self.pool.clone();
         let rules = self.rules.clone();
         let outliers = self.outliers.clone();
-        let try_deadline = self
-            .per_try_timeout
-            .map(|t| (Instant::now() + t).min(attempt.deadline))
-            .unwrap_or(attempt.deadline);
+        let try_deadline = attempt.try_deadline(self.per_try_timeout);
         Box::pin(async move {
             let mut request = attempt.request;
             request.deadline = Some(try_deadline);
@@ -319,11 +336,8 @@ impl Service<Attempt> for PoolService {
                     })
                 }
                 Err(error) => {
-                    let mut class = classify(&error, &rules);
-                    if class == ErrorClass::DeadlineExceeded && try_deadline < attempt.deadline {
-                        // Our per-try limit, not the client's deadline: the worker was slow.
-                        class = ErrorClass::WorkerTimeout;
-                    }
+                    let class =
+                        class_of_try(classify(&error, &rules), try_deadline, attempt.deadline);
                     if let Some(worker) = error.worker() {
                         outliers.apply(&pool, worker, Some(class));
                     }
