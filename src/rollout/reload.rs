@@ -186,11 +186,15 @@ impl LiveFlags {
 /// Whether a file-system event may have changed the flags file.
 ///
 /// * Access events (open, read, close without writing) never do, and pitboss's own
-///   reads produce them: reacting to them made every reload trigger the next one.
+///   reads produce them: reacting to them made every reload trigger the next one. A
+///   close after writing does count.
 /// * A Kubernetes ConfigMap volume updates by swapping its `..data` symlink; the
 ///   `flags.toml` link itself never changes, so an event on `..data` counts too.
 fn should_reload(event: &notify::Event, name: Option<&std::ffi::OsStr>) -> bool {
-    if matches!(event.kind, notify::EventKind::Access(_)) {
+    use notify::event::{AccessKind, AccessMode, EventKind};
+    // A file closed after writing is the one access that means "changed" (and the
+    // surest sign a slow writer has finished).
+    if matches!(event.kind, EventKind::Access(a) if a != AccessKind::Close(AccessMode::Write)) {
         return false;
     }
     event.paths.iter().any(|p| {
