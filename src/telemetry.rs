@@ -300,17 +300,7 @@ pub fn readiness(draining: bool, backends: &[BackendHealth], fallback: bool) -> 
 
 fn health_of(edge: &Edge, b: &Backend) -> BackendHealth {
     let f = edge.rollout.flags.get();
-    let takes_traffic = b.role == Role::Legacy
-        || (f.serving_new()
-            && !f.commands.is_empty()
-            && matches!(
-                f.mode,
-                crate::rollout::Mode::Canary
-                    | crate::rollout::Mode::Full
-                    | crate::rollout::Mode::Shadow
-            )
-            && (f.mode != crate::rollout::Mode::Canary
-                || f.effective_percent() != crate::rollout::Percent::ZERO));
+    let takes_traffic = b.role == Role::Legacy || f.new_takes_traffic();
     BackendHealth {
         role: b.role,
         ready: b.ready(),

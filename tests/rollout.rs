@@ -665,16 +665,14 @@ async fn a_grpc_backend_forwards_to_an_upstream_bridge() {
         assert_eq!(v["count"], n);
     }
     // Streams too.
-    let mut stream = s
-        .client
-        .execute_stream(exec("stream", r#"{"n": 4}"#))
-        .await
-        .unwrap()
-        .into_inner();
-    let mut chunks = vec![];
-    while let Some(c) = stream.message().await.unwrap() {
-        chunks.push(c);
-    }
+    let chunks = collect(
+        s.client
+            .execute_stream(exec("stream", r#"{"n": 4}"#))
+            .await
+            .unwrap()
+            .into_inner(),
+    )
+    .await;
     assert_eq!(chunks.len(), 4);
     assert_eq!(chunks[3].backend, "new");
     s.stop().await;

@@ -47,15 +47,14 @@ async fn execute_and_execute_stream_work() {
     assert_eq!(r.attempts, 1);
     assert!(r.worker_id.starts_with('w'));
 
-    let mut stream = client
-        .execute_stream(exec("stream", r#"{"n": 5}"#))
-        .await
-        .unwrap()
-        .into_inner();
-    let mut chunks = vec![];
-    while let Some(c) = stream.message().await.unwrap() {
-        chunks.push(c);
-    }
+    let chunks = collect(
+        client
+            .execute_stream(exec("stream", r#"{"n": 5}"#))
+            .await
+            .unwrap()
+            .into_inner(),
+    )
+    .await;
     assert_eq!(chunks.len(), 5);
     for (i, c) in chunks.iter().enumerate() {
         let v: serde_json::Value = serde_json::from_slice(&c.payload).unwrap();

@@ -271,10 +271,7 @@ impl BridgeService {
         let pr = edge.pool_request(&mut r, &md);
         let command_label = edge.commands.label(&pr.command).into_owned();
         let route = edge.route(&pr, &r.routing_key, idempotent);
-        let first = match route {
-            Route::New => Role::New,
-            Route::Legacy | Route::Shadow => Role::Legacy,
-        };
+        let first = route.answered_by();
         let deadline = pr
             .deadline
             .unwrap_or_else(|| Instant::now() + edge.backend(first).default_timeout);
@@ -358,10 +355,7 @@ impl BridgeService {
         let command_label = edge.commands.label(&pr.command).into_owned();
         let received = Instant::now();
         // Streams are not shadowed (their chunks cannot be held back to compare).
-        let mut role = match edge.route(&pr, &r.routing_key, r.idempotent) {
-            Route::New => Role::New,
-            Route::Legacy | Route::Shadow => Role::Legacy,
-        };
+        let mut role = edge.route(&pr, &r.routing_key, r.idempotent).answered_by();
         if pr.deadline.is_none() {
             pr.deadline = Some(Instant::now() + edge.backend(role).default_timeout);
         }

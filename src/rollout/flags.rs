@@ -167,6 +167,18 @@ impl Flags {
         self.commands.contains("*")
     }
 
+    /// Whether `new` gets any calls now: a nonzero share in canary mode, or full or
+    /// shadow mode, with some command eligible, while active.
+    pub fn new_takes_traffic(&self) -> bool {
+        self.serving_new()
+            && !self.commands.is_empty()
+            && match self.mode {
+                Mode::Off => false,
+                Mode::Shadow | Mode::Full => true,
+                Mode::Canary => self.effective_percent() != Percent::ZERO,
+            }
+    }
+
     /// The percentage in force: 0 while paused or rolled back.
     pub fn effective_percent(&self) -> Percent {
         match (self.status.state, self.mode) {
@@ -185,6 +197,16 @@ pub enum Route {
     New,
     /// Legacy answers; new runs alongside for comparison.
     Shadow,
+}
+
+impl Route {
+    /// The backend whose answer the client gets.
+    pub fn answered_by(self) -> crate::backend::Role {
+        match self {
+            Route::New => crate::backend::Role::New,
+            Route::Legacy | Route::Shadow => crate::backend::Role::Legacy,
+        }
+    }
 }
 
 /// The stickiness key of a call: the session id, else the routing key, else none

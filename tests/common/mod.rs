@@ -151,3 +151,12 @@ pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
     };
     (status, body)
 }
+
+/// Every message of a stream, in order.
+pub async fn collect<T>(mut stream: tonic::Streaming<T>) -> Vec<T> {
+    let mut out = vec![];
+    while let Some(m) = stream.message().await.unwrap() {
+        out.push(m);
+    }
+    out
+}
