@@ -462,14 +462,18 @@ impl Config {
             }
             merged = merge(merged, user);
         }
-        let known = leaf_paths(&merged);
+        let known = overridable_paths(&merged);
+        let token_var = admin_token_var(&merged);
         for (name, value) in env {
             let Some(rest) = name.strip_prefix("PITBOSS_") else {
                 continue;
             };
+            if is_non_config_var(rest) || token_var.as_deref() == Some(name.as_str()) {
+                continue;
+            }
             let wanted = rest.to_ascii_lowercase();
             let Some(path) = known.iter().find(|p| p.replace('.', "_") == wanted) else {
-                continue; // other PITBOSS_* variables (tokens, test switches) are not config
+                return Err(unknown_env_var(&name, &known));
             };
             let parsed = parse_env_value(&value);
             set_path(&mut merged, path, parsed);
@@ -575,8 +579,19 @@ impl Config {
             message,
         };
         if section.kind == BackendKind::Grpc {
-            let ok = (section.address.starts_with("http://")
-                || section.address.starts_with("https://"))
+            // This build has no TLS client: an https upstream would pass here and then
+            // fail every call, so it is refused now, where the operator is looking.
+            if section.address.starts_with("https://") {
+                return Err(err(
+                    format!("backends.{role}.address"),
+                    format!(
+                        "https upstreams are not supported yet (this build has no TLS client), \
+                         got {:?}; use http:// on a trusted network or a TLS-terminating proxy",
+                        section.address
+                    ),
+                ));
+            }
+            let ok = section.address.starts_with("http://")
                 && section.address.parse::<tonic::transport::Uri>().is_ok();
             if !ok {
                 return Err(err(
@@ -866,6 +881,90 @@ fn leaf_paths(t: &toml::Table) -> Vec<String> {
     out
 }
 
+/// `PITBOSS_*` variables that are not config keys: read by pitboss itself
+/// (`PITBOSS_ADMIN_TOKEN`, `PITBOSS_INSTANCE_ID`, `PITBOSS_RUNTIME_DIR`), by the example
+/// client (`PITBOSS_ADDR`), by the fault-injection adapter (`PITBOSS_FAULT_*`) and by the
+/// test suite (`PITBOSS_REQUIRE_*`, `PITBOSS_TEST_*`). Any other `PITBOSS_` variable
+/// must name a config key: a typo is an error, not a silently ignored override.
+const NON_CONFIG_VARS: [&str; 4] = ["ADMIN_TOKEN", "INSTANCE_ID", "RUNTIME_DIR", "ADDR"];
+const NON_CONFIG_PREFIXES: [&str; 3] = ["FAULT_", "REQUIRE_", "TEST_"];
+
+fn is_non_config_var(rest: &str) -> bool {
+    NON_CONFIG_VARS.contains(&rest) || NON_CONFIG_PREFIXES.iter().any(|p| rest.starts_with(p))
+}
+
+/// The variable named by `rollout.admin_token_env`, which may itself start with
+/// `PITBOSS_`: it holds a secret, not a config value.
+fn admin_token_var(merged: &toml::Table) -> Option<String> {
+    merged
+        .get("rollout")?
+        .get("admin_token_env")?
+        .as_str()
+        .map(str::to_string)
+}
+
+/// Every key an environment variable may set: each leaf of the merged config, and
+/// each key of `[pool]`, `[retry]`, `[circuit_breaker]` and `[limits]` under
+/// `backends.<role>.`, whether or not the file writes that override.
+fn overridable_paths(merged: &toml::Table) -> Vec<String> {
+    let mut out = leaf_paths(merged);
+    for role in ["legacy", "new"] {
+        for section in ["pool", "retry", "circuit_breaker", "limits"] {
+            if let Some(toml::Value::Table(t)) = merged.get(section) {
+                for leaf in leaf_paths(t) {
+                    let path = format!("backends.{role}.{section}.{leaf}");
+                    if !out.contains(&path) {
+                        out.push(path);
+                    }
+                }
+            }
+        }
+    }
+    out.sort_by_key(|p| std::cmp::Reverse(p.len()));
+    out
+}
+
+/// An unknown `PITBOSS_*` variable, with the closest known one.
+fn unknown_env_var(name: &str, known: &[String]) -> ConfigError {
+    let wanted = name.trim_start_matches("PITBOSS_").to_ascii_lowercase();
+    let closest = known
+        .iter()
+        .min_by_key(|p| edit_distance(&p.replace('.', "_"), &wanted))
+        .map(|p| {
+            format!(
+                "; did you mean PITBOSS_{} (key `{p}`)?",
+                p.replace('.', "_").to_ascii_uppercase()
+            )
+        })
+        .unwrap_or_default();
+    ConfigError {
+        origin: format!("environment variable {name}"),
+        line: None,
+        key: None,
+        message: format!(
+            "not a config key{closest} (PITBOSS_<SECTION>_<KEY> overrides one key; \
+             variables that are not config are {} and PITBOSS_FAULT_*, PITBOSS_REQUIRE_*, \
+             PITBOSS_TEST_*)",
+            NON_CONFIG_VARS.map(|v| format!("PITBOSS_{v}")).join(", ")
+        ),
+    }
+}
+
+/// Levenshtein distance, for suggesting the key a typo meant.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut cur = vec![i + 1; b.len() + 1];
+        for (j, cb) in b.iter().enumerate() {
+            let cost = usize::from(ca != *cb);
+            cur[j + 1] = (prev[j] + cost).min(prev[j + 1] + 1).min(cur[j] + 1);
+        }
+        prev = cur;
+    }
+    prev[b.len()]
+}
+
 fn set_path(t: &mut toml::Table, path: &str, value: toml::Value) {
     let mut parts: Vec<&str> = path.split('.').collect();
     let last = parts.pop().unwrap_or_default();
@@ -1131,6 +1230,81 @@ mod tests {
             Config::from_sources("x", None, vec![("PITBOSS_POOL_SIZE".into(), "zero".into())])
                 .unwrap_err();
         assert!(bad.to_string().contains("PITBOSS_POOL_SIZE"), "{bad}");
+    }
+
+    /// Issue 13 item 13: a key the file does not write can be overridden (the backend
+    /// overrides are empty tables in the default, so they used to be invisible), and a
+    /// typo is an error naming the closest key, not silently ignored.
+    #[test]
+    fn env_overrides_reach_keys_missing_from_the_file_and_typos_are_errors() {
+        let env = vec![(
+            "PITBOSS_BACKENDS_NEW_POOL_WORKER_CONCURRENCY".to_string(),
+            "3".to_string(),
+        )];
+        let c = Config::from_sources(
+            "x",
+            Some("[backends.new]\nkind = \"pool\"\n"),
+            env,
+        )
+        .unwrap();
+        assert_eq!(
+            c.backend("new").unwrap().effective.pool.worker_concurrency.0,
+            3
+        );
+        assert_eq!(
+            c.backend("legacy").unwrap().effective.pool.worker_concurrency.0,
+            c.pool.worker_concurrency.0,
+            "only new is overridden"
+        );
+
+        let typo = Config::from_sources("x", None, vec![("PITBOSS_POOL_SIZ".into(), "4".into())])
+            .unwrap_err();
+        let text = typo.to_string();
+        assert!(text.contains("PITBOSS_POOL_SIZ"), "{text}");
+        assert!(text.contains("did you mean PITBOSS_POOL_SIZE"), "{text}");
+        assert!(text.contains("`pool.size`"), "{text}");
+
+        // pitboss's own variables, the test switches and the configured token
+        // variable are not config and stay allowed.
+        let own = vec![
+            ("PITBOSS_ADMIN_TOKEN".to_string(), "t".to_string()),
+            ("PITBOSS_INSTANCE_ID".to_string(), "i".to_string()),
+            ("PITBOSS_RUNTIME_DIR".to_string(), "/r".to_string()),
+            ("PITBOSS_FAULT_COUNT_FILE".to_string(), "/f".to_string()),
+            ("PITBOSS_REQUIRE_NGINX".to_string(), "1".to_string()),
+            ("PITBOSS_TEST_HOLD_POOL".to_string(), "1".to_string()),
+            ("PITBOSS_OPS_SECRET".to_string(), "s".to_string()),
+        ];
+        Config::from_sources(
+            "x",
+            Some("[rollout]\nadmin_token_env = \"PITBOSS_OPS_SECRET\"\n"),
+            own,
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn edit_distance_counts_single_edits() {
+        assert_eq!(super::edit_distance("pool_size", "pool_siz"), 1);
+        assert_eq!(super::edit_distance("pool_size", "pool_size"), 0);
+        assert_eq!(super::edit_distance("", "abc"), 3);
+        assert_eq!(super::edit_distance("kitten", "sitting"), 3);
+    }
+
+    /// Issue 13 item 14: the build has no TLS client, so an `https://` upstream would
+    /// fail every call; it is refused when the config is read.
+    #[test]
+    fn an_https_upstream_is_refused_until_tls_exists() {
+        let err = load(
+            "[backends.new]\nkind = \"grpc\"\naddress = \"https://10.0.0.5:50051\"\n",
+        )
+        .unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("backends.new.address"), "{text}");
+        assert!(text.contains("https"), "{text}");
+        assert!(text.contains("TLS"), "{text}");
+        load("[backends.new]\nkind = \"grpc\"\naddress = \"http://10.0.0.5:50051\"\n")
+            .unwrap();
     }
 
     #[test]
