@@ -468,6 +468,51 @@ fn a_bad_config_file_gives_a_clear_error() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// Issue 13 items 13 and 14 with the real binary: an override of a key the file does
+/// not write takes effect, a typo is refused with the closest key, and an https
+/// upstream (no TLS in this build) is refused instead of failing every call.
+#[test]
+fn check_config_applies_every_env_override_and_refuses_typos_and_https() {
+    let dir = std::env::temp_dir().join(format!("pitboss-test-env-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("p.toml");
+    std::fs::write(&file, "[backends.new]\nkind = \"pool\"\n").unwrap();
+    let bin = env!("CARGO_BIN_EXE_pitboss");
+    let out = Command::new(bin)
+        .args(["check-config", file.to_str().unwrap()])
+        .env("PITBOSS_BACKENDS_NEW_POOL_WORKER_CONCURRENCY", "3")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("worker_concurrency = 3"), "{text}");
+
+    let out = Command::new(bin)
+        .args(["check-config", file.to_str().unwrap()])
+        .env("PITBOSS_POOL_SIZ", "4")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("PITBOSS_POOL_SIZ"), "{err}");
+    assert!(err.contains("PITBOSS_POOL_SIZE"), "{err}");
+
+    std::fs::write(
+        &file,
+        "[backends.new]\nkind = \"grpc\"\naddress = \"https://127.0.0.1:1\"\n",
+    )
+    .unwrap();
+    let out = Command::new(bin)
+        .args(["check-config", file.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("backends.new.address"), "{err}");
+    assert!(err.contains("TLS"), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 /// A Python virtualenv with grpcio, made once under target/ (pip reaches PyPI).
 fn grpcio_python() -> std::path::PathBuf {
     let venv = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/grpcio-venv");
