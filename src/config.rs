@@ -1241,18 +1241,23 @@ mod tests {
             "PITBOSS_BACKENDS_NEW_POOL_WORKER_CONCURRENCY".to_string(),
             "3".to_string(),
         )];
-        let c = Config::from_sources(
-            "x",
-            Some("[backends.new]\nkind = \"pool\"\n"),
-            env,
-        )
-        .unwrap();
+        let c = Config::from_sources("x", Some("[backends.new]\nkind = \"pool\"\n"), env).unwrap();
         assert_eq!(
-            c.backend("new").unwrap().effective.pool.worker_concurrency.0,
+            c.backend("new")
+                .unwrap()
+                .effective
+                .pool
+                .worker_concurrency
+                .0,
             3
         );
         assert_eq!(
-            c.backend("legacy").unwrap().effective.pool.worker_concurrency.0,
+            c.backend("legacy")
+                .unwrap()
+                .effective
+                .pool
+                .worker_concurrency
+                .0,
             c.pool.worker_concurrency.0,
             "only new is overridden"
         );
@@ -1295,16 +1300,13 @@ mod tests {
     /// fail every call; it is refused when the config is read.
     #[test]
     fn an_https_upstream_is_refused_until_tls_exists() {
-        let err = load(
-            "[backends.new]\nkind = \"grpc\"\naddress = \"https://10.0.0.5:50051\"\n",
-        )
-        .unwrap_err();
+        let err = load("[backends.new]\nkind = \"grpc\"\naddress = \"https://10.0.0.5:50051\"\n")
+            .unwrap_err();
         let text = err.to_string();
         assert!(text.contains("backends.new.address"), "{text}");
         assert!(text.contains("https"), "{text}");
         assert!(text.contains("TLS"), "{text}");
-        load("[backends.new]\nkind = \"grpc\"\naddress = \"http://10.0.0.5:50051\"\n")
-            .unwrap();
+        load("[backends.new]\nkind = \"grpc\"\naddress = \"http://10.0.0.5:50051\"\n").unwrap();
     }
 
     #[test]

@@ -468,6 +468,57 @@ fn a_bad_config_file_gives_a_clear_error() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// Issue 13 item 19: once a session has expired, its id can be created again at once,
+/// and a refused CreateSession (the id is live) extends nothing.
+#[tokio::test]
+async fn an_expired_session_id_can_be_created_again_at_once() {
+    let (server, mut client) = start("[sessions]\nttl = \"1s\"\n").await;
+    let create = |id: &str| pb::CreateSessionRequest {
+        session_id: id.into(),
+        ..Default::default()
+    };
+    let s = client
+        .create_session(create("sess-a"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(s.session_id, "sess-a");
+    // While it lives, the id is taken.
+    let err = client.create_session(create("sess-a")).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    // Wait until the backend says it expired (no call naming it in between).
+    let expired = eventually(LONG, || server.pool().get_session("sess-a").is_err()).await;
+    assert!(expired, "the session never expired");
+    let err = client
+        .get_session(pb::GetSessionRequest {
+            session_id: "sess-a".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    // Recreated at once, and it is a fresh session.
+    let again = client
+        .create_session(create("sess-a"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(again.session_id, "sess-a");
+    let mut req = exec("counter", "{}");
+    req.session_id = "sess-a".into();
+    let r = client.execute(req).await.unwrap().into_inner();
+    let v: serde_json::Value = serde_json::from_slice(&r.payload).unwrap();
+    assert_eq!(v["count"], 1, "a fresh session starts from zero");
+    // A closed id can be reused at once too.
+    client
+        .close_session(pb::CloseSessionRequest {
+            session_id: "sess-a".into(),
+        })
+        .await
+        .unwrap();
+    client.create_session(create("sess-a")).await.unwrap();
+    server.shutdown().await;
+}
+
 /// Issue 13 items 13 and 14 with the real binary: an override of a key the file does
 /// not write takes effect, a typo is refused with the closest key, and an https
 /// upstream (no TLS in this build) is refused instead of failing every call.
@@ -483,7 +534,11 @@ fn check_config_applies_every_env_override_and_refuses_typos_and_https() {
         .env("PITBOSS_BACKENDS_NEW_POOL_WORKER_CONCURRENCY", "3")
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("worker_concurrency = 3"), "{text}");
 

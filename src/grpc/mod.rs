@@ -150,10 +150,37 @@ impl Edge {
         resp
     }
 
+    /// CreateSession with an explicit id: refused only while the backend that holds
+    /// the pinned session still has it. A pin can outlive its session (expired by TTL,
+    /// lost with its worker); then it is dropped and the id is free again at once.
+    async fn refuse_if_session_lives(&self, id: &str) -> Result<(), Status> {
+        let Some(role) = self.sessions.peek(id) else {
+            return Ok(());
+        };
+        match self.backend(role).get_session(id).await {
+            Ok(_) => Err(self.status(&PoolError::SessionExists(id.to_string()), role)),
+            Err(e) => {
+                let class = crate::resilience::classify(&e, &self.backend(role).rules);
+                if session_is_gone(class) {
+                    self.sessions.unpin(id);
+                    Ok(())
+                } else {
+                    Err(self.status(&e, role))
+                }
+            }
+        }
+    }
+
     /// Runs a call on one backend and records the outcome in its rolling statistics.
     async fn run(&self, role: Role, attempt: Attempt) -> Result<Served, Failed> {
         let started = Instant::now();
+        let session = attempt.request.session_id.clone();
         let result = self.backend(role).execute(attempt).await;
+        if let (Some(id), Err(f)) = (&session, &result) {
+            if session_is_gone(f.class) {
+                self.sessions.unpin(id);
+            }
+        }
         self.rollout.record(
             role,
             started.elapsed(),
@@ -511,9 +538,7 @@ impl Bridge for BridgeService {
             r.session_id
         };
         crate::pool::SessionTable::validate_id(&id).map_err(|e| edge.status(&e, Role::Legacy))?;
-        if edge.sessions.role(&id).is_some() {
-            return Err(edge.status(&PoolError::SessionExists(id), Role::Legacy));
-        }
+        edge.refuse_if_session_lives(&id).await?;
         let metadata: std::collections::BTreeMap<String, String> = r.metadata.into_iter().collect();
         let mut role = edge.rollout.route_session(
             &id,
@@ -545,11 +570,13 @@ impl Bridge for BridgeService {
         let edge = &self.0;
         let id = req.into_inner().session_id;
         let role = edge.sessions.role(&id).unwrap_or(Role::Legacy);
-        let session = edge
-            .backend(role)
-            .get_session(&id)
-            .await
-            .map_err(|e| edge.status(&e, role))?;
+        let session = edge.backend(role).get_session(&id).await.map_err(|e| {
+            let class = crate::resilience::classify(&e, &edge.backend(role).rules);
+            if session_is_gone(class) {
+                edge.sessions.unpin(&id);
+            }
+            edge.status(&e, role)
+        })?;
         Ok(edge.respond(session, role, None))
     }
 
@@ -653,6 +680,13 @@ fn duration(d: Duration) -> prost_types::Duration {
         seconds: d.as_secs() as i64,
         nanos: d.subsec_nanos() as i32,
     }
+}
+
+/// Whether a failure says the session no longer exists on its backend (expired, closed
+/// or lost with its worker): then the edge's pin for it ends too.
+fn session_is_gone(class: crate::resilience::ErrorClass) -> bool {
+    use crate::resilience::ErrorClass as C;
+    matches!(class, C::SessionNotFound | C::SessionLost)
 }
 
 #[cfg(test)]

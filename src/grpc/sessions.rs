@@ -14,8 +14,11 @@ struct Pin {
     last_used: Instant,
 }
 
-/// Session id → backend. Entries leave on close, or once idle for longer than the
-/// session TTL (by then the backend has expired the session too).
+/// Session id → backend. Entries leave on close, as soon as the backend says the
+/// session is gone (expired by TTL, or lost with its worker), or once idle for longer
+/// than the session TTL plus a margin (a last sweep for sessions nobody named again).
+/// The backend is the authority on whether a session lives: a pin is only where to
+/// ask.
 pub struct SessionRoutes {
     map: DashMap<String, Pin>,
     ttl: Duration,
@@ -45,6 +48,12 @@ impl SessionRoutes {
             p.last_used = Instant::now();
             p.role
         })
+    }
+
+    /// The session's backend, without marking it used: for a check that must not
+    /// keep a stale pin alive (a refused CreateSession extends nothing).
+    pub fn peek(&self, id: &str) -> Option<Role> {
+        self.map.get(id).map(|p| p.role)
     }
 
     pub fn unpin(&self, id: &str) {
