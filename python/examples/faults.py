@@ -214,3 +214,21 @@ def tally(req):
         raise ValueError("tally needs a session")
     req.session["n"] = req.session.get("n", 0) + 1
     return {"n": req.session["n"], "pid": os.getpid()}
+
+
+@adapter.command
+def spawn_child(req):
+    """Start a child that would outlive the worker: {"how": "fork" | "popen"}.
+    Returns {"pid": ...}. The child sleeps 300 s."""
+    how = _args(req).get("how", "fork")
+    if how == "popen":
+        import subprocess
+
+        return {"pid": subprocess.Popen(["sleep", "300"]).pid}
+    pid = os.fork()
+    if pid == 0:
+        try:
+            time.sleep(300)
+        finally:
+            os._exit(0)
+    return {"pid": pid}

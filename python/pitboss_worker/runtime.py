@@ -888,6 +888,11 @@ def main(argv=None):
     except UsageError as e:
         sys.stderr.write("pitboss_worker: %s\n%s\n" % (e, _USAGE) if str(e) else _USAGE + "\n")
         return 2 if str(e) else 0
+    # First, while this process has one thread and no private descriptor: the reaper
+    # that kills this worker's process group when the worker dies (see reaper.py).
+    from . import reaper
+
+    reaper.start()
     proto_in, proto_out = _protect_stdio()
     _install_sigterm()
     try:
