@@ -246,6 +246,88 @@ async fn the_clients_deadline_is_honoured_down_to_the_worker() {
     server.shutdown().await;
 }
 
+/// The services that reflection lists on `addr`, asked in `v1` and in `v1alpha`.
+async fn reflected_services(addr: std::net::SocketAddr) -> (Vec<String>, Vec<String>) {
+    let channel = Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let v1 = {
+        use tonic_reflection::pb::v1::{
+            server_reflection_client::ServerReflectionClient,
+            server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+            ServerReflectionRequest,
+        };
+        let req = ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::ListServices(String::new())),
+        };
+        let mut resp = ServerReflectionClient::new(channel.clone())
+            .server_reflection_info(tokio_stream::iter(vec![req]))
+            .await
+            .unwrap()
+            .into_inner();
+        let msg = resp.message().await.unwrap().unwrap();
+        let Some(MessageResponse::ListServicesResponse(list)) = msg.message_response else {
+            panic!("unexpected v1 reflection answer");
+        };
+        list.service.into_iter().map(|s| s.name).collect()
+    };
+    let v1alpha = {
+        use tonic_reflection::pb::v1alpha::{
+            server_reflection_client::ServerReflectionClient,
+            server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+            ServerReflectionRequest,
+        };
+        let req = ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::ListServices(String::new())),
+        };
+        let mut resp = ServerReflectionClient::new(channel)
+            .server_reflection_info(tokio_stream::iter(vec![req]))
+            .await
+            .unwrap()
+            .into_inner();
+        let msg = resp.message().await.unwrap().unwrap();
+        let Some(MessageResponse::ListServicesResponse(list)) = msg.message_response else {
+            panic!("unexpected v1alpha reflection answer");
+        };
+        list.service.into_iter().map(|s| s.name).collect()
+    };
+    (v1, v1alpha)
+}
+
+/// Issue 13 item 15: reflection answers in v1 and v1alpha (grpcio-reflection, older
+/// grpcurl, Postman), and each port lists only what it serves.
+#[tokio::test]
+async fn reflection_speaks_v1_and_v1alpha_and_each_port_lists_only_its_services() {
+    let (server, _client) = start("").await;
+    let mut reflection = vec![
+        "grpc.reflection.v1.ServerReflection".to_string(),
+        "grpc.reflection.v1alpha.ServerReflection".to_string(),
+    ];
+    let mut bridge = vec![
+        "grpc.health.v1.Health".to_string(),
+        "pitboss.v1.Bridge".to_string(),
+    ];
+    bridge.extend(reflection.clone());
+    bridge.sort();
+    let (v1, v1alpha) = reflected_services(server.bridge_addr).await;
+    for mut got in [v1, v1alpha] {
+        got.sort();
+        assert_eq!(got, bridge, "bridge port");
+    }
+    reflection.push("pitboss.v1.Admin".to_string());
+    reflection.sort();
+    let (v1, v1alpha) = reflected_services(server.admin_addr).await;
+    for mut got in [v1, v1alpha] {
+        got.sort();
+        assert_eq!(got, reflection, "admin port");
+    }
+    server.shutdown().await;
+}
+
 #[tokio::test]
 async fn health_flips_to_not_serving_during_shutdown_and_reflection_lists_services() {
     let (server, _client) = start("").await;
