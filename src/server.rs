@@ -167,6 +167,19 @@ impl RunningServer {
             "instance_id" => edge.instance_id.clone()
         )
         .set(1.0);
+        {
+            let pools: Vec<&str> = edge
+                .backends()
+                .filter(|b| b.pool().is_some())
+                .map(|b| b.role.as_str())
+                .collect();
+            let all: Vec<&str> = edge.backends().map(|b| b.role.as_str()).collect();
+            crate::telemetry::register_known_counters(
+                &pools,
+                &all,
+                edge.rollout.flags.path().is_some(),
+            );
+        }
         spawn_session_pruning(edge.clone(), stop_background.clone());
         spawn_command_refresh(edge.clone(), stop_background.clone());
         if edge.admin_token.is_none() {
