@@ -177,7 +177,9 @@ async fn a_python_exception_becomes_a_status_with_type_and_message() {
         err.metadata().get("x-pitboss-error-class").unwrap(),
         "python_exception"
     );
-    assert!(err.metadata().get("x-pitboss-traceback").is_some());
+    // The traceback travels in the details only (the trailers' budget).
+    let details = tonic_types::StatusExt::get_error_details(&err);
+    assert!(details.error_info().unwrap().metadata["traceback"].contains("ZeroDivisionError"));
     // A ValueError is the caller's bad input: INVALID_ARGUMENT, by the default rules.
     let bad = client
         .execute(exec(
@@ -606,6 +608,80 @@ async fn a_grpcio_client_in_python_can_call_execute() {
         "{stdout}"
     );
     assert!(stdout.contains("error -> NOT_FOUND"), "{stdout}");
+    server.shutdown().await;
+}
+
+/// Issue 13 item 7: huge error texts reach a stock grpcio client (default metadata
+/// limits) as their real status with a cut message, not as RESOURCE_EXHAUSTED
+/// "received metadata size exceeds hard limit".
+#[tokio::test]
+async fn a_grpcio_client_reads_errors_with_huge_texts() {
+    use prost::Message;
+    let py = tokio::task::spawn_blocking(grpcio_python).await.unwrap();
+    let (server, _client) = start("[pool]\nadapter = \"faults:adapter\"\n").await;
+    let raise = |ty: &str, n: usize| {
+        let payload = serde_json::json!({"type": ty, "message": "m".repeat(n)}).to_string();
+        exec("raise", payload)
+    };
+    let cases = [
+        (raise("RuntimeError", 8000), "UNKNOWN", "python_exception"),
+        (
+            raise("ValueError", 3000),
+            "INVALID_ARGUMENT",
+            "invalid_request",
+        ),
+        (
+            exec(&"c".repeat(9000), "{}"),
+            "NOT_FOUND",
+            "unknown_command",
+        ),
+    ];
+    let hex: Vec<String> = cases
+        .iter()
+        .map(|(r, _, _)| {
+            r.encode_to_vec()
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect()
+        })
+        .collect();
+    let script = r#"
+import binascii, sys, grpc
+call = grpc.insecure_channel(sys.argv[1]).unary_unary("/pitboss.v1.Bridge/Execute")
+for h in sys.argv[2:]:
+    try:
+        call(binascii.unhexlify(h), timeout=20)
+        print("OK - -")
+    except grpc.RpcError as e:
+        md = dict(e.trailing_metadata() or ())
+        print(e.code().name, len(e.details() or ""), md.get("x-pitboss-error-class", "-"))
+"#;
+    let out = tokio::process::Command::new(py)
+        .arg("-c")
+        .arg(script)
+        .arg(server.bridge_addr.to_string())
+        .args(&hex)
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), cases.len(), "{stdout}");
+    for (line, (_, code, class)) in lines.iter().zip(&cases) {
+        let parts: Vec<&str> = line.split(' ').collect();
+        assert_eq!(parts[0], *code, "{line}");
+        assert_eq!(parts[2], *class, "{line}");
+        let len: usize = parts[1].parse().unwrap();
+        assert!(
+            len > 0 && len < 1024,
+            "the message is there and cut: {line}"
+        );
+    }
     server.shutdown().await;
 }
 
