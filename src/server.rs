@@ -167,6 +167,19 @@ impl RunningServer {
             "instance_id" => edge.instance_id.clone()
         )
         .set(1.0);
+        {
+            let pools: Vec<&str> = edge
+                .backends()
+                .filter(|b| b.pool().is_some())
+                .map(|b| b.role.as_str())
+                .collect();
+            let all: Vec<&str> = edge.backends().map(|b| b.role.as_str()).collect();
+            crate::telemetry::register_known_counters(
+                &pools,
+                &all,
+                edge.rollout.flags.path().is_some(),
+            );
+        }
         spawn_session_pruning(edge.clone(), stop_background.clone());
         spawn_command_refresh(edge.clone(), stop_background.clone());
         if edge.admin_token.is_none() {
@@ -189,11 +202,9 @@ impl RunningServer {
             stop_health.clone(),
         ));
 
-        let reflection = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-            .build_v1()
-            .map_err(|e| ServerError::Reflection(e.to_string()))?;
+        let (bridge_reflection_v1, bridge_reflection_v1alpha) =
+            reflection(&["pitboss.v1.Bridge", "grpc.health.v1.Health"])?;
+        let (admin_reflection_v1, admin_reflection_v1alpha) = reflection(&["pitboss.v1.Admin"])?;
 
         let max = config.server.max_message_bytes.0 as usize;
         let bridge = BridgeServer::new(BridgeService(edge.clone()))
@@ -210,7 +221,8 @@ impl RunningServer {
             let r = Server::builder()
                 .layer(message_limit_layer(e1, max))
                 .add_service(health_service)
-                .add_service(reflection)
+                .add_service(bridge_reflection_v1)
+                .add_service(bridge_reflection_v1alpha)
                 .add_service(bridge)
                 .serve_with_incoming_shutdown(incoming(bridge_listener), s1.cancelled_owned())
                 .await;
@@ -222,6 +234,8 @@ impl RunningServer {
         let admin_task = tokio::spawn(async move {
             let r = Server::builder()
                 .layer(message_limit_layer(e2, max))
+                .add_service(admin_reflection_v1)
+                .add_service(admin_reflection_v1alpha)
                 .add_service(admin)
                 .serve_with_incoming_shutdown(incoming(admin_listener), s2.cancelled_owned())
                 .await;
@@ -476,4 +490,46 @@ fn spawn_session_pruning(edge: Arc<Edge>, stop: CancellationToken) {
 fn instance_id() -> String {
     std::env::var("PITBOSS_INSTANCE_ID")
         .unwrap_or_else(|_| format!("{:016x}", rand::random::<u64>()))
+}
+
+/// gRPC reflection for one listener, in both versions: `v1`, and `v1alpha`, which
+/// grpcio-reflection's client, older grpcurl and Postman still speak. Each port lists
+/// only the services it serves (the Bridge port does not serve Admin).
+#[allow(clippy::type_complexity)]
+fn reflection(
+    services: &[&str],
+) -> Result<
+    (
+        tonic_reflection::server::v1::ServerReflectionServer<
+            impl tonic_reflection::server::v1::ServerReflection,
+        >,
+        tonic_reflection::server::v1alpha::ServerReflectionServer<
+            impl tonic_reflection::server::v1alpha::ServerReflection,
+        >,
+    ),
+    ServerError,
+> {
+    const REFLECTION_SERVICES: [&str; 2] = [
+        "grpc.reflection.v1.ServerReflection",
+        "grpc.reflection.v1alpha.ServerReflection",
+    ];
+    let builder = || {
+        let mut b = tonic_reflection::server::Builder::configure()
+            .include_reflection_service(false)
+            .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(
+                tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
+            );
+        for name in services.iter().chain(REFLECTION_SERVICES.iter()) {
+            b = b.with_service_name(*name);
+        }
+        b
+    };
+    let err = |e: tonic_reflection::server::Error| ServerError::Reflection(e.to_string());
+    Ok((
+        builder().build_v1().map_err(err)?,
+        builder().build_v1alpha().map_err(err)?,
+    ))
 }

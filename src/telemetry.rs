@@ -131,6 +131,68 @@ fn describe() {
     );
 }
 
+/// The restart reasons of `pitboss_worker_restarts_total` (every [`ExitReason`] label
+/// but `shutdown`, which is not a restart).
+pub const RESTART_REASONS: [&str; 8] = [
+    "crash",
+    "heartbeat",
+    "timeout",
+    "protocol",
+    "outlier",
+    "recycle_requests",
+    "recycle_ttl",
+    "recycle_memory",
+];
+
+/// The reasons of `pitboss_rollout_rollbacks_total`.
+pub const ROLLBACK_REASONS: [&str; 4] =
+    ["error_rate", "latency", "relative_error_rate", "operator"];
+
+/// Registers at 0 every counter whose label set is known at start, as Prometheus's
+/// instrumentation guide asks: `rate()`, `increase()` and dashboards then show 0, not
+/// "no data", and an alert on the first restart fires. `pools` are the backends that
+/// run workers, `backends` every backend.
+pub fn register_known_counters(pools: &[&str], backends: &[&str], flags_file: bool) {
+    use crate::rollout::shadow::Outcome;
+    for &backend in pools {
+        for reason in RESTART_REASONS {
+            metrics::counter!(
+                "pitboss_worker_restarts_total",
+                "backend" => backend.to_string(),
+                "reason" => reason
+            )
+            .increment(0);
+        }
+    }
+    for &backend in backends {
+        metrics::counter!("pitboss_retry_budget_exhausted_total", "backend" => backend.to_string())
+            .increment(0);
+        metrics::counter!("pitboss_circuit_transitions_total", "backend" => backend.to_string(), "scope" => "backend")
+            .increment(0);
+        for row in crate::resilience::class::TABLE.iter() {
+            if row.retry != crate::resilience::Retry::Never {
+                metrics::counter!("pitboss_retries_total", "backend" => backend.to_string(), "error_class" => row.name)
+                    .increment(0);
+            }
+        }
+    }
+    for reason in ROLLBACK_REASONS {
+        metrics::counter!("pitboss_rollout_rollbacks_total", "reason" => reason).increment(0);
+    }
+    metrics::counter!("pitboss_rollout_rollback_failures_total").increment(0);
+    metrics::counter!("pitboss_fallbacks_total").increment(0);
+    for outcome in [Outcome::Match, Outcome::Mismatch, Outcome::Error] {
+        metrics::counter!("pitboss_shadow_comparisons_total", "result" => outcome.as_str())
+            .increment(0);
+    }
+    if flags_file {
+        for result in ["ok", "error"] {
+            metrics::counter!("pitboss_config_reloads_total", "file" => "flags", "result" => result)
+                .increment(0);
+        }
+    }
+}
+
 /// The `command` label: only commands a backend registered, else `other`, so a
 /// client cannot grow the label set.
 #[derive(Default)]

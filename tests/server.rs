@@ -177,7 +177,9 @@ async fn a_python_exception_becomes_a_status_with_type_and_message() {
         err.metadata().get("x-pitboss-error-class").unwrap(),
         "python_exception"
     );
-    assert!(err.metadata().get("x-pitboss-traceback").is_some());
+    // The traceback travels in the details only (the trailers' budget).
+    let details = tonic_types::StatusExt::get_error_details(&err);
+    assert!(details.error_info().unwrap().metadata["traceback"].contains("ZeroDivisionError"));
     // A ValueError is the caller's bad input: INVALID_ARGUMENT, by the default rules.
     let bad = client
         .execute(exec(
@@ -243,6 +245,88 @@ async fn the_clients_deadline_is_honoured_down_to_the_worker() {
     quick.set_timeout(Duration::from_secs(5));
     client.execute(quick).await.unwrap();
     assert_eq!(server.pool().pids(), vec![pid]);
+    server.shutdown().await;
+}
+
+/// The services that reflection lists on `addr`, asked in `v1` and in `v1alpha`.
+async fn reflected_services(addr: std::net::SocketAddr) -> (Vec<String>, Vec<String>) {
+    let channel = Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let v1 = {
+        use tonic_reflection::pb::v1::{
+            server_reflection_client::ServerReflectionClient,
+            server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+            ServerReflectionRequest,
+        };
+        let req = ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::ListServices(String::new())),
+        };
+        let mut resp = ServerReflectionClient::new(channel.clone())
+            .server_reflection_info(tokio_stream::iter(vec![req]))
+            .await
+            .unwrap()
+            .into_inner();
+        let msg = resp.message().await.unwrap().unwrap();
+        let Some(MessageResponse::ListServicesResponse(list)) = msg.message_response else {
+            panic!("unexpected v1 reflection answer");
+        };
+        list.service.into_iter().map(|s| s.name).collect()
+    };
+    let v1alpha = {
+        use tonic_reflection::pb::v1alpha::{
+            server_reflection_client::ServerReflectionClient,
+            server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+            ServerReflectionRequest,
+        };
+        let req = ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::ListServices(String::new())),
+        };
+        let mut resp = ServerReflectionClient::new(channel)
+            .server_reflection_info(tokio_stream::iter(vec![req]))
+            .await
+            .unwrap()
+            .into_inner();
+        let msg = resp.message().await.unwrap().unwrap();
+        let Some(MessageResponse::ListServicesResponse(list)) = msg.message_response else {
+            panic!("unexpected v1alpha reflection answer");
+        };
+        list.service.into_iter().map(|s| s.name).collect()
+    };
+    (v1, v1alpha)
+}
+
+/// Issue 13 item 15: reflection answers in v1 and v1alpha (grpcio-reflection, older
+/// grpcurl, Postman), and each port lists only what it serves.
+#[tokio::test]
+async fn reflection_speaks_v1_and_v1alpha_and_each_port_lists_only_its_services() {
+    let (server, _client) = start("").await;
+    let mut reflection = vec![
+        "grpc.reflection.v1.ServerReflection".to_string(),
+        "grpc.reflection.v1alpha.ServerReflection".to_string(),
+    ];
+    let mut bridge = vec![
+        "grpc.health.v1.Health".to_string(),
+        "pitboss.v1.Bridge".to_string(),
+    ];
+    bridge.extend(reflection.clone());
+    bridge.sort();
+    let (v1, v1alpha) = reflected_services(server.bridge_addr).await;
+    for mut got in [v1, v1alpha] {
+        got.sort();
+        assert_eq!(got, bridge, "bridge port");
+    }
+    reflection.push("pitboss.v1.Admin".to_string());
+    reflection.sort();
+    let (v1, v1alpha) = reflected_services(server.admin_addr).await;
+    for mut got in [v1, v1alpha] {
+        got.sort();
+        assert_eq!(got, reflection, "admin port");
+    }
     server.shutdown().await;
 }
 
@@ -624,6 +708,80 @@ async fn a_grpcio_client_in_python_can_call_execute() {
         "{stdout}"
     );
     assert!(stdout.contains("error -> NOT_FOUND"), "{stdout}");
+    server.shutdown().await;
+}
+
+/// Issue 13 item 7: huge error texts reach a stock grpcio client (default metadata
+/// limits) as their real status with a cut message, not as RESOURCE_EXHAUSTED
+/// "received metadata size exceeds hard limit".
+#[tokio::test]
+async fn a_grpcio_client_reads_errors_with_huge_texts() {
+    use prost::Message;
+    let py = tokio::task::spawn_blocking(grpcio_python).await.unwrap();
+    let (server, _client) = start("[pool]\nadapter = \"faults:adapter\"\n").await;
+    let raise = |ty: &str, n: usize| {
+        let payload = serde_json::json!({"type": ty, "message": "m".repeat(n)}).to_string();
+        exec("raise", payload)
+    };
+    let cases = [
+        (raise("RuntimeError", 8000), "UNKNOWN", "python_exception"),
+        (
+            raise("ValueError", 3000),
+            "INVALID_ARGUMENT",
+            "invalid_request",
+        ),
+        (
+            exec(&"c".repeat(9000), "{}"),
+            "NOT_FOUND",
+            "unknown_command",
+        ),
+    ];
+    let hex: Vec<String> = cases
+        .iter()
+        .map(|(r, _, _)| {
+            r.encode_to_vec()
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect()
+        })
+        .collect();
+    let script = r#"
+import binascii, sys, grpc
+call = grpc.insecure_channel(sys.argv[1]).unary_unary("/pitboss.v1.Bridge/Execute")
+for h in sys.argv[2:]:
+    try:
+        call(binascii.unhexlify(h), timeout=20)
+        print("OK - -")
+    except grpc.RpcError as e:
+        md = dict(e.trailing_metadata() or ())
+        print(e.code().name, len(e.details() or ""), md.get("x-pitboss-error-class", "-"))
+"#;
+    let out = tokio::process::Command::new(py)
+        .arg("-c")
+        .arg(script)
+        .arg(server.bridge_addr.to_string())
+        .args(&hex)
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), cases.len(), "{stdout}");
+    for (line, (_, code, class)) in lines.iter().zip(&cases) {
+        let parts: Vec<&str> = line.split(' ').collect();
+        assert_eq!(parts[0], *code, "{line}");
+        assert_eq!(parts[2], *class, "{line}");
+        let len: usize = parts[1].parse().unwrap();
+        assert!(
+            len > 0 && len < 1024,
+            "the message is there and cut: {line}"
+        );
+    }
     server.shutdown().await;
 }
 

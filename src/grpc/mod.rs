@@ -134,6 +134,22 @@ impl Edge {
         }
     }
 
+    /// The `command` label of a call. The known set is refreshed in the background;
+    /// a miss asks the pools directly, so a command is labelled by name from the
+    /// first worker's READY on, not up to a refresh later.
+    fn command_label(&self, command: &str) -> String {
+        match self.commands.label(command) {
+            std::borrow::Cow::Borrowed("other")
+                if self
+                    .backends()
+                    .any(|b| b.pool().is_some_and(|p| p.knows_command(command))) =>
+            {
+                command.to_string()
+            }
+            label => label.into_owned(),
+        }
+    }
+
     fn respond<T>(&self, msg: T, role: Role, worker: Option<String>) -> Response<T> {
         let mut resp = Response::new(msg);
         let md = resp.metadata_mut();
@@ -296,7 +312,7 @@ impl BridgeService {
         let (md, _, mut r) = req.into_parts();
         let idempotent = r.idempotent;
         let pr = edge.pool_request(&mut r, &md);
-        let command_label = edge.commands.label(&pr.command).into_owned();
+        let command_label = edge.command_label(&pr.command);
         let route = edge.route(&pr, &r.routing_key, idempotent);
         let first = route.answered_by();
         let deadline = pr
@@ -379,7 +395,7 @@ impl BridgeService {
         edge.refuse_if_draining()?;
         let (md, _, mut r) = req.into_parts();
         let mut pr = edge.pool_request(&mut r, &md);
-        let command_label = edge.commands.label(&pr.command).into_owned();
+        let command_label = edge.command_label(&pr.command);
         let received = Instant::now();
         // Streams are not shadowed (their chunks cannot be held back to compare).
         let mut role = edge.route(&pr, &r.routing_key, r.idempotent).answered_by();

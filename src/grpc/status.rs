@@ -29,6 +29,25 @@ pub struct ErrorContext<'a> {
     pub instance: &'a str,
 }
 
+/// The budget for an error's metadata. All of it together (the `grpc-message`, the
+/// `x-pitboss-*` trailers and the base64 `grpc-status-details-bin`) must stay well
+/// under 8 KiB, grpcio's default soft limit: past its hard limit a stock grpcio client
+/// sees RESOURCE_EXHAUSTED "received metadata size exceeds hard limit" instead of the
+/// real status, and may retry a call that must not run twice. Each piece is cut once,
+/// here; echoed input (an unknown command's name) is cut with the message.
+pub mod budget {
+    /// The status message, in UTF-8 bytes. It travels twice: percent-encoded in
+    /// `grpc-message` (up to 3x for non-ASCII) and in the details.
+    pub const MESSAGE: usize = 768;
+    /// The traceback's tail, in bytes; sent only in the details (`ErrorInfo`).
+    pub const TRACEBACK: usize = 1536;
+    /// Any other value (a Python type name, a worker id...).
+    pub const VALUE: usize = 128;
+    /// What all error metadata together stays under, with the pieces above at their
+    /// worst (tested).
+    pub const TOTAL: usize = 7 * 1024;
+}
+
 /// How long a client should wait before retrying after `pool_exhausted`.
 pub const POOL_EXHAUSTED_PUSHBACK: std::time::Duration = std::time::Duration::from_millis(200);
 
@@ -47,6 +66,7 @@ pub fn to_status(
     let mut info: HashMap<String, String> = HashMap::new();
     let mut md = MetadataMap::new();
     let mut put = |key: &str, value: String, info: &mut HashMap<String, String>| {
+        let value = head(&value, budget::VALUE);
         if let Ok(v) = MetadataValue::try_from(sanitize(&value)) {
             md.insert(
                 format!("x-pitboss-{}", key.replace('_', "-"))
@@ -72,7 +92,8 @@ pub fn to_status(
     {
         put("python_type", error_type.clone(), &mut info);
         if include_traceback {
-            put("traceback", tail(traceback, 4000), &mut info);
+            // Only in the details: a trailer copy would double the biggest piece.
+            info.insert("traceback".into(), tail(traceback, budget::TRACEBACK));
         }
     }
     let mut details = ErrorDetails::new();
@@ -95,7 +116,29 @@ pub fn to_status(
         PoolError::RequestTooLarge { .. } => tonic::Code::ResourceExhausted,
         _ => class.row().code,
     };
-    Status::with_error_details_and_metadata(code, format!("{err}{}", advice(err)), details, md)
+    let full = format!("{err}{}", advice(err));
+    let message = head(&full, budget::MESSAGE);
+    if message.len() != full.len() {
+        // The client gets the cut version; the whole text stays findable.
+        let traceback = match err {
+            PoolError::PythonException { traceback, .. } => traceback.as_str(),
+            _ => "",
+        };
+        tracing::debug!(class = class.name(), message = %full, %traceback, "error text cut for the client");
+    }
+    Status::with_error_details_and_metadata(code, message, details, md)
+}
+
+/// The first `max` bytes of `s` (on a character boundary), saying how much was cut.
+fn head(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_string();
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}... ({} bytes cut)", &s[..end], s.len() - end)
 }
 
 /// Metadata values must be visible ASCII; escape the rest.
@@ -197,14 +240,73 @@ mod tests {
             s.metadata().get("x-pitboss-python-type").unwrap(),
             "ValueError"
         );
-        assert_eq!(
-            s.metadata().get("x-pitboss-traceback").unwrap(),
-            "Traceback |   line"
+        assert!(
+            s.metadata().get("x-pitboss-traceback").is_none(),
+            "the traceback travels in the details only"
         );
-        assert!(to_status(&e, &rules, false, ctx())
-            .metadata()
-            .get("x-pitboss-traceback")
-            .is_none());
+        let info = s.get_error_details().error_info().unwrap().clone();
+        assert_eq!(info.metadata["traceback"], "Traceback\n  line");
+        let off = to_status(&e, &rules, false, ctx());
+        assert!(!off
+            .get_error_details()
+            .error_info()
+            .unwrap()
+            .metadata
+            .contains_key("traceback"));
+    }
+
+    /// The size of everything an error puts in the trailers, as sent.
+    fn metadata_bytes(s: &Status) -> usize {
+        let mut headers = tonic::codegen::http::HeaderMap::new();
+        s.add_header(&mut headers).unwrap();
+        for (k, v) in s.metadata().clone().into_headers().iter() {
+            headers.insert(k.clone(), v.clone());
+        }
+        headers
+            .iter()
+            .map(|(k, v)| k.as_str().len() + v.len())
+            .sum()
+    }
+
+    /// Issue 13 item 7: huge messages, tracebacks and echoed names stay within the
+    /// budget, cut on character boundaries, whatever the characters.
+    #[test]
+    fn error_metadata_stays_within_its_budget() {
+        let rules = ExceptionRules::default();
+        for text in [
+            "m".repeat(20_000),
+            "é".repeat(10_000),
+            "\u{1F600}%\n".repeat(5_000),
+        ] {
+            let cases = [
+                PoolError::PythonException {
+                    worker: WorkerId(3),
+                    error_type: text.clone(),
+                    message: text.clone(),
+                    traceback: text.clone(),
+                },
+                PoolError::UnknownCommand {
+                    command: text.clone(),
+                    known: vec![text.clone(), "echo".into()],
+                },
+                PoolError::InvalidRequest(text.clone()),
+            ];
+            for e in cases {
+                let s = to_status(&e, &rules, true, ctx());
+                let n = metadata_bytes(&s);
+                assert!(n <= budget::TOTAL, "{n} bytes of error metadata");
+                assert!(s.message().len() <= budget::MESSAGE + 32);
+                assert!(s.message().contains("bytes cut"), "{}", s.message());
+            }
+        }
+        // A short error is untouched.
+        let s = to_status(
+            &PoolError::InvalidRequest("bad n".into()),
+            &rules,
+            true,
+            ctx(),
+        );
+        assert_eq!(s.message(), "invalid request: bad n");
     }
 
     #[test]

@@ -430,6 +430,11 @@ impl Pool {
         self.shared().commands().list.clone()
     }
 
+    /// Whether a worker registered `name`: known from the first READY on.
+    pub fn knows_command(&self, name: &str) -> bool {
+        self.shared().commands().by_name.contains_key(name)
+    }
+
     /// Runs a unary command.
     pub async fn execute(&self, req: PoolRequest) -> Result<PoolResponse, PoolError> {
         let (mut call, deadline, total) = self.start_call(req, ReplyMode::Unary).await?;
