@@ -529,6 +529,16 @@ impl Config {
         if p.max_frame_bytes.0 < 1024 {
             return Err(fail("pool.max_frame_bytes", "must be at least 1024".into()));
         }
+        // A worker's answer may be as big as a frame; pitboss must be able to send it.
+        if p.max_frame_bytes.0 > self.server.max_message_bytes.0 {
+            return Err(fail(
+                "pool.max_frame_bytes",
+                format!(
+                    "must not exceed server.max_message_bytes ({} > {}): a response that fits a frame could not be sent to the client; lower pool.max_frame_bytes or raise server.max_message_bytes",
+                    p.max_frame_bytes.0, self.server.max_message_bytes.0
+                ),
+            ));
+        }
         if p.request_timeout.0.is_zero() {
             return Err(fail("pool.request_timeout", "must be positive".into()));
         }
@@ -1307,6 +1317,28 @@ mod tests {
         assert!(text.contains("https"), "{text}");
         assert!(text.contains("TLS"), "{text}");
         load("[backends.new]\nkind = \"grpc\"\naddress = \"http://10.0.0.5:50051\"\n").unwrap();
+    }
+
+    /// Issue 13 item 8: a frame limit above the gRPC message limit is refused, for
+    /// [pool] and for a backend's override.
+    #[test]
+    fn the_frame_limit_may_not_exceed_the_message_limit() {
+        let err =
+            load("[server]\nmax_message_bytes = 1048576\n[pool]\nmax_frame_bytes = 2097152\n")
+                .unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("pool.max_frame_bytes"), "{text}");
+        assert!(text.contains("server.max_message_bytes"), "{text}");
+        let err = load(
+            "[backends.new]\nkind = \"pool\"\n[backends.new.pool]\nmax_frame_bytes = 33554432\n",
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("backends.new.pool.max_frame_bytes"),
+            "{err}"
+        );
+        load("[server]\nmax_message_bytes = 1048576\n[pool]\nmax_frame_bytes = 1048576\n").unwrap();
     }
 
     #[test]

@@ -157,6 +157,7 @@ impl RunningServer {
             instance_id,
             admin_token,
             commands: Default::default(),
+            max_message_bytes: config.server.max_message_bytes.0 as usize,
         });
         if crate::telemetry::prometheus().is_none() {
             tracing::warn!("another metrics recorder is installed: /metrics will be empty");

@@ -755,3 +755,74 @@ async fn ten_thousand_abandoned_sessions_expire_and_free_their_memory() {
     still_serves(&mut client).await;
     server.shutdown().await;
 }
+
+/// Issue 13 item 8: an answer too large to send is a classified, counted server-side
+/// failure (`response_too_large`, INTERNAL), not an unclassified OUT_OF_RANGE counted
+/// as `ok`; whether the edge (over `server.max_message_bytes`) or the worker (over
+/// `pool.max_frame_bytes`) finds it, for unary calls and stream chunks.
+#[tokio::test]
+async fn a_response_too_large_to_send_is_classified_and_counted() {
+    let _shared = PROCESS.read().await;
+    const LIMIT: usize = 1024 * 1024;
+    let (server, mut client) = start(
+        &format!("max_message_bytes = {LIMIT}"),
+        &format!("[pool]\nadapter = \"faults:adapter\"\nsize = 1\nmax_frame_bytes = {LIMIT}\n"),
+    )
+    .await;
+    let big = |n: usize| exec("big", format!(r#"{{"bytes": {n}}}"#));
+    // Fits a frame, but not a gRPC message once the response's fields are added.
+    let err = client.execute(big(LIMIT - 500)).await.unwrap_err();
+    assert_eq!(err.code(), Code::Internal, "{err:?}");
+    assert_eq!(class(&err), "response_too_large");
+    assert!(
+        err.message().contains("server.max_message_bytes"),
+        "{}",
+        err.message()
+    );
+    // Over the frame limit: the worker refuses to send it.
+    let err = client.execute(big(2 * LIMIT)).await.unwrap_err();
+    assert_eq!(err.code(), Code::Internal, "{err:?}");
+    assert_eq!(class(&err), "response_too_large");
+    // A stream whose second chunk is too large: the first arrives, then the error.
+    let mut stream = client
+        .execute_stream(exec(
+            "big_stream",
+            format!(r#"{{"n": 3, "bytes": {}}}"#, LIMIT - 500),
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let err = loop {
+        match stream.message().await {
+            Ok(Some(_)) => continue,
+            Ok(None) => panic!("the stream ended without an error"),
+            Err(e) => break e,
+        }
+    };
+    assert_eq!(err.code(), Code::Internal, "{err:?}");
+    assert_eq!(class(&err), "response_too_large");
+    // Counted as such, never as ok.
+    let (_, scrape) = http_get(server.metrics_addr, "/metrics").await;
+    let series = |command: &str, outcome: &str, class: &str| {
+        format!("pitboss_requests_total{{backend=\"legacy\",command=\"{command}\",outcome=\"{outcome}\",error_class=\"{class}\"}} ")
+    };
+    let value = |s: &str| {
+        scrape
+            .lines()
+            .find_map(|l| l.strip_prefix(s))
+            .map(|v| v.trim().parse::<f64>().unwrap())
+    };
+    assert_eq!(
+        value(&series("big", "error", "response_too_large")),
+        Some(2.0),
+        "{scrape}"
+    );
+    assert_eq!(
+        value(&series("big_stream", "error", "response_too_large")),
+        Some(1.0),
+        "{scrape}"
+    );
+    assert_eq!(value(&series("big", "ok", "")), None, "{scrape}");
+    still_serves(&mut client).await;
+    server.shutdown().await;
+}

@@ -232,3 +232,11 @@ def spawn_child(req):
         finally:
             os._exit(0)
     return {"pid": pid}
+
+
+@adapter.command
+def big_stream(req):
+    """Stream {"n": N} chunks of {"bytes": n} bytes each."""
+    args = _args(req)
+    for _ in range(int(args.get("n", 2))):
+        yield b"x" * int(args.get("bytes", 1024))

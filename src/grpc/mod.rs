@@ -58,7 +58,13 @@ pub struct Edge {
     pub admin_token: Option<String>,
     /// Commands the backends registered: the only values of the `command` label.
     pub commands: crate::telemetry::KnownCommands,
+    /// `server.max_message_bytes`: no response message may be bigger.
+    pub max_message_bytes: usize,
 }
+
+/// Room for an `ExecuteResponse`'s or `ExecuteChunk`'s fields besides the payload
+/// (content type, worker id, backend, attempts), generously.
+const RESPONSE_OVERHEAD: usize = 1024;
 
 /// Whether a failed call of `new` may be served again by legacy: only system-class
 /// failures (the backend's fault, not the caller's), and only when running it again
@@ -187,11 +193,36 @@ impl Edge {
         }
     }
 
+    /// An answer that could not be sent: over `server.max_message_bytes`, gRPC itself
+    /// would fail it with no class and no details, and the call would be counted as
+    /// served. Checked before sending, so it is a classified, counted failure.
+    fn check_response_size(&self, payload_len: usize) -> Result<(), PoolError> {
+        let max = self.max_message_bytes.saturating_sub(RESPONSE_OVERHEAD);
+        if payload_len > max {
+            return Err(PoolError::ResponseTooLarge(format!(
+                "{payload_len} bytes, over server.max_message_bytes ({} bytes, less {RESPONSE_OVERHEAD} for the response's other fields); return less, stream it in chunks, or raise server.max_message_bytes",
+                self.max_message_bytes
+            )));
+        }
+        Ok(())
+    }
+
     /// Runs a call on one backend and records the outcome in its rolling statistics.
     async fn run(&self, role: Role, attempt: Attempt) -> Result<Served, Failed> {
         let started = Instant::now();
         let session = attempt.request.session_id.clone();
-        let result = self.backend(role).execute(attempt).await;
+        let result = match self.backend(role).execute(attempt).await {
+            Ok(served) => match self.check_response_size(served.response.payload.len()) {
+                Ok(()) => Ok(served),
+                Err(error) => Err(Failed {
+                    class: ErrorClass::ResponseTooLarge,
+                    error,
+                    attempts: served.attempts,
+                    budget_exhausted: false,
+                }),
+            },
+            Err(f) => Err(f),
+        };
         if let (Some(id), Err(f)) = (&session, &result) {
             if session_is_gone(f.class) {
                 self.sessions.unpin(id);
@@ -452,7 +483,13 @@ impl BridgeService {
             // Hold one chunk back, so the last one can say it is last.
             let mut held: Option<pb::ExecuteChunk> = None;
             loop {
-                match stream.next().await {
+                let item = stream.next().await.map(|chunk| {
+                    chunk.and_then(|(payload, content_type)| {
+                        e2.check_response_size(payload.len())
+                            .map(|()| (payload, content_type))
+                    })
+                });
+                match item {
                     Some(Ok((payload, content_type))) => {
                         let next = pb::ExecuteChunk {
                             payload,

@@ -57,7 +57,9 @@ pub enum PoolError {
     UnknownCommand { command: String, known: Vec<String> },
     #[error("invalid request: {0}")]
     InvalidRequest(String),
-    #[error("the command's response is larger than the maximum frame size: {0}")]
+    /// The adapter's answer is over a size limit (the frame limit, or the gRPC message
+    /// limit at the edge): the server's fault, never the caller's.
+    #[error("the command's response is too large: {0}")]
     ResponseTooLarge(String),
     /// A request over a size limit (`limit` names the setting). The caller's to fix:
     /// refused before any worker is involved, never retried.

@@ -24,6 +24,10 @@ pub enum ErrorClass {
     Cancelled,
     ShuttingDown,
     Internal,
+    /// The adapter's answer is bigger than pitboss may send (`server.max_message_bytes`)
+    /// or than a frame may carry (`pool.max_frame_bytes`): the server's fault, not the
+    /// caller's; running it again gives the same answer.
+    ResponseTooLarge,
 }
 
 /// How bad a failure is, for logs and alerts.
@@ -65,7 +69,7 @@ use Retry as R;
 use Severity as S;
 
 /// The classification table: one row per class.
-pub const TABLE: [Row; 14] = [
+pub const TABLE: [Row; 15] = [
     row(
         C::WorkerCrashed,
         "worker_crashed",
@@ -178,6 +182,14 @@ pub const TABLE: [Row; 14] = [
         R::Never,
         true,
     ),
+    row(
+        C::ResponseTooLarge,
+        "response_too_large",
+        Code::Internal,
+        S::Error,
+        R::Never,
+        false,
+    ),
 ];
 
 const fn row(
@@ -199,7 +211,7 @@ const fn row(
 }
 
 impl ErrorClass {
-    pub const ALL: [ErrorClass; 14] = [
+    pub const ALL: [ErrorClass; 15] = [
         C::WorkerCrashed,
         C::WorkerTimeout,
         C::DeadlineExceeded,
@@ -214,6 +226,7 @@ impl ErrorClass {
         C::Cancelled,
         C::ShuttingDown,
         C::Internal,
+        C::ResponseTooLarge,
     ];
 
     /// This class's row. The table is indexed by discriminant, which a test checks.
@@ -299,8 +312,8 @@ pub fn classify(err: &PoolError, rules: &ExceptionRules) -> ErrorClass {
         PoolError::Protocol { .. } => C::ProtocolError,
         PoolError::PythonException { error_type, .. } => rules.classify(error_type),
         PoolError::UnknownCommand { .. } => C::UnknownCommand,
+        PoolError::ResponseTooLarge(_) => C::ResponseTooLarge,
         PoolError::InvalidRequest(_)
-        | PoolError::ResponseTooLarge(_)
         | PoolError::RequestTooLarge { .. }
         | PoolError::SessionExists(_) => C::InvalidRequest,
         PoolError::SessionLost { .. } => C::SessionLost,
@@ -377,6 +390,7 @@ mod tests {
             (C::Cancelled, Code::Cancelled, R::Never, false),
             (C::ShuttingDown, Code::Unavailable, R::Always, false),
             (C::Internal, Code::Internal, R::Never, true),
+            (C::ResponseTooLarge, Code::Internal, R::Never, false),
         ];
         for (class, code, retry, breaker) in expect {
             let r = class.row();

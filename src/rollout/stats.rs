@@ -26,7 +26,8 @@ pub fn counts_as_error(class: ErrorClass) -> bool {
         | ErrorClass::CircuitOpen
         | ErrorClass::ProtocolError
         | ErrorClass::PythonException
-        | ErrorClass::Internal => true,
+        | ErrorClass::Internal
+        | ErrorClass::ResponseTooLarge => true,
         ErrorClass::DeadlineExceeded
         | ErrorClass::InvalidRequest
         | ErrorClass::UnknownCommand
