@@ -147,7 +147,10 @@ pub struct Breaker {
     settings: Arc<BreakerSettings>,
 }
 
-/// Permission to make one call; report its outcome with [`Permit::record`].
+/// Permission to make one call; report its outcome with [`Permit::record`]. A permit
+/// dropped without a record (the call's future was dropped: a client cancel, a shadow
+/// call's timeout) records nothing, and a probe's half-open slot goes back either way:
+/// a lost slot would leave the breaker refusing every call for ever.
 pub struct Permit {
     breaker: Breaker,
     probe: bool,
@@ -194,9 +197,19 @@ impl Breaker {
     /// Once the period is over it is ready to probe, even though failsafe only moves
     /// to half-open on the next call; readiness must say so, or a load balancer that
     /// stops sending traffic to an unready instance would keep it open for ever.
+    ///
+    /// Half-open with every probe slot taken refuses too: calls fail `circuit_open`
+    /// until a probe ends.
     pub fn refusing(&self) -> bool {
-        if !self.settings.enabled || self.state() != BreakerState::Open {
+        if !self.settings.enabled {
             return false;
+        }
+        match self.state() {
+            BreakerState::Closed => return false,
+            BreakerState::HalfOpen => {
+                return self.probes.load(Ordering::Acquire) >= self.settings.half_open_probes
+            }
+            BreakerState::Open => {}
         }
         let opened = *self
             .tracker
@@ -264,8 +277,14 @@ impl Permit {
             // Application errors prove the backend is up.
             _ => b.machine.on_success(),
         }
+        // The probe slot is returned by `drop`, right after this.
+    }
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
         if self.probe {
-            b.probes.fetch_sub(1, Ordering::AcqRel);
+            self.breaker.probes.fetch_sub(1, Ordering::AcqRel);
         }
     }
 }
@@ -389,6 +408,34 @@ mod tests {
             b.try_acquire().unwrap().record(None);
             assert_eq!(b.state(), BreakerState::Closed, "a good probe closes it");
             assert_eq!(b.transitions(), 5);
+        });
+    }
+
+    /// Issue 13 item 1: a probe whose call is dropped (client cancel, shadow timeout)
+    /// hands its half-open slot back and records nothing; while the slot is taken,
+    /// the breaker counts as refusing (readiness).
+    #[test]
+    fn a_dropped_probe_returns_its_slot_and_a_busy_probe_slot_is_refusing() {
+        failsafe::clock::freeze(|clock| {
+            let b = Breaker::new("t", settings()).unwrap();
+            for _ in 0..3 {
+                b.try_acquire()
+                    .unwrap()
+                    .record(Some(ErrorClass::WorkerCrashed));
+            }
+            clock.advance(Duration::from_millis(501));
+            assert!(!b.refusing(), "the open period is over: ready to probe");
+            let probe = b.try_acquire().expect("a probe");
+            assert_eq!(b.state(), BreakerState::HalfOpen);
+            assert!(b.refusing(), "no free probe slot: refusing");
+            drop(probe);
+            assert!(!b.refusing(), "the slot is back");
+            assert_eq!(b.state(), BreakerState::HalfOpen, "nothing was recorded");
+            clock.advance(Duration::from_secs(300));
+            let probe = b.try_acquire().expect("minutes later, a new probe");
+            probe.record(None);
+            assert_eq!(b.state(), BreakerState::Closed);
+            assert!(b.try_acquire().is_ok());
         });
     }
 
