@@ -116,7 +116,7 @@ impl RunningServer {
             .admin_token()
             .map_err(|e| ServerError::Config(e.to_string()))?;
         let flags = match config.flags_path() {
-            Some(path) => LiveFlags::load(&path).map_err(|e| ServerError::Config(e.to_string()))?,
+            Some(path) => LiveFlags::start(&path),
             None => LiveFlags::in_memory(crate::rollout::Flags::defaults()),
         };
         let legacy = Backend::start(&legacy_cfg, observer.clone())

@@ -126,6 +126,10 @@ fn describe() {
         "Reloads of a hot-reloaded file, by file and result (ok or error)."
     );
     describe_gauge!(
+        "pitboss_flags_file_valid",
+        "1 when the flags file in force was read and applied; 0 when its last read (at start or on a change) was rejected and older flags (or, at start, the last good copy or everything on legacy) are in force."
+    );
+    describe_gauge!(
         "pitboss_build_info",
         "Always 1; the labels carry the version and this process's instance id."
     );
@@ -278,6 +282,10 @@ const STATES: [&str; 6] = [
 
 /// Samples the state gauges from the backends.
 pub fn publish_gauges(edge: &Edge) {
+    if edge.rollout.flags.path().is_some() {
+        let valid = edge.rollout.flags.last_error().is_none();
+        metrics::gauge!("pitboss_flags_file_valid").set(if valid { 1.0 } else { 0.0 });
+    }
     let (_, new_pins) = edge.sessions.counts();
     for b in edge.backends() {
         let role = b.role.as_str();
@@ -421,7 +429,12 @@ pub fn router(edge: Arc<Edge>) -> axum::Router {
                 let edge = ready_edge.clone();
                 async move {
                     match edge_readiness(&edge) {
-                        Ok(()) => (StatusCode::OK, "ready\n".to_string()),
+                        Ok(()) => match edge.rollout.flags.last_error() {
+                            // Serving is safe (the previous or the safe flags are in
+                            // force), but the operator's file is not what runs.
+                            Some(e) => (StatusCode::OK, format!("ready; note: {e}\n")),
+                            None => (StatusCode::OK, "ready\n".to_string()),
+                        },
                         Err(why) => (
                             StatusCode::SERVICE_UNAVAILABLE,
                             format!("not ready: {why}\n"),

@@ -20,6 +20,7 @@ struct Proc {
     child: Child,
     bridge: String,
     admin: String,
+    metrics: std::net::SocketAddr,
 }
 
 fn temp_dir(tag: &str) -> PathBuf {
@@ -57,6 +58,7 @@ async fn spawn(config: &Path) -> Proc {
         child,
         bridge: format!("http://{}", fields["bridge_addr"].as_str().unwrap()),
         admin: format!("http://{}", fields["admin_addr"].as_str().unwrap()),
+        metrics: fields["metrics_addr"].as_str().unwrap().parse().unwrap(),
     }
 }
 
@@ -248,5 +250,74 @@ async fn after_a_crash_sessions_are_gone_and_the_rollout_state_is_kept() {
     );
     assert!(e.message().contains(&session), "{}", e.message());
     drop(p2);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Issue 13 item 4: a flags file that is invalid when pitboss starts (say, a bad
+/// ConfigMap edit that the running pods rejected) does not crash-loop the pod: it
+/// serves with everything on legacy and says so in /readyz and /metrics, while
+/// `check-flags` still rejects the file.
+#[tokio::test]
+async fn an_invalid_flags_file_at_start_serves_everything_on_legacy_and_says_so() {
+    let dir = temp_dir("badflags");
+    let cfg = dir.join("p.toml");
+    std::fs::write(
+        dir.join("flags.toml"),
+        "mode = \"canary\"\npercent = 150.0\ncommands = [\"*\"]\n",
+    )
+    .unwrap();
+    std::fs::write(
+        &cfg,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\nmetrics_listen = \"127.0.0.1:0\"\n\
+             [pool]\nsize = 1\npython_path = [\"{py}/examples\"]\nruntime_dir = \"{py}\"\n\
+             [rollout]\nflags_file = \"flags.toml\"\n\
+             [backends.new]\nkind = \"pool\"\n[backends.new.pool]\nadapter = \"demo_v2:adapter\"\n",
+            py = python_dir().display()
+        ),
+    )
+    .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_pitboss"))
+        .arg("check-flags")
+        .arg(dir.join("flags.toml"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "check-flags accepted a bad file");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("percent"));
+
+    let p = spawn(&cfg).await;
+    let mut client = pb::bridge_client::BridgeClient::connect(p.bridge.clone())
+        .await
+        .unwrap();
+    let mut served = false;
+    for _ in 0..300 {
+        match client.execute(exec("echo", "{}")).await {
+            Ok(r) => {
+                assert_eq!(r.metadata().get("x-pitboss-backend").unwrap(), "legacy");
+                served = true;
+                break;
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+    assert!(served, "never served");
+    for i in 0..20 {
+        let mut req = exec("echo", "{}");
+        req.routing_key = format!("key-{i}");
+        let r = client.execute(req).await.unwrap();
+        assert_eq!(r.metadata().get("x-pitboss-backend").unwrap(), "legacy");
+    }
+    let (code, body) = http_get(p.metrics, "/readyz").await;
+    assert_eq!(code, 200, "{body}");
+    assert!(
+        body.contains("flags file rejected") && body.contains("percent"),
+        "{body}"
+    );
+    let (_, scrape) = http_get(p.metrics, "/metrics").await;
+    assert!(
+        scrape.lines().any(|l| l == "pitboss_flags_file_valid 0"),
+        "{scrape}"
+    );
+    drop(p);
     let _ = std::fs::remove_dir_all(&dir);
 }

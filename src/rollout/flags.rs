@@ -100,6 +100,22 @@ impl Flags {
     /// Parses a flags file; keys it leaves out keep their defaults. Errors name the
     /// file, line and key.
     pub fn parse(origin: &str, text: &str) -> Result<Flags, ConfigError> {
+        Flags::parse_with_status(origin, text, None)
+    }
+
+    /// Parses a reloaded file. The `[status]` keys it leaves out keep the values in
+    /// force (`current`), not the defaults: only an explicit `state` (or a resume)
+    /// changes the state, so an edit of the percentage, the mode or the commands
+    /// never resumes a rolled-back or paused rollout.
+    pub fn parse_reload(origin: &str, text: &str, current: &Flags) -> Result<Flags, ConfigError> {
+        Flags::parse_with_status(origin, text, Some(&current.status))
+    }
+
+    fn parse_with_status(
+        origin: &str,
+        text: &str,
+        status: Option<&Status>,
+    ) -> Result<Flags, ConfigError> {
         let defaults: toml::Table =
             DEFAULT_FLAGS
                 .parse()
@@ -113,6 +129,9 @@ impl Flags {
             .parse()
             .map_err(|e: toml::de::Error| span_error(origin, text, &e))?;
         let mut merged = defaults;
+        if let Some(status) = status.and_then(|s| toml::Value::try_from(s).ok()) {
+            merged.insert("status".into(), status);
+        }
         for (k, v) in user {
             match (merged.get_mut(&k), v) {
                 (Some(toml::Value::Table(base)), toml::Value::Table(over)) => base.extend(over),

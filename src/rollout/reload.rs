@@ -6,6 +6,18 @@
 //! re-read and validated; a valid file is swapped in atomically (`ArcSwap`), so calls in
 //! flight keep the flags they started with and none is dropped. An invalid file is
 //! logged with its line and key, counted, and the previous flags stay in force.
+//!
+//! A file is read only once it is complete. A rename (editors, `kubectl`, pitboss's
+//! own writes) and a ConfigMap's `..data` swap are complete at once; a file written
+//! in place (`open('w')`, write, close) is complete when its writer closes it, however
+//! long the writer pauses in between. A writer that never closes is read after
+//! [`QUIET`] without any event. An empty read of the file is never applied: it is a
+//! writer caught between truncating and writing.
+//!
+//! A file that is invalid when pitboss starts does not stop it ([`LiveFlags::start`]):
+//! pitboss serves with the last good copy of the flags it applied (kept next to the
+//! file, when that directory is writable), else with everything on legacy, and says
+//! so in its log, its metrics and `/readyz`.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -50,6 +62,39 @@ impl LiveFlags {
         Ok(Arc::new(LiveFlags::new(flags, Some(path.to_path_buf()))))
     }
 
+    /// The flags at start, never failing on a bad file: a crash-looping pod on a bad
+    /// ConfigMap edit, while the running pods keep their flags, is worse than a pod
+    /// that serves safely and says what is wrong. An invalid (or unreadable) file is
+    /// logged, counted as a failed reload, and kept as `last_error` (readiness notes
+    /// it); the flags are the last good copy if there is one, else the defaults
+    /// (everything on legacy). `pitboss check-flags` still rejects the file.
+    pub fn start(path: &Path) -> Arc<LiveFlags> {
+        match LiveFlags::load(path) {
+            Ok(live) => {
+                save_last_good(path, &live.get());
+                live
+            }
+            Err(e) => {
+                let (flags, from) = match read_last_good(path) {
+                    Some(flags) => (
+                        flags,
+                        format!("the last good copy ({})", last_good_path(path).display()),
+                    ),
+                    None => (Flags::defaults(), "everything on legacy".to_string()),
+                };
+                let message = format!(
+                    "flags file rejected at start: {e}; serving with {from} until the file is fixed"
+                );
+                tracing::error!("{message}");
+                metrics::counter!("pitboss_config_reloads_total", "file" => "flags", "result" => "error").increment(1);
+                let live = LiveFlags::new(flags, Some(path.to_path_buf()));
+                live.reloads_failed.store(1, Ordering::Relaxed);
+                *live.last_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(message);
+                Arc::new(live)
+            }
+        }
+    }
+
     /// Flags without a file: changes apply in memory and are lost on restart.
     pub fn in_memory(flags: Flags) -> Arc<LiveFlags> {
         Arc::new(LiveFlags::new(flags, None))
@@ -85,6 +130,7 @@ impl LiveFlags {
         if let Some(path) = &self.path {
             write_atomically(path, &new.to_toml())
                 .map_err(|e| format!("cannot write the flags file {}: {e}", path.display()))?;
+            save_last_good(path, &new);
         }
         let new = Arc::new(new);
         self.current.store(new.clone());
@@ -121,13 +167,24 @@ impl LiveFlags {
             return false;
         };
         let origin = path.display().to_string();
+        let current = self.get();
         let result = std::fs::read_to_string(path)
             .map_err(|e| format!("{origin}: cannot read: {e}"))
-            .and_then(|text| Flags::parse(&origin, &text).map_err(|e| e.to_string()));
+            .and_then(|text| {
+                if text.trim().is_empty() {
+                    // A writer between truncating and writing, or a mistake: either
+                    // way "everything back to the defaults" is not what anyone meant.
+                    return Err(format!(
+                        "{origin}: the file is empty (a writer may be mid-write); write `mode = \"off\"` to turn the rollout off"
+                    ));
+                }
+                Flags::parse_reload(&origin, &text, &current).map_err(|e| e.to_string())
+            });
         match result {
             Ok(flags) => {
-                if *self.get() != flags {
-                    tracing::info!(file = %origin, mode = ?flags.mode, percent = flags.percent.0.as_f64(), "flags reloaded");
+                if *current != flags {
+                    tracing::info!(file = %origin, mode = ?flags.mode, percent = flags.percent.0.as_f64(), state = ?flags.status.state, "flags reloaded");
+                    save_last_good(path, &flags);
                     self.set(flags);
                 }
                 self.reloads_ok.fetch_add(1, Ordering::Relaxed);
@@ -157,22 +214,30 @@ impl LiveFlags {
             .unwrap_or(Path::new("."))
             .to_path_buf();
         let name = path.file_name().map(|n| n.to_os_string());
-        let (tx, mut rx) = mpsc::unbounded_channel::<()>();
+        let (tx, mut rx) = mpsc::unbounded_channel::<Change>();
         let mut watcher =
             notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
                 if let Ok(event) = event {
-                    if should_reload(&event, name.as_deref()) {
-                        let _ = tx.send(());
+                    if let Some(change) = change_of(&event, name.as_deref()) {
+                        let _ = tx.send(change);
                     }
                 }
             })?;
         watcher.watch(&dir, RecursiveMode::NonRecursive)?;
         let live = self.clone();
         let task = tokio::spawn(async move {
-            while rx.recv().await.is_some() {
-                // Coalesce the burst of events one save produces (write, chmod, rename).
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                while rx.try_recv().is_ok() {}
+            while let Some(first) = rx.recv().await {
+                // Wait for the file to be complete: a burst of events ending in a
+                // complete one (coalesced for 50 ms), or a writer gone quiet.
+                let mut complete = first == Change::Complete;
+                loop {
+                    let wait = if complete { SETTLE } else { QUIET };
+                    match tokio::time::timeout(wait, rx.recv()).await {
+                        Ok(Some(change)) => complete = change == Change::Complete,
+                        Ok(None) => return,
+                        Err(_) => break,
+                    }
+                }
                 live.reload();
             }
         });
@@ -183,24 +248,78 @@ impl LiveFlags {
     }
 }
 
-/// Whether a file-system event may have changed the flags file.
+/// How long the events of one save are coalesced once the file is complete.
+const SETTLE: Duration = Duration::from_millis(50);
+
+/// How long a file written in place may go without any event before it is read even
+/// though its writer has not closed it (a writer that keeps the file open).
+pub const QUIET: Duration = Duration::from_secs(2);
+
+/// What a file-system event says about the flags file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Change {
+    /// The file is whole now: renamed into place, closed by its writer, or a
+    /// ConfigMap's `..data` swapped.
+    Complete,
+    /// The file is being written (truncated, written, created): wait for the writer.
+    Partial,
+}
+
+/// What a file-system event means for the flags file, if anything.
 ///
-/// * Access events (open, read, close without writing) never do, and pitboss's own
-///   reads produce them: reacting to them made every reload trigger the next one. A
-///   close after writing does count.
+/// * Access events (open, read, close without writing) mean nothing, and pitboss's
+///   own reads produce them: reacting to them made every reload trigger the next one.
+///   A close after writing means the writer has finished.
 /// * A Kubernetes ConfigMap volume updates by swapping its `..data` symlink; the
 ///   `flags.toml` link itself never changes, so an event on `..data` counts too.
-fn should_reload(event: &notify::Event, name: Option<&std::ffi::OsStr>) -> bool {
-    use notify::event::{AccessKind, AccessMode, EventKind};
-    // A file closed after writing is the one access that means "changed" (and the
-    // surest sign a slow writer has finished).
-    if matches!(event.kind, EventKind::Access(a) if a != AccessKind::Close(AccessMode::Write)) {
-        return false;
-    }
-    event.paths.iter().any(|p| {
+fn change_of(event: &notify::Event, name: Option<&std::ffi::OsStr>) -> Option<Change> {
+    use notify::event::{AccessKind, AccessMode, EventKind, ModifyKind};
+    let ours = event.paths.iter().any(|p| {
         let file = p.file_name();
         (name.is_some() && file == name) || file == Some(std::ffi::OsStr::new("..data"))
-    })
+    });
+    if !ours {
+        return None;
+    }
+    match event.kind {
+        EventKind::Access(AccessKind::Close(AccessMode::Write)) => Some(Change::Complete),
+        EventKind::Access(_) => None,
+        EventKind::Modify(ModifyKind::Name(_)) => Some(Change::Complete),
+        _ => Some(Change::Partial),
+    }
+}
+
+/// Where the last flags applied are kept, for a start on an invalid file.
+fn last_good_path(path: &Path) -> PathBuf {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "flags.toml".into());
+    path.with_file_name(format!(".{name}.last-good"))
+}
+
+/// Keeps a copy of flags that were applied. Best effort: a read-only directory (a
+/// ConfigMap volume) simply has no copy.
+fn save_last_good(path: &Path, flags: &Flags) {
+    let copy = last_good_path(path);
+    if std::fs::read_to_string(&copy).ok().as_deref() == Some(flags.to_toml().as_str()) {
+        return;
+    }
+    let tmp = copy.with_extension("tmp");
+    let result = std::fs::write(&tmp, flags.to_toml()).and_then(|()| std::fs::rename(&tmp, &copy));
+    if let Err(e) = result {
+        let _ = std::fs::remove_file(&tmp);
+        tracing::debug!(
+            "cannot keep a last good copy of the flags at {}: {e}",
+            copy.display()
+        );
+    }
+}
+
+fn read_last_good(path: &Path) -> Option<Flags> {
+    let copy = last_good_path(path);
+    let text = std::fs::read_to_string(&copy).ok()?;
+    Flags::parse(&copy.display().to_string(), &text).ok()
 }
 
 fn write_atomically(path: &Path, text: &str) -> std::io::Result<()> {
@@ -305,6 +424,122 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
+    const ROLLED_BACK: &str = "mode = \"canary\"\npercent = 50.0\ncommands = [\"*\"]\n\
+        [status]\nstate = \"rolled_back\"\nreason = \"test\"\n";
+
+    /// Issue 13 item 2: a file rewritten in place by a writer that pauses halfway is
+    /// not read until the writer closes it; an empty read is never applied.
+    #[tokio::test]
+    async fn a_file_written_in_place_is_applied_only_once_complete() {
+        use std::io::Write;
+        let dir = temp_dir("partial");
+        let path = dir.join("flags.toml");
+        std::fs::write(&path, ROLLED_BACK).unwrap();
+        let live = LiveFlags::load(&path).unwrap();
+        let _guard = live.watch().unwrap();
+        let before = live.get();
+        // The same content, rewritten in place: truncate, half (cut in the middle of
+        // "50.0", so a half read says percent = 5 and no status), pause, the rest.
+        let (head, rest) = ROLLED_BACK.split_at(ROLLED_BACK.find("0.0").unwrap());
+        let mut f = std::fs::File::create(&path).unwrap();
+        f.write_all(head.as_bytes()).unwrap();
+        f.flush().unwrap();
+        for _ in 0..30 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            assert_eq!(live.get(), before, "a half-written file was applied");
+        }
+        f.write_all(rest.as_bytes()).unwrap();
+        drop(f);
+        // Now it is complete and read (the reload counter moves), with no change.
+        assert!(
+            until(|| live.reloads().0 >= 1).await,
+            "the complete file was not read"
+        );
+        assert_eq!(live.get(), before);
+
+        // A truncate alone (an empty file) is never applied.
+        let (_, failed) = live.reloads();
+        std::fs::File::create(&path).unwrap();
+        assert!(
+            until(|| live.reloads().1 > failed).await,
+            "the empty file was not noticed"
+        );
+        assert_eq!(live.get(), before, "an empty read was applied");
+        assert!(live.last_error().unwrap().contains("empty"));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Issue 13 item 3: a file without `[status]` keeps the status in force.
+    #[tokio::test]
+    async fn a_file_without_status_does_not_resume_a_rolled_back_rollout() {
+        let dir = temp_dir("status");
+        let path = dir.join("flags.toml");
+        std::fs::write(&path, ROLLED_BACK).unwrap();
+        let live = LiveFlags::load(&path).unwrap();
+        assert_eq!(
+            live.get().status.state,
+            crate::rollout::flags::RolloutState::RolledBack
+        );
+        let _guard = live.watch().unwrap();
+        let tmp = dir.join(".flags.toml.new");
+        std::fs::write(
+            &tmp,
+            "mode = \"canary\"\npercent = 20.0\ncommands = [\"*\"]\nsalt = \"s2\"\n",
+        )
+        .unwrap();
+        std::fs::rename(&tmp, &path).unwrap();
+        assert!(
+            until(|| live.get().percent.0.as_f64() == 20.0).await,
+            "not applied"
+        );
+        let f = live.get();
+        assert_eq!(
+            f.status.state,
+            crate::rollout::flags::RolloutState::RolledBack
+        );
+        assert_eq!(f.status.reason, "test");
+        assert!(!f.serving_new(), "still rolled back: new gets nothing");
+        // An explicit state does resume.
+        std::fs::write(
+            &tmp,
+            "mode = \"canary\"\npercent = 20.0\n[status]\nstate = \"active\"\n",
+        )
+        .unwrap();
+        std::fs::rename(&tmp, &path).unwrap();
+        assert!(
+            until(|| live.get().serving_new()).await,
+            "explicit resume not applied"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Issue 13 item 4: an invalid file at start does not stop pitboss; the last good
+    /// copy is used, else everything goes to legacy; the error is kept.
+    #[test]
+    fn an_invalid_file_at_start_falls_back_to_the_last_good_copy_or_legacy() {
+        let dir = temp_dir("start");
+        let path = dir.join("flags.toml");
+        std::fs::write(&path, "mode = \"canary\"\npercent = 500.0\n").unwrap();
+        let live = LiveFlags::start(&path);
+        assert_eq!(live.get().mode, Mode::Off, "no copy: everything on legacy");
+        let err = live.last_error().unwrap();
+        assert!(
+            err.contains("percent") && err.contains("everything on legacy"),
+            "{err}"
+        );
+        assert_eq!(live.reloads().1, 1);
+
+        std::fs::write(&path, "mode = \"canary\"\npercent = 30.0\n").unwrap();
+        let good = LiveFlags::start(&path);
+        assert!(good.last_error().is_none());
+        assert_eq!(good.get().percent.0.as_f64(), 30.0);
+        std::fs::write(&path, "mode = \"canary\"\npercent = 500.0\n").unwrap();
+        let again = LiveFlags::start(&path);
+        assert_eq!(again.get().percent.0.as_f64(), 30.0, "the last good copy");
+        assert!(again.last_error().unwrap().contains("last good copy"));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     #[tokio::test]
     async fn updates_are_written_atomically_and_survive_a_reload() {
         let dir = temp_dir("update");
@@ -323,10 +558,12 @@ mod tests {
         assert_eq!(old.percent.0.as_f64(), 5.0);
         let again = LiveFlags::load(&path).unwrap();
         assert_eq!(*again.get(), *new, "the file holds what is in force");
-        assert!(
-            std::fs::read_dir(&dir).unwrap().count() == 1,
-            "no temp file left"
-        );
+        let left: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| !n.ends_with(".last-good"))
+            .collect();
+        assert_eq!(left, vec!["flags.toml".to_string()], "no temp file left");
         // A failed change changes nothing.
         assert!(live.update(|_| Err("no".into())).await.is_err());
         assert_eq!(*live.get(), *new);
