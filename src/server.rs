@@ -455,6 +455,7 @@ fn message_limit_layer(
             backend: crate::backend::Role::Legacy.as_str(),
             attempts: 1,
             instance: &edge.instance_id,
+            class: None,
         };
         crate::grpc::status::to_status(&err, &edge.legacy.rules, edge.include_tracebacks, ctx)
             .into_http()

@@ -826,3 +826,26 @@ async fn a_response_too_large_to_send_is_classified_and_counted() {
     still_serves(&mut client).await;
     server.shutdown().await;
 }
+
+/// Issue 13 item 17: a per-try timeout has one class everywhere: the client's
+/// trailer, its ErrorInfo and the metrics all say `worker_timeout`.
+#[tokio::test]
+async fn a_per_try_timeout_has_one_class_for_the_client_and_the_metrics() {
+    let _shared = PROCESS.read().await;
+    let (server, mut client) = start(
+        "",
+        "[pool]\nadapter = \"faults:adapter\"\nsize = 1\n[retry]\nper_try_timeout = \"300ms\"\nmax_attempts = 1\n",
+    )
+    .await;
+    let mut req = tonic::Request::new(exec("sleep", r#"{"seconds": 2}"#));
+    req.set_timeout(Duration::from_secs(20));
+    let err = client.execute(req).await.unwrap_err();
+    assert_eq!(err.code(), Code::DeadlineExceeded, "{err:?}");
+    assert_eq!(class(&err), "worker_timeout", "{err:?}");
+    let info = tonic_types::StatusExt::get_error_details(&err);
+    assert_eq!(info.error_info().unwrap().reason, "worker_timeout");
+    let (_, scrape) = http_get(server.metrics_addr, "/metrics").await;
+    let series = "pitboss_requests_total{backend=\"legacy\",command=\"sleep\",outcome=\"error\",error_class=\"worker_timeout\"} ";
+    assert!(scrape.lines().any(|l| l.starts_with(series)), "{scrape}");
+    server.shutdown().await;
+}

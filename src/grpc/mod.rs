@@ -98,20 +98,28 @@ impl Edge {
     }
 
     fn status(&self, e: &PoolError, role: Role) -> Status {
-        self.status_after(e, 1, role)
+        self.status_after(e, None, 1, role)
     }
 
-    fn status_after(&self, e: &PoolError, attempts: u32, role: Role) -> Status {
+    fn status_after(
+        &self,
+        e: &PoolError,
+        class: Option<ErrorClass>,
+        attempts: u32,
+        role: Role,
+    ) -> Status {
         let ctx = status::ErrorContext {
             backend: role.as_str(),
             attempts,
             instance: &self.instance_id,
+            class,
         };
         status::to_status(e, &self.backend(role).rules, self.include_tracebacks, ctx)
     }
 
     fn failed_status(&self, failed: &Failed, role: Role) -> Status {
-        let mut status = self.status_after(&failed.error, failed.attempts, role);
+        let mut status =
+            self.status_after(&failed.error, Some(failed.class), failed.attempts, role);
         if failed.budget_exhausted {
             status.metadata_mut().insert(
                 "x-pitboss-retry-budget-exhausted",

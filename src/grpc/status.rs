@@ -27,6 +27,11 @@ pub struct ErrorContext<'a> {
     pub backend: &'a str,
     pub attempts: u32,
     pub instance: &'a str,
+    /// The class the failure was given where it was first understood (a per-try
+    /// timeout is `worker_timeout` there, though its error is a timeout). `None`:
+    /// classify the error here. Carried, so the client, the metrics, the breaker and
+    /// the rollout all see one class.
+    pub class: Option<ErrorClass>,
 }
 
 /// The budget for an error's metadata. All of it together (the `grpc-message`, the
@@ -62,7 +67,7 @@ pub fn to_status(
     include_traceback: bool,
     ctx: ErrorContext<'_>,
 ) -> Status {
-    let class = classify(err, rules);
+    let class = ctx.class.unwrap_or_else(|| classify(err, rules));
     let mut info: HashMap<String, String> = HashMap::new();
     let mut md = MetadataMap::new();
     let mut put = |key: &str, value: String, info: &mut HashMap<String, String>| {
@@ -179,6 +184,7 @@ mod tests {
             backend: "legacy",
             attempts: 2,
             instance: "i-1",
+            class: None,
         }
     }
 
