@@ -321,3 +321,65 @@ async fn an_invalid_flags_file_at_start_serves_everything_on_legacy_and_says_so(
     drop(p);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+
+/// Issue 13 item 12 with the real binary: commands that forked (`os.fork()`) or started
+/// a subprocess (`subprocess.Popen(["sleep", "300"])`) leave nothing behind after
+/// `kill -9` of pitboss. The parent-death signal reaches the workers only; each
+/// worker's reaper kills the rest of its process group.
+#[tokio::test]
+async fn sigkill_leaves_no_process_a_command_forked_or_spawned() {
+    let dir = temp_dir("orphans");
+    let cfg = dir.join("p.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\nmetrics_listen = \"127.0.0.1:0\"\n\
+             [pool]\nadapter = \"faults:adapter\"\nsize = 2\npython_path = [\"{py}/examples\"]\nruntime_dir = \"{py}\"\n",
+            py = python_dir().display()
+        ),
+    )
+    .unwrap();
+    let p = spawn(&cfg).await;
+    let mut ok = false;
+    for _ in 0..300 {
+        if serving(&p.bridge).await {
+            ok = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(ok, "never SERVING");
+    let workers = wait_pids(&p.admin, None, 2).await;
+    let mut client = pb::bridge_client::BridgeClient::connect(p.bridge.clone())
+        .await
+        .unwrap();
+    let mut children = Vec::new();
+    for how in ["fork", "popen", "fork", "popen"] {
+        let r = client
+            .execute(exec("spawn_child", format!(r#"{{"how": "{how}"}}"#)))
+            .await
+            .unwrap()
+            .into_inner();
+        let v: serde_json::Value = serde_json::from_slice(&r.payload).unwrap();
+        children.push(v["pid"].as_u64().unwrap() as u32);
+    }
+    assert!(children.iter().all(|&c| alive(c)), "children not started");
+    // Each worker's group: the worker, its reaper, and the children it started.
+    let before: usize = workers.iter().map(|&w| group_members(w).len()).sum();
+    assert!(before >= 2 + children.len(), "groups: {before} processes");
+
+    let mut child = p.child;
+    child.start_kill().unwrap();
+    child.wait().await.unwrap();
+    let gone = eventually(Duration::from_secs(5), || {
+        workers.iter().all(|&w| group_members(w).is_empty()) && children.iter().all(|&c| !alive(c))
+    })
+    .await;
+    let left: Vec<u32> = workers.iter().flat_map(|&w| group_members(w)).collect();
+    for &pid in &left {
+        kill(pid, libc::SIGKILL); // do not leave them to the next test run
+    }
+    assert!(gone, "outlived the SIGKILLed pitboss: {left:?}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -66,12 +66,17 @@ fn kill_holder_and_expect_no_survivor(test: &str, expected: usize) {
         .build()
         .unwrap();
     rt.block_on(async {
-        for pid in pids {
+        for &pid in &pids {
             assert!(
                 eventually(Duration::from_secs(2), || !alive(pid)).await,
                 "process {pid} outlived the SIGKILLed pitboss"
             );
         }
+        // Nothing else of the workers' groups either (their reapers included).
+        let empty = || pids.iter().all(|&p| group_members(p).is_empty());
+        let emptied = eventually(Duration::from_secs(2), empty).await;
+        let left: Vec<u32> = pids.iter().flat_map(|&p| group_members(p)).collect();
+        assert!(emptied, "left in the workers' groups: {left:?}");
     });
 }
 

@@ -603,6 +603,48 @@ async fn an_expired_session_id_can_be_created_again_at_once() {
     server.shutdown().await;
 }
 
+/// Issue 13 item 19, worker loss: a session lost with its worker leaves a tombstone
+/// (calls naming it get session_lost until the TTL), but that tombstone does not hold
+/// the id: CreateSession with it starts a fresh session at once.
+#[tokio::test]
+async fn a_lost_session_id_can_be_created_again_at_once() {
+    let (server, mut client) = start("[pool]\nsize = 1\n").await;
+    let create = || pb::CreateSessionRequest {
+        session_id: "sess-l".into(),
+        ..Default::default()
+    };
+    client.create_session(create()).await.unwrap();
+    let mut req = exec("counter", "{}");
+    req.session_id = "sess-l".into();
+    client.execute(req.clone()).await.unwrap();
+    let pid = server.pool().pids()[0];
+    kill(pid, libc::SIGKILL);
+    let lost = eventually(LONG, || {
+        matches!(
+            server.pool().get_session("sess-l"),
+            Err(pitboss::pool::PoolError::SessionLost { .. })
+        )
+    })
+    .await;
+    assert!(lost, "the session was never marked lost");
+    // A replacement worker is ready.
+    let mut ready = false;
+    for _ in 0..600 {
+        if client.execute(exec("echo", "{}")).await.is_ok() {
+            ready = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(ready, "no replacement worker");
+    let again = client.create_session(create()).await.unwrap().into_inner();
+    assert_eq!(again.session_id, "sess-l");
+    let r = client.execute(req).await.unwrap().into_inner();
+    let v: serde_json::Value = serde_json::from_slice(&r.payload).unwrap();
+    assert_eq!(v["count"], 1, "a fresh session starts from zero");
+    server.shutdown().await;
+}
+
 /// Issue 13 items 13 and 14 with the real binary: an override of a key the file does
 /// not write takes effect, a typo is refused with the closest key, and an https
 /// upstream (no TLS in this build) is refused instead of failing every call.

@@ -62,8 +62,9 @@ def _reap(worker, prctl):
         signal.signal(s, signal.SIG_IGN)
     _drop_descriptors()
     if prctl(_PR_SET_PDEATHSIG, int(_DEATH_SIGNAL), 0, 0, 0) == 0:
-        # The worker may have died before prctl took effect.
-        if os.getppid() == worker:
+        # The worker may have died before prctl took effect. A SIGUSR2 that someone
+        # else sent (a command signalling its group) is not the worker's death.
+        while os.getppid() == worker:
             signal.sigwait({_DEATH_SIGNAL})
     else:  # no parent-death signal: poll for being reparented
         import time

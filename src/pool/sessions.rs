@@ -104,12 +104,16 @@ impl SessionTable {
         Ok(())
     }
 
-    /// Checks the limits before a worker is chosen.
+    /// Checks the limits before a worker is chosen. A lost session's tombstone (kept
+    /// so that calls naming it hear session_lost) does not hold its id: a client that
+    /// recreates it gets a fresh session at once, not "already exists" until the TTL.
     pub fn check_room(&self, id: &str) -> Result<(), PoolError> {
-        if self.map.contains_key(id) {
-            return Err(PoolError::SessionExists(id.to_string()));
-        }
-        if self.map.len() >= self.max {
+        let tombstone = match self.map.get(id) {
+            Some(e) if !e.lost => return Err(PoolError::SessionExists(id.to_string())),
+            Some(_) => 1,
+            None => 0,
+        };
+        if self.map.len() - tombstone >= self.max {
             return Err(PoolError::TooManySessions { max: self.max });
         }
         Ok(())
@@ -130,6 +134,12 @@ impl SessionTable {
             metadata: Arc::new(metadata),
         };
         match self.map.entry(id.clone()) {
+            // A lost session's worker is dead, and its slot with it: nothing to end.
+            dashmap::Entry::Occupied(mut o) if o.get().lost => {
+                let info = self.info(&id, &entry, now);
+                o.insert(entry);
+                Ok(info)
+            }
             dashmap::Entry::Occupied(_) => Err(PoolError::SessionExists(id)),
             dashmap::Entry::Vacant(v) => {
                 let info = self.info(&id, &entry, now);
@@ -259,6 +269,28 @@ mod tests {
         assert!(matches!(t.get("a"), Err(PoolError::SessionLost { .. })));
         assert_eq!(t.route("b").unwrap(), WorkerId(2));
         assert_eq!(t.remove("a").unwrap(), (WorkerId(1), false));
+    }
+
+    /// Issue 13 item 19: a lost session's tombstone answers session_lost to calls that
+    /// name it, but does not hold its id: creating it again replaces the tombstone at
+    /// once, and the tombstone does not count against the limit.
+    #[test]
+    fn a_lost_sessions_id_can_be_created_again() {
+        let t = SessionTable::new(Duration::from_secs(10), 1);
+        t.insert("a".into(), WorkerId(1), BTreeMap::new()).unwrap();
+        t.mark_lost(WorkerId(1));
+        t.check_room("a").unwrap();
+        t.insert("a".into(), WorkerId(2), BTreeMap::new()).unwrap();
+        assert_eq!(t.route("a").unwrap(), WorkerId(2));
+        assert_eq!(t.len(), 1);
+        assert!(matches!(
+            t.check_room("a"),
+            Err(PoolError::SessionExists(_))
+        ));
+        assert!(matches!(
+            t.insert("a".into(), WorkerId(3), BTreeMap::new()),
+            Err(PoolError::SessionExists(_))
+        ));
     }
 
     #[test]

@@ -75,6 +75,27 @@ pub fn alive(pid: u32) -> bool {
     }
 }
 
+/// The live (not zombie) processes of process group `pgid`, from /proc: a worker is
+/// the leader of its own group, so this is the worker, its reaper and whatever a
+/// command started that did not leave the group.
+pub fn group_members(pgid: u32) -> Vec<u32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&pid| {
+            let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+                return false;
+            };
+            // After the parenthesised name: state, ppid, pgrp.
+            let mut f = stat.rsplit(')').next().unwrap_or("").split_whitespace();
+            let state = f.next().unwrap_or("Z");
+            let pgrp = f.nth(1).and_then(|g| g.parse::<u32>().ok());
+            pgrp == Some(pgid) && !state.starts_with('Z') && !state.starts_with('X')
+        })
+        .collect()
+}
+
 /// Polls `check` every 20 ms until it holds or `timeout` passes. Returns whether it held.
 pub async fn eventually(timeout: Duration, mut check: impl FnMut() -> bool) -> bool {
     let deadline = tokio::time::Instant::now() + timeout;
