@@ -480,7 +480,15 @@ async fn a_deadline_cancels_and_a_stuck_command_gets_its_worker_killed() {
         eventually(LONG, || !alive(pid)).await,
         "stuck worker was not killed"
     );
-    assert!(eventually(LONG, || pool.status().ready == 1).await);
+    // Dead is not yet replaced: wait until the supervisor has recorded the exit and
+    // the replacement is ready (the old worker may still count as ready until then).
+    assert!(
+        eventually(LONG, || {
+            let st = pool.status();
+            st.ready == 1 && st.workers[0].last_exit.is_some()
+        })
+        .await
+    );
     let exit = pool.status().workers[0].last_exit.clone().unwrap();
     assert!(exit.contains("did not stop"), "{exit}");
     pool.execute(req("echo", json!(1))).await.unwrap();
