@@ -322,7 +322,6 @@ async fn an_invalid_flags_file_at_start_serves_everything_on_legacy_and_says_so(
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-
 /// Issue 13 item 12 with the real binary: commands that forked (`os.fork()`) or started
 /// a subprocess (`subprocess.Popen(["sleep", "300"])`) leave nothing behind after
 /// `kill -9` of pitboss. The parent-death signal reaches the workers only; each
