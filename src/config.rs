@@ -880,7 +880,9 @@ fn leaf_paths(t: &toml::Table) -> Vec<String> {
                 format!("{prefix}.{k}")
             };
             match v {
-                toml::Value::Table(inner) if k != "env" => walk(&path, inner, out),
+                // `pool.env` and `errors.rules` are maps whose keys are data (variable
+                // names, dotted exception names): each is one key, set as a whole.
+                toml::Value::Table(inner) if k != "env" && k != "rules" => walk(&path, inner, out),
                 _ => out.push(path),
             }
         }
@@ -1243,10 +1245,9 @@ mod tests {
     }
 
     /// Issue 13 item 13: a key the file does not write can be overridden (the backend
-    /// overrides are empty tables in the default, so they used to be invisible), and a
-    /// typo is an error naming the closest key, not silently ignored.
+    /// overrides are empty tables in the default, so they used to be invisible).
     #[test]
-    fn env_overrides_reach_keys_missing_from_the_file_and_typos_are_errors() {
+    fn env_overrides_reach_keys_missing_from_the_file() {
         let env = vec![(
             "PITBOSS_BACKENDS_NEW_POOL_WORKER_CONCURRENCY".to_string(),
             "3".to_string(),
@@ -1271,7 +1272,18 @@ mod tests {
             c.pool.worker_concurrency.0,
             "only new is overridden"
         );
+        let env = vec![(
+            "PITBOSS_ERRORS_RULES".to_string(),
+            r#"{"mylib.Busy" = "pool_exhausted"}"#.to_string(),
+        )];
+        let c = Config::from_sources("x", None, env).unwrap();
+        assert!(c.to_toml().contains("mylib.Busy"), "{}", c.to_toml());
+    }
 
+    /// Issue 13 item 13: an unknown `PITBOSS_` variable (a typo) is an error naming the
+    /// closest key, not silently ignored; pitboss's own variables stay allowed.
+    #[test]
+    fn an_unknown_pitboss_variable_is_an_error_naming_the_closest_key() {
         let typo = Config::from_sources("x", None, vec![("PITBOSS_POOL_SIZ".into(), "4".into())])
             .unwrap_err();
         let text = typo.to_string();

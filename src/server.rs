@@ -474,13 +474,15 @@ fn decoded_too_large(status: &tonic::Status) -> Option<usize> {
     rest.split(' ').next()?.parse().ok()
 }
 
-/// Drops session pins idle past their TTL, once a minute.
+/// Once a minute, drops the session pins whose session its pool no longer has, and
+/// pins idle past their TTL.
 fn spawn_session_pruning(edge: Arc<Edge>, stop: CancellationToken) {
     tokio::spawn(async move {
         loop {
             tokio::select! {
                 _ = tokio::time::sleep(Duration::from_secs(60)) => {
-                    edge.sessions.prune(tokio::time::Instant::now());
+                    let gone = |id: &str, role| edge.backend(role).lacks_session(id);
+                    edge.sessions.prune(tokio::time::Instant::now(), gone);
                 }
                 _ = stop.cancelled() => return,
             }

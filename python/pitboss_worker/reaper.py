@@ -13,6 +13,9 @@ the kernel for a parent-death signal of its own. When the worker is gone, for an
 reason (pitboss's death, a crash, a recycle), it SIGKILLs the worker's process group,
 itself last. It waits in ``sigwait``: no wake-up until then.
 
+Not needed, so not started, when pitboss is PID 1 (a container's entrypoint): the
+kernel kills the whole PID namespace when its init dies.
+
 Not covered: a descendant that leaves the group on purpose (``os.setsid()``,
 ``os.setpgid()``, ``start_new_session=True``), as a daemon does. Nothing short of a
 cgroup can follow those.
@@ -30,8 +33,14 @@ _DEATH_SIGNAL = signal.SIGUSR2
 def start():
     """Forks the reaper. Returns its pid, or None where it cannot work (not Linux, or
     the worker does not lead its own group: killing that group could hit the shell
-    that started it by hand)."""
+    that started it by hand) or is not needed (pitboss is PID 1, see below)."""
     if not sys.platform.startswith("linux"):
+        return None
+    # pitboss is the init of its PID namespace (a container's entrypoint): when it dies
+    # the kernel kills every process of the namespace, so no reaper is needed. And one
+    # would harm: a reaper that outlives its worker is reparented to PID 1, and pitboss
+    # reaps only its workers, so each worker's exit would leave a zombie.
+    if os.getppid() == 1:
         return None
     worker = os.getpid()
     if os.getpgid(0) != worker:

@@ -91,5 +91,23 @@ class ReaperTest(unittest.TestCase):
         self.assertEqual(reaper, b"None")
 
 
+class ReaperUnderPid1Test(unittest.TestCase):
+    def test_no_reaper_when_pitboss_is_pid_1(self):
+        # pitboss as its container's init: when it dies the kernel kills the whole PID
+        # namespace, and a reaper that outlived its worker would stay a zombie of
+        # pitboss (which reaps only its workers). So there is none.
+        from unittest import mock
+
+        from pitboss_worker import reaper
+
+        def no_fork():
+            raise AssertionError("forked a reaper under PID 1")
+
+        with mock.patch.object(os, "getppid", return_value=1), mock.patch.object(
+            os, "getpgid", return_value=os.getpid()
+        ), mock.patch.object(os, "fork", no_fork):
+            self.assertIsNone(reaper.start())
+
+
 if __name__ == "__main__":
     unittest.main()

@@ -316,6 +316,16 @@ impl Backend {
         }
     }
 
+    /// Whether this backend is known not to hold session `id` (expired, closed, or
+    /// lost with its worker), without a network call: a pool knows; an upstream is
+    /// not asked, so it never says so.
+    pub fn lacks_session(&self, id: &str) -> bool {
+        match &self.target {
+            Target::Pool(p) => p.get_session(id).is_err(),
+            Target::Grpc(_) => false,
+        }
+    }
+
     pub async fn get_session(&self, id: &str) -> Result<pb::Session, PoolError> {
         match &self.target {
             Target::Pool(p) => p.get_session(id).map(|info| session_msg(self.role, info)),

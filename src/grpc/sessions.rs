@@ -76,12 +76,15 @@ impl SessionRoutes {
         })
     }
 
-    /// Drops pins idle for longer than the TTL plus a margin. Returns how many.
-    pub fn prune(&self, now: Instant) -> usize {
+    /// Drops the pins whose session is `gone` (the backend no longer has it: a pool
+    /// backend answers that at once), and pins idle for longer than the TTL plus a
+    /// margin (for an upstream, which is not asked). Returns how many.
+    pub fn prune(&self, now: Instant, gone: impl Fn(&str, Role) -> bool) -> usize {
         let before = self.map.len();
         let keep_for = self.ttl + Duration::from_secs(60);
-        self.map
-            .retain(|_, p| now.saturating_duration_since(p.last_used) <= keep_for);
+        self.map.retain(|id, p| {
+            now.saturating_duration_since(p.last_used) <= keep_for && !gone(id, p.role)
+        });
         before - self.map.len()
     }
 }
@@ -99,9 +102,36 @@ mod tests {
         tokio::time::advance(Duration::from_secs(500)).await;
         assert_eq!(r.role("a"), Some(Role::New), "used: stays");
         tokio::time::advance(Duration::from_secs(500)).await;
-        assert_eq!(r.prune(Instant::now()), 1, "b idle past ttl + margin");
+        assert_eq!(
+            r.prune(Instant::now(), |_, _| false),
+            1,
+            "b idle past ttl + margin"
+        );
         assert_eq!(r.role("b"), None);
         r.unpin("a");
         assert!(r.is_empty());
+    }
+
+    /// Issue 13 item 19: a pin ends with its session. A pin whose backend says the
+    /// session is gone (expired, lost) leaves at the next prune, however recently it
+    /// was named; the others stay.
+    #[tokio::test(start_paused = true)]
+    async fn pins_of_sessions_the_backend_no_longer_has_leave_at_once() {
+        let r = SessionRoutes::new(Duration::from_secs(600));
+        r.pin("expired", Role::Legacy);
+        r.pin("live", Role::Legacy);
+        r.pin("upstream", Role::New);
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert_eq!(
+            r.role("expired"),
+            Some(Role::Legacy),
+            "named: used just now"
+        );
+        let pruned = r.prune(Instant::now(), |id, role| {
+            id == "expired" && role == Role::Legacy
+        });
+        assert_eq!(pruned, 1);
+        assert_eq!(r.peek("expired"), None);
+        assert_eq!(r.counts(), (1, 1));
     }
 }
