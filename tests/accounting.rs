@@ -286,3 +286,22 @@ async fn an_expired_grpc_timeout_is_always_deadline_exceeded_with_its_class_and_
     .await;
     server.shutdown().await;
 }
+
+#[tokio::test]
+async fn create_session_calls_are_counted_once_each() {
+    let _turn = SERIAL.lock().await;
+    let (server, mut client) = start("").await;
+    let label = "CreateSession";
+    let before_ok = counts(&server, label, "").await;
+    let create = |id: &str| pb::CreateSessionRequest {
+        session_id: id.into(),
+        ..Default::default()
+    };
+    client.create_session(create("acct-a")).await.unwrap();
+    assert_counted(&server, label, "", before_ok, 1.0).await;
+    let before = counts(&server, label, "invalid_request").await;
+    let err = client.create_session(create("acct-a")).await.unwrap_err();
+    assert_eq!(class_of(&err), "invalid_request", "{err:?}");
+    assert_counted(&server, label, "invalid_request", before, 1.0).await;
+    server.shutdown().await;
+}

@@ -197,10 +197,14 @@ pub fn sum_of(scrape: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
             let (series, value) = line.rsplit_once(' ')?;
             let (n, rest) = series.split_once('{').unwrap_or((series, "}"));
             let rest = rest.strip_suffix('}')?;
-            let all = labels.iter().all(|(k, v)| {
-                rest.split("\",")
-                    .any(|p| p.trim_end_matches('"') == format!("{k}=\"{v}"))
-            });
+            let got: Vec<(&str, &str)> = rest
+                .split("\",")
+                .filter_map(|p| {
+                    let (k, v) = p.split_once("=\"")?;
+                    Some((k, v.trim_end_matches('"')))
+                })
+                .collect();
+            let all = labels.iter().all(|want| got.contains(want));
             (n == name && all)
                 .then(|| value.parse::<f64>().ok())
                 .flatten()
