@@ -221,6 +221,9 @@ impl RunningServer {
         let bridge_task = tokio::spawn(async move {
             let r = Server::builder()
                 .layer(message_limit_layer(e1, max))
+                .layer(tower::util::MapRequestLayer::new(
+                    crate::grpc::deadline::stamp_arrival::<tonic::body::Body>,
+                ))
                 .add_service(health_service)
                 .add_service(bridge_reflection_v1)
                 .add_service(bridge_reflection_v1alpha)

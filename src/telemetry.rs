@@ -58,7 +58,7 @@ fn describe() {
     use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
     describe_counter!(
         "pitboss_requests_total",
-        "Calls answered, by backend, command (or `other`), outcome (ok or error) and error class."
+        "Calls, each counted once however it ended (a client that went away: cancelled or deadline_exceeded), by backend, command (or `other`, or `CreateSession`), outcome (ok or error) and error class."
     );
     describe_histogram!(
         "pitboss_request_duration_seconds",

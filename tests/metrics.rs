@@ -11,7 +11,6 @@
 
 mod common;
 
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::process::Stdio;
 use std::time::Duration;
@@ -23,33 +22,6 @@ use pitboss::server::RunningServer;
 use tokio::io::AsyncWriteExt;
 
 const LONG: Duration = Duration::from_secs(30);
-
-/// The value of the sample `name{labels}` with exactly these labels, if present.
-fn sample(scrape: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    let want: BTreeMap<&str, &str> = labels.iter().copied().collect();
-    scrape
-        .lines()
-        .filter(|l| !l.starts_with('#'))
-        .find_map(|line| {
-            let (series, value) = line.rsplit_once(' ')?;
-            let (n, rest) = match series.split_once('{') {
-                Some((n, rest)) => (n, rest.strip_suffix('}')?),
-                None => (series, ""),
-            };
-            if n != name {
-                return None;
-            }
-            let got: BTreeMap<&str, &str> = rest
-                .split("\",")
-                .filter(|p| !p.is_empty())
-                .filter_map(|p| {
-                    let (k, v) = p.split_once("=\"")?;
-                    Some((k, v.trim_end_matches('"')))
-                })
-                .collect();
-            (got == want).then(|| value.parse().ok()).flatten()
-        })
-}
 
 fn require_prometheus() -> bool {
     std::env::var("PITBOSS_REQUIRE_PROMETHEUS").is_ok_and(|v| v == "1")

@@ -1,9 +1,35 @@
-//! The client's deadline, from the `grpc-timeout` header.
+//! The client's deadline, from the `grpc-timeout` header, counted from the moment the
+//! call arrived; and the backstop that answers an expired call with pitboss's own
+//! DEADLINE_EXCEEDED.
 
+use std::future::Future;
+use std::task::Poll;
 use std::time::Duration;
 
 use tokio::time::Instant;
 use tonic::metadata::MetadataMap;
+
+/// When a call arrived at the Bridge listener, stamped by [`stamp_arrival`] into the
+/// request's extensions.
+#[derive(Debug, Clone, Copy)]
+pub struct Arrived(pub Instant);
+
+/// A tower `map_request` function for the listener: stamps [`Arrived`]. tonic starts
+/// its own `grpc-timeout` timer right after the layers inside it have been called, so
+/// a deadline counted from this stamp is never later than tonic's.
+pub fn stamp_arrival<B>(
+    mut req: tonic::codegen::http::Request<B>,
+) -> tonic::codegen::http::Request<B> {
+    req.extensions_mut().insert(Arrived(Instant::now()));
+    req
+}
+
+/// When the call arrived: its stamp, else now (a service called without the layer).
+pub fn arrival(ext: &tonic::Extensions) -> Instant {
+    ext.get::<Arrived>()
+        .map(|a| a.0)
+        .unwrap_or_else(Instant::now)
+}
 
 /// Parses `grpc-timeout` ("100m", "5S", "250000u", ...) per the gRPC HTTP/2 spec.
 pub fn parse_grpc_timeout(v: &str) -> Option<Duration> {
@@ -23,10 +49,45 @@ pub fn parse_grpc_timeout(v: &str) -> Option<Duration> {
     })
 }
 
-/// The absolute deadline of a call, if the client set one.
-pub fn deadline_of(md: &MetadataMap) -> Option<Instant> {
+/// The absolute deadline of a call that arrived at `arrived`, if the client set one.
+pub fn deadline_of(md: &MetadataMap, arrived: Instant) -> Option<Instant> {
     let v = md.get("grpc-timeout")?.to_str().ok()?;
-    parse_grpc_timeout(v).map(|d| Instant::now() + d)
+    parse_grpc_timeout(v).map(|d| arrived + d)
+}
+
+/// Runs `call`; once `deadline` has passed with `call` unfinished, answers
+/// `on_expiry()` instead (and drops `call`, which cancels what it was doing).
+///
+/// Why: tonic runs its own timer from the same `grpc-timeout` and, when it fires
+/// first, answers CANCELLED "Timeout expired", without pitboss's class and trailers,
+/// and the call is counted nowhere. Its timer starts after [`Arrived`], so it never
+/// expires before `deadline`; tonic polls the handler before its timer, and this reads
+/// the clock on every poll (a timer's wake-up alone may come after tonic's), so by the
+/// time tonic's timer has expired, this has answered. A finished `call` wins a tie.
+pub async fn answer_by<T>(
+    deadline: Option<Instant>,
+    call: impl Future<Output = T>,
+    on_expiry: impl FnOnce() -> T,
+) -> T {
+    let Some(deadline) = deadline else {
+        return call.await;
+    };
+    let mut call = std::pin::pin!(call);
+    let mut timer = std::pin::pin!(tokio::time::sleep_until(deadline));
+    let mut on_expiry = Some(on_expiry);
+    std::future::poll_fn(|cx| {
+        if let Poll::Ready(v) = call.as_mut().poll(cx) {
+            return Poll::Ready(v);
+        }
+        if Instant::now() >= deadline || timer.as_mut().poll(cx).is_ready() {
+            let expired = on_expiry
+                .take()
+                .expect("answer_by polled after it answered");
+            return Poll::Ready(expired());
+        }
+        Poll::Pending
+    })
+    .await
 }
 
 #[cfg(test)]
@@ -42,5 +103,54 @@ mod tests {
         assert_eq!(parse_grpc_timeout("5x"), None);
         assert_eq!(parse_grpc_timeout("m"), None);
         assert_eq!(parse_grpc_timeout("1234567890S"), None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_deadline_counts_from_the_arrival() {
+        let arrived = Instant::now();
+        let mut md = MetadataMap::new();
+        md.insert("grpc-timeout", "100m".parse().unwrap());
+        tokio::time::advance(Duration::from_millis(30)).await;
+        assert_eq!(
+            deadline_of(&md, arrived),
+            Some(arrived + Duration::from_millis(100))
+        );
+        assert_eq!(deadline_of(&MetadataMap::new(), arrived), None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_unfinished_call_is_answered_at_its_deadline() {
+        let start = Instant::now();
+        let deadline = start + Duration::from_millis(100);
+        let r = answer_by(Some(deadline), std::future::pending::<&str>(), || "expired").await;
+        assert_eq!(r, "expired");
+        assert_eq!(Instant::now(), deadline);
+        let r = answer_by(
+            Some(deadline + Duration::from_secs(1)),
+            async { "done" },
+            || "expired",
+        )
+        .await;
+        assert_eq!(r, "done");
+        let r = answer_by(None, async { "done" }, || "expired").await;
+        assert_eq!(r, "done");
+    }
+
+    /// tonic's timer, polled after the handler as tonic does, with the same deadline:
+    /// the backstop answers first, whatever order the timers wake in.
+    #[tokio::test(start_paused = true)]
+    async fn the_backstop_answers_before_a_timer_polled_after_it() {
+        let deadline = Instant::now() + Duration::from_millis(100);
+        let ours = answer_by(Some(deadline), std::future::pending::<&str>(), || "pitboss");
+        let mut ours = std::pin::pin!(ours);
+        let mut tonic = std::pin::pin!(tokio::time::sleep_until(deadline));
+        let winner = std::future::poll_fn(|cx| {
+            if let Poll::Ready(v) = ours.as_mut().poll(cx) {
+                return Poll::Ready(v);
+            }
+            tonic.as_mut().poll(cx).map(|()| "tonic")
+        })
+        .await;
+        assert_eq!(winner, "pitboss");
     }
 }

@@ -6,6 +6,7 @@ pub mod deadline;
 pub mod status;
 
 pub mod admin;
+pub mod record;
 pub mod sessions;
 
 use std::pin::Pin;
@@ -98,28 +99,40 @@ impl Edge {
     }
 
     fn status(&self, e: &PoolError, role: Role) -> Status {
-        self.status_after(e, None, 1, role)
+        let class = crate::resilience::classify(e, &self.backend(role).rules);
+        self.status_after(e, class, 1, role)
     }
 
-    fn status_after(
-        &self,
-        e: &PoolError,
-        class: Option<ErrorClass>,
-        attempts: u32,
-        role: Role,
-    ) -> Status {
+    /// The status of a failure classified as `class`: the class the client reads is
+    /// the one metrics, the breaker and the rollout counted.
+    fn status_after(&self, e: &PoolError, class: ErrorClass, attempts: u32, role: Role) -> Status {
         let ctx = status::ErrorContext {
             backend: role.as_str(),
             attempts,
             instance: &self.instance_id,
-            class,
+            class: Some(class),
         };
-        status::to_status(e, &self.backend(role).rules, self.include_tracebacks, ctx)
+        status::to_status_as(e, class, self.include_tracebacks, ctx)
+    }
+
+    /// The answer to a call whose deadline passed before it finished (see
+    /// [`deadline::answer_by`]); records it.
+    fn expired(&self, record: &record::CallRecord) -> Status {
+        let role = record.role();
+        record.finish(role, Some(ErrorClass::DeadlineExceeded));
+        let err = PoolError::Timeout {
+            worker: None,
+            after: record
+                .deadline()
+                .map(|d| d.saturating_duration_since(record.arrived()))
+                .unwrap_or_default(),
+            stage: crate::pool::TimeoutStage::Running,
+        };
+        self.status_after(&err, ErrorClass::DeadlineExceeded, 1, role)
     }
 
     fn failed_status(&self, failed: &Failed, role: Role) -> Status {
-        let mut status =
-            self.status_after(&failed.error, Some(failed.class), failed.attempts, role);
+        let mut status = self.status_after(&failed.error, failed.class, failed.attempts, role);
         if failed.budget_exhausted {
             status.metadata_mut().insert(
                 "x-pitboss-retry-budget-exhausted",
@@ -133,6 +146,7 @@ impl Edge {
         &self,
         r: &mut pb::ExecuteRequest,
         md: &tonic::metadata::MetadataMap,
+        arrived: Instant,
     ) -> PoolRequest {
         PoolRequest {
             command: std::mem::take(&mut r.command),
@@ -143,7 +157,7 @@ impl Edge {
                 std::mem::take(&mut r.content_type)
             },
             session_id: (!r.session_id.is_empty()).then(|| std::mem::take(&mut r.session_id)),
-            deadline: deadline::deadline_of(md),
+            deadline: deadline::deadline_of(md, arrived),
             avoid_worker: None,
         }
     }
@@ -162,6 +176,13 @@ impl Edge {
             }
             label => label.into_owned(),
         }
+    }
+
+    /// The record of a call that just arrived: counted once, however it ends.
+    fn call_record<T>(&self, req: &Request<T>, command: String) -> record::CallRecord {
+        let arrived = deadline::arrival(req.extensions());
+        let deadline = deadline::deadline_of(req.metadata(), arrived);
+        record::CallRecord::new(command, arrived, deadline)
     }
 
     fn respond<T>(&self, msg: T, role: Role, worker: Option<String>) -> Response<T> {
@@ -183,19 +204,19 @@ impl Edge {
     /// CreateSession with an explicit id: refused only while the backend that holds
     /// the pinned session still has it. A pin can outlive its session (expired by TTL,
     /// lost with its worker); then it is dropped and the id is free again at once.
-    async fn refuse_if_session_lives(&self, id: &str) -> Result<(), Status> {
+    async fn refuse_if_session_lives(&self, id: &str) -> Result<(), (PoolError, Role)> {
         let Some(role) = self.sessions.peek(id) else {
             return Ok(());
         };
         match self.backend(role).get_session(id).await {
-            Ok(_) => Err(self.status(&PoolError::SessionExists(id.to_string()), role)),
+            Ok(_) => Err((PoolError::SessionExists(id.to_string()), role)),
             Err(e) => {
                 let class = crate::resilience::classify(&e, &self.backend(role).rules);
                 if session_is_gone(class) {
                     self.sessions.unpin(id);
                     Ok(())
                 } else {
-                    Err(self.status(&e, role))
+                    Err((e, role))
                 }
             }
         }
@@ -215,10 +236,19 @@ impl Edge {
         Ok(())
     }
 
-    /// Runs a call on one backend and records the outcome in its rolling statistics.
+    /// Runs a call on one backend and records the outcome in its rolling statistics,
+    /// also when the call is dropped unfinished (the client went away): as
+    /// [`record::unfinished_class`], so the statistics see deadline failures.
     async fn run(&self, role: Role, attempt: Attempt) -> Result<Served, Failed> {
         let started = Instant::now();
         let session = attempt.request.session_id.clone();
+        let mut unfinished = UnfinishedRun {
+            edge: self,
+            role,
+            started,
+            deadline: attempt.deadline,
+            finished: false,
+        };
         let result = match self.backend(role).execute(attempt).await {
             Ok(served) => match self.check_response_size(served.response.payload.len()) {
                 Ok(()) => Ok(served),
@@ -231,6 +261,7 @@ impl Edge {
             },
             Err(f) => Err(f),
         };
+        unfinished.finished = true;
         if let (Some(id), Err(f)) = (&session, &result) {
             if session_is_gone(f.class) {
                 self.sessions.unpin(id);
@@ -265,6 +296,26 @@ impl Edge {
             && self.rollout.flags.get().fallback_to_legacy
             && fallback_allowed(failed.class, attempt.idempotent)
             && Instant::now() < attempt.deadline
+    }
+}
+
+/// Records a backend run in the rollout statistics when it is dropped unfinished.
+struct UnfinishedRun<'a> {
+    edge: &'a Edge,
+    role: Role,
+    started: Instant,
+    deadline: Instant,
+    finished: bool,
+}
+
+impl Drop for UnfinishedRun<'_> {
+    fn drop(&mut self) {
+        if !self.finished {
+            let class = record::unfinished_class(Instant::now(), self.started, Some(self.deadline));
+            self.edge
+                .rollout
+                .record(self.role, self.started.elapsed(), Some(class));
+        }
     }
 }
 
@@ -344,16 +395,17 @@ impl BridgeService {
     async fn execute_call(
         &self,
         req: Request<pb::ExecuteRequest>,
+        record: &record::CallRecord,
     ) -> Result<Response<pb::ExecuteResponse>, Status> {
         let edge = &self.0;
-        edge.refuse_if_draining()?;
-        let received = Instant::now();
+        edge.refuse_if_draining()
+            .inspect_err(|_| record.finish(Role::Legacy, Some(ErrorClass::ShuttingDown)))?;
         let (md, _, mut r) = req.into_parts();
         let idempotent = r.idempotent;
-        let pr = edge.pool_request(&mut r, &md);
-        let command_label = edge.command_label(&pr.command);
+        let pr = edge.pool_request(&mut r, &md, record.arrived());
         let route = edge.route(&pr, &r.routing_key, idempotent);
         let first = route.answered_by();
+        record.answering(first);
         let deadline = pr
             .deadline
             .unwrap_or_else(|| Instant::now() + edge.backend(first).default_timeout);
@@ -374,6 +426,7 @@ impl BridgeService {
                 match edge.run(Role::New, attempt).await {
                     Err(failed) if edge.may_fall_back(&failed, &retry_copy) => {
                         edge.rollout.fallback();
+                        record.answering(Role::Legacy);
                         tracing::info!(
                             command = %retry_copy.request.command,
                             class = failed.class.name(),
@@ -389,8 +442,7 @@ impl BridgeService {
         if let Some(tx) = shadow_tx {
             let _ = tx.send(result.as_ref().ok().map(|s| s.response.payload.clone()));
         }
-        let failure = result.as_ref().err().map(|f| f.class);
-        crate::telemetry::record_call(role, &command_label, failure, received.elapsed());
+        record.finish(role, result.as_ref().err().map(|f| f.class));
         let span = tracing::Span::current();
         span.record("backend", role.as_str());
         match &result {
@@ -426,18 +478,70 @@ impl BridgeService {
         }
     }
 
+    async fn create_session_call(
+        &self,
+        req: Request<pb::CreateSessionRequest>,
+        record: &record::CallRecord,
+    ) -> Result<Response<pb::Session>, Status> {
+        let edge = &self.0;
+        // Every way out is recorded, with the class the client is told.
+        let fail = |e: &PoolError, role: Role| {
+            let class = crate::resilience::classify(e, &edge.backend(role).rules);
+            record.finish(role, Some(class));
+            edge.status_after(e, class, 1, role)
+        };
+        edge.refuse_if_draining()
+            .inspect_err(|_| record.finish(Role::Legacy, Some(ErrorClass::ShuttingDown)))?;
+        let r = req.into_inner();
+        let id = if r.session_id.is_empty() {
+            crate::pool::SessionTable::new_id()
+        } else {
+            r.session_id
+        };
+        crate::pool::SessionTable::validate_id(&id).map_err(|e| fail(&e, Role::Legacy))?;
+        edge.refuse_if_session_lives(&id)
+            .await
+            .map_err(|(e, role)| fail(&e, role))?;
+        let metadata: std::collections::BTreeMap<String, String> = r.metadata.into_iter().collect();
+        let mut role = edge.rollout.route_session(
+            &id,
+            (!r.routing_key.is_empty()).then_some(r.routing_key.as_str()),
+        );
+        record.answering(role);
+        let mut result = edge
+            .backend(role)
+            .create_session(Some(id.clone()), metadata.clone())
+            .await;
+        if let (Role::New, Err(e)) = (role, &result) {
+            let class = crate::resilience::classify(e, &edge.backend(role).rules);
+            // Nothing ran yet, so falling back is always safe here.
+            if edge.rollout.flags.get().fallback_to_legacy && fallback_allowed(class, true) {
+                edge.rollout.fallback();
+                role = Role::Legacy;
+                record.answering(role);
+                result = edge.legacy.create_session(Some(id.clone()), metadata).await;
+            }
+        }
+        let session = result.map_err(|e| fail(&e, role))?;
+        record.finish(role, None);
+        edge.sessions.pin(&id, role);
+        let worker = session.worker_id.clone();
+        Ok(edge.respond(session, role, Some(worker)))
+    }
+
     async fn execute_stream_call(
         &self,
         req: Request<pb::ExecuteRequest>,
+        record: Arc<record::CallRecord>,
     ) -> Result<Response<ChunkStream>, Status> {
         let edge = self.0.clone();
-        edge.refuse_if_draining()?;
+        edge.refuse_if_draining()
+            .inspect_err(|_| record.finish(Role::Legacy, Some(ErrorClass::ShuttingDown)))?;
         let (md, _, mut r) = req.into_parts();
-        let mut pr = edge.pool_request(&mut r, &md);
-        let command_label = edge.command_label(&pr.command);
-        let received = Instant::now();
+        let mut pr = edge.pool_request(&mut r, &md, record.arrived());
         // Streams are not shadowed (their chunks cannot be held back to compare).
         let mut role = edge.route(&pr, &r.routing_key, r.idempotent).answered_by();
+        record.answering(role);
         if pr.deadline.is_none() {
             pr.deadline = Some(Instant::now() + edge.backend(role).default_timeout);
         }
@@ -460,25 +564,16 @@ impl BridgeService {
                 if role == Role::New && edge.may_fall_back(&probe, &attempt) {
                     edge.rollout.fallback();
                     role = Role::Legacy;
+                    record.answering(role);
                     match start_stream(&edge, role, pr).await {
                         Ok(ok) => ok,
                         Err((class, e)) => {
-                            crate::telemetry::record_call(
-                                role,
-                                &command_label,
-                                Some(class),
-                                received.elapsed(),
-                            );
+                            record.finish(role, Some(class));
                             return Err(edge.status(&e, role));
                         }
                     }
                 } else {
-                    crate::telemetry::record_call(
-                        role,
-                        &command_label,
-                        Some(class),
-                        received.elapsed(),
-                    );
+                    record.finish(role, Some(class));
                     return Err(edge.status(&e, role));
                 }
             }
@@ -488,16 +583,29 @@ impl BridgeService {
         let e2 = edge.clone();
         let started_on = worker.clone();
         tokio::spawn(async move {
+            // The client went away: dropping `stream` cancels. That says nothing about
+            // the backend's health; the call is counted as cancelled (or as its
+            // deadline, when that was near).
+            let gone = |permit: crate::resilience::breaker::Permit| {
+                permit.record(None);
+                let class = record.unfinished_class();
+                e2.rollout.record(role, started.elapsed(), Some(class));
+                record.finish(role, Some(class));
+            };
             // Hold one chunk back, so the last one can say it is last.
             let mut held: Option<pb::ExecuteChunk> = None;
             loop {
-                let item = stream.next().await.map(|chunk| {
+                let next = tokio::select! {
+                    next = stream.next() => next,
+                    () = tx.closed() => return gone(permit),
+                };
+                let next = next.map(|chunk| {
                     chunk.and_then(|(payload, content_type)| {
                         e2.check_response_size(payload.len())
                             .map(|()| (payload, content_type))
                     })
                 });
-                match item {
+                match next {
                     Some(Ok((payload, content_type))) => {
                         let next = pb::ExecuteChunk {
                             payload,
@@ -506,10 +614,7 @@ impl BridgeService {
                         };
                         if let Some(prev) = held.replace(next) {
                             if tx.send(Ok(prev)).await.is_err() {
-                                // The client went away: dropping `stream` cancels. That
-                                // says nothing about the backend's health.
-                                permit.record(None);
-                                return;
+                                return gone(permit);
                             }
                         }
                     }
@@ -517,12 +622,7 @@ impl BridgeService {
                         let class = crate::resilience::classify(&err, &e2.backend(role).rules);
                         permit.record(Some(class));
                         e2.rollout.record(role, started.elapsed(), Some(class));
-                        crate::telemetry::record_call(
-                            role,
-                            &command_label,
-                            Some(class),
-                            received.elapsed(),
-                        );
+                        record.finish(role, Some(class));
                         if let Some(prev) = held.take() {
                             let _ = tx.send(Ok(prev)).await;
                         }
@@ -532,12 +632,7 @@ impl BridgeService {
                     None => {
                         permit.record(None);
                         e2.rollout.record(role, started.elapsed(), None);
-                        crate::telemetry::record_call(
-                            role,
-                            &command_label,
-                            None,
-                            received.elapsed(),
-                        );
+                        record.finish(role, None);
                         let mut last = held.take().unwrap_or_default();
                         last.last = true;
                         last.backend = role.as_str().into();
@@ -572,7 +667,14 @@ impl Bridge for BridgeService {
     ) -> Result<Response<pb::ExecuteResponse>, Status> {
         use tracing::Instrument;
         let span = call_span(&req);
-        self.execute_call(req).instrument(span).await
+        let label = self.0.command_label(&req.get_ref().command);
+        let record = self.0.call_record(&req, label);
+        deadline::answer_by(
+            record.deadline(),
+            self.execute_call(req, &record).instrument(span),
+            || Err(self.0.expired(&record)),
+        )
+        .await
     }
 
     type ExecuteStreamStream = ChunkStream;
@@ -583,45 +685,30 @@ impl Bridge for BridgeService {
     ) -> Result<Response<Self::ExecuteStreamStream>, Status> {
         use tracing::Instrument;
         let span = call_span(&req);
-        self.execute_stream_call(req).instrument(span).await
+        let label = self.0.command_label(&req.get_ref().command);
+        let record = Arc::new(self.0.call_record(&req, label));
+        // The backstop covers the start; once streaming, the pool's deadline applies
+        // (tonic's timer covers only the start too).
+        deadline::answer_by(
+            record.deadline(),
+            self.execute_stream_call(req, record.clone())
+                .instrument(span),
+            || Err(self.0.expired(&record)),
+        )
+        .await
     }
 
     async fn create_session(
         &self,
         req: Request<pb::CreateSessionRequest>,
     ) -> Result<Response<pb::Session>, Status> {
-        let edge = &self.0;
-        edge.refuse_if_draining()?;
-        let r = req.into_inner();
-        let id = if r.session_id.is_empty() {
-            crate::pool::SessionTable::new_id()
-        } else {
-            r.session_id
-        };
-        crate::pool::SessionTable::validate_id(&id).map_err(|e| edge.status(&e, Role::Legacy))?;
-        edge.refuse_if_session_lives(&id).await?;
-        let metadata: std::collections::BTreeMap<String, String> = r.metadata.into_iter().collect();
-        let mut role = edge.rollout.route_session(
-            &id,
-            (!r.routing_key.is_empty()).then_some(r.routing_key.as_str()),
-        );
-        let mut result = edge
-            .backend(role)
-            .create_session(Some(id.clone()), metadata.clone())
-            .await;
-        if let (Role::New, Err(e)) = (role, &result) {
-            let class = crate::resilience::classify(e, &edge.backend(role).rules);
-            // Nothing ran yet, so falling back is always safe here.
-            if edge.rollout.flags.get().fallback_to_legacy && fallback_allowed(class, true) {
-                edge.rollout.fallback();
-                role = Role::Legacy;
-                result = edge.legacy.create_session(Some(id.clone()), metadata).await;
-            }
-        }
-        let session = result.map_err(|e| edge.status(&e, role))?;
-        edge.sessions.pin(&id, role);
-        let worker = session.worker_id.clone();
-        Ok(edge.respond(session, role, Some(worker)))
+        let record = self.0.call_record(&req, record::CREATE_SESSION.into());
+        deadline::answer_by(
+            record.deadline(),
+            self.create_session_call(req, &record),
+            || Err(self.0.expired(&record)),
+        )
+        .await
     }
 
     async fn get_session(

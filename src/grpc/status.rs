@@ -68,6 +68,19 @@ pub fn to_status(
     ctx: ErrorContext<'_>,
 ) -> Status {
     let class = ctx.class.unwrap_or_else(|| classify(err, rules));
+    to_status_as(err, class, include_traceback, ctx)
+}
+
+/// [`to_status`] for a failure already classified (a per-try timeout is
+/// `worker_timeout`, though the error alone reads as `deadline_exceeded`): the client
+/// is told the class that metrics, the breaker and the rollout counted, not a second
+/// classification of the same error.
+pub fn to_status_as(
+    err: &PoolError,
+    class: ErrorClass,
+    include_traceback: bool,
+    ctx: ErrorContext<'_>,
+) -> Status {
     let mut info: HashMap<String, String> = HashMap::new();
     let mut md = MetadataMap::new();
     let mut put = |key: &str, value: String, info: &mut HashMap<String, String>| {

@@ -181,3 +181,54 @@ pub async fn collect<T>(mut stream: tonic::Streaming<T>) -> Vec<T> {
     }
     out
 }
+
+/// The value of the sample `name{labels}` with exactly these labels, if present.
+pub fn sample(scrape: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    let want: std::collections::BTreeMap<&str, &str> = labels.iter().copied().collect();
+    scrape
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|line| {
+            let (series, value) = line.rsplit_once(' ')?;
+            let (n, rest) = match series.split_once('{') {
+                Some((n, rest)) => (n, rest.strip_suffix('}')?),
+                None => (series, ""),
+            };
+            if n != name {
+                return None;
+            }
+            let got: std::collections::BTreeMap<&str, &str> = rest
+                .split("\",")
+                .filter(|p| !p.is_empty())
+                .filter_map(|p| {
+                    let (k, v) = p.split_once("=\"")?;
+                    Some((k, v.trim_end_matches('"')))
+                })
+                .collect();
+            (got == want).then(|| value.parse().ok()).flatten()
+        })
+}
+
+/// The sum of every `name` sample whose labels include all of `labels`.
+pub fn sum_of(scrape: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    scrape
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|line| {
+            let (series, value) = line.rsplit_once(' ')?;
+            let (n, rest) = series.split_once('{').unwrap_or((series, "}"));
+            let rest = rest.strip_suffix('}')?;
+            let got: Vec<(&str, &str)> = rest
+                .split("\",")
+                .filter_map(|p| {
+                    let (k, v) = p.split_once("=\"")?;
+                    Some((k, v.trim_end_matches('"')))
+                })
+                .collect();
+            let all = labels.iter().all(|want| got.contains(want));
+            (n == name && all)
+                .then(|| value.parse::<f64>().ok())
+                .flatten()
+        })
+        .sum()
+}

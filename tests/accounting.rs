@@ -1,0 +1,307 @@
+//! Every call that reaches pitboss is counted exactly once, with one class, wherever
+//! it ends: at the client's deadline, by the client's cancel, or by pitboss's own
+//! per-try timeout (issue 13, items 6, 17 and 18). Real servers, real Python workers,
+//! real clients; counts are read from a real `/metrics` scrape.
+//!
+//! The Prometheus recorder is process-wide: the tests of this binary take turns
+//! (`SERIAL`) and check differences, so each sees only its own calls.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use pitboss::backend::Role;
+use pitboss::config::Config;
+use pitboss::grpc::pb;
+use pitboss::server::RunningServer;
+use tonic::Code;
+
+const LONG: Duration = Duration::from_secs(30);
+
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+type Client = pb::bridge_client::BridgeClient<tonic::transport::Channel>;
+
+async fn start(extra: &str) -> (RunningServer, Client) {
+    init_tracing();
+    let text = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\nmetrics_listen = \"127.0.0.1:0\"\n\
+         [pool]\nadapter = \"faults:adapter\"\nsize = 2\npython_path = [\"{py}/examples\"]\nruntime_dir = \"{py}\"\n\
+         [pool.restart]\nbackoff_base = \"20ms\"\njitter = 0.0\n\
+         [circuit_breaker]\nenabled = false\n{extra}",
+        py = python_dir().display()
+    );
+    let config = Config::from_sources(
+        "accounting.toml",
+        Some(&text),
+        Vec::<(String, String)>::new(),
+    )
+    .unwrap();
+    let server = RunningServer::start(config).await.unwrap();
+    server.pool().wait_ready(2, LONG).await.unwrap();
+    let edge = server.edge().clone();
+    assert!(
+        eventually(LONG, || edge.commands.label("sleep") == "sleep").await,
+        "commands known"
+    );
+    let client = Client::connect(format!("http://{}", server.bridge_addr))
+        .await
+        .unwrap();
+    (server, client)
+}
+
+/// `pitboss_requests_total` for `command`, over all outcomes, and for one class.
+async fn counts(server: &RunningServer, command: &str, class: &str) -> (f64, f64) {
+    let (_, m) = http_get(server.metrics_addr, "/metrics").await;
+    let all = sum_of(&m, "pitboss_requests_total", &[("command", command)]);
+    let one = sum_of(
+        &m,
+        "pitboss_requests_total",
+        &[("command", command), ("error_class", class)],
+    );
+    (all, one)
+}
+
+/// Waits (real time, generous bound) until `command` was counted `n` more times than
+/// `before`, all of them as `class`; then checks that no call was counted twice.
+async fn assert_counted(
+    server: &RunningServer,
+    command: &str,
+    class: &str,
+    before: (f64, f64),
+    n: f64,
+) {
+    let deadline = tokio::time::Instant::now() + LONG;
+    let mut now = counts(server, command, class).await;
+    while (now.0 - before.0) < n && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        now = counts(server, command, class).await;
+    }
+    assert_eq!(
+        (now.0 - before.0, now.1 - before.1),
+        (n, n),
+        "{command}: (all outcomes, {class}) counted since the start"
+    );
+}
+
+fn class_of(s: &tonic::Status) -> String {
+    s.metadata()
+        .get("x-pitboss-error-class")
+        .map(|v| v.to_str().unwrap().to_string())
+        .unwrap_or_default()
+}
+
+fn rollout_class(server: &RunningServer, class: &str) -> u64 {
+    let stats = server.edge().rollout.stats(Role::Legacy);
+    stats.by_class.get(class).copied().unwrap_or(0)
+}
+
+#[tokio::test]
+async fn calls_that_end_at_the_client_deadline_are_counted_once_and_seen_by_the_rollout() {
+    let _turn = SERIAL.lock().await;
+    let (server, client) = start("").await;
+    // A slow worker and a hung one: the client's own timer (tonic sets one from the
+    // request timeout) races pitboss's; whoever wins, each call is counted once.
+    for (command, payload, n) in [("sleep", r#"{"seconds": 5}"#, 6usize), ("hang", "{}", 2)] {
+        let before = counts(&server, command, "deadline_exceeded").await;
+        let rollout_before = rollout_class(&server, "deadline_exceeded");
+        let calls = (0..n).map(|_| {
+            let mut client = client.clone();
+            async move {
+                let mut req = tonic::Request::new(exec(command, payload));
+                req.set_timeout(Duration::from_secs(1));
+                client.execute(req).await.unwrap_err()
+            }
+        });
+        for err in futures_util::future::join_all(calls).await {
+            assert!(
+                matches!(err.code(), Code::DeadlineExceeded | Code::Cancelled),
+                "{command}: {err:?}"
+            );
+        }
+        assert_counted(&server, command, "deadline_exceeded", before, n as f64).await;
+        assert_eq!(
+            rollout_class(&server, "deadline_exceeded") - rollout_before,
+            n as u64,
+            "{command}: the rollout statistics see every deadline failure"
+        );
+        server.pool().wait_ready(2, LONG).await.unwrap();
+    }
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn calls_the_client_cancels_are_counted_once_as_cancelled() {
+    let _turn = SERIAL.lock().await;
+    let (server, client) = start("").await;
+    // Unary calls without a deadline, abandoned by the client mid-call.
+    let n = 4usize;
+    let before = counts(&server, "sleep", "cancelled").await;
+    let rollout_before = rollout_class(&server, "cancelled");
+    let calls = (0..n).map(|_| {
+        let mut client = client.clone();
+        async move {
+            let call = client.execute(exec("sleep", r#"{"seconds": 5}"#));
+            assert!(
+                tokio::time::timeout(Duration::from_millis(300), call)
+                    .await
+                    .is_err(),
+                "the call is still running when the client gives up"
+            );
+        }
+    });
+    futures_util::future::join_all(calls).await;
+    assert_counted(&server, "sleep", "cancelled", before, n as f64).await;
+    assert_eq!(
+        rollout_class(&server, "cancelled") - rollout_before,
+        n as u64
+    );
+
+    // A stream the client drops after its first chunk.
+    let before = counts(&server, "chunks", "cancelled").await;
+    let mut client2 = client.clone();
+    let mut stream = client2
+        .execute_stream(exec("chunks", r#"{"n": 100, "sleep": 0.05}"#))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(stream.message().await.unwrap().is_some());
+    drop(stream);
+    assert_counted(&server, "chunks", "cancelled", before, 1.0).await;
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_per_try_timeout_has_one_class_for_the_client_and_the_metrics() {
+    let _turn = SERIAL.lock().await;
+    let (server, mut client) = start("[retry]\nper_try_timeout = \"300ms\"\n").await;
+    let before = counts(&server, "sleep", "worker_timeout").await;
+    let mut req = tonic::Request::new(exec("sleep", r#"{"seconds": 5}"#));
+    req.set_timeout(Duration::from_secs(20));
+    let err = client.execute(req).await.unwrap_err();
+    assert_eq!(err.code(), Code::DeadlineExceeded, "{err:?}");
+    assert_eq!(
+        class_of(&err),
+        "worker_timeout",
+        "the trailer carries the class the metrics, the breaker and the rollout saw"
+    );
+    let details = tonic_types::StatusExt::get_error_details(&err);
+    assert_eq!(details.error_info().unwrap().reason, "worker_timeout");
+    assert_counted(&server, "sleep", "worker_timeout", before, 1.0).await;
+    server.shutdown().await;
+}
+
+/// One call over a raw HTTP/2 connection: `grpc-timeout` is sent, but no client timer
+/// runs, so the answer is whatever the server decided. Returns the grpc-status and the
+/// error class trailer.
+async fn raw_call(
+    h2: h2::client::SendRequest<bytes::Bytes>,
+    authority: &str,
+    body: bytes::Bytes,
+    timeout: &str,
+) -> (u32, String) {
+    let mut h2 = h2.ready().await.unwrap();
+    let req = http::Request::builder()
+        .method("POST")
+        .uri(format!("http://{authority}/pitboss.v1.Bridge/Execute"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .header("grpc-timeout", timeout)
+        .body(())
+        .unwrap();
+    let (resp, mut send) = h2.send_request(req, false).unwrap();
+    send.send_data(body, true).unwrap();
+    let resp = resp.await.unwrap();
+    let (parts, mut recv) = resp.into_parts();
+    let mut md = parts.headers;
+    if md.get("grpc-status").is_none() {
+        while let Some(chunk) = recv.data().await {
+            let chunk = chunk.unwrap();
+            let _ = recv.flow_control().release_capacity(chunk.len());
+        }
+        if let Some(trailers) = recv.trailers().await.unwrap() {
+            md.extend(trailers);
+        }
+    }
+    let status = md
+        .get("grpc-status")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+        .expect("a grpc-status");
+    let class = md
+        .get("x-pitboss-error-class")
+        .map(|v| v.to_str().unwrap().to_string())
+        .unwrap_or_default();
+    (status, class)
+}
+
+#[tokio::test]
+async fn an_expired_grpc_timeout_is_always_deadline_exceeded_with_its_class_and_counted() {
+    let _turn = SERIAL.lock().await;
+    let (server, _client) = start("").await;
+    let msg = prost::Message::encode_to_vec(&exec("async_sleep", r#"{"seconds": 1}"#));
+    let mut framed = vec![0u8];
+    framed.extend_from_slice(&(msg.len() as u32).to_be_bytes());
+    framed.extend_from_slice(&msg);
+    let body = bytes::Bytes::from(framed);
+    let before = counts(&server, "async_sleep", "deadline_exceeded").await;
+    let (conns, per_conn) = (4usize, 25usize);
+    let mut tasks = vec![];
+    for _ in 0..conns {
+        let addr = server.bridge_addr;
+        let body = body.clone();
+        tasks.push(tokio::spawn(async move {
+            let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let (h2, conn) = h2::client::handshake(tcp).await.unwrap();
+            tokio::spawn(conn);
+            let mut seen = vec![];
+            for _ in 0..per_conn {
+                seen.push(raw_call(h2.clone(), &addr.to_string(), body.clone(), "100m").await);
+            }
+            seen
+        }));
+    }
+    let mut wrong = vec![];
+    for t in tasks {
+        for (status, class) in t.await.unwrap() {
+            if status != Code::DeadlineExceeded as u32 || class != "deadline_exceeded" {
+                wrong.push((status, class));
+            }
+        }
+    }
+    assert!(
+        wrong.is_empty(),
+        "{} of {} calls were not DEADLINE_EXCEEDED with class deadline_exceeded: {wrong:?}",
+        wrong.len(),
+        conns * per_conn
+    );
+    assert_counted(
+        &server,
+        "async_sleep",
+        "deadline_exceeded",
+        before,
+        (conns * per_conn) as f64,
+    )
+    .await;
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn create_session_calls_are_counted_once_each() {
+    let _turn = SERIAL.lock().await;
+    let (server, mut client) = start("").await;
+    let label = "CreateSession";
+    let before_ok = counts(&server, label, "").await;
+    let create = |id: &str| pb::CreateSessionRequest {
+        session_id: id.into(),
+        ..Default::default()
+    };
+    client.create_session(create("acct-a")).await.unwrap();
+    assert_counted(&server, label, "", before_ok, 1.0).await;
+    let before = counts(&server, label, "invalid_request").await;
+    let err = client.create_session(create("acct-a")).await.unwrap_err();
+    assert_eq!(class_of(&err), "invalid_request", "{err:?}");
+    assert_counted(&server, label, "invalid_request", before, 1.0).await;
+    server.shutdown().await;
+}
