@@ -508,10 +508,16 @@ mod tests {
             let legacy = |breaker: &Breaker| b(Role::Legacy, true, breaker.refusing(), true);
             assert!(readiness(false, &[legacy(&breaker)], true).is_err(), "open");
             clock.advance(Duration::from_millis(501));
-            assert!(readiness(false, &[legacy(&breaker)], true).is_ok(), "due to probe");
+            assert!(
+                readiness(false, &[legacy(&breaker)], true).is_ok(),
+                "due to probe"
+            );
             let probe = breaker.try_acquire().unwrap();
             let why = readiness(false, &[legacy(&breaker)], true).unwrap_err();
-            assert!(why.contains("half-open with every probe slot taken"), "{why}");
+            assert!(
+                why.contains("half-open with every probe slot taken"),
+                "{why}"
+            );
             drop(probe);
             assert!(readiness(false, &[legacy(&breaker)], true).is_ok());
         });

@@ -474,7 +474,10 @@ mod tests {
         assert!(!refuses(Open, true, 0, 1), "open, due to probe");
         assert!(!refuses(HalfOpen, true, 0, 1));
         assert!(refuses(HalfOpen, true, 1, 1), "its only probe is in flight");
-        assert!(!refuses(HalfOpen, true, 1, 2), "a second probe slot is free");
+        assert!(
+            !refuses(HalfOpen, true, 1, 2),
+            "a second probe slot is free"
+        );
     }
 
     #[test]
