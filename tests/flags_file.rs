@@ -385,7 +385,7 @@ async fn first_answer(p: &Proc, key: &str) -> String {
 
 fn metric(text: &str, name: &str) -> Option<f64> {
     text.lines()
-        .find(|l| l.starts_with(name))
+        .find(|l| l.starts_with(&format!("{name} ")))
         .and_then(|l| l.rsplit(' ').next())
         .and_then(|v| v.parse().ok())
 }
