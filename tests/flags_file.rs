@@ -61,6 +61,11 @@ async fn start(tag: &str, flags: &str) -> Setup {
     let dir = temp_dir(tag);
     std::fs::write(dir.join("flags.toml"), flags).unwrap();
     std::fs::write(dir.join("token"), format!("{TOKEN}\n")).unwrap();
+    serve(dir).await
+}
+
+/// A pitboss on the flags file (and token) already in `dir`.
+async fn serve(dir: PathBuf) -> Setup {
     let config = Config::from_sources(
         "test.toml",
         Some(&config_text(&dir)),
@@ -306,6 +311,28 @@ async fn a_flags_file_without_status_keeps_a_rolled_back_rollout_rolled_back() {
         "legacy"
     );
 
+    // A restart on that file keeps it rolled back too (the status of the last good
+    // copy that pitboss keeps next to the file).
+    let dir = s.dir.clone();
+    s.server.shutdown().await;
+    let mut s = serve(dir).await;
+    let r = s
+        .admin
+        .get_rollout(authed(pb::GetRolloutRequest {}))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (r.state.as_str(), r.percent),
+        ("rolled_back", 20.0),
+        "a restart resumed the rollout"
+    );
+    assert!(r.changed_by.starts_with("ops@"), "{}", r.changed_by);
+    assert_eq!(
+        answered_by(&mut s.client, &key_on_new(20.0)).await,
+        "legacy"
+    );
+
     // An explicit state does resume it.
     rename_in(
         "mode = \"canary\"\npercent = 20.0\ncommands = [\"*\"]\n[status]\nstate = \"active\"\n",
@@ -383,6 +410,19 @@ async fn first_answer(p: &Proc, key: &str) -> String {
     panic!("pitboss never answered");
 }
 
+/// /readyz once both backends have a ready worker (or its last answer after 30 s).
+async fn ready(p: &Proc) -> (u16, String) {
+    let mut last = (0, String::new());
+    for _ in 0..300 {
+        last = http_get(p.metrics, "/readyz").await;
+        if last.0 == 200 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    last
+}
+
 fn metric(text: &str, name: &str) -> Option<f64> {
     text.lines()
         .find(|l| l.starts_with(&format!("{name} ")))
@@ -422,7 +462,7 @@ async fn a_bad_flags_file_at_start_serves_on_legacy_or_the_last_good_copy() {
     let mut p = spawn(&cfg).await;
     let key = key_on_new(50.0);
     assert_eq!(first_answer(&p, &key).await, "legacy", "all on legacy");
-    let (code, body) = http_get(p.metrics, "/readyz").await;
+    let (code, body) = ready(&p).await;
     assert_eq!(code, 200, "legacy serves: ready ({body})");
     assert!(
         body.contains("flags file rejected") && body.contains("percent"),
@@ -469,7 +509,7 @@ async fn a_bad_flags_file_at_start_serves_on_legacy_or_the_last_good_copy() {
     std::fs::write(&flags, bad).unwrap();
     let p = spawn(&cfg).await;
     assert_eq!(first_answer(&p, &key).await, "new", "the last good copy");
-    let (code, body) = http_get(p.metrics, "/readyz").await;
+    let (code, body) = ready(&p).await;
     assert_eq!(code, 200, "{body}");
     assert!(body.contains("last good copy"), "{body}");
     drop(p);
