@@ -228,7 +228,7 @@ impl Breaker {
                 .opened_at
                 .lock()
                 .unwrap_or_else(|e| e.into_inner());
-            opened.is_none_or(|t| failsafe::clock::now() >= t + self.settings.open_for)
+            !opened.is_some_and(|t| failsafe::clock::now() < t + self.settings.open_for)
         };
         refuses(
             state,
