@@ -337,7 +337,8 @@ pub fn publish_gauges(edge: &Edge) {
 pub struct BackendHealth {
     pub role: Role,
     pub ready: bool,
-    /// The breaker refuses calls now (open, and not yet due to probe).
+    /// The breaker refuses calls now: open and not yet due to probe, or half-open
+    /// with every probe slot taken ([`crate::resilience::Breaker::refusing`]).
     pub breaker_open: bool,
     /// The rollout sends it traffic now (new: a nonzero share or shadow mode).
     pub takes_traffic: bool,
@@ -357,7 +358,7 @@ pub fn readiness(draining: bool, backends: &[BackendHealth], fallback: bool) -> 
         }
         if b.breaker_open {
             return Err(format!(
-                "backend {}'s circuit breaker is open",
+                "backend {}'s circuit breaker is open (or half-open with every probe slot taken): it refuses calls",
                 b.role.as_str()
             ));
         }
@@ -486,6 +487,40 @@ mod tests {
         assert!(readiness(false, &[legacy_ok, new_broken], false)
             .unwrap_err()
             .contains("new"));
+    }
+
+    /// Issue 13, item 1: a half-open breaker whose probe slot is taken refuses every
+    /// call, so readiness must not say ready; once the probe is dropped, it is again.
+    #[test]
+    fn a_half_open_breaker_without_a_free_probe_slot_is_not_ready() {
+        use crate::resilience::breaker::{Breaker, BreakerSettings};
+        failsafe::clock::freeze(|clock| {
+            let settings = BreakerSettings {
+                consecutive_failures: 1,
+                open_for: Duration::from_millis(500),
+                ..Default::default()
+            };
+            let breaker = Breaker::new("legacy", settings).unwrap();
+            breaker
+                .try_acquire()
+                .unwrap()
+                .record(Some(ErrorClass::WorkerCrashed));
+            let legacy = |breaker: &Breaker| b(Role::Legacy, true, breaker.refusing(), true);
+            assert!(readiness(false, &[legacy(&breaker)], true).is_err(), "open");
+            clock.advance(Duration::from_millis(501));
+            assert!(
+                readiness(false, &[legacy(&breaker)], true).is_ok(),
+                "due to probe"
+            );
+            let probe = breaker.try_acquire().unwrap();
+            let why = readiness(false, &[legacy(&breaker)], true).unwrap_err();
+            assert!(
+                why.contains("half-open with every probe slot taken"),
+                "{why}"
+            );
+            drop(probe);
+            assert!(readiness(false, &[legacy(&breaker)], true).is_ok());
+        });
     }
 
     #[test]

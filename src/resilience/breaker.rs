@@ -95,6 +95,23 @@ pub enum BreakerState {
     Open = 2,
 }
 
+/// Whether a breaker refuses the next call, pure: while open until its open period is
+/// over, and while half-open with every probe slot taken (the next call would be
+/// refused just the same). Readiness reads this, so that /readyz never says "ready"
+/// while every call is refused.
+fn refuses(
+    state: BreakerState,
+    open_period_over: bool,
+    probes_in_flight: u32,
+    half_open_probes: u32,
+) -> bool {
+    match state {
+        BreakerState::Closed => false,
+        BreakerState::Open => !open_period_over,
+        BreakerState::HalfOpen => probes_in_flight >= half_open_probes,
+    }
+}
+
 /// Tracks failsafe's transitions (its `Instrument` hook) for state, logs and metrics.
 #[derive(Debug, Default)]
 struct Tracker {
@@ -147,10 +164,12 @@ pub struct Breaker {
     settings: Arc<BreakerSettings>,
 }
 
-/// Permission to make one call; report its outcome with [`Permit::record`]. A permit
-/// dropped without a record (the call's future was dropped: a client cancel, a shadow
-/// call's timeout) records nothing, and a probe's half-open slot goes back either way:
-/// a lost slot would leave the breaker refusing every call for ever.
+/// Permission to make one call; report its outcome with [`Permit::record`].
+///
+/// A permit dropped without a record (the call's future was dropped: a client's
+/// cancel, the shadow's timeout) records nothing, and a probe's permit hands its
+/// half-open slot back either way: a slot kept by a dropped probe would make the
+/// breaker refuse every later call, for ever.
 pub struct Permit {
     breaker: Breaker,
     probe: bool,
@@ -193,30 +212,30 @@ impl Breaker {
         }
     }
 
-    /// Whether it refuses calls right now: open, and its open period not yet over.
-    /// Once the period is over it is ready to probe, even though failsafe only moves
-    /// to half-open on the next call; readiness must say so, or a load balancer that
-    /// stops sending traffic to an unready instance would keep it open for ever.
-    ///
-    /// Half-open with every probe slot taken refuses too: calls fail `circuit_open`
-    /// until a probe ends.
+    /// Whether it refuses calls right now ([`refuses`]): open, and its open period not
+    /// yet over; or half-open with every probe slot taken. Once the open period is over
+    /// it is ready to probe, even though failsafe only moves to half-open on the next
+    /// call; readiness must say so, or a load balancer that stops sending traffic to an
+    /// unready instance would keep it open for ever.
     pub fn refusing(&self) -> bool {
         if !self.settings.enabled {
             return false;
         }
-        match self.state() {
-            BreakerState::Closed => return false,
-            BreakerState::HalfOpen => {
-                return self.probes.load(Ordering::Acquire) >= self.settings.half_open_probes
-            }
-            BreakerState::Open => {}
-        }
-        let opened = *self
-            .tracker
-            .opened_at
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        opened.is_some_and(|t| failsafe::clock::now() < t + self.settings.open_for)
+        let state = self.state();
+        let open_period_over = state != BreakerState::Open || {
+            let opened = *self
+                .tracker
+                .opened_at
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            !opened.is_some_and(|t| failsafe::clock::now() < t + self.settings.open_for)
+        };
+        refuses(
+            state,
+            open_period_over,
+            self.probes.load(Ordering::Acquire),
+            self.settings.half_open_probes,
+        )
     }
 
     pub fn transitions(&self) -> u32 {
@@ -277,7 +296,7 @@ impl Permit {
             // Application errors prove the backend is up.
             _ => b.machine.on_success(),
         }
-        // The probe slot is returned by `drop`, right after this.
+        // Dropping `self` now hands a probe's slot back.
     }
 }
 
@@ -411,11 +430,11 @@ mod tests {
         });
     }
 
-    /// Issue 13 item 1: a probe whose call is dropped (client cancel, shadow timeout)
-    /// hands its half-open slot back and records nothing; while the slot is taken,
-    /// the breaker counts as refusing (readiness).
+    /// Issue 13, item 1: a probe whose future is dropped (a client's cancel, the
+    /// shadow's timeout) must hand its half-open slot back, or the breaker refuses
+    /// every later call for ever while readiness says it is fine.
     #[test]
-    fn a_dropped_probe_returns_its_slot_and_a_busy_probe_slot_is_refusing() {
+    fn a_dropped_probe_gives_its_slot_back_and_records_nothing() {
         failsafe::clock::freeze(|clock| {
             let b = Breaker::new("t", settings()).unwrap();
             for _ in 0..3 {
@@ -424,19 +443,41 @@ mod tests {
                     .record(Some(ErrorClass::WorkerCrashed));
             }
             clock.advance(Duration::from_millis(501));
-            assert!(!b.refusing(), "the open period is over: ready to probe");
-            let probe = b.try_acquire().expect("a probe");
+            let probe = b.try_acquire().expect("half-open lets a probe through");
             assert_eq!(b.state(), BreakerState::HalfOpen);
-            assert!(b.refusing(), "no free probe slot: refusing");
+            assert!(
+                b.refusing(),
+                "half-open with its only probe slot taken refuses calls: not ready"
+            );
             drop(probe);
-            assert!(!b.refusing(), "the slot is back");
-            assert_eq!(b.state(), BreakerState::HalfOpen, "nothing was recorded");
+            assert!(!b.refusing(), "the slot is free again: ready to probe");
             clock.advance(Duration::from_secs(300));
-            let probe = b.try_acquire().expect("minutes later, a new probe");
+            let probe = b
+                .try_acquire()
+                .expect("minutes later, the next call is let through as the probe");
+            assert_eq!(
+                b.state(),
+                BreakerState::HalfOpen,
+                "the dropped probe recorded nothing"
+            );
             probe.record(None);
             assert_eq!(b.state(), BreakerState::Closed);
             assert!(b.try_acquire().is_ok());
         });
+    }
+
+    #[test]
+    fn refuses_only_while_open_or_while_every_probe_slot_is_taken() {
+        use BreakerState::*;
+        assert!(!refuses(Closed, false, 0, 1));
+        assert!(refuses(Open, false, 0, 1), "open, period not over");
+        assert!(!refuses(Open, true, 0, 1), "open, due to probe");
+        assert!(!refuses(HalfOpen, true, 0, 1));
+        assert!(refuses(HalfOpen, true, 1, 1), "its only probe is in flight");
+        assert!(
+            !refuses(HalfOpen, true, 1, 2),
+            "a second probe slot is free"
+        );
     }
 
     #[test]

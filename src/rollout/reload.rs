@@ -47,8 +47,21 @@ impl LiveFlags {
     /// Reads the file (a missing file means the embedded defaults) and returns the
     /// live flags. A present but invalid file is an error at startup.
     pub fn load(path: &Path) -> Result<Arc<LiveFlags>, crate::config::ConfigError> {
+        LiveFlags::load_keeping(path, None)
+    }
+
+    /// [`LiveFlags::load`], with the status of `status_from` (the last good copy) for
+    /// the `[status]` keys the file leaves out, as a reload keeps the status in force.
+    fn load_keeping(
+        path: &Path,
+        status_from: Option<&Flags>,
+    ) -> Result<Arc<LiveFlags>, crate::config::ConfigError> {
+        let origin = path.display().to_string();
         let flags = match std::fs::read_to_string(path) {
-            Ok(text) => Flags::parse(&path.display().to_string(), &text)?,
+            Ok(text) => match status_from {
+                Some(kept) => Flags::parse_reload(&origin, &text, kept)?,
+                None => Flags::parse(&origin, &text)?,
+            },
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Flags::defaults(),
             Err(e) => {
                 return Err(crate::config::ConfigError {
@@ -68,14 +81,19 @@ impl LiveFlags {
     /// logged, counted as a failed reload, and kept as `last_error` (readiness notes
     /// it); the flags are the last good copy if there is one, else the defaults
     /// (everything on legacy). `pitboss check-flags` still rejects the file.
+    ///
+    /// A valid file that leaves `[status]` out keeps the status of the last good copy,
+    /// as a reload keeps the status in force: a rollback that a file without
+    /// `[status]` did not undo is not undone by a restart either.
     pub fn start(path: &Path) -> Arc<LiveFlags> {
-        match LiveFlags::load(path) {
+        let last_good = read_last_good(path);
+        match LiveFlags::load_keeping(path, last_good.as_ref()) {
             Ok(live) => {
                 save_last_good(path, &live.get());
                 live
             }
             Err(e) => {
-                let (flags, from) = match read_last_good(path) {
+                let (flags, from) = match last_good {
                     Some(flags) => (
                         flags,
                         format!("the last good copy ({})", last_good_path(path).display()),
@@ -509,6 +527,55 @@ mod tests {
         assert!(
             until(|| live.get().serving_new()).await,
             "explicit resume not applied"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Issue 13 item 3, across a restart: a rollback kept by a file without
+    /// `[status]` is kept by the next start too (the status comes from the last good
+    /// copy), while a file with an explicit state still decides at start.
+    #[tokio::test]
+    async fn a_status_kept_by_a_file_without_status_survives_a_restart() {
+        use crate::rollout::flags::RolloutState;
+        let dir = temp_dir("restart");
+        let path = dir.join("flags.toml");
+        std::fs::write(&path, ROLLED_BACK).unwrap();
+        let live = LiveFlags::start(&path);
+        let guard = live.watch().unwrap();
+        let tmp = dir.join(".flags.toml.new");
+        std::fs::write(
+            &tmp,
+            "mode = \"canary\"\npercent = 20.0\ncommands = [\"*\"]\n",
+        )
+        .unwrap();
+        std::fs::rename(&tmp, &path).unwrap();
+        assert!(
+            until(|| live.get().percent.0.as_f64() == 20.0).await,
+            "not applied"
+        );
+        assert_eq!(live.get().status.state, RolloutState::RolledBack);
+        drop(guard);
+
+        let restarted = LiveFlags::start(&path);
+        let f = restarted.get();
+        assert_eq!(f.percent.0.as_f64(), 20.0, "the file decides the rest");
+        assert_eq!(
+            f.status.state,
+            RolloutState::RolledBack,
+            "a restart resumed a rollout that a file without [status] kept rolled back"
+        );
+        assert_eq!(f.status.reason, "test");
+        assert!(restarted.last_error().is_none());
+
+        // An explicit state in the file wins at start.
+        std::fs::write(
+            &path,
+            "mode = \"canary\"\npercent = 20.0\n[status]\nstate = \"active\"\n",
+        )
+        .unwrap();
+        assert_eq!(
+            LiveFlags::start(&path).get().status.state,
+            RolloutState::Active
         );
         let _ = std::fs::remove_dir_all(&dir);
     }
