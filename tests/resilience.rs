@@ -374,3 +374,44 @@ async fn a_worker_that_keeps_failing_is_ejected_and_the_pool_keeps_serving() {
     }
     server.shutdown().await;
 }
+
+/// Issue 13, item 9: `pool.queue_timeout` is the longest a call waits for a free
+/// worker, not a wait per attempt: a queue timeout is not retried on the same backend.
+#[tokio::test]
+async fn a_queue_timeout_is_not_multiplied_by_retries() {
+    init_tracing();
+    let text = "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\nmetrics_listen = \"127.0.0.1:0\"\n\
+         [pool]\nadapter = \"faults:adapter\"\nsize = 1\nworker_concurrency = 1\nqueue_timeout = \"2s\"\n";
+    let cfg =
+        Config::from_sources("test.toml", Some(text), Vec::<(String, String)>::new()).unwrap();
+    let server = RunningServer::start(cfg).await.unwrap();
+    server.pool().wait_ready(1, LONG).await.unwrap();
+    let client = pb::bridge_client::BridgeClient::connect(format!("http://{}", server.bridge_addr))
+        .await
+        .unwrap();
+    let mut busy = client.clone();
+    let held = tokio::spawn(async move { busy.execute(exec("sleep", br#"{"seconds": 8}"#)).await });
+    let pool = server.pool().clone();
+    assert!(eventually(LONG, || in_flight(&pool) == 1).await);
+    let start = tokio::time::Instant::now();
+    let err = client
+        .clone()
+        .execute(idempotent(exec("echo", b"1")))
+        .await
+        .unwrap_err();
+    let waited = start.elapsed();
+    assert_eq!(
+        err.metadata().get("x-pitboss-error-class").unwrap(),
+        "pool_exhausted",
+        "{err:?}"
+    );
+    assert!(err.message().contains("queue timeout"), "{}", err.message());
+    // About one queue_timeout (2 s); three attempts would take over 6 s.
+    assert!(
+        waited >= Duration::from_millis(1900) && waited < Duration::from_millis(4500),
+        "waited {waited:?}"
+    );
+    assert_eq!(err.metadata().get("x-pitboss-attempts").unwrap(), "1");
+    held.abort();
+    server.shutdown().await;
+}

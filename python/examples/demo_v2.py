@@ -9,7 +9,8 @@ with two deliberate differences a migration would have:
 
 ``DEMO_V2_BROKEN`` in the worker's environment makes it misbehave, to rehearse an
 automatic rollback or a fallback: ``raise`` (every call raises RuntimeError),
-``keyerror`` (3 calls in 10 raise KeyError: a bug, not the caller's error) or
+``keyerror`` (3 calls in 10 raise KeyError: a bug, not the caller's error),
+``reject`` (3 calls in 10 raise InvalidRequest, which legacy would accept) or
 ``crash`` (every call kills the worker: a system failure).
 """
 
@@ -32,6 +33,8 @@ def _misbehave():
     _calls[0] += 1
     if _BROKEN == "keyerror" and _calls[0] % 10 < 3:
         raise KeyError("total")  # a bug on 3 calls in 10: the command's fault
+    if _BROKEN == "reject" and _calls[0] % 10 < 3:
+        raise InvalidRequest("demo_v2 rejects this on purpose (DEMO_V2_BROKEN=reject)")
     if _BROKEN == "raise":
         raise RuntimeError("demo_v2 is broken on purpose (DEMO_V2_BROKEN=raise)")
     if _BROKEN == "crash":
