@@ -128,9 +128,21 @@ async fn a_non_idempotent_request_gets_worker_crashed_and_runs_once() {
 }
 
 #[tokio::test]
-async fn a_value_error_is_invalid_argument_and_is_not_retried() {
+async fn caller_errors_and_python_exceptions_are_not_retried() {
     let file = std::env::temp_dir().join(format!("pitboss-count-c-{}", std::process::id()));
     let (server, mut client) = start(&file).await;
+    // The caller's error (pitboss_worker.InvalidRequest): INVALID_ARGUMENT.
+    let err = client
+        .execute(idempotent(exec(
+            "raise",
+            br#"{"type": "InvalidRequest", "message": "bad"}"#,
+        )))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert_eq!(err.metadata().get("x-pitboss-attempts").unwrap(), "1");
+    // A ValueError raised by the command's code is its failure (UNKNOWN), not retried
+    // either: it is the command's answer.
     let err = client
         .execute(idempotent(exec(
             "raise",
@@ -138,7 +150,7 @@ async fn a_value_error_is_invalid_argument_and_is_not_retried() {
         )))
         .await
         .unwrap_err();
-    assert_eq!(err.code(), Code::InvalidArgument);
+    assert_eq!(err.code(), Code::Unknown);
     assert_eq!(err.metadata().get("x-pitboss-attempts").unwrap(), "1");
     server.shutdown().await;
 }

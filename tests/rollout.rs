@@ -520,13 +520,9 @@ async fn system_failures_of_new_fall_back_to_legacy() {
         e.metadata().get("x-pitboss-error-class").unwrap(),
         "worker_crashed"
     );
-    // Idempotent: served by legacy, and the response says so.
-    for _ in 0..3 {
-        let (backend, v) = version(&mut s.client, idempotent(exec("version", "{}"))).await;
-        assert_eq!((backend.as_str(), v), ("legacy", 1));
-    }
-    // `attempts` counts the tries on both backends: new's three (a crash is retried for
-    // an idempotent call), then legacy's one.
+    // Idempotent: served by legacy. `attempts` counts the tries on both backends:
+    // new's three (a crash is retried for an idempotent call; the breaker, at 5
+    // failures in a row, is still closed), then legacy's one.
     let resp = s
         .client
         .execute(idempotent(exec("version", "{}")))
@@ -534,6 +530,11 @@ async fn system_failures_of_new_fall_back_to_legacy() {
         .unwrap()
         .into_inner();
     assert_eq!((resp.backend.as_str(), resp.attempts), ("legacy", 4));
+    // And the response says which backend answered.
+    for _ in 0..3 {
+        let (backend, v) = version(&mut s.client, idempotent(exec("version", "{}"))).await;
+        assert_eq!((backend.as_str(), v), ("legacy", 1));
+    }
     let mut admin = s.admin().await;
     let r = admin
         .get_rollout(authed(pb::GetRolloutRequest {}, TOKEN))

@@ -178,11 +178,11 @@ async fn a_python_exception_becomes_a_status_with_type_and_message() {
         "python_exception"
     );
     assert!(err.metadata().get("x-pitboss-traceback").is_some());
-    // A ValueError is the caller's bad input: INVALID_ARGUMENT, by the default rules.
+    // pitboss_worker.InvalidRequest is the caller's bad input: INVALID_ARGUMENT.
     let bad = client
         .execute(exec(
             "raise",
-            r#"{"type": "ValueError", "message": "n must be positive"}"#,
+            r#"{"type": "InvalidRequest", "message": "n must be positive"}"#,
         ))
         .await
         .unwrap_err();
