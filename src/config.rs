@@ -1362,8 +1362,8 @@ mod tests {
             crate::resilience::ErrorClass::PoolExhausted
         );
         assert_eq!(
-            rules.classify("ValueError"),
-            crate::resilience::ErrorClass::InvalidRequest
+            rules.classify("TimeoutError"),
+            crate::resilience::ErrorClass::WorkerTimeout
         );
         let err = load("[errors.rules]\nBoom = \"explosion\"\n").unwrap_err();
         assert!(err.to_string().contains("unknown error class"), "{err}");

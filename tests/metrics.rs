@@ -73,7 +73,7 @@ async fn metrics_count_what_clients_saw_and_real_prometheus_scrapes_them() {
         call(&mut client, exec("pid", "{}")).await.unwrap();
     }
     for _ in 0..3 {
-        let e = call(&mut client, exec("raise", r#"{"type": "ValueError"}"#))
+        let e = call(&mut client, exec("raise", r#"{"type": "InvalidRequest"}"#))
             .await
             .unwrap_err();
         assert_eq!(

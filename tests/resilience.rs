@@ -128,9 +128,21 @@ async fn a_non_idempotent_request_gets_worker_crashed_and_runs_once() {
 }
 
 #[tokio::test]
-async fn a_value_error_is_invalid_argument_and_is_not_retried() {
+async fn caller_errors_and_python_exceptions_are_not_retried() {
     let file = std::env::temp_dir().join(format!("pitboss-count-c-{}", std::process::id()));
     let (server, mut client) = start(&file).await;
+    // The caller's error (pitboss_worker.InvalidRequest): INVALID_ARGUMENT.
+    let err = client
+        .execute(idempotent(exec(
+            "raise",
+            br#"{"type": "InvalidRequest", "message": "bad"}"#,
+        )))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert_eq!(err.metadata().get("x-pitboss-attempts").unwrap(), "1");
+    // A ValueError raised by the command's code is its failure (UNKNOWN), not retried
+    // either: it is the command's answer.
     let err = client
         .execute(idempotent(exec(
             "raise",
@@ -138,7 +150,7 @@ async fn a_value_error_is_invalid_argument_and_is_not_retried() {
         )))
         .await
         .unwrap_err();
-    assert_eq!(err.code(), Code::InvalidArgument);
+    assert_eq!(err.code(), Code::Unknown);
     assert_eq!(err.metadata().get("x-pitboss-attempts").unwrap(), "1");
     server.shutdown().await;
 }
@@ -372,5 +384,46 @@ async fn a_worker_that_keeps_failing_is_ejected_and_the_pool_keeps_serving() {
             "no traffic to the ejected worker"
         );
     }
+    server.shutdown().await;
+}
+
+/// Issue 13, item 9: `pool.queue_timeout` is the longest a call waits for a free
+/// worker, not a wait per attempt: a queue timeout is not retried on the same backend.
+#[tokio::test]
+async fn a_queue_timeout_is_not_multiplied_by_retries() {
+    init_tracing();
+    let text = "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\nmetrics_listen = \"127.0.0.1:0\"\n\
+         [pool]\nadapter = \"faults:adapter\"\nsize = 1\nworker_concurrency = 1\nqueue_timeout = \"2s\"\n";
+    let cfg =
+        Config::from_sources("test.toml", Some(text), Vec::<(String, String)>::new()).unwrap();
+    let server = RunningServer::start(cfg).await.unwrap();
+    server.pool().wait_ready(1, LONG).await.unwrap();
+    let client = pb::bridge_client::BridgeClient::connect(format!("http://{}", server.bridge_addr))
+        .await
+        .unwrap();
+    let mut busy = client.clone();
+    let held = tokio::spawn(async move { busy.execute(exec("sleep", br#"{"seconds": 8}"#)).await });
+    let pool = server.pool().clone();
+    assert!(eventually(LONG, || in_flight(&pool) == 1).await);
+    let start = tokio::time::Instant::now();
+    let err = client
+        .clone()
+        .execute(idempotent(exec("echo", b"1")))
+        .await
+        .unwrap_err();
+    let waited = start.elapsed();
+    assert_eq!(
+        err.metadata().get("x-pitboss-error-class").unwrap(),
+        "pool_exhausted",
+        "{err:?}"
+    );
+    assert!(err.message().contains("queue timeout"), "{}", err.message());
+    // About one queue_timeout (2 s); three attempts would take over 6 s.
+    assert!(
+        waited >= Duration::from_millis(1900) && waited < Duration::from_millis(4500),
+        "waited {waited:?}"
+    );
+    assert_eq!(err.metadata().get("x-pitboss-attempts").unwrap(), "1");
+    held.abort();
     server.shutdown().await;
 }

@@ -520,7 +520,17 @@ async fn system_failures_of_new_fall_back_to_legacy() {
         e.metadata().get("x-pitboss-error-class").unwrap(),
         "worker_crashed"
     );
-    // Idempotent: served by legacy, and the response says so.
+    // Idempotent: served by legacy. `attempts` counts the tries on both backends:
+    // new's three (a crash is retried for an idempotent call; the breaker, at 5
+    // failures in a row, is still closed), then legacy's one.
+    let resp = s
+        .client
+        .execute(idempotent(exec("version", "{}")))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((resp.backend.as_str(), resp.attempts), ("legacy", 4));
+    // And the response says which backend answered.
     for _ in 0..3 {
         let (backend, v) = version(&mut s.client, idempotent(exec("version", "{}"))).await;
         assert_eq!((backend.as_str(), v), ("legacy", 1));
@@ -531,7 +541,149 @@ async fn system_failures_of_new_fall_back_to_legacy() {
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(r.fallbacks, 3);
+    assert_eq!(r.fallbacks, 4);
+    s.stop().await;
+}
+
+/// Issue 13, item 5: a `new` whose code raises `KeyError` on 30% of calls is a
+/// regression (the command failed to produce an answer), not the callers' bad input:
+/// rolled back within one window by the default rules.
+#[tokio::test]
+async fn new_raising_key_error_on_30_percent_of_calls_is_rolled_back() {
+    let mut s = start(
+        "keyerror",
+        "mode = \"canary\"\npercent = 100.0\ncommands = [\"*\"]\nfallback_to_legacy = false\n\
+         [rollback]\nmin_requests = 20\nwindow = \"30s\"\n",
+        &format!("{NEW_POOL}env = {{ DEMO_V2_BROKEN = \"keyerror\" }}\n"),
+    )
+    .await;
+    let mut classes = std::collections::BTreeMap::new();
+    for _ in 0..20 {
+        if let Err(e) = s.client.execute(exec("version", "{}")).await {
+            assert_eq!(e.code(), Code::Unknown, "not the caller's fault: {e:?}");
+            let class = e.metadata().get("x-pitboss-error-class").unwrap();
+            *classes
+                .entry(class.to_str().unwrap().to_string())
+                .or_insert(0) += 1;
+        }
+    }
+    assert_eq!(classes.get("python_exception"), Some(&6), "{classes:?}");
+    assert!(
+        eventually(Duration::from_secs(10), || s.flags().status.state
+            == RolloutState::RolledBack)
+        .await,
+        "not rolled back; new's statistics: {:?}",
+        s.server.edge().rollout.stats(pitboss::backend::Role::New)
+    );
+    let reason = s.flags().status.reason.clone();
+    assert!(reason.starts_with("error rate 30.0%"), "{reason}");
+    s.stop().await;
+}
+
+/// The callers' own errors are not new's fault: when legacy and new reject the same
+/// share of calls (`InvalidRequest`, raised explicitly by both adapters), nothing is
+/// rolled back, even with the relative rule on.
+#[tokio::test]
+async fn the_same_caller_errors_on_both_backends_are_not_a_regression() {
+    let mut s = start(
+        "same-caller-errors",
+        "mode = \"canary\"\npercent = 50.0\ncommands = [\"*\"]\n\
+         [rollback]\nmin_requests = 20\nwindow = \"60s\"\nrelative_error_rate = 2.0\n",
+        NEW_POOL,
+    )
+    .await;
+    let mut rejected = 0;
+    for i in 0..200 {
+        let n = if i % 10 < 3 { -1 } else { 10 };
+        let r = with_key(
+            exec("compute", format!(r#"{{"n": {n}}}"#)),
+            &format!("k{i}"),
+        );
+        match s.client.execute(r).await {
+            Ok(_) => assert!(n >= 0),
+            Err(e) => {
+                assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+                rejected += 1;
+            }
+        }
+    }
+    assert_eq!(rejected, 60);
+    let rollout = &s.server.edge().rollout;
+    let (new, legacy) = (
+        rollout.stats(pitboss::backend::Role::New),
+        rollout.stats(pitboss::backend::Role::Legacy),
+    );
+    assert!(
+        new.requests >= 20 && legacy.requests >= 20,
+        "{new:?} {legacy:?}"
+    );
+    assert!(new.by_class.get("invalid_request").copied().unwrap_or(0) > 0);
+    assert_eq!(rollout.check().await, None, "{new:?} {legacy:?}");
+    assert_eq!(s.flags().status.state, RolloutState::Active);
+    s.stop().await;
+}
+
+/// New rejecting as the caller's error what legacy accepts is a regression too: the
+/// relative rule compares each class, `invalid_request` included.
+#[tokio::test]
+async fn new_rejecting_calls_that_legacy_accepts_is_rolled_back_by_the_relative_rule() {
+    let mut s = start(
+        "new-rejects",
+        "mode = \"canary\"\npercent = 50.0\ncommands = [\"*\"]\n\
+         [rollback]\nmin_requests = 20\nwindow = \"60s\"\nrelative_error_rate = 2.0\n",
+        &format!("{NEW_POOL}env = {{ DEMO_V2_BROKEN = \"reject\" }}\n"),
+    )
+    .await;
+    for i in 0..100 {
+        let r = with_key(exec("version", "{}"), &format!("k{i}"));
+        let _ = s.client.execute(r).await;
+    }
+    assert!(
+        eventually(Duration::from_secs(10), || s.flags().status.state
+            == RolloutState::RolledBack)
+        .await,
+        "not rolled back"
+    );
+    let reason = s.flags().status.reason.clone();
+    assert!(reason.starts_with("invalid_request rate"), "{reason}");
+    assert!(reason.contains("legacy's"), "{reason}");
+    s.stop().await;
+}
+
+/// With `commands = ["*"]`, a command that new lacks (and legacy serves) falls back to
+/// legacy, whatever its idempotency (it never ran), and counts against new.
+#[tokio::test]
+async fn a_command_new_lacks_falls_back_to_legacy_and_counts_against_new() {
+    let mut s = start(
+        "missing-command",
+        "mode = \"full\"\ncommands = [\"*\"]\nfallback_to_legacy = true\n\
+         [rollback]\nmin_requests = 20\nwindow = \"30s\"\n",
+        NEW_POOL,
+    )
+    .await;
+    // A command neither backend has is the caller's typo: NOT_FOUND (from legacy,
+    // after the fallback), and not new's fault.
+    let e = s.client.execute(exec("nope", "{}")).await.unwrap_err();
+    assert_eq!(e.code(), Code::NotFound);
+    let new = s.server.edge().rollout.stats(pitboss::backend::Role::New);
+    assert_eq!((new.requests, new.errors), (1, 0), "{new:?}");
+    for _ in 0..20 {
+        // demo_v2 has no `sleep`; demo has.
+        let resp = s
+            .client
+            .execute(exec("sleep", r#"{"seconds": 0}"#))
+            .await
+            .unwrap_or_else(|e| panic!("{e:?}"))
+            .into_inner();
+        assert_eq!(resp.backend, "legacy");
+    }
+    assert!(
+        eventually(Duration::from_secs(10), || s.flags().status.state
+            == RolloutState::RolledBack)
+        .await,
+        "not rolled back; new's statistics: {:?}",
+        s.server.edge().rollout.stats(pitboss::backend::Role::New)
+    );
     s.stop().await;
 }
 

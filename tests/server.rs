@@ -180,11 +180,11 @@ async fn a_python_exception_becomes_a_status_with_type_and_message() {
     // The traceback travels in the details only (the trailers' budget).
     let details = tonic_types::StatusExt::get_error_details(&err);
     assert!(details.error_info().unwrap().metadata["traceback"].contains("ZeroDivisionError"));
-    // A ValueError is the caller's bad input: INVALID_ARGUMENT, by the default rules.
+    // pitboss_worker.InvalidRequest is the caller's bad input: INVALID_ARGUMENT.
     let bad = client
         .execute(exec(
             "raise",
-            r#"{"type": "ValueError", "message": "n must be positive"}"#,
+            r#"{"type": "InvalidRequest", "message": "n must be positive"}"#,
         ))
         .await
         .unwrap_err();
@@ -696,6 +696,9 @@ fn check_config_applies_every_env_override_and_refuses_typos_and_https() {
 
 /// A Python virtualenv with grpcio, made once under target/ (pip reaches PyPI).
 fn grpcio_python() -> std::path::PathBuf {
+    // Tests run in parallel: one of them builds the venv, the others wait for it.
+    static BUILDING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one_at_a_time = BUILDING.lock().unwrap_or_else(|e| e.into_inner());
     let venv = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/grpcio-venv");
     let py = venv.join("bin/python");
     let ok = |py: &std::path::Path| {
@@ -768,7 +771,7 @@ async fn a_grpcio_client_reads_errors_with_huge_texts() {
     let cases = [
         (raise("RuntimeError", 8000), "UNKNOWN", "python_exception"),
         (
-            raise("ValueError", 3000),
+            raise("InvalidRequest", 3000),
             "INVALID_ARGUMENT",
             "invalid_request",
         ),

@@ -7,7 +7,7 @@ Commands: echo, compute, counter (per-session state), stream (streaming), sleep
 
 import os
 
-from pitboss_worker import Adapter
+from pitboss_worker import Adapter, InvalidRequest
 
 adapter = Adapter("demo")
 
@@ -27,6 +27,8 @@ def echo(req):
 def compute(req):
     """A small CPU-bound job: the sum of i*i for i < n ({"n": N}, default 10000, about 0.5 ms)."""
     n = int(_args(req).get("n", 10000))
+    if n < 0:
+        raise InvalidRequest("n must be at least 0, not %d" % n)  # the caller's error
     total = 0
     for i in range(n):
         total += i * i
@@ -42,7 +44,7 @@ def new_session(session_id):
 def counter(req):
     """Count the calls of this session (state lives in the session's worker)."""
     if req.session is None:
-        raise ValueError("counter needs a session: send the request with a session id")
+        raise InvalidRequest("counter needs a session: send the request with a session id")
     req.session["count"] += 1
     return {"count": req.session["count"], "pid": os.getpid()}
 

@@ -8,13 +8,15 @@ with two deliberate differences a migration would have:
 * ``version`` answers ``{"version": 2}`` (``demo`` answers 1).
 
 ``DEMO_V2_BROKEN`` in the worker's environment makes it misbehave, to rehearse an
-automatic rollback or a fallback: ``raise`` (every call raises RuntimeError) or
+automatic rollback or a fallback: ``raise`` (every call raises RuntimeError),
+``keyerror`` (3 calls in 10 raise KeyError: a bug, not the caller's error),
+``reject`` (3 calls in 10 raise InvalidRequest, which legacy would accept) or
 ``crash`` (every call kills the worker: a system failure).
 """
 
 import os
 
-from pitboss_worker import Adapter
+from pitboss_worker import Adapter, InvalidRequest
 
 adapter = Adapter("demo_v2")
 _BROKEN = os.environ.get("DEMO_V2_BROKEN", "")
@@ -24,7 +26,15 @@ def _args(req):
     return req.json() if req.payload else {}
 
 
+_calls = [0]
+
+
 def _misbehave():
+    _calls[0] += 1
+    if _BROKEN == "keyerror" and _calls[0] % 10 < 3:
+        raise KeyError("total")  # a bug on 3 calls in 10: the command's fault
+    if _BROKEN == "reject" and _calls[0] % 10 < 3:
+        raise InvalidRequest("demo_v2 rejects this on purpose (DEMO_V2_BROKEN=reject)")
     if _BROKEN == "raise":
         raise RuntimeError("demo_v2 is broken on purpose (DEMO_V2_BROKEN=raise)")
     if _BROKEN == "crash":
@@ -43,6 +53,8 @@ def compute(req):
     """The sum of i*i for i < n ({"n": N}, default 10000), computed the v2 way."""
     _misbehave()
     n = int(_args(req).get("n", 10000))
+    if n < 0:
+        raise InvalidRequest("n must be at least 0, not %d" % n)  # the caller's error
     return {"n": n, "sum": (n - 1) * n * (2 * n - 1) // 6, "engine": "v2"}
 
 
@@ -56,7 +68,7 @@ def counter(req):
     """Count the calls of this session."""
     _misbehave()
     if req.session is None:
-        raise ValueError("counter needs a session: send the request with a session id")
+        raise InvalidRequest("counter needs a session: send the request with a session id")
     req.session["count"] += 1
     return {"count": req.session["count"], "pid": os.getpid()}
 

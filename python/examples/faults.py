@@ -22,7 +22,7 @@ import sys
 import threading
 import time
 
-from pitboss_worker import Adapter
+from pitboss_worker import Adapter, InvalidRequest
 from pitboss_worker import protocol as P
 from pitboss_worker import runtime
 
@@ -56,12 +56,21 @@ def echo(req):
 
 @adapter.command(name="raise")
 def raise_(req):
-    """Raise a builtin exception: {"type": "ValueError", "message": "..."}."""
+    """Raise a builtin exception: {"type": "ValueError", "message": "..."}; the type
+    "InvalidRequest" raises pitboss_worker.InvalidRequest (the caller's error)."""
     a = _args(req)
+    if a.get("type") == "InvalidRequest":
+        raise InvalidRequest(a.get("message", "injected caller error"))
     exc_type = getattr(builtins, a.get("type", "RuntimeError"), None)
     if not (isinstance(exc_type, type) and issubclass(exc_type, BaseException)):
         raise TypeError("%r is not a builtin exception type" % a.get("type"))
     raise exc_type(a.get("message", "injected failure"))
+
+
+@adapter.command
+def unserializable(req):
+    """Return a value JSON cannot encode (a set): the command's fault."""
+    return {"ids": {1, 2}}
 
 
 @adapter.command(name="sleep")

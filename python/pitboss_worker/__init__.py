@@ -14,7 +14,7 @@ and pitboss runs it as ``python -m pitboss_worker --adapter mymodule:adapter``.
 See python/README.md for the whole API.
 """
 
-from .adapter import Adapter, Cancelled, Request, Response
+from .adapter import Adapter, Cancelled, InvalidRequest, Request, Response, ResultError
 
-__all__ = ["Adapter", "Cancelled", "Request", "Response"]
+__all__ = ["Adapter", "Cancelled", "InvalidRequest", "Request", "Response", "ResultError"]
 __version__ = "0.1.0"

@@ -20,6 +20,28 @@ class Cancelled(Exception):
     command; the runtime answers ``ERROR`` with kind ``cancelled``."""
 
 
+class InvalidRequest(ValueError):
+    """Raise it to say the caller's request is wrong (bad or missing input): pitboss
+    answers ``INVALID_ARGUMENT`` (class ``invalid_request``), which is never retried and
+    never counts against the backend. :meth:`Request.json` and :meth:`Request.text` raise
+    it for a payload they cannot decode.
+
+    Any other exception a command raises, ``ValueError`` and ``KeyError`` included, is
+    the command failing to produce an answer: the backend's fault, not the caller's."""
+
+
+InvalidRequest.__module__ = "pitboss_worker"
+
+
+class ResultError(TypeError):
+    """What the runtime reports when a command's result cannot be sent: it cannot be
+    encoded as JSON, or it is a coroutine or generator from a function that was not
+    declared as one. The command's fault, never the caller's."""
+
+
+ResultError.__module__ = "pitboss_worker"
+
+
 class Response(object):
     """A result with an explicit content type.
 
@@ -56,7 +78,7 @@ class Request(object):
       None without a session;
     * ``timeout``: seconds left before the deadline (never negative), or None;
     * ``cancelled``: True once pitboss has cancelled the request;
-    * ``json()``: the payload decoded as JSON.
+    * ``json()``: the payload decoded as JSON (:class:`InvalidRequest` if it is not).
     """
 
     __slots__ = (
@@ -102,14 +124,21 @@ class Request(object):
         return left if left > 0.0 else 0.0
 
     def json(self):
-        """The payload decoded as JSON (``json.loads``; raises ``ValueError`` if invalid)."""
+        """The payload decoded as JSON (``json.loads``). A payload that is not JSON is
+        the caller's error: it raises :class:`InvalidRequest` (a ``ValueError``)."""
         import json
 
-        return json.loads(self.payload)
+        try:
+            return json.loads(self.payload)
+        except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+            raise InvalidRequest("the payload is not valid JSON: %s" % e) from e
 
     def text(self):
-        """The payload decoded as UTF-8."""
-        return self.payload.decode("utf-8")
+        """The payload decoded as UTF-8; raises :class:`InvalidRequest` if it is not."""
+        try:
+            return self.payload.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise InvalidRequest("the payload is not valid UTF-8: %s" % e) from e
 
     def raise_if_cancelled(self):
         """Raises :class:`Cancelled` if pitboss has cancelled this request."""

@@ -28,7 +28,7 @@ import threading
 import time
 
 from . import protocol as P
-from .adapter import Adapter, Cancelled, Request, Response
+from .adapter import Adapter, Cancelled, InvalidRequest, Request, Response, ResultError
 
 __all__ = [
     "main",
@@ -252,8 +252,13 @@ class Runtime(object):
         return P.encode(P.ERROR, request_id, data)
 
     def _exception_frame(self, request_id, exc):
+        # An explicit InvalidRequest (raised by req.json() for a payload it cannot
+        # decode, or by the adapter) is the caller's error; any other exception is the
+        # command failing to produce an answer, which pitboss must not blame on the
+        # caller (auto-rollback counts it).
+        kind = "invalid_request" if isinstance(exc, InvalidRequest) else "exception"
         return self.error_frame(
-            request_id, "exception", _type_name(exc), _message(exc), _traceback_text(exc)
+            request_id, kind, _type_name(exc), _message(exc), _traceback_text(exc)
         )
 
     def _cancelled_frame(self, request_id, message="the request was cancelled"):
@@ -280,13 +285,17 @@ class Runtime(object):
                 close = getattr(result, "close", None)
                 if close is not None:
                     close()
-                raise TypeError(
+                raise ResultError(
                     "command %r returned a %s object: declare it with 'async def' or as a "
                     "generator function, or pass streaming=/is_async= to @adapter.command"
                     % (req.command, name)
                 )
             ct = _JSON
-            payload = self._json_encode(result).encode("utf-8")
+            try:
+                payload = self._json_encode(result).encode("utf-8")
+            except (TypeError, ValueError) as e:
+                # The command's fault, not the caller's: reported as such.
+                raise ResultError("the result of %r cannot be encoded as JSON: %s" % (req.command, e)) from e
         length = P.HEADER_LEN + 2 + len(ct) + len(payload)
         if length > self.max_frame_bytes:
             raise _TooLarge(
@@ -294,7 +303,7 @@ class Runtime(object):
                 % (req.command, length, self.max_frame_bytes)
             )
         if len(ct) > 0xFFFF:
-            raise ValueError("content type is longer than 65535 bytes")
+            raise ResultError("the content type of the result of %r is longer than 65535 bytes" % req.command)
         return _PAYLOAD_PACK(length, 1, kind, 0, req.request_id, len(ct)) + ct + payload
 
     def _failure_frame(self, req, exc):

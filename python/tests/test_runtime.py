@@ -225,6 +225,33 @@ class WorkerTest(unittest.TestCase):
         w.request(3, "echo", b"alive")
         self.assertEqual(w.reply(3)[2], b"alive")
 
+    def test_caller_errors_are_told_apart_from_failures_of_the_command(self):
+        # The caller's fault (kind invalid_request): a payload the command cannot
+        # decode, or an explicit pitboss_worker.InvalidRequest (subclasses included).
+        # The command's own fault (kind exception): anything else it raises after the
+        # payload was accepted, KeyError included, and a result that cannot be encoded.
+        w = self.start("faults:adapter")
+        w.request(1, "sleep", b"not json")
+        kind, _, err = w.reply(1)
+        self.assertEqual(kind, P.ERROR)
+        self.assertEqual((err["kind"], err["type"]), ("invalid_request", "pitboss_worker.InvalidRequest"))
+        self.assertIn("not valid JSON", err["message"])
+        w.request(2, "raise", {"type": "InvalidRequest", "message": "n must be positive"})
+        err = w.reply(2)[2]
+        self.assertEqual((err["kind"], err["message"]), ("invalid_request", "n must be positive"))
+        w.request(3, "raise", {"type": "KeyError", "message": "k"})
+        err = w.reply(3)[2]
+        self.assertEqual((err["kind"], err["type"]), ("exception", "KeyError"))
+        w.request(4, "raise", {"type": "ValueError", "message": "v"})
+        self.assertEqual(w.reply(4)[2]["kind"], "exception")
+        w.request(5, "unserializable")
+        err = w.reply(5)[2]
+        self.assertEqual((err["kind"], err["type"]), ("exception", "pitboss_worker.ResultError"))
+        self.assertIn("'unserializable'", err["message"])
+        self.assertIn("not JSON serializable", err["message"])
+        w.request(6, "echo", b"alive")
+        self.assertEqual(w.reply(6)[2], b"alive")
+
     def test_print_does_not_touch_the_channel(self):
         w = self.start("faults:adapter")
         w.request(1, "print")

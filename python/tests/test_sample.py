@@ -17,7 +17,8 @@ class SampleTest(unittest.TestCase):
         self.assertEqual(payload_of(self.w.call("png")), ("image/png", b"\x89PNG"))
         self.assertEqual(payload_of(self.w.call("raw", content_type="x/y")), ("x/y", b"raw bytes"))
         body = self.w.call("not_json").json()
-        self.assertEqual((body["kind"], body["type"]), ("exception", "TypeError"))
+        # The command's fault, not the caller's: kind exception, type ResultError.
+        self.assertEqual((body["kind"], body["type"]), ("exception", "pitboss_worker.ResultError"))
 
     def test_request_fields(self):
         rid = self.w.request("info", content_type="application/json", session_id="s9", timeout_ms=60000)

@@ -104,11 +104,13 @@ class RequestTest(DemoTestCase):
         self.assertEqual(payload_of(self.w.call("echo", b"still here"))[1], b"still here")
 
     def test_exception_in_user_code(self):
+        # A payload req.json() cannot decode is the caller's error.
         f = self.w.call("compute", b"not json")
         self.assertEqual(f.kind, P.ERROR)
         body = f.json()
-        self.assertEqual(body["kind"], "exception")
-        self.assertEqual(body["type"], "json.decoder.JSONDecodeError")
+        self.assertEqual(body["kind"], "invalid_request")
+        self.assertEqual(body["type"], "pitboss_worker.InvalidRequest")
+        self.assertIn("not valid JSON", body["message"])
         self.assertIn("Traceback (most recent call last)", body["traceback"])
         self.assertIn("demo.py", body["traceback"])
         self.assertEqual(json_of(self.w.call("whoami")), {"pid": self.w.pid})
@@ -122,8 +124,8 @@ class RequestTest(DemoTestCase):
         self.assertEqual(count("a"), 1)
         self.assertEqual(count("b"), 2)
         self.w.send(P.encode(P.SESSION_CLOSE, 0, b"never-seen"))  # ignored
-        f = self.w.call("counter")  # no session
-        self.assertEqual(f.json()["type"], "ValueError")
+        f = self.w.call("counter")  # no session: the caller's error
+        self.assertEqual((f.json()["kind"], f.json()["type"]), ("invalid_request", "pitboss_worker.InvalidRequest"))
 
     def test_cancel_of_an_async_command(self):
         rid = self.w.request("sleep", b'{"seconds": 30}')

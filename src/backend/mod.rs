@@ -226,6 +226,15 @@ impl Backend {
         }
     }
 
+    /// Whether it is known to serve `command`: a pool whose workers registered it. An
+    /// upstream's commands are not known without a call, so it says no.
+    pub fn serves(&self, command: &str) -> bool {
+        match &self.target {
+            Target::Pool(p) => p.commands().iter().any(|c| c.name == command),
+            Target::Grpc(_) => false,
+        }
+    }
+
     /// Runs one call through the backend's whole stack.
     pub async fn execute(&self, attempt: Attempt) -> Result<Served, Failed> {
         let result = self.stack.clone().oneshot(attempt).await;

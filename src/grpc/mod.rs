@@ -70,7 +70,14 @@ const RESPONSE_OVERHEAD: usize = 1024;
 /// Whether a failed call of `new` may be served again by legacy: only system-class
 /// failures (the backend's fault, not the caller's), and only when running it again
 /// is safe: refused before it ran, or idempotent. Pure.
+///
+/// A command that new does not have (`unknown_command`) never ran there, and with
+/// `commands = ["*"]` every command is routed to new, implemented or not: legacy may
+/// serve it (a command neither has gets legacy's NOT_FOUND).
 pub fn fallback_allowed(class: ErrorClass, idempotent: bool) -> bool {
+    if class == ErrorClass::UnknownCommand {
+        return true;
+    }
     let system = class.row().breaker
         || matches!(
             class,
@@ -267,12 +274,29 @@ impl Edge {
                 self.sessions.unpin(id);
             }
         }
-        self.rollout.record(
-            role,
-            started.elapsed(),
-            result.as_ref().err().map(|f| f.class),
-        );
+        self.record_outcome(role, started.elapsed(), &result);
         result
+    }
+
+    /// Records a backend's answer in its rolling statistics. A command that new lacks
+    /// while legacy serves it is new's regression, not the caller's typo, so it counts
+    /// as new's error although its class (`unknown_command`) usually does not.
+    fn record_outcome(&self, role: Role, latency: Duration, result: &Result<Served, Failed>) {
+        let failure = result.as_ref().err();
+        let counted = failure.is_some_and(|f| {
+            crate::rollout::stats::counts_as_error(f.class)
+                || (role == Role::New && self.legacy_serves_what_new_lacks(&f.error))
+        });
+        self.rollout
+            .record_as(role, latency, failure.map(|f| f.class), counted);
+    }
+
+    /// Whether `error` is new saying it lacks a command that legacy (a pool) serves.
+    fn legacy_serves_what_new_lacks(&self, error: &PoolError) -> bool {
+        match error {
+            PoolError::UnknownCommand { command, .. } => self.legacy.serves(command),
+            _ => false,
+        }
     }
 
     /// Where a call goes: a session's backend, else the rollout's decision.
@@ -344,11 +368,7 @@ fn spawn_shadow(
                 budget_exhausted: false,
             }),
         };
-        edge.rollout.record(
-            Role::New,
-            started.elapsed(),
-            new_result.as_ref().err().map(|f| f.class),
-        );
+        edge.record_outcome(Role::New, started.elapsed(), &new_result);
         let legacy = legacy_result.await.ok().flatten();
         let flags = edge.rollout.flags.get();
         let outcome = match (&legacy, &new_result) {
@@ -432,7 +452,8 @@ impl BridgeService {
                             class = failed.class.name(),
                             "new failed; serving the call from legacy"
                         );
-                        (Role::Legacy, edge.run(Role::Legacy, retry_copy).await)
+                        let on_legacy = edge.run(Role::Legacy, retry_copy).await;
+                        (Role::Legacy, after_attempts(failed.attempts, on_legacy))
                     }
                     other => (Role::New, other),
                 }
@@ -546,6 +567,8 @@ impl BridgeService {
             pr.deadline = Some(Instant::now() + edge.backend(role).default_timeout);
         }
         let started = Instant::now();
+        // Tries on both backends: 2 after a fallback.
+        let mut attempts = 1;
         let (permit, mut stream) = match start_stream(&edge, role, pr.clone()).await {
             Ok(ok) => ok,
             Err((class, e)) => {
@@ -565,11 +588,12 @@ impl BridgeService {
                     edge.rollout.fallback();
                     role = Role::Legacy;
                     record.answering(role);
+                    attempts = 2;
                     match start_stream(&edge, role, pr).await {
                         Ok(ok) => ok,
                         Err((class, e)) => {
                             record.finish(role, Some(class));
-                            return Err(edge.status(&e, role));
+                            return Err(edge.status_after(&e, class, attempts, role));
                         }
                     }
                 } else {
@@ -626,7 +650,9 @@ impl BridgeService {
                         if let Some(prev) = held.take() {
                             let _ = tx.send(Ok(prev)).await;
                         }
-                        let _ = tx.send(Err(e2.status(&err, role))).await;
+                        let _ = tx
+                            .send(Err(e2.status_after(&err, class, attempts, role)))
+                            .await;
                         return;
                     }
                     None => {
@@ -644,7 +670,7 @@ impl BridgeService {
                         } else {
                             ended_on
                         };
-                        last.attempts = 1;
+                        last.attempts = attempts;
                         let _ = tx.send(Ok(last)).await;
                         return;
                     }
@@ -823,6 +849,21 @@ async fn start_stream(
     }
 }
 
+/// A result after `earlier` attempts on another backend (new, before a fallback):
+/// `attempts` counts the tries on both, as `ExecuteResponse.attempts` promises.
+fn after_attempts(earlier: u32, result: Result<Served, Failed>) -> Result<Served, Failed> {
+    match result {
+        Ok(mut served) => {
+            served.attempts += earlier;
+            Ok(served)
+        }
+        Err(mut failed) => {
+            failed.attempts += earlier;
+            Err(failed)
+        }
+    }
+}
+
 fn duration(d: Duration) -> prost_types::Duration {
     prost_types::Duration {
         seconds: d.as_secs() as i64,
@@ -853,5 +894,29 @@ mod tests {
         assert!(!fallback_allowed(ErrorClass::InvalidRequest, true));
         assert!(!fallback_allowed(ErrorClass::PythonException, true));
         assert!(!fallback_allowed(ErrorClass::DeadlineExceeded, true));
+        // A command new lacks never ran there (issue 13, item 5).
+        assert!(fallback_allowed(ErrorClass::UnknownCommand, false));
+    }
+
+    /// Issue 13, item 10: after a fallback, `attempts` counts new's tries too.
+    #[test]
+    fn attempts_after_a_fallback_count_both_backends() {
+        let served = Served {
+            response: crate::pool::PoolResponse {
+                payload: bytes::Bytes::new(),
+                content_type: String::new(),
+                worker: crate::worker::WorkerId(1),
+            },
+            attempts: 1,
+            remote_worker: None,
+        };
+        assert_eq!(after_attempts(3, Ok(served)).unwrap().attempts, 4);
+        let failed = Failed {
+            error: PoolError::ShuttingDown,
+            class: ErrorClass::ShuttingDown,
+            attempts: 2,
+            budget_exhausted: false,
+        };
+        assert_eq!(after_attempts(3, Err(failed)).unwrap_err().attempts, 5);
     }
 }

@@ -243,7 +243,8 @@ mod tests {
             message: "bad".into(),
             traceback: "Traceback\n  line".into(),
         };
-        let rules = ExceptionRules::default();
+        // An operator's rule: by default a ValueError is the command's failure.
+        let rules = ExceptionRules::with(vec![("ValueError".into(), ErrorClass::InvalidRequest)]);
         let s = to_status(&e, &rules, true, ctx());
         assert_eq!(
             s.code(),

@@ -267,15 +267,15 @@ pub struct ExceptionRules {
 }
 
 impl Default for ExceptionRules {
-    /// `ValueError`/`TypeError`/`KeyError` are the caller's bad input; `TimeoutError` is
-    /// the worker being too slow; `MemoryError` means the process is in trouble.
+    /// `TimeoutError` is the worker being too slow; `MemoryError` means the process is
+    /// in trouble. No exception type is the caller's fault by default: a `KeyError` or
+    /// `ValueError` raised by the command's code is the command failing to produce an
+    /// answer (a regression to catch, not bad input to ignore). The caller's errors
+    /// arrive structurally instead: the runtime sends ERROR kind `invalid_request` for
+    /// a payload it cannot decode and for `pitboss_worker.InvalidRequest`.
     fn default() -> Self {
         ExceptionRules {
             rules: vec![
-                ("ValueError".into(), C::InvalidRequest),
-                ("TypeError".into(), C::InvalidRequest),
-                ("KeyError".into(), C::InvalidRequest),
-                ("json.decoder.JSONDecodeError".into(), C::InvalidRequest),
                 ("TimeoutError".into(), C::WorkerTimeout),
                 ("MemoryError".into(), C::WorkerCrashed),
             ],
@@ -409,18 +409,30 @@ mod tests {
     #[test]
     fn python_exceptions_follow_the_rules() {
         let rules = ExceptionRules::with(vec![("mylib.RateLimited".into(), C::PoolExhausted)]);
-        assert_eq!(rules.classify("ValueError"), C::InvalidRequest);
+        // Issue 13, item 5: raised by the command's code, these are its failures.
+        for t in [
+            "ValueError",
+            "TypeError",
+            "KeyError",
+            "json.decoder.JSONDecodeError",
+            "pitboss_worker.ResultError",
+        ] {
+            assert_eq!(rules.classify(t), C::PythonException, "{t}");
+        }
         assert_eq!(rules.classify("TimeoutError"), C::WorkerTimeout);
         assert_eq!(rules.classify("MemoryError"), C::WorkerCrashed);
         assert_eq!(rules.classify("mylib.RateLimited"), C::PoolExhausted);
         assert_eq!(rules.classify("ZeroDivisionError"), C::PythonException);
         let e = PoolError::PythonException {
             worker: WorkerId(1),
-            error_type: "ValueError".into(),
+            error_type: "mylib.RateLimited".into(),
             message: String::new(),
             traceback: String::new(),
         };
-        assert_eq!(classify(&e, &rules), C::InvalidRequest);
+        assert_eq!(classify(&e, &rules), C::PoolExhausted);
+        // An operator may still say otherwise.
+        let strict = ExceptionRules::with(vec![("ValueError".into(), C::InvalidRequest)]);
+        assert_eq!(strict.classify("ValueError"), C::InvalidRequest);
     }
 
     #[test]

@@ -25,7 +25,7 @@ use tower::Service;
 
 use super::class::{classify, ErrorClass, ExceptionRules};
 use super::InvalidSetting;
-use crate::pool::{Pool, PoolError, PoolRequest, PoolResponse};
+use crate::pool::{ExhaustedReason, Pool, PoolError, PoolRequest, PoolResponse};
 
 /// Validated retry settings.
 #[derive(Debug, Clone, PartialEq)]
@@ -178,6 +178,18 @@ pub fn decide(
     // The client may retry an open circuit later; retrying it now, from inside, would
     // only spin against the breaker.
     if class == ErrorClass::CircuitOpen {
+        return Decision::NotRetryable;
+    }
+    // A queue timeout has spent the call's whole wait for a worker: `queue_timeout` is
+    // the longest a call waits, not a wait per attempt, and a pool that stayed full
+    // that long is not a transient failure of one attempt. Not retried on this backend
+    // (a fallback to legacy may still serve it).
+    if matches!(
+        err,
+        PoolError::PoolExhausted {
+            reason: ExhaustedReason::QueueTimeout
+        }
+    ) {
         return Decision::NotRetryable;
     }
     let never_ran = matches!(err, PoolError::WorkerCrashed { sent: false, .. });
@@ -385,6 +397,29 @@ mod tests {
         assert_eq!(
             decide(&crashed(true), C::WorkerCrashed, true, 3, 3),
             Decision::OutOfAttempts
+        );
+        // Issue 13, item 9: a queue timeout is not retried; a full queue (refused at
+        // once) still is, even when not idempotent.
+        let exhausted = |reason| PoolError::PoolExhausted { reason };
+        assert_eq!(
+            decide(
+                &exhausted(ExhaustedReason::QueueTimeout),
+                C::PoolExhausted,
+                true,
+                1,
+                3
+            ),
+            Decision::NotRetryable
+        );
+        assert_eq!(
+            decide(
+                &exhausted(ExhaustedReason::QueueFull),
+                C::PoolExhausted,
+                false,
+                1,
+                3
+            ),
+            Decision::Retry
         );
         let py = PoolError::InvalidRequest("x".into());
         assert_eq!(

@@ -88,6 +88,19 @@ impl Rollout {
         self.stats_of(role).record(Instant::now(), latency, failure);
     }
 
+    /// One finished call, saying whether its failure counts as the backend's error
+    /// (see [`RollingStats::record_as`]).
+    pub fn record_as(
+        &self,
+        role: Role,
+        latency: Duration,
+        failure: Option<ErrorClass>,
+        counted: bool,
+    ) {
+        self.stats_of(role)
+            .record_as(Instant::now(), latency, failure, counted);
+    }
+
     pub fn stats(&self, role: Role) -> WindowStats {
         self.stats_of(role).snapshot(Instant::now())
     }

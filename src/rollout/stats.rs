@@ -38,6 +38,22 @@ pub fn counts_as_error(class: ErrorClass) -> bool {
     }
 }
 
+/// Whether the relative rule compares this class between `new` and legacy.
+///
+/// Every class that [`counts_as_error`], and the two that are usually the caller's
+/// doing but that a regression produces too: `invalid_request` (new rejects input that
+/// legacy accepts) and `unknown_command` (new lacks a command). Compared class by
+/// class, a caller's error is only held against new when new produces more of it than
+/// legacy does on the same traffic. Deadlines, cancels, sessions and shutdown say
+/// nothing about new's code and are never compared.
+pub fn compared_with_legacy(class: ErrorClass) -> bool {
+    counts_as_error(class)
+        || matches!(
+            class,
+            ErrorClass::InvalidRequest | ErrorClass::UnknownCommand
+        )
+}
+
 /// Number of time slices per window: old data leaves the window in steps of a tenth.
 const SLICES: usize = 10;
 
@@ -154,6 +170,20 @@ impl RollingStats {
 
     /// One finished call: its latency and `None` on success or `Some(class)` on failure.
     pub fn record(&self, now: Instant, latency: Duration, failure: Option<ErrorClass>) {
+        let counted = failure.is_some_and(counts_as_error);
+        self.record_as(now, latency, failure, counted);
+    }
+
+    /// One finished call, saying whether its failure counts as the backend's error
+    /// whatever its class: the edge knows more than the class in one case, a command
+    /// that `new` lacks while legacy serves it (`unknown_command`, yet new's fault).
+    pub fn record_as(
+        &self,
+        now: Instant,
+        latency: Duration,
+        failure: Option<ErrorClass>,
+        counted: bool,
+    ) {
         let mut inner = self.lock();
         let index = self.slice_index(now, inner.width);
         let slice = &mut inner.ring[(index % SLICES as u64) as usize];
@@ -167,7 +197,7 @@ impl RollingStats {
         slice.requests += 1;
         if let Some(class) = failure {
             *slice.by_class.entry(class.name()).or_insert(0) += 1;
-            if counts_as_error(class) {
+            if counted {
                 slice.errors += 1;
             }
         }
@@ -263,7 +293,8 @@ pub struct RollbackRules {
     pub latency_p99_threshold: Duration,
     /// Calls needed in the window before anything is decided.
     pub min_requests: u64,
-    /// `new`'s rate above this many times legacy's rolls back; 0.0 = off.
+    /// `new`'s rate of one class above this many times legacy's rate of the same class
+    /// rolls back (see [`compared_with_legacy`]); 0.0 = off.
     pub relative_error_rate: f64,
 }
 
@@ -271,9 +302,7 @@ pub struct RollbackRules {
 ///
 /// Nothing is decided below `min_requests`: a handful of calls is neither proof of
 /// health nor of sickness. Then, in order, the first that fires: the absolute error
-/// rate, the p99 latency, and the error rate relative to legacy's (only when legacy
-/// has enough calls too; legacy's rate is floored at one error in its window, so a
-/// legacy with no errors does not turn new's first error into a rollback).
+/// rate, the p99 latency, and the relative rule ([`relative_regression`]).
 pub fn rollback_reason(
     rules: &RollbackRules,
     new: &WindowStats,
@@ -307,24 +336,46 @@ pub fn rollback_reason(
         }
     }
     if rules.relative_error_rate > 0.0 && legacy.requests >= rules.min_requests {
-        if let Some(legacy_rate) = legacy.error_rate() {
-            let floor = 1.0 / legacy.requests as f64;
-            if rate > rules.relative_error_rate * legacy_rate.max(floor) {
+        return relative_regression(rules.relative_error_rate, new, legacy);
+    }
+    None
+}
+
+/// The relative rule, class by class: the first class (in the table's order) that
+/// [`compared_with_legacy`] and that new produces at more than `factor` times legacy's
+/// rate of the same class. `None` when there is none, or no data on either side.
+///
+/// Per class, so that neither side's other failures hide a regression (new crashing
+/// where legacy times out is not "the same error rate"), and so that the callers' own
+/// errors (`invalid_request`, `unknown_command`) count only as far as new produces
+/// more of them than legacy does on the same kind of traffic. Legacy's rate is floored
+/// at one call in its window, so a class legacy never had does not turn new's first
+/// such failure into a rollback.
+pub fn relative_regression(factor: f64, new: &WindowStats, legacy: &WindowStats) -> Option<String> {
+    if new.requests == 0 || legacy.requests == 0 {
+        return None;
+    }
+    let floor = 1.0 / legacy.requests as f64;
+    ErrorClass::ALL
+        .into_iter()
+        .filter(|c| compared_with_legacy(*c))
+        .find_map(|class| {
+            let of = |w: &WindowStats| w.by_class.get(class.name()).copied().unwrap_or(0);
+            let rate = of(new) as f64 / new.requests as f64;
+            let legacy_rate = of(legacy) as f64 / legacy.requests as f64;
+            (rate > factor * legacy_rate.max(floor)).then(|| {
                 let note = if legacy_rate < floor {
-                    format!(" (counted as 1 error in {})", legacy.requests)
+                    format!(" (counted as 1 in {})", legacy.requests)
                 } else {
                     String::new()
                 };
-                return Some(format!(
-                    "error rate {} is more than {}× legacy's {}{note}",
+                format!(
+                    "{class} rate {} is more than {factor}× legacy's {}{note}",
                     pct(rate),
-                    rules.relative_error_rate,
                     pct(legacy_rate)
-                ));
-            }
-        }
-    }
-    None
+                )
+            })
+        })
 }
 
 fn pct(rate: f64) -> String {
@@ -364,11 +415,15 @@ mod tests {
         }
     }
 
+    /// `errors` crashes in `requests` calls.
     fn stats(requests: u64, errors: u64) -> WindowStats {
         WindowStats {
             requests,
             errors,
-            by_class: BTreeMap::new(),
+            by_class: (errors > 0)
+                .then(|| (ErrorClass::WorkerCrashed.name(), errors))
+                .into_iter()
+                .collect(),
             p50: (requests > 0).then(|| ms(10)),
             p99: (requests > 0).then(|| ms(100)),
             window: WINDOW,
@@ -654,7 +709,10 @@ mod tests {
         };
         // new 4.0%, legacy 0.5%: 8× legacy's rate, under the absolute 5%.
         let reason = rollback_reason(&relative, &stats(200, 8), &stats(1000, 5)).unwrap();
-        assert_eq!(reason, "error rate 4.0% is more than 3× legacy's 0.5%");
+        assert_eq!(
+            reason,
+            "worker_crashed rate 4.0% is more than 3× legacy's 0.5%"
+        );
         // new 1.0% is only 2× legacy's 0.5%.
         assert_eq!(
             rollback_reason(&relative, &stats(200, 2), &stats(1000, 5)),
@@ -681,7 +739,7 @@ mod tests {
         // 4.0% is more than 3 × 1%: rolled back.
         let reason = rollback_reason(&relative, &stats(200, 8), &stats(100, 0)).unwrap();
         assert!(reason.contains("more than 3× legacy's 0.0%"), "{reason}");
-        assert!(reason.contains("1 error in 100"), "{reason}");
+        assert!(reason.contains("counted as 1 in 100"), "{reason}");
     }
 
     #[test]
@@ -699,6 +757,108 @@ mod tests {
             rollback_reason(&relative, &stats(200, 8), &stats(0, 0)),
             None
         );
+    }
+
+    /// Calls with failures of the given classes; `errors` as the stats count them.
+    fn classes(requests: u64, failures: &[(ErrorClass, u64)]) -> WindowStats {
+        WindowStats {
+            requests,
+            errors: failures
+                .iter()
+                .filter(|(c, _)| counts_as_error(*c))
+                .map(|(_, n)| n)
+                .sum(),
+            by_class: failures.iter().map(|(c, n)| (c.name(), *n)).collect(),
+            p50: Some(ms(10)),
+            p99: Some(ms(100)),
+            window: WINDOW,
+        }
+    }
+
+    /// Issue 13, item 5: the relative rule compares class by class, the callers'
+    /// classes included, so only what new produces more of than legacy counts.
+    #[test]
+    fn relative_rule_compares_each_class_with_legacys_rate_of_it() {
+        use ErrorClass as C;
+        let relative = RollbackRules {
+            relative_error_rate: 2.0,
+            ..rules()
+        };
+        let decide =
+            |new: &WindowStats, legacy: &WindowStats| rollback_reason(&relative, new, legacy);
+        // The same share of the callers' bad input on both: nothing to hold against new.
+        let same = classes(200, &[(C::InvalidRequest, 60)]);
+        assert_eq!(
+            decide(&same, &classes(400, &[(C::InvalidRequest, 120)])),
+            None
+        );
+        // New rejects what legacy accepts: 30% against 5%.
+        assert_eq!(
+            decide(&same, &classes(400, &[(C::InvalidRequest, 20)])).as_deref(),
+            Some("invalid_request rate 30.0% is more than 2× legacy's 5.0%")
+        );
+        // A command new lacks, which legacy never answered NOT_FOUND.
+        let missing = classes(200, &[(C::UnknownCommand, 10)]);
+        assert_eq!(
+            decide(&missing, &classes(100, &[])).as_deref(),
+            Some("unknown_command rate 5.0% is more than 2× legacy's 0.0% (counted as 1 in 100)")
+        );
+        // Legacy's other failures do not excuse a class it does not have: new crashing
+        // 4% of the time is not "legacy's 4% of timeouts".
+        let reason = decide(
+            &classes(200, &[(C::WorkerCrashed, 8)]),
+            &classes(1000, &[(C::WorkerTimeout, 40)]),
+        )
+        .unwrap();
+        assert!(reason.starts_with("worker_crashed rate 4.0%"), "{reason}");
+        // Exactly twice is not more than twice.
+        assert_eq!(
+            decide(
+                &classes(200, &[(C::InvalidRequest, 20)]),
+                &classes(200, &[(C::InvalidRequest, 10)])
+            ),
+            None
+        );
+        // Client deadlines, cancels, sessions and shutdown are never compared.
+        let noise = classes(
+            200,
+            &[
+                (C::Cancelled, 100),
+                (C::DeadlineExceeded, 50),
+                (C::SessionNotFound, 20),
+                (C::ShuttingDown, 10),
+            ],
+        );
+        assert_eq!(decide(&noise, &classes(200, &[])), None);
+        // The absolute rule still ignores the callers' classes.
+        assert_eq!(
+            rollback_reason(
+                &rules(),
+                &classes(200, &[(C::InvalidRequest, 100)]),
+                &classes(0, &[])
+            ),
+            None
+        );
+    }
+
+    #[test]
+    fn compared_classes_are_the_counted_ones_and_the_callers_two() {
+        for c in ErrorClass::ALL {
+            let expect = counts_as_error(c)
+                || matches!(c, ErrorClass::InvalidRequest | ErrorClass::UnknownCommand);
+            assert_eq!(compared_with_legacy(c), expect, "{c:?}");
+        }
+    }
+
+    #[test]
+    fn a_failure_recorded_as_counted_counts_whatever_its_class() {
+        let s = RollingStats::new(WINDOW);
+        let t = Instant::now();
+        s.record_as(t, ms(1), Some(ErrorClass::UnknownCommand), true);
+        s.record(t, ms(1), Some(ErrorClass::UnknownCommand));
+        let snap = s.snapshot(t);
+        assert_eq!((snap.requests, snap.errors), (2, 1));
+        assert_eq!(snap.by_class.get("unknown_command"), Some(&2));
     }
 
     #[test]

@@ -81,7 +81,8 @@ pub struct ReadyInfo {
 /// The body of an `ERROR` frame: what went wrong inside the worker.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ErrorBody {
-    /// `exception`, `unknown_command`, `cancelled`, `bad_request` or `response_too_large`.
+    /// `exception`, `invalid_request`, `unknown_command`, `cancelled`, `bad_request` or
+    /// `response_too_large`.
     pub kind: String,
     #[serde(default, rename = "type")]
     pub error_type: String,
