@@ -665,8 +665,44 @@ async fn a_command_new_lacks_falls_back_to_legacy_and_counts_against_new() {
     // after the fallback), and not new's fault.
     let e = s.client.execute(exec("nope", "{}")).await.unwrap_err();
     assert_eq!(e.code(), Code::NotFound);
+    // Item 10: an error after a fallback counts the tries on both backends too.
+    assert_eq!(e.metadata().get("x-pitboss-backend").unwrap(), "legacy");
+    assert_eq!(
+        e.metadata().get("x-pitboss-attempts").unwrap(),
+        "2",
+        "{e:?}"
+    );
     let new = s.server.edge().rollout.stats(pitboss::backend::Role::New);
     assert_eq!((new.requests, new.errors), (1, 0), "{new:?}");
+    // The same through ExecuteStream: new's refusal, then legacy's.
+    let e = s
+        .client
+        .execute_stream(exec("nope", "{}"))
+        .await
+        .map(|_| ())
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
+    assert_eq!(e.metadata().get("x-pitboss-backend").unwrap(), "legacy");
+    assert_eq!(
+        e.metadata().get("x-pitboss-attempts").unwrap(),
+        "2",
+        "{e:?}"
+    );
+    // A stream that new refused before it started is in new's statistics too: not its
+    // fault when legacy lacks the command as well, its fault when legacy has it.
+    let new = s.server.edge().rollout.stats(pitboss::backend::Role::New);
+    assert_eq!((new.requests, new.errors), (2, 0), "{new:?}");
+    let _ = s.client.execute_stream(exec("sleep", "{}")).await;
+    let new = s.server.edge().rollout.stats(pitboss::backend::Role::New);
+    assert_eq!((new.requests, new.errors), (3, 1), "{new:?}");
+    // Item 10: served after a fallback, `attempts` counts new's try and legacy's.
+    let resp = s
+        .client
+        .execute(exec("sleep", r#"{"seconds": 0}"#))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((resp.backend.as_str(), resp.attempts), ("legacy", 2));
     for _ in 0..20 {
         // demo_v2 has no `sleep`; demo has.
         let resp = s

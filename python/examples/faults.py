@@ -220,7 +220,7 @@ def chunks(req):
 def tally(req):
     """Count this session's calls: {"n": calls so far in this session, "pid": pid}."""
     if req.session is None:
-        raise ValueError("tally needs a session")
+        raise InvalidRequest("tally needs a session")  # the caller's error
     req.session["n"] = req.session.get("n", 0) + 1
     return {"n": req.session["n"], "pid": os.getpid()}
 

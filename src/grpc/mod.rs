@@ -821,6 +821,8 @@ impl CommandName for pb::ExecuteRequest {
 }
 
 /// Starts a stream on one backend behind its breaker; the permit records the outcome.
+/// A stream that does not start is recorded in the backend's rolling statistics here,
+/// as a unary call's failure is (a command that new lacks counts against it).
 async fn start_stream(
     edge: &Edge,
     role: Role,
@@ -832,21 +834,32 @@ async fn start_stream(
     ),
     (ErrorClass, PoolError),
 > {
+    let started = Instant::now();
     let backend = edge.backend(role);
-    let permit = backend.breaker.try_acquire().map_err(|retry_after| {
-        (
+    let result = match backend.breaker.try_acquire() {
+        Err(retry_after) => Err((
             ErrorClass::CircuitOpen,
             PoolError::CircuitOpen { retry_after },
-        )
-    })?;
-    match backend.execute_stream(pr).await {
-        Ok(s) => Ok((permit, s)),
-        Err(e) => {
-            let class = crate::resilience::classify(&e, &backend.rules);
-            permit.record(Some(class));
-            Err((class, e))
-        }
+        )),
+        Ok(permit) => match backend.execute_stream(pr).await {
+            Ok(s) => Ok((permit, s)),
+            Err(e) => {
+                let class = crate::resilience::classify(&e, &backend.rules);
+                permit.record(Some(class));
+                Err((class, e))
+            }
+        },
+    };
+    if let Err((class, error)) = &result {
+        let failed = Failed {
+            error: error.clone(),
+            class: *class,
+            attempts: 1,
+            budget_exhausted: false,
+        };
+        edge.record_outcome(role, started.elapsed(), &Err(failed));
     }
+    result
 }
 
 /// A result after `earlier` attempts on another backend (new, before a fallback):
