@@ -1,0 +1,165 @@
+//! The layering of `src/`, enforced: every `crate::` path in a module's code (tests
+//! excluded) is an edge, and an edge may only point down the layers below.
+//!
+//! ```text
+//! main  >  bench  >  server  >  grpc  >  telemetry  >  rollout  >  backend  >  resilience  >  pool  >  worker
+//!                                       (config and runtime_files: leaves anyone may use)
+//! ```
+//!
+//! This is the target of issue 14. The edges that still break it are listed in
+//! [`KNOWN_VIOLATIONS`]: a ratchet. A new violation fails the test, and so does a listed
+//! one that is gone (remove it from the list, so that it cannot come back).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+
+/// Each module's layer; an edge must go to a strictly lower layer.
+const LAYERS: &[(&str, i32)] = &[
+    ("runtime_files", -2),
+    ("config", -1),
+    ("worker", 0),
+    ("pool", 1),
+    ("resilience", 2),
+    ("backend", 3),
+    ("rollout", 4),
+    ("telemetry", 5),
+    ("grpc", 6),
+    ("server", 7),
+    ("bench", 8),
+    ("main", 9),
+];
+
+/// Edges that break the layering today, to be removed by issue 14. Do not add to it.
+const KNOWN_VIOLATIONS: &[(&str, &str)] = &[
+    // The upstream backend uses the generated Bridge client (pb lives in grpc).
+    ("backend", "grpc"),
+    // Backends report retries to Prometheus directly instead of through an observer.
+    ("backend", "telemetry"),
+    // config builds every layer's settings instead of each layer converting its section.
+    ("config", "pool"),
+    ("config", "resilience"),
+    // PoolError carries the error class (and CircuitOpen / Upstream).
+    ("pool", "resilience"),
+    // Readiness and gauges read the edge.
+    ("telemetry", "grpc"),
+];
+
+/// The module a source file belongs to: its first path component under `src/`.
+fn module_of(path: &Path) -> String {
+    let rel = path.strip_prefix("src").unwrap();
+    let first = rel
+        .components()
+        .next()
+        .unwrap()
+        .as_os_str()
+        .to_string_lossy();
+    first.trim_end_matches(".rs").to_string()
+}
+
+/// The source without its `#[cfg(test)]` part (tests may reach anywhere) and without
+/// comments, which often name other modules.
+fn code_of(text: &str) -> String {
+    let text = match text.find("#[cfg(test)]") {
+        Some(i) => &text[..i],
+        None => text,
+    };
+    text.lines()
+        .map(|l| match l.find("//") {
+            Some(i) => &l[..i],
+            None => l,
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+fn edges() -> BTreeMap<String, BTreeSet<String>> {
+    let mut out: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    let mut stack = vec![Path::new("src").to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                stack.push(path);
+                continue;
+            }
+            if path.extension().and_then(|e| e.to_str()) != Some("rs") {
+                continue;
+            }
+            let from = module_of(&path);
+            if from == "lib" {
+                continue; // declares the modules
+            }
+            let code = code_of(&std::fs::read_to_string(&path).unwrap());
+            for (i, _) in code.match_indices("crate::") {
+                let to: String = code[i + "crate::".len()..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                    .collect();
+                if !to.is_empty() && to != from {
+                    out.entry(from.clone()).or_default().insert(to);
+                }
+            }
+            // The binary reaches the library as `pitboss::`.
+            if from == "main" || from == "bench" {
+                for (i, _) in code.match_indices("pitboss::") {
+                    let to: String = code[i + "pitboss::".len()..]
+                        .chars()
+                        .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                        .collect();
+                    if !to.is_empty() && to != from {
+                        out.entry(from.clone()).or_default().insert(to);
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+fn layer(module: &str) -> i32 {
+    LAYERS
+        .iter()
+        .find(|(m, _)| *m == module)
+        .map(|(_, l)| *l)
+        .unwrap_or_else(|| panic!("module `{module}` has no layer in tests/architecture.rs"))
+}
+
+#[test]
+fn every_edge_points_down_the_layers_but_the_known_violations() {
+    let known: BTreeSet<(String, String)> = KNOWN_VIOLATIONS
+        .iter()
+        .map(|(a, b)| (a.to_string(), b.to_string()))
+        .collect();
+    let mut violations = BTreeSet::new();
+    for (from, tos) in edges() {
+        for to in tos {
+            if layer(&from) <= layer(&to) {
+                violations.insert((from.clone(), to));
+            }
+        }
+    }
+    let new: Vec<_> = violations.difference(&known).collect();
+    assert!(
+        new.is_empty(),
+        "edges that break the layering (see the table at the top of tests/architecture.rs): {new:?}"
+    );
+    let gone: Vec<_> = known.difference(&violations).collect();
+    assert!(
+        gone.is_empty(),
+        "these violations are gone: remove them from KNOWN_VIOLATIONS so they cannot come back: {gone:?}"
+    );
+}
+
+#[test]
+fn the_scan_sees_the_real_edges() {
+    // Guards the scanner itself: edges everyone can see in the code.
+    let e = edges();
+    assert!(e["pool"].contains("worker"), "{e:?}");
+    assert!(e["grpc"].contains("rollout"), "{e:?}");
+    assert!(e["server"].contains("grpc"), "{e:?}");
+    assert!(
+        !e.get("worker")
+            .is_some_and(|w| w.contains("pool") || w.contains("grpc")),
+        "{e:?}"
+    );
+}
