@@ -20,6 +20,8 @@
 //! - [`bench`]: the load generator and the baselines behind `pitboss bench`.
 //! - [`telemetry`]: Prometheus metrics, readiness, and the HTTP listener for them.
 //! - [`config`]: the config file, parsed into validated types.
+//! - [`proto`]: the generated `pitboss.v1` types, shared by the edge and the `grpc`
+//!   backend.
 //! - [`worker`]: one Python process: spawning, the length-prefixed frame protocol
 //!   (`docs/PROTOCOL.md`), and the connection that routes replies by request id.
 
@@ -28,6 +30,7 @@ pub mod bench;
 pub mod config;
 pub mod grpc;
 pub mod pool;
+pub mod proto;
 pub mod resilience;
 pub mod rollout;
 pub mod runtime_files;

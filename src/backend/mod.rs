@@ -17,8 +17,8 @@ use tokio::time::Instant;
 use tower::{Service, ServiceExt};
 
 use crate::config::{BackendConfig, BackendKind};
-use crate::grpc::pb;
 use crate::pool::{ExhaustedReason, Pool, PoolError, PoolObserver, PoolStream};
+use crate::proto as pb;
 use crate::resilience::{
     classify, Attempt, Breaker, BreakerLayer, ExceptionRules, Failed, OutlierDetector, PoolService,
     RetryPolicy, Served,

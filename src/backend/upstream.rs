@@ -14,9 +14,9 @@ use tokio::time::Instant;
 use tonic::transport::{Channel, Endpoint};
 use tower::Service;
 
-use crate::grpc::pb;
-use crate::grpc::pb::bridge_client::BridgeClient;
 use crate::pool::{PoolError, PoolResponse, TimeoutStage};
+use crate::proto as pb;
+use crate::proto::bridge_client::BridgeClient;
 use crate::resilience::{Attempt, ErrorClass, Failed, Served};
 use crate::worker::WorkerId;
 

@@ -29,13 +29,8 @@ use crate::rollout::shadow::{self, Outcome};
 use crate::rollout::Route;
 
 /// Generated code for `proto/pitboss/v1/*.proto`.
-pub mod pb {
-    tonic::include_proto!("pitboss.v1");
-
-    /// The encoded descriptor set, for gRPC reflection.
-    pub const FILE_DESCRIPTOR_SET: &[u8] =
-        include_bytes!(concat!(env!("OUT_DIR"), "/pitboss_descriptor.bin"));
-}
+/// The generated `pitboss.v1` types, under the name the edge has always used.
+pub use crate::proto as pb;
 
 pub use admin::AdminService;
 use pb::bridge_server::Bridge;
