@@ -20,7 +20,9 @@ pub use connection::{
     Call, CallRequest, Connection, KillReason, Reply, ReplyMode, SlotGuard, WorkerId,
 };
 pub use error::WorkerError;
-pub use frame::{CommandInfo, Frame, FrameCodec, ReadyInfo, PROTOCOL_VERSION};
+pub use frame::{
+    BodyError, CommandInfo, Frame, FrameCodec, FrameError, ReadyInfo, PROTOCOL_VERSION,
+};
 pub use process::{resolve_python, rss_bytes, signal_group, WorkerSpec};
 
 /// Lines of stderr kept per worker, so a worker that dies at startup can say why.
