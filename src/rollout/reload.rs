@@ -43,6 +43,20 @@ pub enum UpdateError<E> {
     },
 }
 
+/// Why a reload of the flags file was rejected (the previous flags stay in force).
+#[derive(Debug, thiserror::Error)]
+enum ReloadError {
+    #[error("{origin}: cannot read: {source}")]
+    Read {
+        origin: String,
+        source: std::io::Error,
+    },
+    #[error("{origin}: the file is empty (a writer may be mid-write); write `mode = \"off\"` to turn the rollout off")]
+    Empty { origin: String },
+    #[error(transparent)]
+    Invalid(#[from] crate::config::ConfigError),
+}
+
 /// The flags in force, shared by every call.
 pub struct LiveFlags {
     current: ArcSwap<Flags>,
@@ -202,16 +216,19 @@ impl LiveFlags {
         let origin = path.display().to_string();
         let current = self.get();
         let result = std::fs::read_to_string(path)
-            .map_err(|e| format!("{origin}: cannot read: {e}"))
+            .map_err(|source| ReloadError::Read {
+                origin: origin.clone(),
+                source,
+            })
             .and_then(|text| {
                 if text.trim().is_empty() {
                     // A writer between truncating and writing, or a mistake: either
                     // way "everything back to the defaults" is not what anyone meant.
-                    return Err(format!(
-                        "{origin}: the file is empty (a writer may be mid-write); write `mode = \"off\"` to turn the rollout off"
-                    ));
+                    return Err(ReloadError::Empty {
+                        origin: origin.clone(),
+                    });
                 }
-                Flags::parse_reload(&origin, &text, &current).map_err(|e| e.to_string())
+                Ok(Flags::parse_reload(&origin, &text, &current)?)
             });
         match result {
             Ok(flags) => {
@@ -229,7 +246,7 @@ impl LiveFlags {
                 tracing::error!("flags file rejected, previous flags stay in force: {e}");
                 self.reloads_failed.fetch_add(1, Ordering::Relaxed);
                 metrics::counter!("pitboss_config_reloads_total", "file" => "flags", "result" => "error").increment(1);
-                *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(e);
+                *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(e.to_string());
                 false
             }
         }
