@@ -40,6 +40,19 @@ fn location(line: &Option<usize>, key: &Option<String>) -> String {
     s
 }
 
+/// Why a duration's text is not a [`Dur`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DurationError {
+    #[error("duration {0:?} needs a unit: ms, s, m or h")]
+    NoUnit(String),
+    #[error("unknown duration unit {unit:?} in {text:?}; use ms, s, m or h")]
+    UnknownUnit { unit: String, text: String },
+    #[error("duration {0:?} does not start with a number")]
+    NotANumber(String),
+    #[error("duration {0:?} is out of range")]
+    OutOfRange(String),
+}
+
 /// A duration written as `"250ms"`, `"2s"`, `"5m"`, `"1h"` or `"0"` (off, where allowed).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
 pub struct Dur(pub Duration);
@@ -47,14 +60,14 @@ pub struct Dur(pub Duration);
 impl Dur {
     /// Parses exactly, in decimal: "1.5ms" is 1,500,000 ns, not a float's
     /// approximation, so what [`Dur`]'s `Display` writes reads back the same.
-    pub fn parse(s: &str) -> Result<Dur, String> {
+    pub fn parse(s: &str) -> Result<Dur, DurationError> {
         let s = s.trim();
         if s == "0" {
             return Ok(Dur(Duration::ZERO));
         }
         let split = s
             .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-            .ok_or_else(|| format!("duration {s:?} needs a unit: ms, s, m or h"))?;
+            .ok_or_else(|| DurationError::NoUnit(s.to_string()))?;
         let (num, unit) = s.split_at(split);
         let unit_nanos: u128 = match unit.trim() {
             "ms" => 1_000_000,
@@ -62,20 +75,21 @@ impl Dur {
             "m" => 60_000_000_000,
             "h" => 3_600_000_000_000,
             other => {
-                return Err(format!(
-                    "unknown duration unit {other:?} in {s:?}; use ms, s, m or h"
-                ))
+                return Err(DurationError::UnknownUnit {
+                    unit: other.to_string(),
+                    text: s.to_string(),
+                })
             }
         };
         let (whole, frac) = num.split_once('.').unwrap_or((num, ""));
         if whole.is_empty() && frac.is_empty() || frac.contains('.') {
-            return Err(format!("duration {s:?} does not start with a number"));
+            return Err(DurationError::NotANumber(s.to_string()));
         }
         let digits_ok = |d: &str| d.chars().all(|c| c.is_ascii_digit());
         if !digits_ok(whole) || !digits_ok(frac) {
-            return Err(format!("duration {s:?} does not start with a number"));
+            return Err(DurationError::NotANumber(s.to_string()));
         }
-        let too_big = || format!("duration {s:?} is out of range");
+        let too_big = || DurationError::OutOfRange(s.to_string());
         let whole: u128 = if whole.is_empty() {
             0
         } else {
@@ -1090,7 +1104,9 @@ mod tests {
         assert_eq!(Dur::parse("1.5s").unwrap().0, Duration::from_millis(1500));
         assert_eq!(Dur::parse("2m").unwrap().0, Duration::from_secs(120));
         assert_eq!(Dur::parse("0").unwrap().0, Duration::ZERO);
-        assert!(Dur::parse("10").unwrap_err().contains("unit"));
+        let err = Dur::parse("10").unwrap_err();
+        assert_eq!(err, DurationError::NoUnit("10".into()));
+        assert!(err.to_string().contains("unit"));
         assert!(Dur::parse("5 parsecs").is_err());
         assert_eq!(Dur(Duration::from_millis(1500)).to_string(), "1500ms");
         assert_eq!(Dur(Duration::from_secs(120)).to_string(), "2m");
@@ -1105,9 +1121,9 @@ mod tests {
         }
         assert!(Dur::parse("1.2.3ms").is_err());
         assert!(Dur::parse("ms").is_err());
-        assert!(Dur::parse("99999999999h")
-            .unwrap_err()
-            .contains("out of range"));
+        let err = Dur::parse("99999999999h").unwrap_err();
+        assert_eq!(err, DurationError::OutOfRange("99999999999h".into()));
+        assert!(err.to_string().contains("out of range"));
     }
 
     #[test]

@@ -37,3 +37,119 @@ pub mod runtime_files;
 pub mod server;
 pub mod telemetry;
 pub mod worker;
+
+#[cfg(test)]
+mod tests {
+    use std::path::{Path, PathBuf};
+
+    /// Every `Result<..>` in `text` whose error type is a bare `String`, as
+    /// (line, the type as written). `io::Result<String>` (one argument) is fine.
+    fn string_errors(text: &str) -> Vec<(usize, String)> {
+        let open = concat!("Result", "<");
+        let mut found = Vec::new();
+        for (start, _) in text.match_indices(open) {
+            let rest = &text[start + open.len()..];
+            let (mut depth, mut parens, mut prev) = (1usize, 0usize, ' ');
+            let mut args = vec![String::new()];
+            let mut end = None;
+            for (i, c) in rest.char_indices() {
+                match c {
+                    '<' => depth += 1,
+                    '>' if prev != '-' => {
+                        depth -= 1;
+                        if depth == 0 {
+                            end = Some(i);
+                            break;
+                        }
+                    }
+                    '(' | '[' => parens += 1,
+                    ')' | ']' => parens = parens.saturating_sub(1),
+                    ',' if depth == 1 && parens == 0 => {
+                        args.push(String::new());
+                        prev = c;
+                        continue;
+                    }
+                    _ => {}
+                }
+                args.last_mut().expect("at least one").push(c);
+                prev = c;
+            }
+            if args.len() > 1 && args.last().is_some_and(|a| a.trim().is_empty()) {
+                args.pop(); // a trailing comma
+            }
+            let last = args.last().map(|a| a.trim()).unwrap_or("");
+            if end.is_some() && args.len() == 2 && matches!(last, "String" | "std::string::String")
+            {
+                let line = text[..start].lines().count().max(1);
+                found.push((line, format!("{open}{}>", args.join(","))));
+            }
+        }
+        let from_str = concat!("type Err", " = String;");
+        for (start, _) in text.match_indices(from_str) {
+            found.push((text[..start].lines().count(), from_str.to_string()));
+        }
+        found
+    }
+
+    fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
+        for entry in std::fs::read_dir(dir).expect("src/ is readable") {
+            let path = entry.expect("a directory entry").path();
+            if path.is_dir() {
+                rust_files(&path, out);
+            } else if path.extension().is_some_and(|e| e == "rs") {
+                out.push(path);
+            }
+        }
+    }
+
+    #[test]
+    fn the_scan_finds_string_errors_and_nothing_else() {
+        let r = "Result";
+        let bad = [
+            format!("fn f() -> {r}<u8, String> {{"),
+            format!("fn f() -> {r}<Vec<(u8, u16)>, String> {{"),
+            format!("fn f(g: impl Fn() -> u8) -> {r}<\n    (),\n    String,\n> {{"),
+            format!("deliver: impl FnOnce(u8) -> {r}<(), String>,"),
+        ];
+        for text in &bad {
+            assert_eq!(string_errors(text).len(), 1, "{text}");
+        }
+        let good = [
+            format!("fn f() -> std::io::{r}<String> {{"),
+            format!("fn f() -> {r}<String, Error> {{"),
+            format!("fn f() -> {r}<HashMap<String, String>, Error> {{"),
+            format!("fn f(g: impl Fn(u8, String) -> u8) -> {r}<u8, E> {{"),
+        ];
+        for text in &good {
+            assert!(string_errors(text).is_empty(), "{text}");
+        }
+    }
+
+    /// Issue 14: each layer owns its errors. A library function that fails with a
+    /// bare `String` loses the cause, its class and its `source()` chain; only the
+    /// outermost edge (the CLI in `main.rs`, and the load generator in `bench.rs`)
+    /// may turn errors into text.
+    #[test]
+    fn no_library_signature_fails_with_a_bare_string() {
+        let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+        let mut files = Vec::new();
+        rust_files(&src, &mut files);
+        assert!(files.len() > 10, "found the sources: {files:?}");
+        let mut offenders = Vec::new();
+        for file in files {
+            let rel = file.strip_prefix(&src).expect("under src/");
+            if rel == Path::new("main.rs") || rel == Path::new("bench.rs") {
+                continue;
+            }
+            let text = std::fs::read_to_string(&file).expect("a readable source file");
+            for (line, ty) in string_errors(&text) {
+                offenders.push(format!("src/{}:{line}: {ty}", rel.display()));
+            }
+        }
+        assert!(
+            offenders.is_empty(),
+            "give these a thiserror type owned by their layer:\n{}",
+            offenders.join("\n")
+        );
+    }
+}

@@ -37,10 +37,12 @@ pub enum ServerError {
     },
     #[error("{0}")]
     Pool(#[from] crate::pool::PoolError),
+    #[error(transparent)]
+    Backend(#[from] crate::backend::StartError),
     #[error("reflection: {0}")]
-    Reflection(String),
-    #[error("{0}")]
-    Config(String),
+    Reflection(#[source] tonic_reflection::server::Error),
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
 }
 
 const BRIDGE_SERVICE: &str = "pitboss.v1.Bridge";
@@ -106,29 +108,17 @@ impl RunningServer {
             })?;
 
         let observer: Arc<dyn PoolObserver> = Arc::new(crate::telemetry::RestartCounter);
-        let legacy_cfg = config
-            .backend("legacy")
-            .map_err(|e| ServerError::Config(e.to_string()))?;
-        let new_cfg = config
-            .backend("new")
-            .map_err(|e| ServerError::Config(e.to_string()))?;
-        let admin_token = config
-            .admin_token()
-            .map_err(|e| ServerError::Config(e.to_string()))?;
+        let legacy_cfg = config.backend("legacy")?;
+        let new_cfg = config.backend("new")?;
+        let admin_token = config.admin_token()?;
         let flags = match config.flags_path() {
             Some(path) => LiveFlags::start(&path),
             None => LiveFlags::in_memory(crate::rollout::Flags::defaults()),
         };
-        let legacy = Backend::start(&legacy_cfg, observer.clone())
-            .await
-            .map_err(ServerError::Config)?;
+        let legacy = Backend::start(&legacy_cfg, observer.clone()).await?;
         let new = match new_cfg.kind {
             BackendKind::None => None,
-            _ => Some(
-                Backend::start(&new_cfg, observer)
-                    .await
-                    .map_err(ServerError::Config)?,
-            ),
+            _ => Some(Backend::start(&new_cfg, observer).await?),
         };
         let stop_background = CancellationToken::new();
         let watch = if flags.path().is_some() {
@@ -534,7 +524,7 @@ fn reflection(
         }
         b
     };
-    let err = |e: tonic_reflection::server::Error| ServerError::Reflection(e.to_string());
+    let err = ServerError::Reflection;
     Ok((
         builder().build_v1().map_err(err)?,
         builder().build_v1alpha().map_err(err)?,

@@ -344,12 +344,27 @@ pub struct BackendHealth {
     pub takes_traffic: bool,
 }
 
+/// Why pitboss is not ready: the reason `/readyz` and gRPC health give.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum NotReady {
+    #[error("draining: shutting down")]
+    Draining,
+    #[error("backend {}'s circuit breaker is open (or half-open with every probe slot taken): it refuses calls", .0.as_str())]
+    BreakerRefusing(Role),
+    #[error("backend {} has no ready worker", .0.as_str())]
+    NoReadyWorker(Role),
+}
+
 /// Not ready while draining; when legacy has no ready worker or its breaker is open
 /// (it serves everything new does not); when new takes traffic, has no ready worker
 /// or an open breaker, and failed calls may not fall back to legacy.
-pub fn readiness(draining: bool, backends: &[BackendHealth], fallback: bool) -> Result<(), String> {
+pub fn readiness(
+    draining: bool,
+    backends: &[BackendHealth],
+    fallback: bool,
+) -> Result<(), NotReady> {
     if draining {
-        return Err("draining: shutting down".into());
+        return Err(NotReady::Draining);
     }
     for b in backends {
         let matters = b.role == Role::Legacy || (b.takes_traffic && !fallback);
@@ -357,13 +372,10 @@ pub fn readiness(draining: bool, backends: &[BackendHealth], fallback: bool) -> 
             continue;
         }
         if b.breaker_open {
-            return Err(format!(
-                "backend {}'s circuit breaker is open (or half-open with every probe slot taken): it refuses calls",
-                b.role.as_str()
-            ));
+            return Err(NotReady::BreakerRefusing(b.role));
         }
         if !b.ready {
-            return Err(format!("backend {} has no ready worker", b.role.as_str()));
+            return Err(NotReady::NoReadyWorker(b.role));
         }
     }
     Ok(())
@@ -381,7 +393,7 @@ fn health_of(edge: &Edge, b: &Backend) -> BackendHealth {
 }
 
 /// The edge's readiness now.
-pub fn edge_readiness(edge: &Edge) -> Result<(), String> {
+pub fn edge_readiness(edge: &Edge) -> Result<(), NotReady> {
     let backends: Vec<BackendHealth> = edge.backends().map(|b| health_of(edge, b)).collect();
     readiness(
         edge.draining.load(Ordering::Acquire),
@@ -467,26 +479,24 @@ mod tests {
     fn readiness_follows_legacy_draining_and_new_when_it_matters() {
         let legacy_ok = b(Role::Legacy, true, false, true);
         assert!(readiness(false, std::slice::from_ref(&legacy_ok), true).is_ok());
-        assert!(readiness(true, std::slice::from_ref(&legacy_ok), true)
-            .unwrap_err()
-            .contains("draining"));
-        assert!(
-            readiness(false, &[b(Role::Legacy, false, false, true)], true)
-                .unwrap_err()
-                .contains("no ready worker")
-        );
-        assert!(readiness(false, &[b(Role::Legacy, true, true, true)], true)
-            .unwrap_err()
-            .contains("breaker"));
+        let why = readiness(true, std::slice::from_ref(&legacy_ok), true).unwrap_err();
+        assert_eq!(why, NotReady::Draining);
+        assert!(why.to_string().contains("draining"));
+        let why = readiness(false, &[b(Role::Legacy, false, false, true)], true).unwrap_err();
+        assert_eq!(why, NotReady::NoReadyWorker(Role::Legacy));
+        assert!(why.to_string().contains("no ready worker"));
+        let why = readiness(false, &[b(Role::Legacy, true, true, true)], true).unwrap_err();
+        assert_eq!(why, NotReady::BreakerRefusing(Role::Legacy));
+        assert!(why.to_string().contains("breaker"));
         // New without traffic, or with fallback, does not make pitboss unready.
         let new_broken = b(Role::New, false, true, true);
         assert!(readiness(false, &[legacy_ok.clone(), new_broken.clone()], true).is_ok());
         let idle_new = b(Role::New, false, true, false);
         assert!(readiness(false, &[legacy_ok.clone(), idle_new], false).is_ok());
         // New takes traffic, no fallback: its health is pitboss's.
-        assert!(readiness(false, &[legacy_ok, new_broken], false)
-            .unwrap_err()
-            .contains("new"));
+        let why = readiness(false, &[legacy_ok, new_broken], false).unwrap_err();
+        assert_eq!(why, NotReady::BreakerRefusing(Role::New));
+        assert!(why.to_string().contains("new"));
     }
 
     /// Issue 13, item 1: a half-open breaker whose probe slot is taken refuses every
@@ -513,7 +523,9 @@ mod tests {
                 "due to probe"
             );
             let probe = breaker.try_acquire().unwrap();
-            let why = readiness(false, &[legacy(&breaker)], true).unwrap_err();
+            let why = readiness(false, &[legacy(&breaker)], true)
+                .unwrap_err()
+                .to_string();
             assert!(
                 why.contains("half-open with every probe slot taken"),
                 "{why}"

@@ -23,7 +23,35 @@ use crate::resilience::{
     classify, Attempt, Breaker, BreakerLayer, ExceptionRules, Failed, OutlierDetector, PoolService,
     RetryPolicy, Served,
 };
-pub use upstream::{Upstream, UpstreamService};
+pub use upstream::{BadAddress, Upstream, UpstreamService};
+
+/// Why a backend cannot start. Each names the backend (`backends.legacy: ...`) and
+/// keeps the cause as its `source()`.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("backends.{role}: retry: {source}")]
+    Retry {
+        role: &'static str,
+        source: crate::resilience::InvalidRetrySettings,
+    },
+    #[error("backends.{role}: circuit_breaker: {source}")]
+    Breaker {
+        role: &'static str,
+        source: crate::resilience::InvalidSetting,
+    },
+    #[error("backends.{role}: {source}")]
+    Pool {
+        role: &'static str,
+        source: PoolError,
+    },
+    #[error("backends.{role}: {source}")]
+    Upstream {
+        role: &'static str,
+        source: BadAddress,
+    },
+    #[error("backends.{role}: kind is \"none\"")]
+    KindNone { role: &'static str },
+}
 
 /// The two roles of a rollout.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -148,7 +176,7 @@ impl Backend {
     pub async fn start(
         cfg: &BackendConfig,
         observer: Arc<dyn PoolObserver>,
-    ) -> Result<Backend, String> {
+    ) -> Result<Backend, StartError> {
         let role = if cfg.role == "new" {
             Role::New
         } else {
@@ -158,16 +186,25 @@ impl Backend {
         let retry_settings = c.retry_settings();
         let rules = Arc::new(c.exception_rules());
         let policy = RetryPolicy::new(&retry_settings)
-            .map_err(|e| format!("backends.{}: retry: {e}", cfg.role))?
+            .map_err(|source| StartError::Retry {
+                role: cfg.role,
+                source,
+            })?
             .with_observer(Arc::new(crate::telemetry::RetryCounter(cfg.role)));
-        let breaker = Breaker::new(cfg.role, c.breaker_settings())
-            .map_err(|e| format!("backends.{}: circuit_breaker: {e}", cfg.role))?;
+        let breaker =
+            Breaker::new(cfg.role, c.breaker_settings()).map_err(|source| StartError::Breaker {
+                role: cfg.role,
+                source,
+            })?;
         let max_message = c.server.max_message_bytes.0 as usize;
         let (target, service, describe) = match cfg.kind {
             BackendKind::Pool => {
                 let pool = Pool::launch(c.pool_config(cfg.role), observer)
                     .await
-                    .map_err(|e| format!("backends.{}: {e}", cfg.role))?;
+                    .map_err(|source| StartError::Pool {
+                        role: cfg.role,
+                        source,
+                    })?;
                 let service = AttemptService::Pool(PoolService::new(
                     pool.clone(),
                     rules.clone(),
@@ -177,8 +214,12 @@ impl Backend {
                 (Target::Pool(pool), service, c.pool.adapter.clone())
             }
             BackendKind::Grpc => {
-                let upstream = Upstream::new(&cfg.address, max_message)
-                    .map_err(|e| format!("backends.{}: {e}", cfg.role))?;
+                let upstream = Upstream::new(&cfg.address, max_message).map_err(|source| {
+                    StartError::Upstream {
+                        role: cfg.role,
+                        source,
+                    }
+                })?;
                 let service = AttemptService::Grpc(UpstreamService::new(
                     upstream.clone(),
                     retry_settings.per_try_timeout,
@@ -186,7 +227,7 @@ impl Backend {
                 (Target::Grpc(upstream), service, cfg.address.clone())
             }
             BackendKind::None => {
-                return Err(format!("backends.{}: kind is \"none\"", cfg.role));
+                return Err(StartError::KindNone { role: cfg.role });
             }
         };
         let guarded = tower::Layer::layer(&BreakerLayer::new(breaker.clone()), service);

@@ -20,6 +20,14 @@ use crate::proto::bridge_client::BridgeClient;
 use crate::resilience::{Attempt, ErrorClass, Failed, Served};
 use crate::worker::WorkerId;
 
+/// An upstream address that is not a URI tonic can connect to.
+#[derive(Debug, thiserror::Error)]
+#[error("bad upstream address {address:?}: {source}")]
+pub struct BadAddress {
+    pub address: String,
+    pub source: tonic::transport::Error,
+}
+
 /// A lazily connected client: pitboss starts even while the upstream is down, and its
 /// calls then fail as `worker_crashed` (nothing ran) until it comes back.
 #[derive(Clone)]
@@ -29,9 +37,12 @@ pub struct Upstream {
 }
 
 impl Upstream {
-    pub fn new(address: &str, max_message_bytes: usize) -> Result<Upstream, String> {
+    pub fn new(address: &str, max_message_bytes: usize) -> Result<Upstream, BadAddress> {
         let endpoint = Endpoint::from_shared(address.to_string())
-            .map_err(|e| format!("bad upstream address {address:?}: {e}"))?
+            .map_err(|source| BadAddress {
+                address: address.to_string(),
+                source,
+            })?
             .connect_timeout(Duration::from_secs(5))
             .tcp_nodelay(true);
         let client = BridgeClient::new(endpoint.connect_lazy())

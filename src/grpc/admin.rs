@@ -13,8 +13,8 @@ use tonic::{Request, Response, Status};
 use super::pb::admin_server::Admin;
 use super::{duration, pb, Edge};
 use crate::backend::Target;
-use crate::rollout::flags::{Action, Change, Mode};
-use crate::rollout::Percent;
+use crate::rollout::flags::{Action, Change, Mode, UnknownAction, UnknownMode};
+use crate::rollout::{InvalidPercent, Percent};
 
 /// Compares in constant time for equal lengths, so the time taken does not tell an
 /// attacker how much of a guess was right.
@@ -126,8 +126,21 @@ impl AdminService {
     }
 }
 
+/// A `SetRolloutRequest` that is not a valid change: which field, and why.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum InvalidChange {
+    #[error(transparent)]
+    Mode(#[from] UnknownMode),
+    #[error(transparent)]
+    Percent(#[from] InvalidPercent),
+    #[error(transparent)]
+    Action(#[from] UnknownAction),
+    #[error("nothing to change: give a mode, a percent (0 to 100), commands or an action")]
+    Nothing,
+}
+
 /// Turns a `SetRolloutRequest` into a change, checking every field.
-pub fn parse_change(r: &pb::SetRolloutRequest) -> Result<Change, String> {
+pub fn parse_change(r: &pb::SetRolloutRequest) -> Result<Change, InvalidChange> {
     let mode = if r.mode.is_empty() {
         None
     } else {
@@ -151,9 +164,7 @@ pub fn parse_change(r: &pb::SetRolloutRequest) -> Result<Change, String> {
         None
     };
     if mode.is_none() && percent.is_none() && action.is_none() && commands.is_none() {
-        return Err(
-            "nothing to change: give a mode, a percent (0 to 100), commands or an action".into(),
-        );
+        return Err(InvalidChange::Nothing);
     }
     Ok(Change {
         mode,
@@ -249,7 +260,7 @@ impl Admin for AdminService {
             .map(|a| a.to_string())
             .unwrap_or_else(|| "unknown".into());
         let r = req.into_inner();
-        let change = parse_change(&r).map_err(Status::invalid_argument)?;
+        let change = parse_change(&r).map_err(|e| Status::invalid_argument(e.to_string()))?;
         if self.0.new.is_none() && change.action != Some(Action::Rollback) {
             let wants_new = change.mode.is_some_and(|m| m != Mode::Off)
                 || change.percent.is_some_and(|p| p != Percent::ZERO);
@@ -269,7 +280,7 @@ impl Admin for AdminService {
             .rollout
             .change(&change, &actor)
             .await
-            .map_err(Status::failed_precondition)?;
+            .map_err(|e| Status::failed_precondition(e.to_string()))?;
         Ok(Response::new(self.rollout_msg()))
     }
 }
@@ -307,12 +318,19 @@ mod tests {
             percent: -1.0,
             ..Default::default()
         };
-        assert!(parse_change(&r).unwrap_err().contains("nothing to change"));
+        let err = parse_change(&r).unwrap_err();
+        assert_eq!(err, InvalidChange::Nothing);
+        assert!(err.to_string().contains("nothing to change"));
         r.percent = 150.0;
-        assert!(parse_change(&r).is_err());
+        assert_eq!(
+            parse_change(&r),
+            Err(InvalidChange::Percent(InvalidPercent::OutOfRange(150.0)))
+        );
         r.percent = 12.5;
         r.mode = "sideways".into();
-        assert!(parse_change(&r).unwrap_err().contains("unknown mode"));
+        let err = parse_change(&r).unwrap_err();
+        assert_eq!(err, InvalidChange::Mode(UnknownMode("sideways".into())));
+        assert!(err.to_string().contains("unknown mode"));
         r.mode = "canary".into();
         r.action = "resume".into();
         let c = parse_change(&r).unwrap();

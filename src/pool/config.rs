@@ -115,33 +115,41 @@ impl PoolConfig {
     }
 
     /// Checks the relations between settings; every field on its own is typed.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), InvalidPoolConfig> {
         let mut errors = Vec::new();
         if self.size == 0 {
-            errors.push("size must be at least 1".to_string());
+            errors.push("size must be at least 1");
         }
         if self.worker_concurrency == 0 {
-            errors.push("worker_concurrency must be at least 1".to_string());
+            errors.push("worker_concurrency must be at least 1");
         }
         if self.max_frame_bytes < 1024 {
-            errors.push("max_frame_bytes must be at least 1024".to_string());
+            errors.push("max_frame_bytes must be at least 1024");
         }
         if self.heartbeat_interval.is_zero() {
-            errors.push("heartbeat_interval must be positive".to_string());
+            errors.push("heartbeat_interval must be positive");
         }
         if self.heartbeat_timeout <= self.heartbeat_interval {
-            errors.push("heartbeat_timeout must be longer than heartbeat_interval".to_string());
+            errors.push("heartbeat_timeout must be longer than heartbeat_interval");
         }
         if self.worker.adapter.trim().is_empty() {
-            errors.push("adapter must name MODULE:OBJECT".to_string());
+            errors.push("adapter must name MODULE:OBJECT");
         }
         if self.max_sessions == 0 {
-            errors.push("max_sessions must be at least 1".to_string());
+            errors.push("max_sessions must be at least 1");
         }
         if errors.is_empty() {
             Ok(())
         } else {
-            Err(errors.join("; "))
+            Err(InvalidPoolConfig { problems: errors })
         }
     }
+}
+
+/// The relations between a pool's settings that do not hold, each as a sentence
+/// naming the setting (`size must be at least 1`), joined by `; `.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{}", problems.join("; "))]
+pub struct InvalidPoolConfig {
+    pub problems: Vec<&'static str>,
 }

@@ -30,10 +30,10 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-pub use config::{PoolConfig, WorkerCommand};
+pub use config::{InvalidPoolConfig, PoolConfig, WorkerCommand};
 pub use error::{ExhaustedReason, PoolError, TimeoutStage};
 pub use select::Target;
-pub use sessions::{AffinityMode, SessionInfo, SessionTable};
+pub use sessions::{AffinityMode, SessionInfo, SessionTable, UnknownAffinityMode};
 pub use supervisor::{ExitReason, StopReason};
 
 use dispatch::{Dispatcher, Lease};

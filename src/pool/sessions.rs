@@ -28,18 +28,21 @@ pub enum AffinityMode {
 }
 
 impl std::str::FromStr for AffinityMode {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = UnknownAffinityMode;
+    fn from_str(s: &str) -> Result<Self, UnknownAffinityMode> {
         match s {
             "hint" => Ok(AffinityMode::Hint),
             "strict_queue" => Ok(AffinityMode::StrictQueue),
             "strict_fail_fast" => Ok(AffinityMode::StrictFailFast),
-            other => Err(format!(
-                "unknown affinity mode {other:?}; expected hint, strict_queue or strict_fail_fast"
-            )),
+            other => Err(UnknownAffinityMode(other.to_string())),
         }
     }
 }
+
+/// A name that is not one of the [`AffinityMode`]s.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown affinity mode {0:?}; expected hint, strict_queue or strict_fail_fast")]
+pub struct UnknownAffinityMode(pub String);
 
 #[derive(Debug, Clone)]
 struct Entry {

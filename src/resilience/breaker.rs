@@ -176,8 +176,8 @@ pub struct Permit {
 }
 
 impl Breaker {
-    pub fn new(name: &str, settings: BreakerSettings) -> Result<Breaker, String> {
-        settings.validate().map_err(|e| e.to_string())?;
+    pub fn new(name: &str, settings: BreakerSettings) -> Result<Breaker, InvalidSetting> {
+        settings.validate()?;
         let open = backoff::constant(settings.open_for);
         let policy = consecutive_failures(settings.consecutive_failures, open.clone()).or_else(
             success_rate_over_time_window(

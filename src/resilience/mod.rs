@@ -14,7 +14,8 @@ pub mod retry;
 
 /// A setting that failed validation: which field, and what is wrong with it. Displays
 /// as "field message", e.g. "max_attempts must be at least 1".
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field} {message}")]
 pub struct InvalidSetting {
     pub field: &'static str,
     pub message: &'static str,
@@ -26,13 +27,9 @@ impl InvalidSetting {
     }
 }
 
-impl std::fmt::Display for InvalidSetting {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{} {}", self.field, self.message)
-    }
-}
-
 pub use breaker::{Breaker, BreakerLayer, BreakerSettings, BreakerState};
 pub use class::{classify, ErrorClass, ExceptionRules, Retry, Severity};
 pub use outlier::{OutlierDetector, OutlierSettings};
-pub use retry::{Attempt, Failed, PoolService, RetryPolicy, RetrySettings, Served};
+pub use retry::{
+    Attempt, Failed, InvalidRetrySettings, PoolService, RetryPolicy, RetrySettings, Served,
+};

@@ -211,6 +211,17 @@ pub trait RetryObserver: Send + Sync + 'static {
 struct Quiet;
 impl RetryObserver for Quiet {}
 
+/// Why a [`RetryPolicy`] cannot be built from its settings.
+#[derive(Debug, thiserror::Error)]
+pub enum InvalidRetrySettings {
+    /// A setting out of its range, e.g. "max_attempts must be at least 1".
+    #[error(transparent)]
+    Setting(#[from] InvalidSetting),
+    /// tower refused the backoff ("invalid backoff: maximum must be non-zero").
+    #[error(transparent)]
+    Backoff(#[from] tower::retry::backoff::InvalidBackoff),
+}
+
 /// The tower retry policy. Cloned per request, so the backoff progresses per request,
 /// while the budget is shared.
 #[derive(Clone)]
@@ -222,15 +233,14 @@ pub struct RetryPolicy {
 }
 
 impl RetryPolicy {
-    pub fn new(settings: &RetrySettings) -> Result<RetryPolicy, String> {
-        settings.validate().map_err(|e| e.to_string())?;
+    pub fn new(settings: &RetrySettings) -> Result<RetryPolicy, InvalidRetrySettings> {
+        settings.validate()?;
         let mut maker = ExponentialBackoffMaker::new(
             settings.backoff_base,
             settings.backoff_max,
             settings.jitter,
             HasherRng::default(),
-        )
-        .map_err(|e| format!("{e:?}"))?;
+        )?;
         Ok(RetryPolicy {
             backoff: maker.make_backoff(),
             budget: Arc::new(TpsBudget::new(

@@ -13,6 +13,15 @@
 /// Number of buckets: percentages have a resolution of 0.01.
 pub const BUCKETS: u32 = 10_000;
 
+/// Why a number is not a [`Percent`].
+#[derive(Debug, Clone, Copy, PartialEq, thiserror::Error)]
+pub enum InvalidPercent {
+    #[error("percent must be between 0 and 100, got {0}")]
+    OutOfRange(f64),
+    #[error("percent moves in steps of 0.01, got {0}")]
+    TooFine(f64),
+}
+
 /// A share of traffic in hundredths of a percent: 0 ..= 10000 (100.00%).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
 pub struct Percent(u32);
@@ -22,13 +31,13 @@ impl Percent {
     pub const ALL: Percent = Percent(BUCKETS);
 
     /// From a percentage such as `12.5`; it must be within 0..=100 in steps of 0.01.
-    pub fn from_f64(p: f64) -> Result<Percent, String> {
+    pub fn from_f64(p: f64) -> Result<Percent, InvalidPercent> {
         if !p.is_finite() || !(0.0..=100.0).contains(&p) {
-            return Err(format!("percent must be between 0 and 100, got {p}"));
+            return Err(InvalidPercent::OutOfRange(p));
         }
         let hundredths = (p * 100.0).round();
         if ((p * 100.0) - hundredths).abs() > 1e-6 {
-            return Err(format!("percent moves in steps of 0.01, got {p}"));
+            return Err(InvalidPercent::TooFine(p));
         }
         Ok(Percent(hundredths as u32))
     }
@@ -127,9 +136,19 @@ mod tests {
     fn percentages_are_validated() {
         assert_eq!(Percent::from_f64(12.34).unwrap().hundredths(), 1234);
         assert_eq!(Percent::from_f64(100.0).unwrap(), Percent::ALL);
-        assert!(Percent::from_f64(100.01).is_err());
+        assert_eq!(
+            Percent::from_f64(100.01),
+            Err(InvalidPercent::OutOfRange(100.01))
+        );
         assert!(Percent::from_f64(-1.0).is_err());
-        assert!(Percent::from_f64(1.005).is_err());
+        assert_eq!(
+            Percent::from_f64(1.005),
+            Err(InvalidPercent::TooFine(1.005))
+        );
+        assert_eq!(
+            InvalidPercent::TooFine(1.005).to_string(),
+            "percent moves in steps of 0.01, got 1.005"
+        );
         assert!(Percent::from_f64(f64::NAN).is_err());
     }
 }

@@ -13,8 +13,8 @@ use std::time::{Duration, SystemTime};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::flags::{self, apply_change, rolled_back, Change, Flags, Mode, Route};
-use super::reload::LiveFlags;
+use super::flags::{self, apply_change, rolled_back, Change, Flags, Mode, RefusedChange, Route};
+use super::reload::{LiveFlags, UpdateError};
 use super::shadow::Outcome;
 use super::stats::{rollback_reason, RollbackRules, RollingStats, WindowStats};
 use crate::backend::Role;
@@ -29,6 +29,12 @@ pub struct Counters {
     pub fallbacks: AtomicU64,
     pub rollbacks: AtomicU64,
 }
+
+/// The auto-rollback found the rollout already changed (an operator was quicker):
+/// nothing to do.
+#[derive(Debug, thiserror::Error)]
+#[error("already changed")]
+struct AlreadyChanged;
 
 pub struct Rollout {
     pub flags: Arc<LiveFlags>,
@@ -147,7 +153,7 @@ impl Rollout {
             .flags
             .update(|cur| {
                 if cur.status.state != flags::RolloutState::Active {
-                    return Err("already changed".into());
+                    return Err(AlreadyChanged);
                 }
                 Ok(rolled_back(cur, &reason, &now))
             })
@@ -163,7 +169,7 @@ impl Rollout {
                 self.publish();
                 Some(reason)
             }
-            Err(e) if e == "already changed" => None,
+            Err(UpdateError::Refused(AlreadyChanged)) => None,
             Err(e) => {
                 // The file could not be written (a read-only ConfigMap volume, a full
                 // disk): nothing changed. Say so loudly, and count it for alerts.
@@ -175,7 +181,11 @@ impl Rollout {
     }
 
     /// Applies an operator's change, persists it and audits it.
-    pub async fn change(&self, change: &Change, actor: &str) -> Result<Arc<Flags>, String> {
+    pub async fn change(
+        &self,
+        change: &Change,
+        actor: &str,
+    ) -> Result<Arc<Flags>, UpdateError<RefusedChange>> {
         let now = now_rfc3339();
         let (old, new) = self
             .flags

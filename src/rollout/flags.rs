@@ -306,30 +306,44 @@ pub enum Action {
     Rollback,
 }
 
+/// A name that is not one of the [`Action`]s.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown action {0:?}; expected pause, resume or rollback")]
+pub struct UnknownAction(pub String);
+
+/// A name that is not one of the [`Mode`]s.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown mode {0:?}; expected off, shadow, canary or full")]
+pub struct UnknownMode(pub String);
+
+/// An operator's change that [`apply_change`] refuses.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RefusedChange {
+    /// `pause` on a rolled-back rollout: only `resume` leaves that state.
+    #[error("the rollout is rolled back; resume it (not pause)")]
+    PauseRolledBack,
+}
+
 impl Action {
-    pub fn parse(s: &str) -> Result<Option<Action>, String> {
+    pub fn parse(s: &str) -> Result<Option<Action>, UnknownAction> {
         match s {
             "" => Ok(None),
             "pause" => Ok(Some(Action::Pause)),
             "resume" => Ok(Some(Action::Resume)),
             "rollback" => Ok(Some(Action::Rollback)),
-            other => Err(format!(
-                "unknown action {other:?}; expected pause, resume or rollback"
-            )),
+            other => Err(UnknownAction(other.to_string())),
         }
     }
 }
 
 impl Mode {
-    pub fn parse(s: &str) -> Result<Mode, String> {
+    pub fn parse(s: &str) -> Result<Mode, UnknownMode> {
         match s {
             "off" => Ok(Mode::Off),
             "shadow" => Ok(Mode::Shadow),
             "canary" => Ok(Mode::Canary),
             "full" => Ok(Mode::Full),
-            other => Err(format!(
-                "unknown mode {other:?}; expected off, shadow, canary or full"
-            )),
+            other => Err(UnknownMode(other.to_string())),
         }
     }
 
@@ -362,7 +376,7 @@ pub fn apply_change(
     change: &Change,
     actor: &str,
     now: &str,
-) -> Result<Flags, String> {
+) -> Result<Flags, RefusedChange> {
     let mut f = flags.clone();
     if let Some(mode) = change.mode {
         f.mode = mode;
@@ -391,7 +405,7 @@ pub fn apply_change(
         None => {}
         Some(Action::Pause) => {
             if f.status.state == RolloutState::RolledBack {
-                return Err("the rollout is rolled back; resume it (not pause)".into());
+                return Err(RefusedChange::PauseRolledBack);
             }
             f.status.state = RolloutState::Paused;
             reason = Some("paused by an operator".to_string());
@@ -540,16 +554,18 @@ mod tests {
         .unwrap();
         assert_eq!(still.status.state, RolloutState::RolledBack);
         assert_eq!(still.effective_percent(), Percent::ZERO);
-        assert!(apply_change(
-            &rb,
-            &Change {
-                action: Some(Action::Pause),
-                ..Default::default()
-            },
-            "ops",
-            "t4"
-        )
-        .is_err());
+        assert_eq!(
+            apply_change(
+                &rb,
+                &Change {
+                    action: Some(Action::Pause),
+                    ..Default::default()
+                },
+                "ops",
+                "t4"
+            ),
+            Err(RefusedChange::PauseRolledBack)
+        );
         // ... only resume does.
         let resumed = apply_change(
             &still,

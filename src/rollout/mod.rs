@@ -15,6 +15,6 @@ pub mod reload;
 pub mod shadow;
 pub mod stats;
 
-pub use bucket::{bucket, in_new, Percent, BUCKETS};
+pub use bucket::{bucket, in_new, InvalidPercent, Percent, BUCKETS};
 pub use flags::{route, sticky_key, Flags, Mode, Route};
-pub use reload::LiveFlags;
+pub use reload::{LiveFlags, UpdateError};

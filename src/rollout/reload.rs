@@ -30,6 +30,33 @@ use tokio::sync::mpsc;
 
 use super::flags::Flags;
 
+/// Why [`LiveFlags::update`] changed nothing: the change itself was refused, or the
+/// file could not be written.
+#[derive(Debug, thiserror::Error)]
+pub enum UpdateError<E> {
+    #[error(transparent)]
+    Refused(E),
+    #[error("cannot write the flags file {}: {source}", path.display())]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// Why a reload of the flags file was rejected (the previous flags stay in force).
+#[derive(Debug, thiserror::Error)]
+enum ReloadError {
+    #[error("{origin}: cannot read: {source}")]
+    Read {
+        origin: String,
+        source: std::io::Error,
+    },
+    #[error("{origin}: the file is empty (a writer may be mid-write); write `mode = \"off\"` to turn the rollout off")]
+    Empty { origin: String },
+    #[error(transparent)]
+    Invalid(#[from] crate::config::ConfigError),
+}
+
 /// The flags in force, shared by every call.
 pub struct LiveFlags {
     current: ArcSwap<Flags>,
@@ -138,16 +165,18 @@ impl LiveFlags {
     /// over the original), so a restart keeps it and a reader never sees half a file.
     /// Returns the old and the new flags. The file is written before the swap: if it
     /// cannot be written, nothing changes and the error says why.
-    pub async fn update(
+    pub async fn update<E>(
         &self,
-        change: impl FnOnce(&Flags) -> Result<Flags, String>,
-    ) -> Result<(Arc<Flags>, Arc<Flags>), String> {
+        change: impl FnOnce(&Flags) -> Result<Flags, E>,
+    ) -> Result<(Arc<Flags>, Arc<Flags>), UpdateError<E>> {
         let _guard = self.write_lock.lock().await;
         let old = self.get();
-        let new = change(&old)?;
+        let new = change(&old).map_err(UpdateError::Refused)?;
         if let Some(path) = &self.path {
-            write_atomically(path, &new.to_toml())
-                .map_err(|e| format!("cannot write the flags file {}: {e}", path.display()))?;
+            write_atomically(path, &new.to_toml()).map_err(|source| UpdateError::Write {
+                path: path.clone(),
+                source,
+            })?;
             save_last_good(path, &new);
         }
         let new = Arc::new(new);
@@ -187,16 +216,19 @@ impl LiveFlags {
         let origin = path.display().to_string();
         let current = self.get();
         let result = std::fs::read_to_string(path)
-            .map_err(|e| format!("{origin}: cannot read: {e}"))
+            .map_err(|source| ReloadError::Read {
+                origin: origin.clone(),
+                source,
+            })
             .and_then(|text| {
                 if text.trim().is_empty() {
                     // A writer between truncating and writing, or a mistake: either
                     // way "everything back to the defaults" is not what anyone meant.
-                    return Err(format!(
-                        "{origin}: the file is empty (a writer may be mid-write); write `mode = \"off\"` to turn the rollout off"
-                    ));
+                    return Err(ReloadError::Empty {
+                        origin: origin.clone(),
+                    });
                 }
-                Flags::parse_reload(&origin, &text, &current).map_err(|e| e.to_string())
+                Ok(Flags::parse_reload(&origin, &text, &current)?)
             });
         match result {
             Ok(flags) => {
@@ -214,7 +246,7 @@ impl LiveFlags {
                 tracing::error!("flags file rejected, previous flags stay in force: {e}");
                 self.reloads_failed.fetch_add(1, Ordering::Relaxed);
                 metrics::counter!("pitboss_config_reloads_total", "file" => "flags", "result" => "error").increment(1);
-                *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(e);
+                *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(e.to_string());
                 false
             }
         }
@@ -618,7 +650,7 @@ mod tests {
                 let mut f = f.clone();
                 f.status.state = crate::rollout::flags::RolloutState::RolledBack;
                 f.status.reason = "error rate".into();
-                Ok(f)
+                Ok::<_, std::convert::Infallible>(f)
             })
             .await
             .unwrap();
@@ -632,7 +664,8 @@ mod tests {
             .collect();
         assert_eq!(left, vec!["flags.toml".to_string()], "no temp file left");
         // A failed change changes nothing.
-        assert!(live.update(|_| Err("no".into())).await.is_err());
+        let refused = live.update(|_| Err::<Flags, _>("no")).await;
+        assert!(matches!(refused, Err(UpdateError::Refused("no"))));
         assert_eq!(*live.get(), *new);
         let _ = std::fs::remove_dir_all(&dir);
     }

@@ -135,7 +135,8 @@ impl Shared {
         }
     }
 
-    fn violation(&self, detail: String) {
+    fn violation(&self, detail: impl fmt::Display) {
+        let detail = detail.to_string();
         tracing::warn!(worker = %self.id, "protocol violation: {detail}");
         self.fail_all(WorkerError::Protocol {
             worker: self.id,
@@ -194,7 +195,7 @@ impl Shared {
                     Ok(())
                 }
                 ReplyTx::Cancelled => Ok(()),
-                ReplyTx::Unary(_) => Err("STREAM_END for a unary request".to_string()),
+                ReplyTx::Unary(_) => Err(Misrouted::StreamEndForUnary),
             }),
             Frame::StreamChunk {
                 id: rid,
@@ -211,8 +212,11 @@ impl Shared {
                         Ok(())
                     }
                     Some(ReplyTx::Cancelled) => Ok(()),
-                    Some(ReplyTx::Unary(_)) => Err(format!("STREAM_CHUNK for unary request {rid}")),
-                    None => Err(format!("STREAM_CHUNK for unknown request id {rid}")),
+                    Some(ReplyTx::Unary(_)) => Err(Misrouted::ChunkForUnary(rid)),
+                    None => Err(Misrouted::UnknownId {
+                        what: "STREAM_CHUNK",
+                        rid,
+                    }),
                 };
                 drop(pending);
                 match outcome {
@@ -234,15 +238,15 @@ impl Shared {
     fn finish(
         &self,
         rid: u64,
-        what: &str,
-        deliver: impl FnOnce(ReplyTx) -> Result<(), String>,
+        what: &'static str,
+        deliver: impl FnOnce(ReplyTx) -> Result<(), Misrouted>,
     ) -> bool {
         let entry = self.pending().remove(&rid);
         let outcome = match entry {
             // The slot guard drops at the end of this block: the pool sees the worker
             // free only once its reply is routed.
             Some(p) => deliver(p.tx),
-            None => Err(format!("{what} for unknown request id {rid}")),
+            None => Err(Misrouted::UnknownId { what, rid }),
         };
         match outcome {
             Ok(()) => true,
@@ -252,6 +256,17 @@ impl Shared {
             }
         }
     }
+}
+
+/// A reply frame that does not fit the request it names: a protocol violation.
+#[derive(Debug, thiserror::Error)]
+enum Misrouted {
+    #[error("{what} for unknown request id {rid}")]
+    UnknownId { what: &'static str, rid: u64 },
+    #[error("STREAM_END for a unary request")]
+    StreamEndForUnary,
+    #[error("STREAM_CHUNK for unary request {0}")]
+    ChunkForUnary(u64),
 }
 
 /// A handle to a ready worker's connection. Cheap to clone.
@@ -628,7 +643,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
                 }
             }
             Some(Err(e)) => {
-                shared.violation(e.to_string());
+                shared.violation(e);
                 return;
             }
             None => {

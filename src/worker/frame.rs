@@ -188,9 +188,38 @@ pub enum FrameError {
     #[error("non-zero reserved flags {0:#06x}")]
     Flags(u16),
     #[error("malformed {kind:?} body: {detail}")]
-    Body { kind: Kind, detail: String },
+    Body {
+        kind: Kind,
+        #[source]
+        detail: BodyError,
+    },
     #[error("i/o error: {0}")]
     Io(#[from] std::io::Error),
+}
+
+/// What is wrong inside a frame's body (the [`FrameError::Body`] names the kind).
+#[derive(Debug, thiserror::Error)]
+pub enum BodyError {
+    #[error("{what} header needs {needs} bytes, got {got}")]
+    ShortHeader {
+        what: &'static str,
+        needs: usize,
+        got: usize,
+    },
+    #[error("{what} needs {needs} bytes but only {remain} remain")]
+    Truncated {
+        what: &'static str,
+        needs: usize,
+        remain: usize,
+    },
+    #[error("{what} is not valid UTF-8")]
+    NotUtf8 { what: &'static str },
+    #[error("{what} is {len} bytes, the limit is 65535")]
+    TooLong { what: &'static str, len: usize },
+    #[error("expected an empty body, got {0} bytes")]
+    NotEmpty(usize),
+    #[error(transparent)]
+    Json(#[from] serde_json::Error),
 }
 
 /// Encoder and decoder for both directions (tests use it to play the worker side).
@@ -261,21 +290,17 @@ pub fn decode_frame(mut buf: Bytes) -> Result<Frame, FrameError> {
     }
     let id = buf.get_u64();
     let body = buf;
-    let malformed = |detail: String| FrameError::Body { kind, detail };
+    let malformed = |detail: BodyError| FrameError::Body { kind, detail };
     let empty = |body: &Bytes| {
         if body.is_empty() {
             Ok(())
         } else {
-            Err(malformed(format!(
-                "expected an empty body, got {} bytes",
-                body.len()
-            )))
+            Err(malformed(BodyError::NotEmpty(body.len())))
         }
     };
     Ok(match kind {
         Kind::Ready => {
-            let info: ReadyInfo =
-                serde_json::from_slice(&body).map_err(|e| malformed(e.to_string()))?;
+            let info: ReadyInfo = serde_json::from_slice(&body).map_err(|e| malformed(e.into()))?;
             Frame::Ready(info)
         }
         Kind::Request => Frame::Request(decode_request(id, body).map_err(malformed)?),
@@ -296,8 +321,7 @@ pub fn decode_frame(mut buf: Bytes) -> Result<Frame, FrameError> {
             }
         }
         Kind::Error => {
-            let body: ErrorBody =
-                serde_json::from_slice(&body).map_err(|e| malformed(e.to_string()))?;
+            let body: ErrorBody = serde_json::from_slice(&body).map_err(|e| malformed(e.into()))?;
             Frame::Error { id, body }
         }
         Kind::StreamEnd => {
@@ -326,23 +350,28 @@ pub fn decode_frame(mut buf: Bytes) -> Result<Frame, FrameError> {
     })
 }
 
-fn utf8(bytes: Vec<u8>, what: &str) -> Result<String, String> {
-    String::from_utf8(bytes).map_err(|_| format!("{what} is not valid UTF-8"))
+fn utf8(bytes: Vec<u8>, what: &'static str) -> Result<String, BodyError> {
+    String::from_utf8(bytes).map_err(|_| BodyError::NotUtf8 { what })
 }
 
-fn take_str(body: &mut Bytes, len: usize, what: &str) -> Result<String, String> {
+fn take_str(body: &mut Bytes, len: usize, what: &'static str) -> Result<String, BodyError> {
     if body.len() < len {
-        return Err(format!(
-            "{what} needs {len} bytes but only {} remain",
-            body.len()
-        ));
+        return Err(BodyError::Truncated {
+            what,
+            needs: len,
+            remain: body.len(),
+        });
     }
     utf8(body.split_to(len).to_vec(), what)
 }
 
-fn decode_request(id: u64, mut body: Bytes) -> Result<RequestFrame, String> {
+fn decode_request(id: u64, mut body: Bytes) -> Result<RequestFrame, BodyError> {
     if body.len() < 10 {
-        return Err(format!("request header needs 10 bytes, got {}", body.len()));
+        return Err(BodyError::ShortHeader {
+            what: "request",
+            needs: 10,
+            got: body.len(),
+        });
     }
     let command_len = body.get_u16() as usize;
     let session_len = body.get_u16() as usize;
@@ -361,9 +390,13 @@ fn decode_request(id: u64, mut body: Bytes) -> Result<RequestFrame, String> {
     })
 }
 
-fn decode_payload_body(mut body: Bytes) -> Result<(String, Bytes), String> {
+fn decode_payload_body(mut body: Bytes) -> Result<(String, Bytes), BodyError> {
     if body.len() < 2 {
-        return Err(format!("payload header needs 2 bytes, got {}", body.len()));
+        return Err(BodyError::ShortHeader {
+            what: "payload",
+            needs: 2,
+            got: body.len(),
+        });
     }
     let ctype_len = body.get_u16() as usize;
     let content_type = take_str(&mut body, ctype_len, "content type")?;
@@ -382,10 +415,10 @@ pub fn request_frame_len(
     HEADER_LEN + 10 + command.len() + session_id.len() + content_type.len() + payload_len
 }
 
-fn short_len(s: &str, what: &str) -> Result<u16, FrameError> {
+fn short_len(s: &str, what: &'static str) -> Result<u16, FrameError> {
     u16::try_from(s.len()).map_err(|_| FrameError::Body {
         kind: Kind::Request,
-        detail: format!("{what} is {} bytes, the limit is 65535", s.len()),
+        detail: BodyError::TooLong { what, len: s.len() },
     })
 }
 

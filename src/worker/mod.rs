@@ -20,7 +20,9 @@ pub use connection::{
     Call, CallRequest, Connection, KillReason, Reply, ReplyMode, SlotGuard, WorkerId,
 };
 pub use error::WorkerError;
-pub use frame::{CommandInfo, Frame, FrameCodec, ReadyInfo, PROTOCOL_VERSION};
+pub use frame::{
+    BodyError, CommandInfo, Frame, FrameCodec, FrameError, ReadyInfo, PROTOCOL_VERSION,
+};
 pub use process::{resolve_python, rss_bytes, signal_group, WorkerSpec};
 
 /// Lines of stderr kept per worker, so a worker that dies at startup can say why.
@@ -41,7 +43,24 @@ pub enum StartError {
     #[error("worker exited before its READY handshake ({status}){tail}")]
     Exited { status: String, tail: StderrTail },
     #[error("bad handshake: {detail}{tail}")]
-    Handshake { detail: String, tail: StderrTail },
+    Handshake {
+        #[source]
+        detail: BadHandshake,
+        tail: StderrTail,
+    },
+}
+
+/// A first frame from a new worker that is not the `READY` pitboss expects.
+#[derive(Debug, thiserror::Error)]
+pub enum BadHandshake {
+    #[error(transparent)]
+    Frame(#[from] frame::FrameError),
+    #[error("worker speaks protocol {0}, pitboss speaks {PROTOCOL_VERSION}")]
+    Protocol(u32),
+    #[error("READY says pid {said}, but the child is {child}")]
+    Pid { said: u32, child: u32 },
+    #[error("expected READY first, got {0:?}")]
+    NotReady(frame::Kind),
 }
 
 /// The last lines a worker wrote to stderr, formatted for an error message.
@@ -136,23 +155,20 @@ pub async fn start(
             let tail = process.stderr_tail().await;
             return Err(StartError::Exited { status, tail });
         }
-        Ok(Some(Err(e))) => Err(e.to_string()),
+        Ok(Some(Err(e))) => Err(BadHandshake::from(e)),
         Ok(Some(Ok(Frame::Ready(info)))) => {
             if info.protocol != u32::from(PROTOCOL_VERSION) {
-                Err(format!(
-                    "worker speaks protocol {}, pitboss speaks {PROTOCOL_VERSION}",
-                    info.protocol
-                ))
+                Err(BadHandshake::Protocol(info.protocol))
             } else if info.pid != pid {
-                Err(format!(
-                    "READY says pid {}, but the child is {pid}",
-                    info.pid
-                ))
+                Err(BadHandshake::Pid {
+                    said: info.pid,
+                    child: pid,
+                })
             } else {
                 Ok(info)
             }
         }
-        Ok(Some(Ok(other))) => Err(format!("expected READY first, got {:?}", other.kind())),
+        Ok(Some(Ok(other))) => Err(BadHandshake::NotReady(other.kind())),
     };
     match ready {
         Ok(info) => {
