@@ -115,10 +115,14 @@ impl RunningServer {
             Some(path) => LiveFlags::start(&path),
             None => LiveFlags::in_memory(crate::rollout::Flags::defaults()),
         };
-        let legacy = Backend::start(&legacy_cfg, observer.clone()).await?;
+        let observers = |role: &'static str| crate::backend::Observers {
+            pool: observer.clone(),
+            retries: Arc::new(crate::telemetry::RetryCounter(role)),
+        };
+        let legacy = Backend::start(&legacy_cfg, observers("legacy")).await?;
         let new = match new_cfg.kind {
             BackendKind::None => None,
-            _ => Some(Backend::start(&new_cfg, observer).await?),
+            _ => Some(Backend::start(&new_cfg, observers("new")).await?),
         };
         let stop_background = CancellationToken::new();
         let watch = if flags.path().is_some() {

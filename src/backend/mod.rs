@@ -170,13 +170,24 @@ impl ChunkSource {
     }
 }
 
+/// Who hears about a backend's events. The backend defines what it reports (these
+/// traits live in the layers below); whoever starts it (the server) decides where the
+/// reports go (Prometheus), so no lower layer imports telemetry.
+pub struct Observers {
+    /// Worker exits and restarts of a pool backend.
+    pub pool: Arc<dyn PoolObserver>,
+    /// Retries and retry-budget refusals of this backend.
+    pub retries: Arc<dyn crate::resilience::retry::RetryObserver>,
+}
+
 impl Backend {
     /// Starts the backend: launches its pool (workers start in the background), or
     /// prepares a lazily connected upstream client.
-    pub async fn start(
-        cfg: &BackendConfig,
-        observer: Arc<dyn PoolObserver>,
-    ) -> Result<Backend, StartError> {
+    pub async fn start(cfg: &BackendConfig, observers: Observers) -> Result<Backend, StartError> {
+        let Observers {
+            pool: observer,
+            retries,
+        } = observers;
         let role = if cfg.role == "new" {
             Role::New
         } else {
@@ -190,7 +201,7 @@ impl Backend {
                 role: cfg.role,
                 source,
             })?
-            .with_observer(Arc::new(crate::telemetry::RetryCounter(cfg.role)));
+            .with_observer(retries);
         let breaker =
             Breaker::new(cfg.role, c.breaker_settings()).map_err(|source| StartError::Breaker {
                 role: cfg.role,
