@@ -3,7 +3,8 @@
 //!
 //! Shutdown: health goes NOT_SERVING and new calls get UNAVAILABLE at once; in-flight
 //! calls get `shutdown_grace` to finish; then the workers are stopped (SHUTDOWN frame,
-//! SIGTERM, SIGKILL).
+//! SIGTERM, SIGKILL). The stages are one token tree ([`Shutdown`]), so stopping a
+//! stage stops every earlier one too.
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
@@ -55,15 +56,49 @@ pub struct RunningServer {
     /// The HTTP listener: `/metrics`, `/healthz`, `/readyz`.
     pub metrics_addr: SocketAddr,
     edge: Arc<Edge>,
-    stop_listeners: CancellationToken,
-    stop_http: CancellationToken,
+    stop: Shutdown,
     http_server: JoinHandle<()>,
-    stop_health: CancellationToken,
-    stop_background: CancellationToken,
     _watch: Option<crate::rollout::reload::WatchGuard>,
     health: tonic_health::server::HealthReporter,
     servers: Vec<JoinHandle<()>>,
     grace: Duration,
+}
+
+/// The stages of shutdown as one token tree, in the order [`RunningServer::shutdown`]
+/// runs them: health tracking, then the gRPC listeners (after which in-flight calls
+/// drain), then the background tasks (rollout checks, pruning, command refresh), then
+/// the HTTP listener last, so `/readyz` says "draining" until the end. Each stage's
+/// token is the parent of the stages before it: stopping a stage also stops every
+/// earlier one, so no order of calls can leave an earlier stage running, and
+/// cancelling `http` (the root) stops everything.
+struct Shutdown {
+    http: CancellationToken,
+    background: CancellationToken,
+    listeners: CancellationToken,
+    health: CancellationToken,
+}
+
+impl Shutdown {
+    fn new() -> Shutdown {
+        let http = CancellationToken::new();
+        let background = http.child_token();
+        let listeners = background.child_token();
+        let health = listeners.child_token();
+        Shutdown {
+            http,
+            background,
+            listeners,
+            health,
+        }
+    }
+}
+
+impl Drop for Shutdown {
+    /// A server dropped without `shutdown` (a test that panicked, a failed start) does
+    /// not leave its tasks running.
+    fn drop(&mut self) {
+        self.http.cancel();
+    }
 }
 
 impl RunningServer {
@@ -124,7 +159,7 @@ impl RunningServer {
             BackendKind::None => None,
             _ => Some(Backend::start(&new_cfg, observers("new")).await?),
         };
-        let stop_background = CancellationToken::new();
+        let stop = Shutdown::new();
         let watch = if flags.path().is_some() {
             match flags.watch() {
                 Ok(guard) => Some(guard),
@@ -137,7 +172,7 @@ impl RunningServer {
             None
         };
         let rollout = Rollout::new(flags, new.is_some());
-        rollout.spawn_checker(config.rollout.check_interval.0, stop_background.clone());
+        rollout.spawn_checker(config.rollout.check_interval.0, stop.background.clone());
         let instance_id = instance_id();
         let edge = Arc::new(Edge {
             legacy,
@@ -175,8 +210,8 @@ impl RunningServer {
                 edge.rollout.flags.path().is_some(),
             );
         }
-        spawn_session_pruning(edge.clone(), stop_background.clone());
-        spawn_command_refresh(edge.clone(), stop_background.clone());
+        spawn_session_pruning(edge.clone(), stop.background.clone());
+        spawn_command_refresh(edge.clone(), stop.background.clone());
         if edge.admin_token.is_none() {
             tracing::warn!(
                 "no admin token is configured: the admin API serves read-only calls only"
@@ -190,11 +225,10 @@ impl RunningServer {
         health
             .set_service_status("", ServingStatus::NotServing)
             .await;
-        let stop_health = CancellationToken::new();
         tokio::spawn(track_health(
             edge.clone(),
             health.clone(),
-            stop_health.clone(),
+            stop.health.clone(),
         ));
 
         let (bridge_reflection_v1, bridge_reflection_v1alpha) =
@@ -209,9 +243,8 @@ impl RunningServer {
             .max_decoding_message_size(max)
             .max_encoding_message_size(max);
 
-        let stop_listeners = CancellationToken::new();
         let (e1, e2) = (edge.clone(), edge.clone());
-        let s1 = stop_listeners.clone();
+        let s1 = stop.listeners.clone();
         let bridge_task = tokio::spawn(async move {
             let r = Server::builder()
                 .layer(message_limit_layer(e1, max))
@@ -228,7 +261,7 @@ impl RunningServer {
                 tracing::error!("bridge listener failed: {e}");
             }
         });
-        let s2 = stop_listeners.clone();
+        let s2 = stop.listeners.clone();
         let admin_task = tokio::spawn(async move {
             let r = Server::builder()
                 .layer(message_limit_layer(e2, max))
@@ -243,8 +276,7 @@ impl RunningServer {
         });
         // The HTTP listener outlives the gRPC ones during shutdown, so that /readyz
         // says "draining" (503) while in-flight calls finish.
-        let stop_http = CancellationToken::new();
-        let s3 = stop_http.clone();
+        let s3 = stop.http.clone();
         let http = crate::telemetry::router(edge.clone());
         let metrics_task = tokio::spawn(async move {
             let r = axum::serve(metrics_listener, http)
@@ -260,13 +292,10 @@ impl RunningServer {
             admin_addr,
             metrics_addr,
             edge,
-            stop_listeners,
-            stop_health,
-            stop_background,
+            stop,
             _watch: watch,
             health,
             servers: vec![bridge_task, admin_task],
-            stop_http,
             http_server: metrics_task,
             grace: config.server.shutdown_grace.0,
         })
@@ -293,7 +322,7 @@ impl RunningServer {
     pub async fn shutdown(self) {
         tracing::info!("shutting down: refusing new calls, draining in-flight calls");
         self.edge.draining.store(true, Ordering::Release);
-        self.stop_health.cancel();
+        self.stop.health.cancel();
         self.health
             .set_not_serving::<BridgeServer<BridgeService>>()
             .await;
@@ -302,16 +331,16 @@ impl RunningServer {
                 .set_service_status(service, ServingStatus::NotServing)
                 .await;
         }
-        self.stop_listeners.cancel();
+        self.stop.listeners.cancel();
         let servers = futures_util::future::join_all(self.servers);
         if tokio::time::timeout(self.grace, servers).await.is_err() {
             tracing::warn!("in-flight calls did not finish within {:?}", self.grace);
         }
-        self.stop_background.cancel();
+        self.stop.background.cancel();
         for b in self.edge.backends() {
             b.shutdown().await;
         }
-        self.stop_http.cancel();
+        self.stop.http.cancel();
         let _ = tokio::time::timeout(Duration::from_secs(5), self.http_server).await;
         tracing::info!("pitboss stopped");
     }
@@ -533,4 +562,33 @@ fn reflection(
         builder().build_v1().map_err(err)?,
         builder().build_v1alpha().map_err(err)?,
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_shutdown_stage_stops_the_earlier_stages_and_no_later_one() {
+        let stop = Shutdown::new();
+        stop.listeners.cancel();
+        assert!(
+            stop.health.is_cancelled(),
+            "health stops before the listeners"
+        );
+        assert!(!stop.background.is_cancelled());
+        assert!(
+            !stop.http.is_cancelled(),
+            "/readyz keeps answering while calls drain"
+        );
+        stop.background.cancel();
+        assert!(!stop.http.is_cancelled());
+        let health = stop.health.clone();
+        let http = stop.http.clone();
+        drop(stop);
+        assert!(
+            http.is_cancelled() && health.is_cancelled(),
+            "dropped: all stopped"
+        );
+    }
 }
