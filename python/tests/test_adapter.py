@@ -6,7 +6,7 @@ import unittest
 
 import harness  # noqa: F401  (puts python/ on sys.path)
 from pitboss_worker import Adapter, Cancelled, Request, Response
-from pitboss_worker.runtime import UsageError, load_adapter, parse_args
+from pitboss_worker.cli import UsageError, load_adapter, parse_args
 
 
 class CommandTest(unittest.TestCase):
