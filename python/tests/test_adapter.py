@@ -144,6 +144,13 @@ class ArgsTest(unittest.TestCase):
         with self.assertRaises(ImportError):
             load_adapter("surely_not_a_module_here")
 
+    def test_hooks_outside_a_worker(self):
+        from pitboss_worker import hooks
+
+        self.assertIsNone(hooks.current())
+        self.assertEqual(hooks.max_frame_bytes(), 16 * 1024 * 1024)
+        self.assertIsNone(hooks.unsafe_protocol_fd())
+
 
 if __name__ == "__main__":
     unittest.main()
