@@ -17,14 +17,13 @@ import asyncio
 import builtins
 import os
 import signal
-import struct
 import sys
 import threading
 import time
 
 from pitboss_worker import Adapter, InvalidRequest
 from pitboss_worker import protocol as P
-from pitboss_worker import runtime
+from pitboss_worker import hooks
 
 if os.environ.get("PITBOSS_FAULT_CRASH_ON_START") == "1":
     sys.stderr.write("faults: crashing at start-up as asked (PITBOSS_FAULT_CRASH_ON_START)\n")
@@ -120,29 +119,29 @@ def print_(req):
 @adapter.command
 def garbage(req):
     """Write an invalid frame (protocol version 99) to the real channel, then return."""
-    runtime.unsafe_write_raw(struct.pack(">IBBHQ", 12, 99, P.RESPONSE, 0, req.request_id))
+    hooks.unsafe_write_raw(P.HEADER.pack(P.HEADER_LEN, 99, P.RESPONSE, 0, req.request_id))
     return "sent garbage"
 
 
 @adapter.command
 def oversized(req):
     """Write a frame header announcing more than --max-frame-bytes to the real channel."""
-    too_big = runtime.max_frame_bytes() + 1
-    runtime.unsafe_write_raw(P.HEADER.pack(too_big, 1, P.RESPONSE, 0, req.request_id))
+    too_big = hooks.max_frame_bytes() + 1
+    hooks.unsafe_write_raw(P.HEADER.pack(too_big, P.PROTOCOL_VERSION, P.RESPONSE, 0, req.request_id))
     return "sent oversized"
 
 
 @adapter.command
 def unknown_id(req):
     """Answer request id 0xDEADBEEF, which pitboss never sent, then return normally."""
-    runtime.unsafe_write_raw(P.encode_payload(P.RESPONSE, 0xDEADBEEF, "text/plain", b"?"))
+    hooks.unsafe_write_raw(P.encode_payload(P.RESPONSE, 0xDEADBEEF, "text/plain", b"?"))
     return "sent unknown id"
 
 
 @adapter.command
 def close_stdout(req):
     """Close the real protocol output but stay alive, blocked forever."""
-    runtime.unsafe_close_protocol_output()
+    hooks.unsafe_close_protocol_output()
     threading.Event().wait()
 
 

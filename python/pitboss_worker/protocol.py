@@ -51,19 +51,32 @@ EMPTY_BODY_KINDS = frozenset((STREAM_END, CANCEL, PING, PONG, SHUTDOWN))
 
 #: length, version, kind, flags, request_id (16 bytes).
 HEADER = struct.Struct(">IBBHQ")
+#: The ``length`` field alone: the 4 bytes that tell how long a frame is.
+LENGTH_PREFIX = struct.Struct(">I")
 #: command_len, session_id_len, content_type_len, timeout_ms (10 bytes).
 REQUEST_HEAD = struct.Struct(">HHHI")
 #: content_type_len, at the start of a RESPONSE or STREAM_CHUNK body.
 PAYLOAD_HEAD = struct.Struct(">H")
-#: The frame header followed by a payload body's content_type_len (18 bytes).
+#: The frame header followed by a payload body's content_type_len (18 bytes): a
+#: RESPONSE or STREAM_CHUNK header in one ``pack`` (the runtime's fast path).
 PAYLOAD_FRAME_HEADER = struct.Struct(">IBBHQH")
-_U16 = PAYLOAD_HEAD
-_U32 = struct.Struct(">I")
+
+#: Sizes of the fixed parts, in bytes.
+PREFIX_LEN = LENGTH_PREFIX.size  # 4
+FRAME_HEADER_LEN = HEADER.size  # 16: the prefix and the HEADER_LEN bytes after it
+REQUEST_HEAD_LEN = REQUEST_HEAD.size  # 10
+PAYLOAD_HEAD_LEN = PAYLOAD_HEAD.size  # 2
+#: Longest string a u16 length can describe (command, session id, content type).
+MAX_STRING_BYTES = 0xFFFF
+
+assert FRAME_HEADER_LEN == PREFIX_LEN + HEADER_LEN
 
 _HEADER_PACK = HEADER.pack
 _PAYLOAD_PACK = PAYLOAD_FRAME_HEADER.pack
 _HEADER_UNPACK_FROM = HEADER.unpack_from
-_U32_UNPACK_FROM = _U32.unpack_from
+_LENGTH_UNPACK_FROM = LENGTH_PREFIX.unpack_from
+_REQUEST_HEAD_UNPACK_FROM = REQUEST_HEAD.unpack_from
+_PAYLOAD_HEAD_UNPACK_FROM = PAYLOAD_HEAD.unpack_from
 
 
 class ProtocolError(Exception):
@@ -84,7 +97,7 @@ def encode_payload(kind, request_id, content_type, payload):
         content_type = content_type.encode("utf-8")
     return (
         _PAYLOAD_PACK(
-            HEADER_LEN + 2 + len(content_type) + len(payload),
+            HEADER_LEN + PAYLOAD_HEAD_LEN + len(content_type) + len(payload),
             PROTOCOL_VERSION,
             kind,
             0,
@@ -105,8 +118,10 @@ def encode_request(request_id, command, session_id, content_type, timeout_ms, pa
     s = (session_id or "").encode("utf-8")
     t = content_type.encode("utf-8")
     for what, value in (("command", c), ("session id", s), ("content type", t)):
-        if len(value) > 0xFFFF:
-            raise ValueError("%s is %d bytes, the limit is 65535" % (what, len(value)))
+        if len(value) > MAX_STRING_BYTES:
+            raise ValueError(
+                "%s is %d bytes, the limit is %d" % (what, len(value), MAX_STRING_BYTES)
+            )
     body = REQUEST_HEAD.pack(len(c), len(s), len(t), timeout_ms) + c + s + t + bytes(payload)
     return encode(REQUEST, request_id, body)
 
@@ -127,8 +142,8 @@ def split_frames(data, offset, max_frame_bytes):
     n = len(data)
     frames = []
     append = frames.append
-    while n - offset >= 4:
-        length = _U32_UNPACK_FROM(data, offset)[0]
+    while n - offset >= PREFIX_LEN:
+        length = _LENGTH_UNPACK_FROM(data, offset)[0]
         if length > max_frame_bytes:
             raise ProtocolError(
                 "frame of %d bytes exceeds the maximum of %d bytes" % (length, max_frame_bytes)
@@ -137,7 +152,7 @@ def split_frames(data, offset, max_frame_bytes):
             raise ProtocolError(
                 "frame of %d bytes is shorter than the %d-byte header" % (length, HEADER_LEN)
             )
-        end = offset + 4 + length
+        end = offset + PREFIX_LEN + length
         if end > n:
             break
         _, version, kind, flags, request_id = _HEADER_UNPACK_FROM(data, offset)
@@ -148,9 +163,39 @@ def split_frames(data, offset, max_frame_bytes):
             )
         if flags:
             raise ProtocolError("non-zero reserved flags 0x%04x" % flags)
-        append((kind, request_id, offset + 16, end))
+        append((kind, request_id, offset + FRAME_HEADER_LEN, end))
         offset = end
     return frames, offset
+
+
+def decode_request_at(data, start, end):
+    """Decodes the REQUEST body ``data[start:end]`` in place, without copying it.
+
+    Returns ``(command, session_id, content_type, timeout_ms, payload_start)``: the
+    payload is ``data[payload_start:end]``. ``session_id`` is None when empty (no
+    session). ``data`` is ``bytes`` or ``bytearray``. This is the runtime's fast path
+    (one call per request, on the buffer the frames were read into) and the one
+    implementation of the REQUEST layout; :func:`decode_request` wraps it.
+    """
+    if end - start < REQUEST_HEAD_LEN:
+        raise ProtocolError(
+            "request header needs %d bytes, got %d" % (REQUEST_HEAD_LEN, end - start)
+        )
+    clen, slen, tlen, timeout_ms = _REQUEST_HEAD_UNPACK_FROM(data, start)
+    a = start + REQUEST_HEAD_LEN + clen
+    b = a + slen
+    c = b + tlen
+    if c > end:
+        raise ProtocolError(
+            "request strings need %d bytes but the body has %d" % (c - start, end - start)
+        )
+    try:
+        command = data[start + REQUEST_HEAD_LEN : a].decode("utf-8")
+        session_id = data[a:b].decode("utf-8") if slen else None
+        content_type = data[b:c].decode("utf-8") if tlen else ""
+    except UnicodeDecodeError as e:
+        raise ProtocolError("request string is not valid UTF-8: %s" % e)
+    return command, session_id, content_type, timeout_ms, c
 
 
 def decode_request(body):
@@ -159,39 +204,30 @@ def decode_request(body):
     ``session_id`` is None when empty (no session). ``body`` is bytes-like; ``payload``
     is returned as ``bytes``.
     """
-    if len(body) < 10:
-        raise ProtocolError("request header needs 10 bytes, got %d" % len(body))
-    clen, slen, tlen, timeout_ms = REQUEST_HEAD.unpack_from(body, 0)
-    a = 10 + clen
-    b = a + slen
-    c = b + tlen
-    if c > len(body):
-        raise ProtocolError(
-            "request strings need %d bytes but the body has %d" % (c, len(body))
-        )
-    try:
-        command = bytes(body[10:a]).decode("utf-8")
-        session_id = bytes(body[a:b]).decode("utf-8") or None
-        content_type = bytes(body[b:c]).decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise ProtocolError("request string is not valid UTF-8: %s" % e)
-    return command, session_id, content_type, timeout_ms, bytes(body[c:])
+    if type(body) is not bytes:
+        body = bytes(body)
+    command, session_id, content_type, timeout_ms, c = decode_request_at(body, 0, len(body))
+    return command, session_id, content_type, timeout_ms, body[c:]
 
 
 def decode_payload(body):
     """``(content_type, payload)`` of a RESPONSE or STREAM_CHUNK body."""
-    if len(body) < 2:
-        raise ProtocolError("payload header needs 2 bytes, got %d" % len(body))
-    tlen = _U16.unpack_from(body, 0)[0]
-    if 2 + tlen > len(body):
+    if len(body) < PAYLOAD_HEAD_LEN:
         raise ProtocolError(
-            "content type needs %d bytes but only %d remain" % (tlen, len(body) - 2)
+            "payload header needs %d bytes, got %d" % (PAYLOAD_HEAD_LEN, len(body))
+        )
+    tlen = _PAYLOAD_HEAD_UNPACK_FROM(body, 0)[0]
+    start = PAYLOAD_HEAD_LEN + tlen
+    if start > len(body):
+        raise ProtocolError(
+            "content type needs %d bytes but only %d remain"
+            % (tlen, len(body) - PAYLOAD_HEAD_LEN)
         )
     try:
-        content_type = bytes(body[2 : 2 + tlen]).decode("utf-8")
+        content_type = bytes(body[PAYLOAD_HEAD_LEN:start]).decode("utf-8")
     except UnicodeDecodeError:
         raise ProtocolError("content type is not valid UTF-8")
-    return content_type, bytes(body[2 + tlen :])
+    return content_type, bytes(body[start:])
 
 
 class Frame(object):

@@ -17,10 +17,14 @@ Every write to the protocol pipe goes through one lock and writes whole frames.
 Exit: on ``SHUTDOWN`` or EOF of stdin, the runtime finishes what is queued and in
 flight, closes session state, runs ``atexit`` handlers and exits 0. A synchronous
 command that never returns blocks that; pitboss then kills the process. SIGTERM exits
-at once with status 0. Malformed input from pitboss exits with status 2.
+at once with status 0 (``signals.py``). Malformed input from pitboss exits with
+status 2.
+
+The wire format is ``protocol``'s: this module decodes and encodes frames with its
+constants and precompiled structs only. The process around the runtime (argv, stdio,
+signals, start-up and exit) is ``cli.py``; the fault-injection hooks are ``hooks.py``.
 """
 
-import _signal  # the C module: ``import signal`` also builds its enums at startup
 import collections
 import os
 import sys
@@ -28,18 +32,24 @@ import threading
 import time
 
 from . import protocol as P
-from .adapter import Adapter, Cancelled, InvalidRequest, Request, Response, ResultError
+from .adapter import Cancelled, InvalidRequest, Request, Response, ResultError
+from .protocol import (
+    CANCEL,
+    HEADER_LEN,
+    MAX_STRING_BYTES,
+    PAYLOAD_HEAD_LEN,
+    PING,
+    PONG,
+    PROTOCOL_VERSION,
+    REQUEST,
+    RESPONSE,
+    SESSION_CLOSE,
+    SHUTDOWN,
+    STREAM_CHUNK,
+    STREAM_END,
+)
 
-__all__ = [
-    "main",
-    "Runtime",
-    "load_adapter",
-    "parse_args",
-    "max_frame_bytes",
-    "unsafe_protocol_fd",
-    "unsafe_write_raw",
-    "unsafe_close_protocol_output",
-]
+__all__ = ["Runtime"]
 
 # Request states, guarded by Runtime._lock.
 _QUEUED = 0
@@ -60,42 +70,15 @@ _JSON = b"application/json"
 
 _monotonic = time.monotonic
 _write = os.write
-_PAYLOAD_PACK = P.PAYLOAD_FRAME_HEADER.pack
-_HEADER_PACK = P.HEADER.pack
-_REQ_UNPACK_FROM = P.REQUEST_HEAD.unpack_from
-_U32_UNPACK_FROM = P._U32.unpack_from
 
-_RUNTIME = None  # the running Runtime, for the hooks below
-
-
-# --------------------------------------------------------------------------- hooks
-
-
-def max_frame_bytes():
-    """The maximum frame size this worker was started with."""
-    return _RUNTIME.max_frame_bytes if _RUNTIME is not None else P.DEFAULT_MAX_FRAME_BYTES
-
-
-def unsafe_protocol_fd():
-    """UNSAFE, for fault injection only: the real protocol output fd.
-
-    Anything written there goes straight to pitboss; bytes that are not a valid frame
-    make pitboss kill this worker. None when not running under the runtime.
-    """
-    return _RUNTIME.out_fd if _RUNTIME is not None else None
-
-
-def unsafe_write_raw(data):
-    """UNSAFE, for fault injection only: writes ``data`` as is to the protocol channel,
-    under the channel's write lock (so it is not interleaved with other frames)."""
-    _RUNTIME.write(bytes(data))
-
-
-def unsafe_close_protocol_output():
-    """UNSAFE, for fault injection only: closes the protocol output fd. pitboss sees
-    EOF; the runtime silently drops everything it would write afterwards."""
-    _RUNTIME.close_output()
-
+# Fast paths, bound once: frames are encoded and decoded per request.
+#: A RESPONSE or STREAM_CHUNK header, content_type_len included, in one pack.
+_pack_payload_header = P.PAYLOAD_FRAME_HEADER.pack
+#: A whole frame of a kind whose body is empty (PONG, STREAM_END): the header alone.
+_pack_header = P.HEADER.pack
+#: A REQUEST body decoded in place, in the buffer the frames were read into.
+_decode_request_at = P.decode_request_at
+_unpack_length_from = P.LENGTH_PREFIX.unpack_from
 
 # --------------------------------------------------------------------------- helpers
 
@@ -130,13 +113,18 @@ def _message(exc):
         return "<unprintable %s>" % type(exc).__name__
 
 
+#: The files whose frames a traceback leaves out at its top: the runtime's and the
+#: CLI's (which loads the adapter and runs its start-up hooks).
+_OWN_FILES = frozenset((__file__, os.path.join(os.path.dirname(__file__), "cli.py")))
+
+
 def _traceback_text(exc):
     import traceback
 
     tb = exc.__traceback__
     # Drop the runtime's own frames at the top: the user's code is what matters.
     skipped = tb
-    while skipped is not None and skipped.tb_frame.f_code.co_filename == __file__:
+    while skipped is not None and skipped.tb_frame.f_code.co_filename in _OWN_FILES:
         skipped = skipped.tb_next
     if skipped is not None:
         tb = skipped
@@ -242,7 +230,7 @@ class Runtime(object):
             "traceback": _cut(traceback, _MAX_TRACEBACK, keep_end=True),
         }
         data = self._json_dumps(body).encode("utf-8")
-        limit = self.max_frame_bytes - P.HEADER_LEN
+        limit = self.max_frame_bytes - HEADER_LEN
         while len(data) > limit and (body["traceback"] or body["message"]):
             # Never send an oversized frame: shorten the longest field.
             key = "traceback" if len(body["traceback"]) >= len(body["message"]) else "message"
@@ -265,7 +253,7 @@ class Runtime(object):
         return self.error_frame(request_id, "cancelled", "", message)
 
     def _result_frame(self, req, result, kind):
-        """Encodes a command's result as a RESPONSE or STREAM_CHUNK frame."""
+        """Encodes a command's result as a ``kind`` (RESPONSE or STREAM_CHUNK) frame."""
         t = type(result)
         if t is bytes:
             ct = req.content_type.encode("utf-8")
@@ -296,15 +284,15 @@ class Runtime(object):
             except (TypeError, ValueError) as e:
                 # The command's fault, not the caller's: reported as such.
                 raise ResultError("the result of %r cannot be encoded as JSON: %s" % (req.command, e)) from e
-        length = P.HEADER_LEN + 2 + len(ct) + len(payload)
+        length = HEADER_LEN + PAYLOAD_HEAD_LEN + len(ct) + len(payload)
         if length > self.max_frame_bytes:
             raise _TooLarge(
                 "the result of %r is %d bytes as a frame; the maximum frame size is %d bytes"
                 % (req.command, length, self.max_frame_bytes)
             )
-        if len(ct) > 0xFFFF:
+        if len(ct) > MAX_STRING_BYTES:
             raise ResultError("the content type of the result of %r is longer than 65535 bytes" % req.command)
-        return _PAYLOAD_PACK(length, 1, kind, 0, req.request_id, len(ct)) + ct + payload
+        return _pack_payload_header(length, PROTOCOL_VERSION, kind, 0, req.request_id, len(ct)) + ct + payload
 
     def _failure_frame(self, req, exc):
         """The ERROR frame for an exception raised while serving ``req``."""
@@ -335,7 +323,7 @@ class Runtime(object):
         read = os.read
         split = P.split_frames
         buf = bytearray()
-        need = 4  # bytes the first incomplete frame in buf needs
+        need = P.PREFIX_LEN  # bytes the first incomplete frame in buf needs
         while True:
             try:
                 chunk = read(fd, 1 << 20)
@@ -363,7 +351,9 @@ class Runtime(object):
             rest = len(data) - offset
             if rest:
                 buf = bytearray(data[offset:])
-                need = 4 + _U32_UNPACK_FROM(data, offset)[0] if rest >= 4 else 4
+                need = P.PREFIX_LEN
+                if rest >= need:
+                    need += _unpack_length_from(data, offset)[0]
             elif buf:
                 buf = bytearray()
 
@@ -381,21 +371,11 @@ class Runtime(object):
         pending = self._pending
         with self._lock:
             for kind, rid, s, e in frames:
-                if kind == 2:  # REQUEST
-                    if e - s < 10:
-                        _bad_frame("malformed REQUEST body: %d bytes" % (e - s))
-                    clen, slen, tlen, timeout_ms = _REQ_UNPACK_FROM(data, s)
-                    a = s + 10 + clen
-                    b = a + slen
-                    c = b + tlen
-                    if c > e:
-                        _bad_frame("malformed REQUEST body: string lengths exceed the body")
+                if kind == REQUEST:
                     try:
-                        command = data[s + 10 : a].decode("utf-8")
-                        session_id = data[a:b].decode("utf-8") if slen else None
-                        content_type = data[b:c].decode("utf-8") if tlen else ""
-                    except UnicodeDecodeError:
-                        _bad_frame("malformed REQUEST body: a string is not valid UTF-8")
+                        command, session_id, content_type, timeout_ms, c = _decode_request_at(data, s, e)
+                    except P.ProtocolError as error:
+                        _bad_frame("malformed REQUEST body: %s" % error)
                     if rid in pending:
                         _bad_frame("REQUEST id %d is already in flight" % rid)
                     if self._shutting_down:
@@ -413,11 +393,11 @@ class Runtime(object):
                     )
                     pending[rid] = req
                     work.append(req)
-                elif kind == 8:  # PING
+                elif kind == PING:
                     if e != s:
                         _bad_frame("malformed PING: non-empty body")
-                    urgent.append(_HEADER_PACK(12, 1, 9, 0, rid))
-                elif kind == 7:  # CANCEL
+                    urgent.append(_pack_header(HEADER_LEN, PROTOCOL_VERSION, PONG, 0, rid))
+                elif kind == CANCEL:
                     if e != s:
                         _bad_frame("malformed CANCEL: non-empty body")
                     req = pending.get(rid)
@@ -432,12 +412,12 @@ class Runtime(object):
                     elif state == _ASYNC:
                         self._loop.call_soon_threadsafe(self._cancel_task, req)
                     # _RUNNING: the flag is all Python can do for synchronous code.
-                elif kind == 10:  # SESSION_CLOSE
+                elif kind == SESSION_CLOSE:
                     try:
-                        work.append((10, data[s:e].decode("utf-8")))
+                        work.append((SESSION_CLOSE, data[s:e].decode("utf-8")))
                     except UnicodeDecodeError:
                         _bad_frame("malformed SESSION_CLOSE: session id is not valid UTF-8")
-                elif kind == 11:  # SHUTDOWN
+                elif kind == SHUTDOWN:
                     if e != s:
                         _bad_frame("malformed SHUTDOWN: non-empty body")
                     if not self._shutting_down:
@@ -551,7 +531,7 @@ class Runtime(object):
             self._stream_sync(cmd, req)
             return
         try:
-            frame = self._result_frame(req, cmd.func(req), 3)
+            frame = self._result_frame(req, cmd.func(req), RESPONSE)
             if req._cancelled:
                 frame = self._cancelled_frame(rid)
         except BaseException as e:
@@ -572,12 +552,12 @@ class Runtime(object):
             for item in it:
                 if req._cancelled:
                     break
-                out.append(self._result_frame(req, item, 5))
+                out.append(self._result_frame(req, item, STREAM_CHUNK))
                 self._flush()  # a stream's chunks go out as they come
             if req._cancelled:
                 frame = self._cancelled_frame(req.request_id)
             else:
-                frame = _HEADER_PACK(12, 1, 6, 0, req.request_id)  # STREAM_END
+                frame = _pack_header(HEADER_LEN, PROTOCOL_VERSION, STREAM_END, 0, req.request_id)
         except BaseException as e:
             frame = self._failure_frame(req, e)
         close = getattr(it, "close", None)
@@ -680,19 +660,19 @@ class Runtime(object):
                     async for item in obj:
                         if req._cancelled:
                             break
-                        self._async_emit(self._result_frame(req, item, 5))
+                        self._async_emit(self._result_frame(req, item, STREAM_CHUNK))
                 else:
                     if hasattr(obj, "__await__"):
                         obj = await obj
                     for item in obj:
                         if req._cancelled:
                             break
-                        self._async_emit(self._result_frame(req, item, 5))
-                frame = _HEADER_PACK(12, 1, 6, 0, rid)
+                        self._async_emit(self._result_frame(req, item, STREAM_CHUNK))
+                frame = _pack_header(HEADER_LEN, PROTOCOL_VERSION, STREAM_END, 0, rid)
             else:
                 if hasattr(obj, "__await__"):
                     obj = await obj
-                frame = self._result_frame(req, obj, 3)
+                frame = self._result_frame(req, obj, RESPONSE)
             if req._cancelled:
                 frame = self._cancelled_frame(rid)
         except self._asyncio.CancelledError:
@@ -758,195 +738,9 @@ class Runtime(object):
             "python": "%d.%d.%d" % tuple(sys.version_info[:3]),
         }
         body = self._json_dumps(info, separators=(",", ":")).encode("utf-8")
-        if len(body) + P.HEADER_LEN > self.max_frame_bytes:
+        if len(body) + HEADER_LEN > self.max_frame_bytes:
             # Tiny frame limits: the docs are optional, the rest is not.
             for c in info["commands"]:
                 c["doc"] = ""
             body = self._json_dumps(info, separators=(",", ":")).encode("utf-8")
         return P.encode(P.READY, 0, body)
-
-
-# --------------------------------------------------------------------------- startup
-
-
-_USAGE = "usage: python -m pitboss_worker --adapter MODULE[:OBJECT] [--max-frame-bytes N] [--concurrency N]"
-
-
-class UsageError(Exception):
-    pass
-
-
-def parse_args(argv):
-    """Parses the worker's argv by hand (argparse costs about 20 ms of startup).
-
-    Returns ``{"adapter": str, "max_frame_bytes": int, "concurrency": int}``; raises
-    :class:`UsageError`.
-    """
-    opts = {"adapter": None, "max_frame_bytes": P.DEFAULT_MAX_FRAME_BYTES, "concurrency": 1}
-    i = 0
-    n = len(argv)
-    while i < n:
-        arg = argv[i]
-        i += 1
-        if arg in ("-h", "--help"):
-            raise UsageError("")
-        key, eq, value = arg.partition("=")
-        if key not in ("--adapter", "--max-frame-bytes", "--concurrency"):
-            raise UsageError("unknown argument %r" % arg)
-        if not eq:
-            if i >= n:
-                raise UsageError("%s needs a value" % key)
-            value = argv[i]
-            i += 1
-        if key == "--adapter":
-            if not value or value.startswith(":"):
-                raise UsageError("--adapter needs MODULE or MODULE:OBJECT, got %r" % value)
-            opts["adapter"] = value
-            continue
-        try:
-            number = int(value)
-        except ValueError:
-            raise UsageError("%s must be an integer, got %r" % (key, value))
-        if key == "--max-frame-bytes":
-            if not 256 <= number <= 0xFFFFFFFF:
-                raise UsageError("--max-frame-bytes must be between 256 and 4294967295")
-            opts["max_frame_bytes"] = number
-        else:
-            if number < 1:
-                raise UsageError("--concurrency must be at least 1")
-            opts["concurrency"] = number
-    if not opts["adapter"]:
-        raise UsageError("--adapter is required")
-    return opts
-
-
-def load_adapter(spec):
-    """Imports ``MODULE:OBJECT`` (OBJECT may be dotted) or ``MODULE`` (its ``adapter``)."""
-    module_name, _, attr = spec.partition(":")
-    __import__(module_name)
-    obj = sys.modules[module_name]
-    path = attr or "adapter"
-    for part in path.split("."):
-        try:
-            obj = getattr(obj, part)
-        except AttributeError:
-            raise LookupError("module %r has no attribute %r" % (module_name, path))
-    if not isinstance(obj, Adapter):
-        raise TypeError(
-            "%s is a %s, not a pitboss_worker.Adapter" % (spec if attr else module_name + ".adapter", type(obj).__name__)
-        )
-    return obj
-
-
-def _on_sigterm(signum, frame):
-    try:
-        os.write(2, b"pitboss_worker: SIGTERM, exiting\n")
-    except OSError:
-        pass
-    os._exit(0)
-
-
-def _watch_signals(fd):
-    # Python runs signal handlers on the main thread, between bytecodes: a main thread
-    # stuck in C code would delay SIGTERM. The C-level handler also writes the signal
-    # number to the wakeup fd, so this thread sees it at once.
-    while True:
-        try:
-            data = os.read(fd, 64)
-        except OSError:
-            return
-        if not data:
-            return
-        if _signal.SIGTERM in data and _signal.getsignal(_signal.SIGTERM) is _on_sigterm:
-            _on_sigterm(_signal.SIGTERM, None)
-
-
-def _install_sigterm():
-    _signal.signal(_signal.SIGTERM, _on_sigterm)
-    try:
-        r, w = os.pipe()
-        os.set_blocking(w, False)
-        _signal.set_wakeup_fd(w, warn_on_full_buffer=False)
-    except (OSError, ValueError):
-        return
-    threading.Thread(target=_watch_signals, args=(r,), name="pitboss-signals", daemon=True).start()
-
-
-def _protect_stdio():
-    """Keeps private duplicates of fds 0 and 1 for the protocol, then points fd 1 at
-    stderr and fd 0 at /dev/null: nothing user code does can touch the channel."""
-    proto_in = os.dup(0)  # os.dup() makes non-inheritable fds: children do not get them
-    proto_out = os.dup(1)
-    devnull = os.open(os.devnull, os.O_RDWR)
-    os.dup2(devnull, 0)
-    try:
-        os.dup2(2, 1)
-    except OSError:  # no stderr: discard
-        os.dup2(devnull, 1)
-    if devnull > 2:
-        os.close(devnull)
-    sys.stdout = sys.stderr
-    return proto_in, proto_out
-
-
-def main(argv=None):
-    """Entry point of ``python -m pitboss_worker``. Returns only on a usage error."""
-    global _RUNTIME
-    try:
-        opts = parse_args(sys.argv[1:] if argv is None else argv)
-    except UsageError as e:
-        sys.stderr.write("pitboss_worker: %s\n%s\n" % (e, _USAGE) if str(e) else _USAGE + "\n")
-        return 2 if str(e) else 0
-    # First, while this process has one thread and no private descriptor: the reaper
-    # that kills this worker's process group when the worker dies (see reaper.py).
-    from . import reaper
-
-    reaper.start()
-    proto_in, proto_out = _protect_stdio()
-    _install_sigterm()
-    try:
-        adapter = load_adapter(opts["adapter"])
-    except BaseException as e:
-        if isinstance(e, SystemExit):
-            raise
-        sys.stderr.write(
-            "pitboss_worker: cannot load adapter %r:\n%s" % (opts["adapter"], _traceback_text(e))
-        )
-        sys.stderr.flush()
-        os._exit(1)
-    runtime = Runtime(adapter, proto_in, proto_out, opts["max_frame_bytes"], opts["concurrency"])
-    _RUNTIME = runtime
-    try:
-        for hook in adapter._on_start:
-            hook()
-    except BaseException as e:
-        if isinstance(e, SystemExit):
-            raise
-        sys.stderr.write("pitboss_worker: adapter start-up failed:\n%s" % _traceback_text(e))
-        sys.stderr.flush()
-        os._exit(1)
-    runtime.write(runtime.ready_frame())
-    if any(c.is_async for c in adapter.commands.values()):
-        runtime.start_loop(wait=False)
-    runtime.start_reader()
-    runtime.serve()
-    # Clean exit: every request has its reply.
-    runtime.close_sessions()
-    _exit_now(0)
-
-
-def _exit_now(status):
-    """Exits without waiting for threads (user code may have started non-daemon
-    ones), after the ``atexit`` handlers and a flush of the standard streams."""
-    try:
-        import atexit
-
-        atexit._run_exitfuncs()
-    except BaseException:
-        pass
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except BaseException:
-            pass
-    os._exit(status)

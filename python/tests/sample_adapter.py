@@ -158,9 +158,9 @@ def child(req):
     runtime's protocol fds it can see (none: they are close-on-exec)."""
     import subprocess
 
-    from pitboss_worker import runtime
+    from pitboss_worker import hooks
 
-    proto = [runtime._RUNTIME.in_fd, runtime._RUNTIME.out_fd]
+    proto = [hooks.current().in_fd, hooks.current().out_fd]
     code = (
         "import os, sys\n"
         "print('sample: hello from a child')\n"

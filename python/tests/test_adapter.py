@@ -6,7 +6,7 @@ import unittest
 
 import harness  # noqa: F401  (puts python/ on sys.path)
 from pitboss_worker import Adapter, Cancelled, Request, Response
-from pitboss_worker.runtime import UsageError, load_adapter, parse_args
+from pitboss_worker.cli import UsageError, load_adapter, parse_args
 
 
 class CommandTest(unittest.TestCase):
@@ -143,6 +143,13 @@ class ArgsTest(unittest.TestCase):
             load_adapter("sample_adapter:make_state")
         with self.assertRaises(ImportError):
             load_adapter("surely_not_a_module_here")
+
+    def test_hooks_outside_a_worker(self):
+        from pitboss_worker import hooks
+
+        self.assertIsNone(hooks.current())
+        self.assertEqual(hooks.max_frame_bytes(), 16 * 1024 * 1024)
+        self.assertIsNone(hooks.unsafe_protocol_fd())
 
 
 if __name__ == "__main__":

@@ -43,6 +43,15 @@ class HeaderTest(unittest.TestCase):
             list(range(1, 12)),
         )
 
+    def test_named_sizes(self):
+        self.assertEqual(
+            (P.PREFIX_LEN, P.HEADER_LEN, P.FRAME_HEADER_LEN, P.REQUEST_HEAD_LEN, P.PAYLOAD_HEAD_LEN),
+            (4, 12, 16, 10, 2),
+        )
+        self.assertEqual(P.LENGTH_PREFIX.unpack_from(P.encode(P.PING, 1))[0], P.HEADER_LEN)
+        self.assertEqual(P.PAYLOAD_FRAME_HEADER.size, P.HEADER.size + P.PAYLOAD_HEAD.size)
+        self.assertEqual(P.MAX_STRING_BYTES, 2 ** 16 - 1)
+
     def test_payload_frame_layout(self):
         f = P.encode_payload(P.RESPONSE, 258, "ab", b"xyz")
         self.assertEqual(f, struct.pack(">IBBHQH", 12 + 2 + 2 + 3, 1, 3, 0, 258, 2) + b"abxyz")
@@ -72,6 +81,35 @@ class RoundTripTest(unittest.TestCase):
         # empty strings and payload
         frame = P.FrameDecoder().feed(P.encode_request(1, "x", None, "", 0, b""))[0]
         self.assertEqual(P.decode_request(frame.body), ("x", None, "", 0, b""))
+
+    def test_requests_decode_in_place_in_the_read_buffer(self):
+        # The runtime's fast path: bodies are decoded where split_frames found them.
+        data = b"".join(
+            [P.encode(P.PING, 1)]
+            + [P.encode_request(i, "c%d" % i, "s" if i % 2 else None, "t" * i, i, b"p" * i) for i in range(2, 6)]
+        )
+        frames, offset = P.split_frames(data, 0, 1 << 20)
+        self.assertEqual(offset, len(data))
+        for kind, rid, start, end in frames[1:]:
+            command, session_id, content_type, timeout_ms, payload_start = P.decode_request_at(data, start, end)
+            self.assertEqual(
+                (command, session_id, content_type, timeout_ms, data[payload_start:end]),
+                P.decode_request(data[start:end]),
+            )
+            self.assertEqual(
+                (command, session_id, content_type, timeout_ms, data[payload_start:end]),
+                ("c%d" % rid, "s" if rid % 2 else None, "t" * rid, rid, b"p" * rid),
+            )
+        # A body is bounded by its own end, not by the buffer's.
+        kind, rid, start, end = frames[1]
+        with self.assertRaises(P.ProtocolError):
+            P.decode_request_at(data, start, end - len(b"p" * rid) - 1)
+        with self.assertRaises(P.ProtocolError):
+            P.decode_request_at(data, start, start + P.REQUEST_HEAD_LEN - 1)
+        # bytearray and memoryview bodies decode too
+        body = data[start:end]
+        self.assertEqual(P.decode_request(bytearray(body)), P.decode_request(body))
+        self.assertEqual(P.decode_request(memoryview(body)), P.decode_request(body))
 
     def test_partial_input_waits_for_more(self):
         full = b"".join(samples())

@@ -46,6 +46,18 @@ def eventually(check, timeout=TIMEOUT):
     return check()
 
 
+def settled(pid):
+    """Whether the reaper ``pid`` has blocked its signal: its fd 0 is /dev/null, which
+    it sets up right after blocking SIGUSR2. (``SigBlk`` in /proc cannot tell: the
+    kernel unblocks the waited-for signals during ``sigwait``.)"""
+    try:
+        return os.readlink("/proc/%d/fd/0" % pid) == os.devnull
+    except PermissionError:  # cannot tell here: go on as before
+        return True
+    except OSError:
+        return False
+
+
 @unittest.skipUnless(sys.platform.startswith("linux"), "the reaper is Linux only")
 class ReaperTest(unittest.TestCase):
     def start(self, **kwargs):
@@ -74,6 +86,9 @@ class ReaperTest(unittest.TestCase):
         proc, reaper, child = self.start(start_new_session=True)
         reaper = int(reaper)
         self.assertTrue(alive(reaper) and alive(child))
+        # Only once the reaper blocks SIGUSR2 (its first step after the fork): before
+        # that, the signal's default action would kill it, a race of this test only.
+        self.assertTrue(eventually(lambda: settled(reaper)), "the reaper never set itself up")
         # A SIGUSR2 from someone else (a command signalling its group) is not the
         # worker's death: nothing is killed.
         os.kill(reaper, signal.SIGUSR2)

@@ -22,7 +22,7 @@ sys.path.insert(0, PYTHON_DIR)
 
 from pitboss_worker import protocol as P  # noqa: E402
 from pitboss_worker.adapter import Adapter  # noqa: E402
-from pitboss_worker.runtime import parse_args  # noqa: E402
+from pitboss_worker.cli import parse_args  # noqa: E402
 
 TIMEOUT = 20.0
 

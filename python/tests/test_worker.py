@@ -209,6 +209,19 @@ class BadAdapterTest(unittest.TestCase):
         self.assertIn("ModuleNotFoundError", w.stderr_text())
         self.assertEqual(w.proc.stdout.read(), b"")
 
+    def test_an_adapter_failing_at_import_gets_a_traceback_from_its_own_code(self):
+        w = WorkerProcess("broken_adapter:adapter", wait_ready=False)
+        self.addCleanup(w.kill)
+        self.assertEqual(w.wait(), 1)
+        text = w.stderr_text()
+        self.assertIn("cannot load adapter", text)
+        self.assertIn("broken_adapter.py", text)
+        self.assertIn("ValueError: broken_adapter fails at import, on purpose", text)
+        # The worker's own frames (argv, loading) are left out of the traceback.
+        self.assertNotIn("cli.py", text)
+        self.assertNotIn("runtime.py", text)
+        self.assertEqual(w.proc.stdout.read(), b"")
+
     def test_usage_error(self):
         w = WorkerProcess("x", ["--bogus"], wait_ready=False)
         self.addCleanup(w.kill)
