@@ -22,36 +22,22 @@ use tonic::{Code, Status};
 
 const LONG: Duration = Duration::from_secs(30);
 
-type Client = pb::bridge_client::BridgeClient<Channel>;
-
 /// The RSS test measures the whole test process, so it runs alone (write lock); the
 /// other tests run side by side (read lock).
 static PROCESS: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
 
-/// A config listening on free ports; `server` goes into `[server]`, `rest` after it.
-fn config(server: &str, rest: &str) -> Config {
-    init_tracing();
-    let text = format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
-         metrics_listen = \"127.0.0.1:0\"\nshutdown_grace = \"10s\"\n{server}\n{rest}"
-    );
-    Config::from_sources(
-        "bad_input.toml",
-        Some(&text),
-        Vec::<(String, String)>::new(),
-    )
-    .unwrap()
+/// A config on free ports with a 10 s shutdown grace; `server` goes into `[server]`,
+/// `rest` after it.
+fn config_with(server: &str, rest: &str) -> Config {
+    config(&on_free_ports(
+        &format!("shutdown_grace = \"10s\"\n{server}"),
+        rest,
+    ))
 }
 
 /// Starts the server and waits until every worker is ready.
-async fn start(server: &str, rest: &str) -> (RunningServer, Client) {
-    let server = RunningServer::start(config(server, rest)).await.unwrap();
-    let size = server.pool().config().size;
-    server.pool().wait_ready(size, LONG).await.unwrap();
-    let client = Client::connect(format!("http://{}", server.bridge_addr))
-        .await
-        .unwrap();
-    (server, client)
+async fn start_with(server: &str, rest: &str) -> (RunningServer, Client) {
+    start(config_with(server, rest)).await
 }
 
 /// The `x-pitboss-error-class` trailer, or "" when there is none.
@@ -107,7 +93,7 @@ fn rss_bytes() -> u64 {
 #[tokio::test]
 async fn an_empty_command_is_invalid_argument_and_never_reaches_a_worker() {
     let _shared = PROCESS.read().await;
-    let (server, mut client) = start("", "").await;
+    let (server, mut client) = start_with("", "").await;
     let pool = server.pool().clone();
     let before = served(&pool);
 
@@ -136,7 +122,7 @@ async fn an_empty_command_is_invalid_argument_and_never_reaches_a_worker() {
 #[tokio::test]
 async fn an_unknown_command_is_not_found_and_lists_the_known_ones() {
     let _shared = PROCESS.read().await;
-    let (server, mut client) = start("", "").await;
+    let (server, mut client) = start_with("", "").await;
     let pool = server.pool().clone();
     let before = served(&pool);
 
@@ -182,7 +168,7 @@ async fn a_payload_over_a_limit_is_resource_exhausted_and_harms_no_worker() {
     let _shared = PROCESS.read().await;
     const MESSAGE_LIMIT: usize = 1024 * 1024;
     const FRAME_LIMIT: usize = 64 * 1024;
-    let (server, mut client) = start(
+    let (server, mut client) = start_with(
         &format!("max_message_bytes = {MESSAGE_LIMIT}"),
         &format!("[pool]\nmax_frame_bytes = {FRAME_LIMIT}\n"),
     )
@@ -294,7 +280,7 @@ struct RawExecuteRequest {
 async fn invalid_utf8_in_a_session_id_is_a_clean_error_and_the_server_serves_on() {
     use tonic::codegen::http::uri::PathAndQuery;
     let _shared = PROCESS.read().await;
-    let (server, mut client) = start("", "").await;
+    let (server, mut client) = start_with("", "").await;
     let pool = server.pool().clone();
     let pids = pool.pids();
     let before = served(&pool);
@@ -381,7 +367,7 @@ async fn invalid_utf8_in_a_session_id_is_a_clean_error_and_the_server_serves_on(
 #[tokio::test]
 async fn an_unknown_session_is_not_found_with_the_instance_id() {
     let _shared = PROCESS.read().await;
-    let (server, mut client) = start("", "").await;
+    let (server, mut client) = start_with("", "").await;
     let pool = server.pool().clone();
     let before = served(&pool);
     let instance = server.edge().instance_id.clone();
@@ -500,12 +486,9 @@ where
 #[tokio::test]
 async fn an_expired_deadline_is_deadline_exceeded_at_once_and_never_runs() {
     let _shared = PROCESS.read().await;
-    let dir =
-        std::env::temp_dir().join(format!("pitboss-bad-input-deadline-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = temp_dir("bad-input-deadline");
     let count_file = dir.join("count.txt");
-    let _ = std::fs::remove_file(&count_file);
-    let (server, mut client) = start(
+    let (server, mut client) = start_with(
         "",
         &format!(
             "[pool]\nadapter = \"faults:adapter\"\nsize = 1\n\
@@ -596,7 +579,7 @@ async fn a_thousand_streams_dropped_halfway_leak_nothing() {
     let _shared = PROCESS.read().await;
     const STREAMS: usize = 1000;
     const AT_ONCE: usize = 50;
-    let (server, client) = start("", "[pool]\nadapter = \"faults:adapter\"\nsize = 2\n").await;
+    let (server, client) = start_with("", "[pool]\nadapter = \"faults:adapter\"\nsize = 2\n").await;
     let pool = server.pool().clone();
     let pids = pool.pids();
     let metrics = tokio::runtime::Handle::current().metrics();
@@ -662,7 +645,7 @@ async fn ten_thousand_abandoned_sessions_expire_and_free_their_memory() {
     // Alone in the process: the RSS reading must not include the other tests.
     let _alone = PROCESS.write().await;
     const SESSIONS: usize = 10_000;
-    let (server, client) = start("", "[sessions]\nttl = \"2s\"\n").await;
+    let (server, client) = start_with("", "[sessions]\nttl = \"2s\"\n").await;
     let pool = server.pool().clone();
     let edge = server.edge().clone();
 
@@ -760,7 +743,7 @@ async fn ten_thousand_abandoned_sessions_expire_and_free_their_memory() {
 async fn a_response_too_large_to_send_is_classified_and_counted() {
     let _shared = PROCESS.read().await;
     const LIMIT: usize = 1024 * 1024;
-    let (server, mut client) = start(
+    let (server, mut client) = start_with(
         &format!("max_message_bytes = {LIMIT}"),
         &format!("[pool]\nadapter = \"faults:adapter\"\nsize = 1\nmax_frame_bytes = {LIMIT}\n"),
     )
@@ -828,7 +811,7 @@ async fn a_response_too_large_to_send_is_classified_and_counted() {
 #[tokio::test]
 async fn a_per_try_timeout_has_one_class_for_the_client_and_the_metrics() {
     let _shared = PROCESS.read().await;
-    let (server, mut client) = start(
+    let (server, mut client) = start_with(
         "",
         "[pool]\nadapter = \"faults:adapter\"\nsize = 1\n[retry]\nper_try_timeout = \"300ms\"\nmax_attempts = 1\n",
     )
