@@ -40,14 +40,6 @@ async fn start_with(server: &str, rest: &str) -> (RunningServer, Client) {
     start(config_with(server, rest)).await
 }
 
-/// The `x-pitboss-error-class` trailer, or "" when there is none.
-fn class(s: &Status) -> &str {
-    s.metadata()
-        .get("x-pitboss-error-class")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-}
-
 /// Requests handed to workers since the pool started, over all workers.
 fn served(pool: &Pool) -> u64 {
     pool.status().workers.iter().map(|w| w.served).sum()
@@ -99,7 +91,7 @@ async fn an_empty_command_is_invalid_argument_and_never_reaches_a_worker() {
 
     let err = client.execute(exec("", "{}")).await.unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
-    assert_eq!(class(&err), "invalid_request", "{err:?}");
+    assert_eq!(error_class(&err), "invalid_request", "{err:?}");
     assert!(
         err.message().contains("command must not be empty"),
         "says what is wrong: {}",
@@ -110,7 +102,7 @@ async fn an_empty_command_is_invalid_argument_and_never_reaches_a_worker() {
     // The same through ExecuteStream: refused before the stream starts.
     let err = client.execute_stream(exec("", "{}")).await.unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
-    assert_eq!(class(&err), "invalid_request");
+    assert_eq!(error_class(&err), "invalid_request");
     assert!(err.message().contains("command must not be empty"));
 
     assert_eq!(served(&pool), before, "an empty command reached a worker");
@@ -131,7 +123,7 @@ async fn an_unknown_command_is_not_found_and_lists_the_known_ones() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::NotFound, "{err:?}");
-    assert_eq!(class(&err), "unknown_command", "{err:?}");
+    assert_eq!(error_class(&err), "unknown_command", "{err:?}");
     let msg = err.message();
     assert!(msg.contains("\"no_such_command\""), "names it: {msg}");
     assert!(msg.contains("known commands"), "{msg}");
@@ -144,7 +136,7 @@ async fn an_unknown_command_is_not_found_and_lists_the_known_ones() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::NotFound, "{err:?}");
-    assert_eq!(class(&err), "unknown_command");
+    assert_eq!(error_class(&err), "unknown_command");
     assert!(err.message().contains("echo"), "{}", err.message());
 
     // A near miss in case is still unknown: names are exact.
@@ -154,7 +146,7 @@ async fn an_unknown_command_is_not_found_and_lists_the_known_ones() {
     // A streaming command called as unary: the caller's mistake, with what to do.
     let err = client.execute(exec("stream", "{}")).await.unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
-    assert_eq!(class(&err), "invalid_request");
+    assert_eq!(error_class(&err), "invalid_request");
     assert!(err.message().contains("ExecuteStream"), "{}", err.message());
 
     assert_eq!(served(&pool), before, "an unknown command reached a worker");
@@ -187,7 +179,11 @@ async fn a_payload_over_a_limit_is_resource_exhausted_and_harms_no_worker() {
     let between = vec![b'b'; 4 * FRAME_LIMIT];
     let err = client.execute(exec("echo", &between)).await.unwrap_err();
     assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
-    assert_eq!(class(&err), "invalid_request", "never retried: {err:?}");
+    assert_eq!(
+        error_class(&err),
+        "invalid_request",
+        "never retried: {err:?}"
+    );
     let msg = err.message();
     assert!(msg.contains("too large"), "{msg}");
     assert!(
@@ -240,7 +236,7 @@ async fn a_payload_over_a_limit_is_resource_exhausted_and_harms_no_worker() {
     let huge = vec![b'c'; 2 * MESSAGE_LIMIT];
     let err = client.execute(exec("echo", &huge)).await.unwrap_err();
     assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
-    assert_eq!(class(&err), "invalid_request", "{err:?}");
+    assert_eq!(error_class(&err), "invalid_request", "{err:?}");
     let msg = err.message();
     assert!(msg.contains("too large"), "{msg}");
     assert!(
@@ -322,7 +318,7 @@ async fn invalid_utf8_in_a_session_id_is_a_clean_error_and_the_server_serves_on(
         let msg = err.message();
         assert!(msg.contains("decode"), "{method}: {msg}");
         assert!(msg.contains("UTF-8"), "{method}: says why: {msg}");
-        assert_eq!(class(&err), "", "{method}: {err:?}");
+        assert_eq!(error_class(&err), "", "{method}: {err:?}");
     }
 
     // Valid UTF-8, but a content type longer than the worker frame's 16-bit length
@@ -332,7 +328,7 @@ async fn invalid_utf8_in_a_session_id_is_a_clean_error_and_the_server_serves_on(
     req.content_type = "x".repeat(70_000);
     let err = client.execute(req).await.unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
-    assert_eq!(class(&err), "invalid_request", "{err:?}");
+    assert_eq!(error_class(&err), "invalid_request", "{err:?}");
     assert!(
         err.message().contains("content type is 70000 bytes"),
         "{}",
@@ -375,7 +371,7 @@ async fn an_unknown_session_is_not_found_with_the_instance_id() {
 
     let check = |what: &str, err: Status, id: &str| {
         assert_eq!(err.code(), Code::NotFound, "{what}: {err:?}");
-        assert_eq!(class(&err), "session_not_found", "{what}: {err:?}");
+        assert_eq!(error_class(&err), "session_not_found", "{what}: {err:?}");
         assert!(
             err.message().contains(id),
             "{what}: names it: {}",
@@ -522,7 +518,7 @@ async fn an_expired_deadline_is_deadline_exceeded_at_once_and_never_runs() {
     for (method, answer, took) in answers {
         let err = answer.expect_err(method);
         assert_eq!(err.code(), Code::DeadlineExceeded, "{method}: {err:?}");
-        assert_eq!(class(&err), "deadline_exceeded", "{method}: {err:?}");
+        assert_eq!(error_class(&err), "deadline_exceeded", "{method}: {err:?}");
         assert!(
             err.message().contains("deadline") && err.message().contains("exceeded"),
             "{method}: {}",
@@ -545,7 +541,7 @@ async fn an_expired_deadline_is_deadline_exceeded_at_once_and_never_runs() {
         };
         let took = started.elapsed();
         match err.code() {
-            Code::DeadlineExceeded => assert_eq!(class(&err), "deadline_exceeded"),
+            Code::DeadlineExceeded => assert_eq!(error_class(&err), "deadline_exceeded"),
             Code::Cancelled => assert_eq!(err.message(), "Timeout expired", "{err:?}"),
             _ => panic!("stream={stream}: {err:?}"),
         }
@@ -713,7 +709,7 @@ async fn ten_thousand_abandoned_sessions_expire_and_free_their_memory() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::NotFound, "{err:?}");
-    assert_eq!(class(&err), "session_not_found");
+    assert_eq!(error_class(&err), "session_not_found");
 
     let after = rss_bytes();
     let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
@@ -752,7 +748,7 @@ async fn a_response_too_large_to_send_is_classified_and_counted() {
     // Fits a frame, but not a gRPC message once the response's fields are added.
     let err = client.execute(big(LIMIT - 500)).await.unwrap_err();
     assert_eq!(err.code(), Code::Internal, "{err:?}");
-    assert_eq!(class(&err), "response_too_large");
+    assert_eq!(error_class(&err), "response_too_large");
     assert!(
         err.message().contains("server.max_message_bytes"),
         "{}",
@@ -761,7 +757,7 @@ async fn a_response_too_large_to_send_is_classified_and_counted() {
     // Over the frame limit: the worker refuses to send it.
     let err = client.execute(big(2 * LIMIT)).await.unwrap_err();
     assert_eq!(err.code(), Code::Internal, "{err:?}");
-    assert_eq!(class(&err), "response_too_large");
+    assert_eq!(error_class(&err), "response_too_large");
     // A stream whose second chunk is too large: the first arrives, then the error.
     let mut stream = client
         .execute_stream(exec(
@@ -779,7 +775,7 @@ async fn a_response_too_large_to_send_is_classified_and_counted() {
         }
     };
     assert_eq!(err.code(), Code::Internal, "{err:?}");
-    assert_eq!(class(&err), "response_too_large");
+    assert_eq!(error_class(&err), "response_too_large");
     // Counted as such, never as ok.
     let (_, scrape) = http_get(server.metrics_addr, "/metrics").await;
     let series = |command: &str, outcome: &str, class: &str| {
@@ -820,7 +816,7 @@ async fn a_per_try_timeout_has_one_class_for_the_client_and_the_metrics() {
     req.set_timeout(Duration::from_secs(20));
     let err = client.execute(req).await.unwrap_err();
     assert_eq!(err.code(), Code::DeadlineExceeded, "{err:?}");
-    assert_eq!(class(&err), "worker_timeout", "{err:?}");
+    assert_eq!(error_class(&err), "worker_timeout", "{err:?}");
     let info = tonic_types::StatusExt::get_error_details(&err);
     assert_eq!(info.error_info().unwrap().reason, "worker_timeout");
     let (_, scrape) = http_get(server.metrics_addr, "/metrics").await;

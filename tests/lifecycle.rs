@@ -244,10 +244,7 @@ async fn after_a_crash_sessions_are_gone_and_the_rollout_state_is_kept() {
     req.session_id = session.clone();
     let e = client.execute(req).await.unwrap_err();
     assert_eq!(e.code(), Code::NotFound, "{e:?}");
-    assert_eq!(
-        e.metadata().get("x-pitboss-error-class").unwrap(),
-        "session_not_found"
-    );
+    assert_eq!(error_class(&e), "session_not_found");
     assert!(e.message().contains(&session), "{}", e.message());
     drop(p2);
     let _ = std::fs::remove_dir_all(&dir);

@@ -214,10 +214,7 @@ async fn sessions_keep_affinity_through_nginx_and_only_a_stopped_instances_sessi
             Err(e) => {
                 assert_eq!(at, &victim_id, "{id} failed but its instance is up: {e:?}");
                 assert_eq!(e.code(), Code::NotFound, "{e:?}");
-                assert_eq!(
-                    e.metadata().get("x-pitboss-error-class").unwrap(),
-                    "session_not_found"
-                );
+                assert_eq!(error_class(&e), "session_not_found");
                 let answered_by = e
                     .metadata()
                     .get("x-pitboss-instance")

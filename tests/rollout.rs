@@ -516,10 +516,7 @@ async fn system_failures_of_new_fall_back_to_legacy() {
     let e = s.client.execute(exec("version", "{}")).await.unwrap_err();
     assert_eq!(e.code(), Code::Unavailable);
     assert_eq!(e.metadata().get("x-pitboss-backend").unwrap(), "new");
-    assert_eq!(
-        e.metadata().get("x-pitboss-error-class").unwrap(),
-        "worker_crashed"
-    );
+    assert_eq!(error_class(&e), "worker_crashed");
     // Idempotent: served by legacy. `attempts` counts the tries on both backends:
     // new's three (a crash is retried for an idempotent call; the breaker, at 5
     // failures in a row, is still closed), then legacy's one.
@@ -833,10 +830,7 @@ async fn a_grpc_backend_forwards_to_an_upstream_bridge() {
     assert_eq!(v["version"], 2);
     // Errors keep their class across the hop.
     let e = s.client.execute(exec("nope", "{}")).await.unwrap_err();
-    assert_eq!(
-        e.metadata().get("x-pitboss-error-class").unwrap(),
-        "unknown_command"
-    );
+    assert_eq!(error_class(&e), "unknown_command");
     // Sessions live upstream and stay there.
     let sess = s
         .client

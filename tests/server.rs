@@ -164,10 +164,7 @@ async fn a_python_exception_becomes_a_status_with_type_and_message() {
         err.metadata().get("x-pitboss-python-type").unwrap(),
         "ZeroDivisionError"
     );
-    assert_eq!(
-        err.metadata().get("x-pitboss-error-class").unwrap(),
-        "python_exception"
-    );
+    assert_eq!(error_class(&err), "python_exception");
     // The traceback travels in the details only (the trailers' budget).
     let details = tonic_types::StatusExt::get_error_details(&err);
     assert!(details.error_info().unwrap().metadata["traceback"].contains("ZeroDivisionError"));
@@ -180,10 +177,7 @@ async fn a_python_exception_becomes_a_status_with_type_and_message() {
         .await
         .unwrap_err();
     assert_eq!(bad.code(), Code::InvalidArgument, "{bad:?}");
-    assert_eq!(
-        bad.metadata().get("x-pitboss-error-class").unwrap(),
-        "invalid_request"
-    );
+    assert_eq!(error_class(&bad), "invalid_request");
     assert!(bad.message().contains("n must be positive"));
     let unknown = client.execute(exec("nope", "{}")).await.unwrap_err();
     assert_eq!(unknown.code(), Code::NotFound);
@@ -922,10 +916,7 @@ async fn readiness_and_health_follow_every_transition() {
     let mut client = pb::bridge_client::BridgeClient::new(channel.clone());
     for _ in 0..2 {
         let e = client.execute(exec("crash", "{}")).await.unwrap_err();
-        assert_eq!(
-            e.metadata().get("x-pitboss-error-class").unwrap(),
-            "worker_crashed"
-        );
+        assert_eq!(error_class(&e), "worker_crashed");
     }
     assert!(
         until_status(bridge, not_serving).await,

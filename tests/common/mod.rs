@@ -248,6 +248,14 @@ pub fn sum_of(scrape: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
         .sum()
 }
 
+/// The `x-pitboss-error-class` trailer of a status, or "" when there is none.
+pub fn error_class(s: &tonic::Status) -> &str {
+    s.metadata()
+        .get("x-pitboss-error-class")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+}
+
 /// A fresh, empty directory `pitboss-<tag>-<pid>` in the system's temp directory.
 pub fn temp_dir(tag: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("pitboss-{tag}-{}", std::process::id()));
@@ -297,6 +305,16 @@ pub async fn start(config: Config) -> (RunningServer, Client) {
         .await
         .unwrap();
     (server, client)
+}
+
+/// Waits until the edge knows `command` from the workers' READY frames (before, a call
+/// of it is labelled as unknown in the metrics).
+pub async fn wait_known(server: &RunningServer, command: &str) {
+    let edge = server.edge().clone();
+    assert!(
+        eventually(START_BOUND, || edge.commands.label(command) == command).await,
+        "{command} not known within {START_BOUND:?}"
+    );
 }
 
 /// The body of a `GET /metrics` on the server's metrics listener (which must answer
