@@ -283,6 +283,25 @@ pub fn pool_section(adapter: &str, size: usize) -> String {
     )
 }
 
+/// A `[rollout]` section on the flags file `dir/flags.toml` (checked every 100 ms) and
+/// the admin token in `dir/token`.
+pub fn rollout_section(dir: &Path) -> String {
+    format!(
+        "[rollout]\nflags_file = \"{flags}\"\ncheck_interval = \"100ms\"\n\
+         admin_token_file = \"{token}\"\n",
+        flags = dir.join("flags.toml").display(),
+        token = dir.join("token").display(),
+    )
+}
+
+/// A request that carries `token` as its bearer token (the Admin service wants one).
+pub fn authed<T>(msg: T, token: &str) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(msg);
+    r.metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    r
+}
+
 /// A config parsed from `text` alone (no environment overrides); panics with the
 /// error.
 pub fn config(text: &str) -> Config {
