@@ -33,7 +33,7 @@ async fn start_with(extra: &str) -> (RunningServer, Client) {
 
 /// `pitboss_requests_total` for `command`, over all outcomes, and for one class.
 async fn counts(server: &RunningServer, command: &str, class: &str) -> (f64, f64) {
-    let m = scrape(server).await;
+    let m = scrape(server.metrics_addr).await;
     let all = sum_of(&m, "pitboss_requests_total", &[("command", command)]);
     let one = sum_of(
         &m,

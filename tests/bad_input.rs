@@ -777,7 +777,7 @@ async fn a_response_too_large_to_send_is_classified_and_counted() {
     assert_eq!(err.code(), Code::Internal, "{err:?}");
     assert_eq!(error_class(&err), "response_too_large");
     // Counted as such, never as ok.
-    let (_, scrape) = http_get(server.metrics_addr, "/metrics").await;
+    let scrape = common::scrape(server.metrics_addr).await;
     let series = |command: &str, outcome: &str, class: &str| {
         format!("pitboss_requests_total{{backend=\"legacy\",command=\"{command}\",outcome=\"{outcome}\",error_class=\"{class}\"}} ")
     };
@@ -819,7 +819,7 @@ async fn a_per_try_timeout_has_one_class_for_the_client_and_the_metrics() {
     assert_eq!(error_class(&err), "worker_timeout", "{err:?}");
     let info = tonic_types::StatusExt::get_error_details(&err);
     assert_eq!(info.error_info().unwrap().reason, "worker_timeout");
-    let (_, scrape) = http_get(server.metrics_addr, "/metrics").await;
+    let scrape = common::scrape(server.metrics_addr).await;
     let series = "pitboss_requests_total{backend=\"legacy\",command=\"sleep\",outcome=\"error\",error_class=\"worker_timeout\"} ";
     assert!(scrape.lines().any(|l| l.starts_with(series)), "{scrape}");
     server.shutdown().await;

@@ -328,7 +328,7 @@ async fn chaos_under_load_loses_nothing() {
     );
 
     // The metrics agree with the clients.
-    let scrape = common::scrape(&server).await;
+    let scrape = common::scrape(server.metrics_addr).await;
     let seen = seen.lock().unwrap().clone();
     for ((command, outcome, class), n) in &seen {
         let m = sum_of(

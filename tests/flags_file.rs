@@ -381,7 +381,7 @@ async fn a_bad_flags_file_at_start_serves_on_legacy_or_the_last_good_copy() {
         body.contains("flags file rejected") && body.contains("percent"),
         "/readyz does not say why: {body}"
     );
-    let (_, metrics) = http_get(p.metrics, "/metrics").await;
+    let metrics = common::scrape(p.metrics).await;
     assert_eq!(
         sample(&metrics, "pitboss_flags_file_valid", &[]),
         Some(0.0),
@@ -410,7 +410,7 @@ async fn a_bad_flags_file_at_start_serves_on_legacy_or_the_last_good_copy() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(on_new, "the good file was not applied");
-    let (_, metrics) = http_get(p.metrics, "/metrics").await;
+    let metrics = common::scrape(p.metrics).await;
     assert_eq!(sample(&metrics, "pitboss_flags_file_valid", &[]), Some(1.0));
     assert!(
         dir.join(".flags.toml.last-good").exists(),

@@ -245,7 +245,7 @@ async fn an_invalid_flags_file_at_start_serves_everything_on_legacy_and_says_so(
         body.contains("flags file rejected") && body.contains("percent"),
         "{body}"
     );
-    let (_, scrape) = http_get(p.metrics, "/metrics").await;
+    let scrape = common::scrape(p.metrics).await;
     assert!(
         scrape.lines().any(|l| l == "pitboss_flags_file_valid 0"),
         "{scrape}"

@@ -82,7 +82,7 @@ async fn metrics_count_what_clients_saw_and_real_prometheus_scrapes_them() {
     // The pool heals; the scrape then shows what the clients saw.
     let ready_again = async {
         for _ in 0..300 {
-            let m = scrape(&server).await;
+            let m = scrape(server.metrics_addr).await;
             let ready = sample(
                 &m,
                 "pitboss_workers",

@@ -33,7 +33,7 @@ async fn known_counters_start_at_zero_and_the_first_call_has_its_command_label()
         .unwrap();
 
     // Before any traffic or fault: every known counter is there, at 0.
-    let scrape = common::scrape(&server).await;
+    let scrape = common::scrape(server.metrics_addr).await;
     for reason in pitboss::telemetry::RESTART_REASONS {
         let series =
             format!("pitboss_worker_restarts_total{{backend=\"legacy\",reason=\"{reason}\"}}");
@@ -61,7 +61,7 @@ async fn known_counters_start_at_zero_and_the_first_call_has_its_command_label()
         .await
         .unwrap();
     client.execute(exec("echo", "{}")).await.unwrap();
-    let scrape = common::scrape(&server).await;
+    let scrape = common::scrape(server.metrics_addr).await;
     let echo = "pitboss_requests_total{backend=\"legacy\",command=\"echo\",outcome=\"ok\",error_class=\"\"}";
     assert_eq!(value(&scrape, echo), Some(1.0), "in:\n{scrape}");
     assert!(

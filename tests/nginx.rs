@@ -136,7 +136,7 @@ async fn sessions_keep_affinity_through_nginx_and_only_a_stopped_instances_sessi
     let addr = format!("http://127.0.0.1:{NGINX_PORT}");
     let mut client = None;
     for _ in 0..100 {
-        if let Ok(c) = pb::bridge_client::BridgeClient::connect(addr.clone()).await {
+        if let Ok(c) = Client::connect(addr.clone()).await {
             client = Some(c);
             break;
         }

@@ -7,7 +7,6 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use pitboss::config::Config;
 use pitboss::grpc::pb;
 use pitboss::server::RunningServer;
 use tonic::Code;
@@ -365,16 +364,11 @@ async fn a_worker_that_keeps_failing_is_ejected_and_the_pool_keeps_serving() {
 /// worker, not a wait per attempt: a queue timeout is not retried on the same backend.
 #[tokio::test]
 async fn a_queue_timeout_is_not_multiplied_by_retries() {
-    init_tracing();
-    let text = "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\nmetrics_listen = \"127.0.0.1:0\"\n\
-         [pool]\nadapter = \"faults:adapter\"\nsize = 1\nworker_concurrency = 1\nqueue_timeout = \"2s\"\n";
-    let cfg =
-        Config::from_sources("test.toml", Some(text), Vec::<(String, String)>::new()).unwrap();
-    let server = RunningServer::start(cfg).await.unwrap();
-    server.pool().wait_ready(1, LONG).await.unwrap();
-    let client = pb::bridge_client::BridgeClient::connect(format!("http://{}", server.bridge_addr))
-        .await
-        .unwrap();
+    let (server, client) = start(config(&on_free_ports(
+        "",
+        "[pool]\nadapter = \"faults:adapter\"\nsize = 1\nworker_concurrency = 1\nqueue_timeout = \"2s\"\n",
+    )))
+    .await;
     let mut busy = client.clone();
     let held = tokio::spawn(async move { busy.execute(exec("sleep", br#"{"seconds": 8}"#)).await });
     let pool = server.pool().clone();

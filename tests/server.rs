@@ -839,10 +839,9 @@ async fn health_is_not_serving_while_no_worker_is_ready() {
     assert!(!out.status.success());
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "NOT_SERVING");
     // Calls fail fast with a clear error rather than hanging.
-    let mut client =
-        pb::bridge_client::BridgeClient::connect(format!("http://{}", server.bridge_addr))
-            .await
-            .unwrap();
+    let mut client = Client::connect(format!("http://{}", server.bridge_addr))
+        .await
+        .unwrap();
     let mut req = tonic::Request::new(exec("echo", "1"));
     req.set_timeout(Duration::from_secs(10));
     let start = tokio::time::Instant::now();

@@ -336,10 +336,9 @@ pub async fn wait_known(server: &RunningServer, command: &str) {
     );
 }
 
-/// The body of a `GET /metrics` on the server's metrics listener (which must answer
-/// 200).
-pub async fn scrape(server: &RunningServer) -> String {
-    let (status, body) = http_get(server.metrics_addr, "/metrics").await;
+/// The body of a `GET /metrics` on a metrics listener (which must answer 200).
+pub async fn scrape(metrics: std::net::SocketAddr) -> String {
+    let (status, body) = http_get(metrics, "/metrics").await;
     assert_eq!(status, 200, "/metrics: {body}");
     body
 }
