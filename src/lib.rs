@@ -17,16 +17,17 @@
 //! - [`backend`]: what serves a role (`legacy` or `new`): a pool or a grpc upstream,
 //!   each behind its own resilience stack.
 //! - [`resilience`]: the single error classification (and, next, retry and breakers).
-//! - [`bench`]: the load generator and the baselines behind `pitboss bench`.
 //! - [`telemetry`]: Prometheus metrics, readiness, and the HTTP listener for them.
 //! - [`config`]: the config file, parsed into validated types.
 //! - [`proto`]: the generated `pitboss.v1` types, shared by the edge and the `grpc`
 //!   backend.
 //! - [`worker`]: one Python process: spawning, the length-prefixed frame protocol
 //!   (`docs/PROTOCOL.md`), and the connection that routes replies by request id.
+//!
+//! The benchmark harness behind `pitboss bench` (load generator, baselines) is part of
+//! the binary, not of this library: `src/cli/bench.rs`.
 
 pub mod backend;
-pub mod bench;
 pub mod config;
 pub mod grpc;
 pub mod pool;

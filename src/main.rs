@@ -8,6 +8,12 @@ use pitboss::config::{Config, LogFormat};
 use pitboss::grpc::pb;
 use pitboss::server::RunningServer;
 
+/// The parts of the command line that are not the library's: the benchmark harness
+/// measures pitboss from outside, through its public API and its gRPC surface.
+mod cli {
+    pub mod bench;
+}
+
 #[derive(Parser)]
 #[command(
     name = "pitboss",
@@ -461,7 +467,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 async fn bench(config: Option<PathBuf>, what: BenchCommand) -> Result<(), String> {
-    use pitboss::bench;
+    use cli::bench;
     match what {
         BenchCommand::Load(a) => {
             let (target, name) = if a.floor {

@@ -12,7 +12,6 @@ use std::time::Duration;
 
 use common::*;
 use pitboss::backend::Role;
-use pitboss::config::Config;
 use pitboss::grpc::pb;
 use pitboss::server::RunningServer;
 use tonic::Code;
@@ -21,39 +20,20 @@ const LONG: Duration = Duration::from_secs(30);
 
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-type Client = pb::bridge_client::BridgeClient<tonic::transport::Channel>;
-
-async fn start(extra: &str) -> (RunningServer, Client) {
-    init_tracing();
-    let text = format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\nmetrics_listen = \"127.0.0.1:0\"\n\
-         [pool]\nadapter = \"faults:adapter\"\nsize = 2\npython_path = [\"{py}/examples\"]\nruntime_dir = \"{py}\"\n\
-         [pool.restart]\nbackoff_base = \"20ms\"\njitter = 0.0\n\
+async fn start_with(extra: &str) -> (RunningServer, Client) {
+    let rest = format!(
+        "{pool}[pool.restart]\nbackoff_base = \"20ms\"\njitter = 0.0\n\
          [circuit_breaker]\nenabled = false\n{extra}",
-        py = python_dir().display()
+        pool = pool_section("faults:adapter", 2)
     );
-    let config = Config::from_sources(
-        "accounting.toml",
-        Some(&text),
-        Vec::<(String, String)>::new(),
-    )
-    .unwrap();
-    let server = RunningServer::start(config).await.unwrap();
-    server.pool().wait_ready(2, LONG).await.unwrap();
-    let edge = server.edge().clone();
-    assert!(
-        eventually(LONG, || edge.commands.label("sleep") == "sleep").await,
-        "commands known"
-    );
-    let client = Client::connect(format!("http://{}", server.bridge_addr))
-        .await
-        .unwrap();
+    let (server, client) = start(config(&on_free_ports("", &rest))).await;
+    wait_known(&server, "sleep").await;
     (server, client)
 }
 
 /// `pitboss_requests_total` for `command`, over all outcomes, and for one class.
 async fn counts(server: &RunningServer, command: &str, class: &str) -> (f64, f64) {
-    let (_, m) = http_get(server.metrics_addr, "/metrics").await;
+    let m = scrape(server.metrics_addr).await;
     let all = sum_of(&m, "pitboss_requests_total", &[("command", command)]);
     let one = sum_of(
         &m,
@@ -85,13 +65,6 @@ async fn assert_counted(
     );
 }
 
-fn class_of(s: &tonic::Status) -> String {
-    s.metadata()
-        .get("x-pitboss-error-class")
-        .map(|v| v.to_str().unwrap().to_string())
-        .unwrap_or_default()
-}
-
 fn rollout_class(server: &RunningServer, class: &str) -> u64 {
     let stats = server.edge().rollout.stats(Role::Legacy);
     stats.by_class.get(class).copied().unwrap_or(0)
@@ -100,7 +73,7 @@ fn rollout_class(server: &RunningServer, class: &str) -> u64 {
 #[tokio::test]
 async fn calls_that_end_at_the_client_deadline_are_counted_once_and_seen_by_the_rollout() {
     let _turn = SERIAL.lock().await;
-    let (server, client) = start("").await;
+    let (server, client) = start_with("").await;
     // A slow worker and a hung one: the client's own timer (tonic sets one from the
     // request timeout) races pitboss's; whoever wins, each call is counted once.
     for (command, payload, n) in [("sleep", r#"{"seconds": 5}"#, 6usize), ("hang", "{}", 2)] {
@@ -134,7 +107,7 @@ async fn calls_that_end_at_the_client_deadline_are_counted_once_and_seen_by_the_
 #[tokio::test]
 async fn calls_the_client_cancels_are_counted_once_as_cancelled() {
     let _turn = SERIAL.lock().await;
-    let (server, client) = start("").await;
+    let (server, client) = start_with("").await;
     // Unary calls without a deadline, abandoned by the client mid-call.
     let n = 4usize;
     let before = counts(&server, "sleep", "cancelled").await;
@@ -175,14 +148,14 @@ async fn calls_the_client_cancels_are_counted_once_as_cancelled() {
 #[tokio::test]
 async fn a_per_try_timeout_has_one_class_for_the_client_and_the_metrics() {
     let _turn = SERIAL.lock().await;
-    let (server, mut client) = start("[retry]\nper_try_timeout = \"300ms\"\n").await;
+    let (server, mut client) = start_with("[retry]\nper_try_timeout = \"300ms\"\n").await;
     let before = counts(&server, "sleep", "worker_timeout").await;
     let mut req = tonic::Request::new(exec("sleep", r#"{"seconds": 5}"#));
     req.set_timeout(Duration::from_secs(20));
     let err = client.execute(req).await.unwrap_err();
     assert_eq!(err.code(), Code::DeadlineExceeded, "{err:?}");
     assert_eq!(
-        class_of(&err),
+        error_class(&err),
         "worker_timeout",
         "the trailer carries the class the metrics, the breaker and the rollout saw"
     );
@@ -239,7 +212,7 @@ async fn raw_call(
 #[tokio::test]
 async fn an_expired_grpc_timeout_is_always_deadline_exceeded_with_its_class_and_counted() {
     let _turn = SERIAL.lock().await;
-    let (server, _client) = start("").await;
+    let (server, _client) = start_with("").await;
     let msg = prost::Message::encode_to_vec(&exec("async_sleep", r#"{"seconds": 1}"#));
     let mut framed = vec![0u8];
     framed.extend_from_slice(&(msg.len() as u32).to_be_bytes());
@@ -290,7 +263,7 @@ async fn an_expired_grpc_timeout_is_always_deadline_exceeded_with_its_class_and_
 #[tokio::test]
 async fn create_session_calls_are_counted_once_each() {
     let _turn = SERIAL.lock().await;
-    let (server, mut client) = start("").await;
+    let (server, mut client) = start_with("").await;
     let label = "CreateSession";
     let before_ok = counts(&server, label, "").await;
     let create = |id: &str| pb::CreateSessionRequest {
@@ -301,7 +274,7 @@ async fn create_session_calls_are_counted_once_each() {
     assert_counted(&server, label, "", before_ok, 1.0).await;
     let before = counts(&server, label, "invalid_request").await;
     let err = client.create_session(create("acct-a")).await.unwrap_err();
-    assert_eq!(class_of(&err), "invalid_request", "{err:?}");
+    assert_eq!(error_class(&err), "invalid_request", "{err:?}");
     assert_counted(&server, label, "invalid_request", before, 1.0).await;
     server.shutdown().await;
 }

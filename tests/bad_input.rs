@@ -22,44 +22,22 @@ use tonic::{Code, Status};
 
 const LONG: Duration = Duration::from_secs(30);
 
-type Client = pb::bridge_client::BridgeClient<Channel>;
-
 /// The RSS test measures the whole test process, so it runs alone (write lock); the
 /// other tests run side by side (read lock).
 static PROCESS: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
 
-/// A config listening on free ports; `server` goes into `[server]`, `rest` after it.
-fn config(server: &str, rest: &str) -> Config {
-    init_tracing();
-    let text = format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
-         metrics_listen = \"127.0.0.1:0\"\nshutdown_grace = \"10s\"\n{server}\n{rest}"
-    );
-    Config::from_sources(
-        "bad_input.toml",
-        Some(&text),
-        Vec::<(String, String)>::new(),
-    )
-    .unwrap()
+/// A config on free ports with a 10 s shutdown grace; `server` goes into `[server]`,
+/// `rest` after it.
+fn config_with(server: &str, rest: &str) -> Config {
+    config(&on_free_ports(
+        &format!("shutdown_grace = \"10s\"\n{server}"),
+        rest,
+    ))
 }
 
 /// Starts the server and waits until every worker is ready.
-async fn start(server: &str, rest: &str) -> (RunningServer, Client) {
-    let server = RunningServer::start(config(server, rest)).await.unwrap();
-    let size = server.pool().config().size;
-    server.pool().wait_ready(size, LONG).await.unwrap();
-    let client = Client::connect(format!("http://{}", server.bridge_addr))
-        .await
-        .unwrap();
-    (server, client)
-}
-
-/// The `x-pitboss-error-class` trailer, or "" when there is none.
-fn class(s: &Status) -> &str {
-    s.metadata()
-        .get("x-pitboss-error-class")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
+async fn start_with(server: &str, rest: &str) -> (RunningServer, Client) {
+    start(config_with(server, rest)).await
 }
 
 /// Requests handed to workers since the pool started, over all workers.
@@ -107,13 +85,13 @@ fn rss_bytes() -> u64 {
 #[tokio::test]
 async fn an_empty_command_is_invalid_argument_and_never_reaches_a_worker() {
     let _shared = PROCESS.read().await;
-    let (server, mut client) = start("", "").await;
+    let (server, mut client) = start_with("", "").await;
     let pool = server.pool().clone();
     let before = served(&pool);
 
     let err = client.execute(exec("", "{}")).await.unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
-    assert_eq!(class(&err), "invalid_request", "{err:?}");
+    assert_eq!(error_class(&err), "invalid_request", "{err:?}");
     assert!(
         err.message().contains("command must not be empty"),
         "says what is wrong: {}",
@@ -124,7 +102,7 @@ async fn an_empty_command_is_invalid_argument_and_never_reaches_a_worker() {
     // The same through ExecuteStream: refused before the stream starts.
     let err = client.execute_stream(exec("", "{}")).await.unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
-    assert_eq!(class(&err), "invalid_request");
+    assert_eq!(error_class(&err), "invalid_request");
     assert!(err.message().contains("command must not be empty"));
 
     assert_eq!(served(&pool), before, "an empty command reached a worker");
@@ -136,7 +114,7 @@ async fn an_empty_command_is_invalid_argument_and_never_reaches_a_worker() {
 #[tokio::test]
 async fn an_unknown_command_is_not_found_and_lists_the_known_ones() {
     let _shared = PROCESS.read().await;
-    let (server, mut client) = start("", "").await;
+    let (server, mut client) = start_with("", "").await;
     let pool = server.pool().clone();
     let before = served(&pool);
 
@@ -145,7 +123,7 @@ async fn an_unknown_command_is_not_found_and_lists_the_known_ones() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::NotFound, "{err:?}");
-    assert_eq!(class(&err), "unknown_command", "{err:?}");
+    assert_eq!(error_class(&err), "unknown_command", "{err:?}");
     let msg = err.message();
     assert!(msg.contains("\"no_such_command\""), "names it: {msg}");
     assert!(msg.contains("known commands"), "{msg}");
@@ -158,7 +136,7 @@ async fn an_unknown_command_is_not_found_and_lists_the_known_ones() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::NotFound, "{err:?}");
-    assert_eq!(class(&err), "unknown_command");
+    assert_eq!(error_class(&err), "unknown_command");
     assert!(err.message().contains("echo"), "{}", err.message());
 
     // A near miss in case is still unknown: names are exact.
@@ -168,7 +146,7 @@ async fn an_unknown_command_is_not_found_and_lists_the_known_ones() {
     // A streaming command called as unary: the caller's mistake, with what to do.
     let err = client.execute(exec("stream", "{}")).await.unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
-    assert_eq!(class(&err), "invalid_request");
+    assert_eq!(error_class(&err), "invalid_request");
     assert!(err.message().contains("ExecuteStream"), "{}", err.message());
 
     assert_eq!(served(&pool), before, "an unknown command reached a worker");
@@ -182,7 +160,7 @@ async fn a_payload_over_a_limit_is_resource_exhausted_and_harms_no_worker() {
     let _shared = PROCESS.read().await;
     const MESSAGE_LIMIT: usize = 1024 * 1024;
     const FRAME_LIMIT: usize = 64 * 1024;
-    let (server, mut client) = start(
+    let (server, mut client) = start_with(
         &format!("max_message_bytes = {MESSAGE_LIMIT}"),
         &format!("[pool]\nmax_frame_bytes = {FRAME_LIMIT}\n"),
     )
@@ -201,7 +179,11 @@ async fn a_payload_over_a_limit_is_resource_exhausted_and_harms_no_worker() {
     let between = vec![b'b'; 4 * FRAME_LIMIT];
     let err = client.execute(exec("echo", &between)).await.unwrap_err();
     assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
-    assert_eq!(class(&err), "invalid_request", "never retried: {err:?}");
+    assert_eq!(
+        error_class(&err),
+        "invalid_request",
+        "never retried: {err:?}"
+    );
     let msg = err.message();
     assert!(msg.contains("too large"), "{msg}");
     assert!(
@@ -254,7 +236,7 @@ async fn a_payload_over_a_limit_is_resource_exhausted_and_harms_no_worker() {
     let huge = vec![b'c'; 2 * MESSAGE_LIMIT];
     let err = client.execute(exec("echo", &huge)).await.unwrap_err();
     assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
-    assert_eq!(class(&err), "invalid_request", "{err:?}");
+    assert_eq!(error_class(&err), "invalid_request", "{err:?}");
     let msg = err.message();
     assert!(msg.contains("too large"), "{msg}");
     assert!(
@@ -294,7 +276,7 @@ struct RawExecuteRequest {
 async fn invalid_utf8_in_a_session_id_is_a_clean_error_and_the_server_serves_on() {
     use tonic::codegen::http::uri::PathAndQuery;
     let _shared = PROCESS.read().await;
-    let (server, mut client) = start("", "").await;
+    let (server, mut client) = start_with("", "").await;
     let pool = server.pool().clone();
     let pids = pool.pids();
     let before = served(&pool);
@@ -336,7 +318,7 @@ async fn invalid_utf8_in_a_session_id_is_a_clean_error_and_the_server_serves_on(
         let msg = err.message();
         assert!(msg.contains("decode"), "{method}: {msg}");
         assert!(msg.contains("UTF-8"), "{method}: says why: {msg}");
-        assert_eq!(class(&err), "", "{method}: {err:?}");
+        assert_eq!(error_class(&err), "", "{method}: {err:?}");
     }
 
     // Valid UTF-8, but a content type longer than the worker frame's 16-bit length
@@ -346,7 +328,7 @@ async fn invalid_utf8_in_a_session_id_is_a_clean_error_and_the_server_serves_on(
     req.content_type = "x".repeat(70_000);
     let err = client.execute(req).await.unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
-    assert_eq!(class(&err), "invalid_request", "{err:?}");
+    assert_eq!(error_class(&err), "invalid_request", "{err:?}");
     assert!(
         err.message().contains("content type is 70000 bytes"),
         "{}",
@@ -381,7 +363,7 @@ async fn invalid_utf8_in_a_session_id_is_a_clean_error_and_the_server_serves_on(
 #[tokio::test]
 async fn an_unknown_session_is_not_found_with_the_instance_id() {
     let _shared = PROCESS.read().await;
-    let (server, mut client) = start("", "").await;
+    let (server, mut client) = start_with("", "").await;
     let pool = server.pool().clone();
     let before = served(&pool);
     let instance = server.edge().instance_id.clone();
@@ -389,7 +371,7 @@ async fn an_unknown_session_is_not_found_with_the_instance_id() {
 
     let check = |what: &str, err: Status, id: &str| {
         assert_eq!(err.code(), Code::NotFound, "{what}: {err:?}");
-        assert_eq!(class(&err), "session_not_found", "{what}: {err:?}");
+        assert_eq!(error_class(&err), "session_not_found", "{what}: {err:?}");
         assert!(
             err.message().contains(id),
             "{what}: names it: {}",
@@ -500,12 +482,9 @@ where
 #[tokio::test]
 async fn an_expired_deadline_is_deadline_exceeded_at_once_and_never_runs() {
     let _shared = PROCESS.read().await;
-    let dir =
-        std::env::temp_dir().join(format!("pitboss-bad-input-deadline-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = temp_dir("bad-input-deadline");
     let count_file = dir.join("count.txt");
-    let _ = std::fs::remove_file(&count_file);
-    let (server, mut client) = start(
+    let (server, mut client) = start_with(
         "",
         &format!(
             "[pool]\nadapter = \"faults:adapter\"\nsize = 1\n\
@@ -539,7 +518,7 @@ async fn an_expired_deadline_is_deadline_exceeded_at_once_and_never_runs() {
     for (method, answer, took) in answers {
         let err = answer.expect_err(method);
         assert_eq!(err.code(), Code::DeadlineExceeded, "{method}: {err:?}");
-        assert_eq!(class(&err), "deadline_exceeded", "{method}: {err:?}");
+        assert_eq!(error_class(&err), "deadline_exceeded", "{method}: {err:?}");
         assert!(
             err.message().contains("deadline") && err.message().contains("exceeded"),
             "{method}: {}",
@@ -562,7 +541,7 @@ async fn an_expired_deadline_is_deadline_exceeded_at_once_and_never_runs() {
         };
         let took = started.elapsed();
         match err.code() {
-            Code::DeadlineExceeded => assert_eq!(class(&err), "deadline_exceeded"),
+            Code::DeadlineExceeded => assert_eq!(error_class(&err), "deadline_exceeded"),
             Code::Cancelled => assert_eq!(err.message(), "Timeout expired", "{err:?}"),
             _ => panic!("stream={stream}: {err:?}"),
         }
@@ -596,7 +575,7 @@ async fn a_thousand_streams_dropped_halfway_leak_nothing() {
     let _shared = PROCESS.read().await;
     const STREAMS: usize = 1000;
     const AT_ONCE: usize = 50;
-    let (server, client) = start("", "[pool]\nadapter = \"faults:adapter\"\nsize = 2\n").await;
+    let (server, client) = start_with("", "[pool]\nadapter = \"faults:adapter\"\nsize = 2\n").await;
     let pool = server.pool().clone();
     let pids = pool.pids();
     let metrics = tokio::runtime::Handle::current().metrics();
@@ -662,7 +641,7 @@ async fn ten_thousand_abandoned_sessions_expire_and_free_their_memory() {
     // Alone in the process: the RSS reading must not include the other tests.
     let _alone = PROCESS.write().await;
     const SESSIONS: usize = 10_000;
-    let (server, client) = start("", "[sessions]\nttl = \"2s\"\n").await;
+    let (server, client) = start_with("", "[sessions]\nttl = \"2s\"\n").await;
     let pool = server.pool().clone();
     let edge = server.edge().clone();
 
@@ -730,7 +709,7 @@ async fn ten_thousand_abandoned_sessions_expire_and_free_their_memory() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::NotFound, "{err:?}");
-    assert_eq!(class(&err), "session_not_found");
+    assert_eq!(error_class(&err), "session_not_found");
 
     let after = rss_bytes();
     let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
@@ -760,7 +739,7 @@ async fn ten_thousand_abandoned_sessions_expire_and_free_their_memory() {
 async fn a_response_too_large_to_send_is_classified_and_counted() {
     let _shared = PROCESS.read().await;
     const LIMIT: usize = 1024 * 1024;
-    let (server, mut client) = start(
+    let (server, mut client) = start_with(
         &format!("max_message_bytes = {LIMIT}"),
         &format!("[pool]\nadapter = \"faults:adapter\"\nsize = 1\nmax_frame_bytes = {LIMIT}\n"),
     )
@@ -769,7 +748,7 @@ async fn a_response_too_large_to_send_is_classified_and_counted() {
     // Fits a frame, but not a gRPC message once the response's fields are added.
     let err = client.execute(big(LIMIT - 500)).await.unwrap_err();
     assert_eq!(err.code(), Code::Internal, "{err:?}");
-    assert_eq!(class(&err), "response_too_large");
+    assert_eq!(error_class(&err), "response_too_large");
     assert!(
         err.message().contains("server.max_message_bytes"),
         "{}",
@@ -778,7 +757,7 @@ async fn a_response_too_large_to_send_is_classified_and_counted() {
     // Over the frame limit: the worker refuses to send it.
     let err = client.execute(big(2 * LIMIT)).await.unwrap_err();
     assert_eq!(err.code(), Code::Internal, "{err:?}");
-    assert_eq!(class(&err), "response_too_large");
+    assert_eq!(error_class(&err), "response_too_large");
     // A stream whose second chunk is too large: the first arrives, then the error.
     let mut stream = client
         .execute_stream(exec(
@@ -796,9 +775,9 @@ async fn a_response_too_large_to_send_is_classified_and_counted() {
         }
     };
     assert_eq!(err.code(), Code::Internal, "{err:?}");
-    assert_eq!(class(&err), "response_too_large");
+    assert_eq!(error_class(&err), "response_too_large");
     // Counted as such, never as ok.
-    let (_, scrape) = http_get(server.metrics_addr, "/metrics").await;
+    let scrape = common::scrape(server.metrics_addr).await;
     let series = |command: &str, outcome: &str, class: &str| {
         format!("pitboss_requests_total{{backend=\"legacy\",command=\"{command}\",outcome=\"{outcome}\",error_class=\"{class}\"}} ")
     };
@@ -828,7 +807,7 @@ async fn a_response_too_large_to_send_is_classified_and_counted() {
 #[tokio::test]
 async fn a_per_try_timeout_has_one_class_for_the_client_and_the_metrics() {
     let _shared = PROCESS.read().await;
-    let (server, mut client) = start(
+    let (server, mut client) = start_with(
         "",
         "[pool]\nadapter = \"faults:adapter\"\nsize = 1\n[retry]\nper_try_timeout = \"300ms\"\nmax_attempts = 1\n",
     )
@@ -837,10 +816,10 @@ async fn a_per_try_timeout_has_one_class_for_the_client_and_the_metrics() {
     req.set_timeout(Duration::from_secs(20));
     let err = client.execute(req).await.unwrap_err();
     assert_eq!(err.code(), Code::DeadlineExceeded, "{err:?}");
-    assert_eq!(class(&err), "worker_timeout", "{err:?}");
+    assert_eq!(error_class(&err), "worker_timeout", "{err:?}");
     let info = tonic_types::StatusExt::get_error_details(&err);
     assert_eq!(info.error_info().unwrap().reason, "worker_timeout");
-    let (_, scrape) = http_get(server.metrics_addr, "/metrics").await;
+    let scrape = common::scrape(server.metrics_addr).await;
     let series = "pitboss_requests_total{backend=\"legacy\",command=\"sleep\",outcome=\"error\",error_class=\"worker_timeout\"} ";
     assert!(scrape.lines().any(|l| l.starts_with(series)), "{scrape}");
     server.shutdown().await;

@@ -16,13 +16,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::*;
-use pitboss::config::Config;
 use pitboss::grpc::pb;
 use pitboss::server::RunningServer;
 use tokio::time::Instant;
-use tonic::transport::Channel;
-
-type Client = pb::bridge_client::BridgeClient<Channel>;
 
 const DEADLINE: Duration = Duration::from_secs(10);
 const WORKERS: usize = 3;
@@ -196,18 +192,6 @@ async fn one_call(
     }
 }
 
-fn metric_sum(scrape: &str, name: &str, want: &[(&str, &str)]) -> f64 {
-    scrape
-        .lines()
-        .filter(|l| l.starts_with(&format!("{name}{{")))
-        .filter(|l| {
-            want.iter()
-                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
-        })
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chaos_under_load_loses_nothing() {
     init_tracing();
@@ -215,36 +199,26 @@ async fn chaos_under_load_loses_nothing() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(30);
-    let dir = std::env::temp_dir().join(format!("pitboss-chaos-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = temp_dir("chaos");
     let count_file = dir.join("count");
     // Retries get room (a kill every 200 ms is far beyond normal), the breaker and
     // outlier ejection stay out of the way (they would fail calls fast on purpose),
     // and the crash-loop detector does not mark the pool degraded.
-    let text = format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\nmetrics_listen = \"127.0.0.1:0\"\nshutdown_grace = \"10s\"\n\
-         [pool]\nadapter = \"faults:adapter\"\nsize = {WORKERS}\npython_path = [\"{py}/examples\"]\nruntime_dir = \"{py}\"\n\
-         queue_timeout = \"8s\"\nenv = {{ PITBOSS_FAULT_COUNT_FILE = \"{count}\" }}\n\
+    let rest = format!(
+        "{pool}queue_timeout = \"8s\"\nenv = {{ PITBOSS_FAULT_COUNT_FILE = \"{count}\" }}\n\
          [pool.restart]\nbackoff_base = \"10ms\"\nbackoff_max = \"100ms\"\nmax_restarts = 100000\n\
          [retry]\nmax_attempts = 6\nbackoff_base = \"10ms\"\nbackoff_max = \"200ms\"\nbudget_percent = 1.0\nbudget_min_per_sec = 1000\n\
          [circuit_breaker]\nconsecutive_failures = 100000\nmin_success_rate = 0.0\nworker_consecutive_failures = 0\n",
-        py = python_dir().display(),
+        pool = pool_section("faults:adapter", WORKERS),
         count = count_file.display(),
     );
-    let config = Config::from_sources("chaos.toml", Some(&text), Vec::<(String, String)>::new())
-        .unwrap_or_else(|e| panic!("{e}"));
+    let config = config(&on_free_ports("shutdown_grace = \"10s\"", &rest));
     let server = RunningServer::start(config).await.unwrap();
     let pool = server.pool().clone();
     pool.wait_ready(WORKERS, Duration::from_secs(60))
         .await
         .unwrap();
-    let edge = server.edge().clone();
-    assert!(
-        eventually(Duration::from_secs(30), || edge.commands.label("count")
-            == "count")
-        .await
-    );
+    wait_known(&server, "count").await;
     let client = Client::connect(format!("http://{}", server.bridge_addr))
         .await
         .unwrap();
@@ -354,10 +328,10 @@ async fn chaos_under_load_loses_nothing() {
     );
 
     // The metrics agree with the clients.
-    let (_, scrape) = http_get(server.metrics_addr, "/metrics").await;
+    let scrape = common::scrape(server.metrics_addr).await;
     let seen = seen.lock().unwrap().clone();
     for ((command, outcome, class), n) in &seen {
-        let m = metric_sum(
+        let m = sum_of(
             &scrape,
             "pitboss_requests_total",
             &[
@@ -368,12 +342,12 @@ async fn chaos_under_load_loses_nothing() {
         );
         assert_eq!(m, *n as f64, "metrics for {command}/{outcome}/{class}");
     }
-    let restarts = metric_sum(
+    let restarts = sum_of(
         &scrape,
         "pitboss_worker_restarts_total",
         &[("reason", "crash")],
     );
-    let retries = metric_sum(&scrape, "pitboss_retries_total", &[]);
+    let retries = sum_of(&scrape, "pitboss_retries_total", &[]);
     assert!(
         restarts >= killed as f64 * 0.9,
         "{restarts} restarts for {killed} kills"

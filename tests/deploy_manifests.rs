@@ -8,12 +8,15 @@
 //!
 //! Without PyYAML the test prints SKIPPED and passes, unless PITBOSS_REQUIRE_YAML=1.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
+use common::*;
 use pitboss::config::Config;
 use pitboss::rollout::{Flags, LiveFlags, Mode};
 use serde_json::Value;
@@ -463,24 +466,6 @@ fn every_manifest_is_valid_and_the_pitboss_pods_drain_and_reload_safely() {
 // ConfigMap directory mount): it follows the `..data` swap, and its own reads of the
 // file do not trigger further reloads.
 
-fn temp_dir(tag: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("pitboss-k8s-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
-async fn eventually(timeout: Duration, mut check: impl FnMut() -> bool) -> bool {
-    let end = std::time::Instant::now() + timeout;
-    while std::time::Instant::now() < end {
-        if check() {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    check()
-}
-
 /// The kubelet's AtomicWriter: the files live in a timestamped directory, `..data`
 /// points to it, and each key is a symlink `key -> ..data/key`. An update writes a new
 /// directory, points `..data_tmp` at it, renames `..data_tmp` over `..data` and removes
@@ -502,7 +487,7 @@ fn kubelet_write(dir: &Path, generation: u32, flags: &str) {
 
 #[tokio::test]
 async fn an_edit_of_the_flags_configmap_reaches_a_running_pitboss() {
-    let dir = temp_dir("kubelet");
+    let dir = temp_dir("k8s-kubelet");
     kubelet_write(&dir, 1, "mode = \"off\"\n");
     let live = LiveFlags::load(&dir.join("flags.toml")).unwrap();
     let _watch = live.watch().unwrap();
@@ -518,7 +503,7 @@ async fn an_edit_of_the_flags_configmap_reaches_a_running_pitboss() {
 
 #[tokio::test]
 async fn one_edit_of_the_flags_file_means_one_reload() {
-    let dir = temp_dir("loop");
+    let dir = temp_dir("k8s-loop");
     let path = dir.join("flags.toml");
     std::fs::write(&path, "mode = \"off\"\n").unwrap();
     let live = LiveFlags::load(&path).unwrap();

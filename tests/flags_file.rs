@@ -8,57 +8,38 @@ mod common;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::*;
-use pitboss::config::Config;
 use pitboss::grpc::pb;
 use pitboss::rollout::bucket::{bucket, in_new};
 use pitboss::rollout::flags::RolloutState;
 use pitboss::rollout::Percent;
 use pitboss::server::RunningServer;
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tonic::transport::Channel;
 
-const LONG: Duration = Duration::from_secs(30);
 const TOKEN: &str = "flags-file-test-token";
-
-type Bridge = pb::bridge_client::BridgeClient<Channel>;
-type AdminClient = pb::admin_client::AdminClient<Channel>;
-
-fn temp_dir(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("pitboss-flagsfile-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
 
 /// A config with both backends and the flags file `dir/flags.toml`.
 fn config_text(dir: &Path) -> String {
-    format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\nmetrics_listen = \"127.0.0.1:0\"\nshutdown_grace = \"10s\"\n\
-         [pool]\nadapter = \"demo:adapter\"\nsize = 1\npython_path = [\"{py}/examples\"]\nruntime_dir = \"{py}\"\n\
-         [rollout]\nflags_file = \"{flags}\"\ncheck_interval = \"100ms\"\nadmin_token_file = \"{token}\"\n\
-         [backends.new]\nkind = \"pool\"\n[backends.new.pool]\nadapter = \"demo_v2:adapter\"\n",
-        py = python_dir().display(),
-        flags = dir.join("flags.toml").display(),
-        token = dir.join("token").display(),
-    )
+    let rest = format!(
+        "{pool}{rollout}[backends.new]\nkind = \"pool\"\n[backends.new.pool]\nadapter = \"demo_v2:adapter\"\n",
+        pool = pool_section("demo:adapter", 1),
+        rollout = rollout_section(dir),
+    );
+    on_free_ports("shutdown_grace = \"10s\"", &rest)
 }
 
 struct Setup {
     dir: PathBuf,
     server: RunningServer,
-    client: Bridge,
+    client: Client,
     admin: AdminClient,
 }
 
 async fn start(tag: &str, flags: &str) -> Setup {
-    init_tracing();
-    let dir = temp_dir(tag);
+    let dir = temp_dir(&format!("flagsfile-{tag}"));
     std::fs::write(dir.join("flags.toml"), flags).unwrap();
     std::fs::write(dir.join("token"), format!("{TOKEN}\n")).unwrap();
     serve(dir).await
@@ -66,18 +47,7 @@ async fn start(tag: &str, flags: &str) -> Setup {
 
 /// A pitboss on the flags file (and token) already in `dir`.
 async fn serve(dir: PathBuf) -> Setup {
-    let config = Config::from_sources(
-        "test.toml",
-        Some(&config_text(&dir)),
-        Vec::<(String, String)>::new(),
-    )
-    .unwrap_or_else(|e| panic!("{e}"));
-    let server = RunningServer::start(config).await.unwrap();
-    server.pool().wait_started(LONG).await.unwrap();
-    server.new_pool().unwrap().wait_started(LONG).await.unwrap();
-    let client = Bridge::connect(format!("http://{}", server.bridge_addr))
-        .await
-        .unwrap();
+    let (server, client) = common::start(config(&config_text(&dir))).await;
     let admin = AdminClient::connect(format!("http://{}", server.admin_addr))
         .await
         .unwrap();
@@ -104,13 +74,6 @@ impl Setup {
     }
 }
 
-fn authed<T>(msg: T) -> tonic::Request<T> {
-    let mut r = tonic::Request::new(msg);
-    r.metadata_mut()
-        .insert("authorization", format!("Bearer {TOKEN}").parse().unwrap());
-    r
-}
-
 /// A routing key whose bucket is on new at `percent` with the default salt.
 fn key_on_new(percent: f64) -> String {
     let p = Percent::from_f64(percent).unwrap();
@@ -127,7 +90,7 @@ fn keyed(key: &str) -> pb::ExecuteRequest {
 }
 
 /// The backend that answered `version` for this key.
-async fn answered_by(client: &mut Bridge, key: &str) -> String {
+async fn answered_by(client: &mut Client, key: &str) -> String {
     client
         .execute(keyed(key))
         .await
@@ -175,7 +138,7 @@ async fn an_in_place_rewrite_that_pauses_mid_write_is_never_applied_half_written
             let mut samples = 0u64;
             while !stop.load(Ordering::Acquire) {
                 let r = admin
-                    .get_rollout(authed(pb::GetRolloutRequest {}))
+                    .get_rollout(authed(pb::GetRolloutRequest {}, TOKEN))
                     .await
                     .unwrap()
                     .into_inner();
@@ -263,12 +226,15 @@ async fn a_flags_file_without_status_keeps_a_rolled_back_rollout_rolled_back() {
         "mode = \"canary\"\npercent = 10.0\ncommands = [\"*\"]\n",
     )
     .await;
-    let req = authed(pb::SetRolloutRequest {
-        action: "rollback".into(),
-        actor: "ops".into(),
-        percent: -1.0,
-        ..Default::default()
-    });
+    let req = authed(
+        pb::SetRolloutRequest {
+            action: "rollback".into(),
+            actor: "ops".into(),
+            percent: -1.0,
+            ..Default::default()
+        },
+        TOKEN,
+    );
     s.admin.set_rollout(req).await.unwrap();
     assert_eq!(s.flags().status.state, RolloutState::RolledBack);
 
@@ -298,7 +264,7 @@ async fn a_flags_file_without_status_keeps_a_rolled_back_rollout_rolled_back() {
     );
     let r = s
         .admin
-        .get_rollout(authed(pb::GetRolloutRequest {}))
+        .get_rollout(authed(pb::GetRolloutRequest {}, TOKEN))
         .await
         .unwrap()
         .into_inner();
@@ -318,7 +284,7 @@ async fn a_flags_file_without_status_keeps_a_rolled_back_rollout_rolled_back() {
     let mut s = serve(dir).await;
     let r = s
         .admin
-        .get_rollout(authed(pb::GetRolloutRequest {}))
+        .get_rollout(authed(pb::GetRolloutRequest {}, TOKEN))
         .await
         .unwrap()
         .into_inner();
@@ -347,58 +313,12 @@ async fn a_flags_file_without_status_keeps_a_rolled_back_rollout_rolled_back() {
     s.stop().await;
 }
 
-/// The real binary, its addresses read from its JSON log.
-struct Proc {
-    child: tokio::process::Child,
-    bridge: String,
-    metrics: std::net::SocketAddr,
-    /// Every log line's message, as the process runs.
-    log: Arc<Mutex<Vec<String>>>,
-}
-
-async fn spawn(config: &Path) -> Proc {
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_pitboss"))
-        .args(["--log-format", "json", "--config"])
-        .arg(config)
-        .env("RUST_LOG", "info")
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let log: Arc<Mutex<Vec<String>>> = Default::default();
-    let fields = tokio::time::timeout(LONG, async {
-        while let Some(line) = lines.next_line().await.unwrap() {
-            let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
-            log.lock().unwrap().push(line.clone());
-            if v["fields"]["message"] == "pitboss listening" {
-                return v["fields"].clone();
-            }
-        }
-        panic!("pitboss exited before listening: {:?}", log.lock().unwrap());
-    })
-    .await
-    .expect("listening within the bound");
-    let sink = log.clone();
-    tokio::spawn(async move {
-        while let Ok(Some(line)) = lines.next_line().await {
-            sink.lock().unwrap().push(line);
-        }
-    });
-    Proc {
-        child,
-        bridge: format!("http://{}", fields["bridge_addr"].as_str().unwrap()),
-        metrics: fields["metrics_addr"].as_str().unwrap().parse().unwrap(),
-        log,
-    }
-}
-
 /// Waits until legacy answers through the binary; returns which backend did.
 async fn first_answer(p: &Proc, key: &str) -> String {
     let mut client = None;
     for _ in 0..300 {
         if client.is_none() {
-            client = Bridge::connect(p.bridge.clone()).await.ok();
+            client = Client::connect(p.bridge.clone()).await.ok();
         }
         if let Some(c) = client.as_mut() {
             if let Ok(r) = c.execute(keyed(key)).await {
@@ -423,13 +343,6 @@ async fn ready(p: &Proc) -> (u16, String) {
     last
 }
 
-fn metric(text: &str, name: &str) -> Option<f64> {
-    text.lines()
-        .find(|l| l.starts_with(&format!("{name} ")))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-}
-
 /// Issue 13, item 4. A flags file that a running pitboss would reject (percent 150)
 /// does not stop a start: pitboss serves with everything on legacy (no last good copy
 /// yet), says why in the log, in a metric and in /readyz, and `check-flags` still
@@ -437,7 +350,7 @@ fn metric(text: &str, name: &str) -> Option<f64> {
 /// next to it), a later bad one at start means the last good copy.
 #[tokio::test]
 async fn a_bad_flags_file_at_start_serves_on_legacy_or_the_last_good_copy() {
-    let dir = temp_dir("badstart");
+    let dir = temp_dir("flagsfile-badstart");
     let cfg = dir.join("pitboss.toml");
     std::fs::write(&cfg, config_text(&dir)).unwrap();
     std::fs::write(dir.join("token"), format!("{TOKEN}\n")).unwrap();
@@ -468,9 +381,9 @@ async fn a_bad_flags_file_at_start_serves_on_legacy_or_the_last_good_copy() {
         body.contains("flags file rejected") && body.contains("percent"),
         "/readyz does not say why: {body}"
     );
-    let (_, metrics) = http_get(p.metrics, "/metrics").await;
+    let metrics = common::scrape(p.metrics).await;
     assert_eq!(
-        metric(&metrics, "pitboss_flags_file_valid"),
+        sample(&metrics, "pitboss_flags_file_valid", &[]),
         Some(0.0),
         "{metrics}"
     );
@@ -487,7 +400,7 @@ async fn a_bad_flags_file_at_start_serves_on_legacy_or_the_last_good_copy() {
     let good = "mode = \"canary\"\npercent = 100.0\ncommands = [\"*\"]\n";
     std::fs::write(dir.join(".swp"), good).unwrap();
     std::fs::rename(dir.join(".swp"), &flags).unwrap();
-    let mut client = Bridge::connect(p.bridge.clone()).await.unwrap();
+    let mut client = Client::connect(p.bridge.clone()).await.unwrap();
     let mut on_new = false;
     for _ in 0..100 {
         if answered_by(&mut client, &key).await == "new" {
@@ -497,8 +410,8 @@ async fn a_bad_flags_file_at_start_serves_on_legacy_or_the_last_good_copy() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(on_new, "the good file was not applied");
-    let (_, metrics) = http_get(p.metrics, "/metrics").await;
-    assert_eq!(metric(&metrics, "pitboss_flags_file_valid"), Some(1.0));
+    let metrics = common::scrape(p.metrics).await;
+    assert_eq!(sample(&metrics, "pitboss_flags_file_valid", &[]), Some(1.0));
     assert!(
         dir.join(".flags.toml.last-good").exists(),
         "no last good copy kept next to the file"

@@ -4,73 +4,20 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::Duration;
 
 use common::*;
 use pitboss::grpc::pb;
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, Command};
 use tonic::Code;
 
 const LONG: Duration = Duration::from_secs(30);
 
-struct Proc {
-    child: Child,
-    bridge: String,
-    admin: String,
-    metrics: std::net::SocketAddr,
-}
-
-fn temp_dir(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("pitboss-life-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-/// Starts the real binary with JSON logs and reads its listening addresses.
-async fn spawn(config: &Path) -> Proc {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_pitboss"))
-        .args(["--log-format", "json", "--config"])
-        .arg(config)
-        .env("RUST_LOG", "info")
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let fields = tokio::time::timeout(LONG, async {
-        while let Some(line) = lines.next_line().await.unwrap() {
-            let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
-            if v["fields"]["message"] == "pitboss listening" {
-                return v["fields"].clone();
-            }
-        }
-        panic!("pitboss exited before listening");
-    })
-    .await
-    .expect("listening within the bound");
-    // Keep draining stderr so the process never blocks on a full pipe.
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    Proc {
-        child,
-        bridge: format!("http://{}", fields["bridge_addr"].as_str().unwrap()),
-        admin: format!("http://{}", fields["admin_addr"].as_str().unwrap()),
-        metrics: fields["metrics_addr"].as_str().unwrap().parse().unwrap(),
-    }
-}
-
 async fn worker_pids(admin: &str, token: Option<&str>) -> Vec<u32> {
-    let mut c = pb::admin_client::AdminClient::connect(admin.to_string())
-        .await
-        .unwrap();
-    let mut req = tonic::Request::new(pb::GetStatusRequest {});
-    if let Some(t) = token {
-        req.metadata_mut()
-            .insert("authorization", format!("Bearer {t}").parse().unwrap());
-    }
+    let mut c = AdminClient::connect(admin.to_string()).await.unwrap();
+    let req = match token {
+        Some(t) => authed(pb::GetStatusRequest {}, t),
+        None => tonic::Request::new(pb::GetStatusRequest {}),
+    };
     let st = c.get_status(req).await.unwrap().into_inner();
     st.pools
         .iter()
@@ -110,14 +57,13 @@ async fn serving(bridge: &str) -> bool {
 
 #[tokio::test]
 async fn sigterm_drains_in_flight_calls_refuses_new_ones_and_leaves_no_python() {
-    let dir = temp_dir("term");
+    let dir = temp_dir("life-term");
     let cfg = dir.join("p.toml");
     std::fs::write(
         &cfg,
-        format!(
-            "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\nmetrics_listen = \"127.0.0.1:0\"\nshutdown_grace = \"10s\"\n\
-             [pool]\nadapter = \"faults:adapter\"\nsize = 2\npython_path = [\"{py}/examples\"]\nruntime_dir = \"{py}\"\n",
-            py = python_dir().display()
+        on_free_ports(
+            "shutdown_grace = \"10s\"",
+            &pool_section("faults:adapter", 2),
         ),
     )
     .unwrap();
@@ -134,9 +80,7 @@ async fn sigterm_drains_in_flight_calls_refuses_new_ones_and_leaves_no_python() 
     let pids = wait_pids(&p.admin, None, 2).await;
 
     // A call in flight when SIGTERM arrives.
-    let mut client = pb::bridge_client::BridgeClient::connect(p.bridge.clone())
-        .await
-        .unwrap();
+    let mut client = Client::connect(p.bridge.clone()).await.unwrap();
     let mut c2 = client.clone();
     let slow = tokio::spawn(async move { c2.execute(exec("sleep", r#"{"seconds": 1.5}"#)).await });
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -171,24 +115,23 @@ async fn sigterm_drains_in_flight_calls_refuses_new_ones_and_leaves_no_python() 
 
 #[tokio::test]
 async fn after_a_crash_sessions_are_gone_and_the_rollout_state_is_kept() {
-    let dir = temp_dir("restart");
+    let dir = temp_dir("life-restart");
     let cfg = dir.join("p.toml");
     std::fs::write(dir.join("token"), "life-token\n").unwrap();
     std::fs::write(
         &cfg,
-        format!(
-            "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\nmetrics_listen = \"127.0.0.1:0\"\n\
-             [pool]\nsize = 1\npython_path = [\"{py}/examples\"]\nruntime_dir = \"{py}\"\n\
-             [rollout]\nflags_file = \"flags.toml\"\nadmin_token_file = \"token\"\n\
-             [backends.new]\nkind = \"pool\"\n[backends.new.pool]\nadapter = \"demo_v2:adapter\"\n",
-            py = python_dir().display()
+        on_free_ports(
+            "",
+            &format!(
+                "{pool}[rollout]\nflags_file = \"flags.toml\"\nadmin_token_file = \"token\"\n[backends.new]\nkind = \"pool\"\n\
+                 [backends.new.pool]\nadapter = \"demo_v2:adapter\"\n",
+                pool = pool_section("demo:adapter", 1)
+            ),
         ),
     )
     .unwrap();
     let p = spawn(&cfg).await;
-    let mut client = pb::bridge_client::BridgeClient::connect(p.bridge.clone())
-        .await
-        .unwrap();
+    let mut client = Client::connect(p.bridge.clone()).await.unwrap();
     let mut session = None;
     for _ in 0..300 {
         if let Ok(s) = client
@@ -201,17 +144,16 @@ async fn after_a_crash_sessions_are_gone_and_the_rollout_state_is_kept() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let session = session.expect("a session");
-    let mut admin = pb::admin_client::AdminClient::connect(p.admin.clone())
-        .await
-        .unwrap();
-    let mut set = tonic::Request::new(pb::SetRolloutRequest {
-        mode: "canary".into(),
-        percent: 25.0,
-        actor: "ops".into(),
-        ..Default::default()
-    });
-    set.metadata_mut()
-        .insert("authorization", "Bearer life-token".parse().unwrap());
+    let mut admin = AdminClient::connect(p.admin.clone()).await.unwrap();
+    let set = authed(
+        pb::SetRolloutRequest {
+            mode: "canary".into(),
+            percent: 25.0,
+            actor: "ops".into(),
+            ..Default::default()
+        },
+        "life-token",
+    );
     admin.set_rollout(set).await.unwrap();
     // A legacy and a new worker.
     let pids = wait_pids(&p.admin, Some("life-token"), 2).await;
@@ -227,27 +169,18 @@ async fn after_a_crash_sessions_are_gone_and_the_rollout_state_is_kept() {
 
     // Restart: the rollout state is read back from the flags file ...
     let p2 = spawn(&cfg).await;
-    let mut admin = pb::admin_client::AdminClient::connect(p2.admin.clone())
-        .await
-        .unwrap();
-    let mut get = tonic::Request::new(pb::GetRolloutRequest {});
-    get.metadata_mut()
-        .insert("authorization", "Bearer life-token".parse().unwrap());
+    let mut admin = AdminClient::connect(p2.admin.clone()).await.unwrap();
+    let get = authed(pb::GetRolloutRequest {}, "life-token");
     let r = admin.get_rollout(get).await.unwrap().into_inner();
     assert_eq!((r.mode.as_str(), r.percent), ("canary", 25.0));
     assert!(r.changed_by.starts_with("ops@"), "{}", r.changed_by);
     // ... and the old session is gone, which the client is told clearly.
-    let mut client = pb::bridge_client::BridgeClient::connect(p2.bridge.clone())
-        .await
-        .unwrap();
+    let mut client = Client::connect(p2.bridge.clone()).await.unwrap();
     let mut req = exec("counter", "{}");
     req.session_id = session.clone();
     let e = client.execute(req).await.unwrap_err();
     assert_eq!(e.code(), Code::NotFound, "{e:?}");
-    assert_eq!(
-        e.metadata().get("x-pitboss-error-class").unwrap(),
-        "session_not_found"
-    );
+    assert_eq!(error_class(&e), "session_not_found");
     assert!(e.message().contains(&session), "{}", e.message());
     drop(p2);
     let _ = std::fs::remove_dir_all(&dir);
@@ -259,7 +192,7 @@ async fn after_a_crash_sessions_are_gone_and_the_rollout_state_is_kept() {
 /// `check-flags` still rejects the file.
 #[tokio::test]
 async fn an_invalid_flags_file_at_start_serves_everything_on_legacy_and_says_so() {
-    let dir = temp_dir("badflags");
+    let dir = temp_dir("life-badflags");
     let cfg = dir.join("p.toml");
     std::fs::write(
         dir.join("flags.toml"),
@@ -268,12 +201,13 @@ async fn an_invalid_flags_file_at_start_serves_everything_on_legacy_and_says_so(
     .unwrap();
     std::fs::write(
         &cfg,
-        format!(
-            "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\nmetrics_listen = \"127.0.0.1:0\"\n\
-             [pool]\nsize = 1\npython_path = [\"{py}/examples\"]\nruntime_dir = \"{py}\"\n\
-             [rollout]\nflags_file = \"flags.toml\"\n\
-             [backends.new]\nkind = \"pool\"\n[backends.new.pool]\nadapter = \"demo_v2:adapter\"\n",
-            py = python_dir().display()
+        on_free_ports(
+            "",
+            &format!(
+                "{pool}[rollout]\nflags_file = \"flags.toml\"\n[backends.new]\nkind = \"pool\"\n\
+                 [backends.new.pool]\nadapter = \"demo_v2:adapter\"\n",
+                pool = pool_section("demo:adapter", 1)
+            ),
         ),
     )
     .unwrap();
@@ -286,9 +220,7 @@ async fn an_invalid_flags_file_at_start_serves_everything_on_legacy_and_says_so(
     assert!(String::from_utf8_lossy(&out.stderr).contains("percent"));
 
     let p = spawn(&cfg).await;
-    let mut client = pb::bridge_client::BridgeClient::connect(p.bridge.clone())
-        .await
-        .unwrap();
+    let mut client = Client::connect(p.bridge.clone()).await.unwrap();
     let mut served = false;
     for _ in 0..300 {
         match client.execute(exec("echo", "{}")).await {
@@ -313,7 +245,7 @@ async fn an_invalid_flags_file_at_start_serves_everything_on_legacy_and_says_so(
         body.contains("flags file rejected") && body.contains("percent"),
         "{body}"
     );
-    let (_, scrape) = http_get(p.metrics, "/metrics").await;
+    let scrape = common::scrape(p.metrics).await;
     assert!(
         scrape.lines().any(|l| l == "pitboss_flags_file_valid 0"),
         "{scrape}"
@@ -328,17 +260,9 @@ async fn an_invalid_flags_file_at_start_serves_everything_on_legacy_and_says_so(
 /// worker's reaper kills the rest of its process group.
 #[tokio::test]
 async fn sigkill_leaves_no_process_a_command_forked_or_spawned() {
-    let dir = temp_dir("orphans");
+    let dir = temp_dir("life-orphans");
     let cfg = dir.join("p.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\nmetrics_listen = \"127.0.0.1:0\"\n\
-             [pool]\nadapter = \"faults:adapter\"\nsize = 2\npython_path = [\"{py}/examples\"]\nruntime_dir = \"{py}\"\n",
-            py = python_dir().display()
-        ),
-    )
-    .unwrap();
+    std::fs::write(&cfg, on_free_ports("", &pool_section("faults:adapter", 2))).unwrap();
     let p = spawn(&cfg).await;
     let mut ok = false;
     for _ in 0..300 {
@@ -350,9 +274,7 @@ async fn sigkill_leaves_no_process_a_command_forked_or_spawned() {
     }
     assert!(ok, "never SERVING");
     let workers = wait_pids(&p.admin, None, 2).await;
-    let mut client = pb::bridge_client::BridgeClient::connect(p.bridge.clone())
-        .await
-        .unwrap();
+    let mut client = Client::connect(p.bridge.clone()).await.unwrap();
     let mut children = Vec::new();
     for how in ["fork", "popen", "fork", "popen"] {
         let r = client

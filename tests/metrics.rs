@@ -16,9 +16,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use common::*;
-use pitboss::config::Config;
 use pitboss::grpc::pb;
-use pitboss::server::RunningServer;
 use tokio::io::AsyncWriteExt;
 
 const LONG: Duration = Duration::from_secs(30);
@@ -36,37 +34,20 @@ fn have(tool: &str) -> bool {
         .is_ok_and(|s| s.success())
 }
 
-async fn call(
-    client: &mut pb::bridge_client::BridgeClient<tonic::transport::Channel>,
-    r: pb::ExecuteRequest,
-) -> Result<(), tonic::Status> {
+async fn call(client: &mut Client, r: pb::ExecuteRequest) -> Result<(), tonic::Status> {
     client.execute(r).await.map(|_| ())
 }
 
 #[tokio::test]
 async fn metrics_count_what_clients_saw_and_real_prometheus_scrapes_them() {
-    init_tracing();
-    let text = format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\nmetrics_listen = \"127.0.0.1:0\"\n\
-         [pool]\nadapter = \"faults:adapter\"\nsize = 2\npython_path = [\"{py}/examples\"]\nruntime_dir = \"{py}\"\n\
-         [pool.restart]\nbackoff_base = \"20ms\"\njitter = 0.0\n\
+    let rest = format!(
+        "{pool}[pool.restart]\nbackoff_base = \"20ms\"\njitter = 0.0\n\
          [circuit_breaker]\nconsecutive_failures = 100\nworker_consecutive_failures = 0\n",
-        py = python_dir().display()
+        pool = pool_section("faults:adapter", 2)
     );
-    let config =
-        Config::from_sources("metrics.toml", Some(&text), Vec::<(String, String)>::new()).unwrap();
-    let server = RunningServer::start(config).await.unwrap();
-    server.pool().wait_ready(2, LONG).await.unwrap();
-    let edge = server.edge().clone();
-    assert!(
-        eventually(LONG, || edge.commands.label("pid") == "pid").await,
-        "commands known"
-    );
+    let (server, mut client) = start(config(&on_free_ports("", &rest))).await;
+    wait_known(&server, "pid").await;
     let addr = server.metrics_addr;
-    let mut client =
-        pb::bridge_client::BridgeClient::connect(format!("http://{}", server.bridge_addr))
-            .await
-            .unwrap();
 
     // The traffic, and what each client saw.
     for _ in 0..10 {
@@ -76,33 +57,21 @@ async fn metrics_count_what_clients_saw_and_real_prometheus_scrapes_them() {
         let e = call(&mut client, exec("raise", r#"{"type": "InvalidRequest"}"#))
             .await
             .unwrap_err();
-        assert_eq!(
-            e.metadata().get("x-pitboss-error-class").unwrap(),
-            "invalid_request"
-        );
+        assert_eq!(error_class(&e), "invalid_request");
     }
     for _ in 0..2 {
         let e = call(&mut client, exec("raise", r#"{"type": "RuntimeError"}"#))
             .await
             .unwrap_err();
-        assert_eq!(
-            e.metadata().get("x-pitboss-error-class").unwrap(),
-            "python_exception"
-        );
+        assert_eq!(error_class(&e), "python_exception");
     }
     let e = call(&mut client, exec("no-such-command", "{}"))
         .await
         .unwrap_err();
-    assert_eq!(
-        e.metadata().get("x-pitboss-error-class").unwrap(),
-        "unknown_command"
-    );
+    assert_eq!(error_class(&e), "unknown_command");
     // A crash, not retried (not idempotent): one restart.
     let e = call(&mut client, exec("crash", "{}")).await.unwrap_err();
-    assert_eq!(
-        e.metadata().get("x-pitboss-error-class").unwrap(),
-        "worker_crashed"
-    );
+    assert_eq!(error_class(&e), "worker_crashed");
     server.pool().wait_ready(2, LONG).await.unwrap();
     // An idempotent crash: three attempts, two retries, three restarts.
     let e = call(&mut client, idempotent(exec("crash", "{}")))
@@ -113,7 +82,7 @@ async fn metrics_count_what_clients_saw_and_real_prometheus_scrapes_them() {
     // The pool heals; the scrape then shows what the clients saw.
     let ready_again = async {
         for _ in 0..300 {
-            let (_, m) = http_get(addr, "/metrics").await;
+            let m = scrape(server.metrics_addr).await;
             let ready = sample(
                 &m,
                 "pitboss_workers",
@@ -179,7 +148,7 @@ async fn metrics_count_what_clients_saw_and_real_prometheus_scrapes_them() {
             "pitboss_build_info",
             &[
                 ("version", env!("CARGO_PKG_VERSION")),
-                ("instance_id", &edge.instance_id)
+                ("instance_id", &server.edge().instance_id)
             ]
         ),
         Some(1.0)
@@ -250,9 +219,7 @@ async fn metrics_count_what_clients_saw_and_real_prometheus_scrapes_them() {
 
     // A real Prometheus scrapes pitboss; its query API returns pitboss's series.
     if have("prometheus") {
-        let dir = std::env::temp_dir().join(format!("pitboss-prom-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = temp_dir("prom");
         let cfg = dir.join("prometheus.yml");
         std::fs::write(
             &cfg,

@@ -7,8 +7,6 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use pitboss::config::Config;
-use pitboss::grpc::pb;
 use pitboss::server::RunningServer;
 
 const LONG: Duration = Duration::from_secs(30);
@@ -24,22 +22,18 @@ fn value(scrape: &str, series: &str) -> Option<f64> {
 /// Issue 13 items 16 and 11.
 #[tokio::test]
 async fn known_counters_start_at_zero_and_the_first_call_has_its_command_label() {
-    init_tracing();
-    let dir = std::env::temp_dir().join(format!("pitboss-metrics-start-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = temp_dir("metrics-start");
     std::fs::write(dir.join("flags.toml"), "mode = \"off\"\n").unwrap();
-    let text = format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\nmetrics_listen = \"127.0.0.1:0\"\n\
-         [pool]\nsize = 1\n[rollout]\nflags_file = \"{}\"\n",
+    let rest = format!(
+        "[pool]\nsize = 1\n[rollout]\nflags_file = \"{}\"\n",
         dir.join("flags.toml").display()
     );
-    let config =
-        Config::from_sources("start.toml", Some(&text), Vec::<(String, String)>::new()).unwrap();
-    let server = RunningServer::start(config).await.unwrap();
+    let server = RunningServer::start(config(&on_free_ports("", &rest)))
+        .await
+        .unwrap();
 
     // Before any traffic or fault: every known counter is there, at 0.
-    let (status, scrape) = http_get(server.metrics_addr, "/metrics").await;
-    assert_eq!(status, 200);
+    let scrape = common::scrape(server.metrics_addr).await;
     for reason in pitboss::telemetry::RESTART_REASONS {
         let series =
             format!("pitboss_worker_restarts_total{{backend=\"legacy\",reason=\"{reason}\"}}");
@@ -63,12 +57,11 @@ async fn known_counters_start_at_zero_and_the_first_call_has_its_command_label()
 
     // The first call once a worker is READY is counted under its own name.
     server.pool().wait_ready(1, LONG).await.unwrap();
-    let mut client =
-        pb::bridge_client::BridgeClient::connect(format!("http://{}", server.bridge_addr))
-            .await
-            .unwrap();
+    let mut client = Client::connect(format!("http://{}", server.bridge_addr))
+        .await
+        .unwrap();
     client.execute(exec("echo", "{}")).await.unwrap();
-    let (_, scrape) = http_get(server.metrics_addr, "/metrics").await;
+    let scrape = common::scrape(server.metrics_addr).await;
     let echo = "pitboss_requests_total{backend=\"legacy\",command=\"echo\",outcome=\"ok\",error_class=\"\"}";
     assert_eq!(value(&scrape, echo), Some(1.0), "in:\n{scrape}");
     assert!(

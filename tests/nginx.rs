@@ -18,7 +18,6 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use common::*;
-use pitboss::config::Config;
 use pitboss::grpc::pb;
 use pitboss::server::RunningServer;
 use tonic::transport::Channel;
@@ -37,12 +36,11 @@ fn have_nginx() -> bool {
 }
 
 async fn instance(port: u16) -> RunningServer {
-    let text = format!(
-        "[server]\nlisten = \"127.0.0.1:{port}\"\nadmin_listen = \"127.0.0.1:0\"\nmetrics_listen = \"127.0.0.1:0\"\nshutdown_grace = \"2s\"\n\
-         [pool]\nsize = 1\npython_path = [\"{py}/examples\"]\nruntime_dir = \"{py}\"\n",
-        py = python_dir().display()
-    );
-    let cfg = Config::from_sources("i.toml", Some(&text), Vec::<(String, String)>::new()).unwrap();
+    let cfg = config(&format!(
+        "[server]\nlisten = \"127.0.0.1:{port}\"\nadmin_listen = \"127.0.0.1:0\"\n\
+         metrics_listen = \"127.0.0.1:0\"\nshutdown_grace = \"2s\"\n{pool}",
+        pool = pool_section("demo:adapter", 1)
+    ));
     let s = RunningServer::start(cfg).await.unwrap();
     s.pool()
         .wait_ready(1, Duration::from_secs(30))
@@ -115,9 +113,7 @@ async fn sessions_keep_affinity_through_nginx_and_only_a_stopped_instances_sessi
         return;
     }
     init_tracing();
-    let dir = std::env::temp_dir().join(format!("pitboss-nginx-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = temp_dir("nginx");
     let mut servers = vec![];
     for port in PORTS {
         servers.push(Some(instance(port).await));
@@ -140,7 +136,7 @@ async fn sessions_keep_affinity_through_nginx_and_only_a_stopped_instances_sessi
     let addr = format!("http://127.0.0.1:{NGINX_PORT}");
     let mut client = None;
     for _ in 0..100 {
-        if let Ok(c) = pb::bridge_client::BridgeClient::connect(addr.clone()).await {
+        if let Ok(c) = Client::connect(addr.clone()).await {
             client = Some(c);
             break;
         }
@@ -214,10 +210,7 @@ async fn sessions_keep_affinity_through_nginx_and_only_a_stopped_instances_sessi
             Err(e) => {
                 assert_eq!(at, &victim_id, "{id} failed but its instance is up: {e:?}");
                 assert_eq!(e.code(), Code::NotFound, "{e:?}");
-                assert_eq!(
-                    e.metadata().get("x-pitboss-error-class").unwrap(),
-                    "session_not_found"
-                );
+                assert_eq!(error_class(&e), "session_not_found");
                 let answered_by = e
                     .metadata()
                     .get("x-pitboss-instance")

@@ -7,35 +7,24 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use pitboss::config::Config;
 use pitboss::grpc::pb;
 use pitboss::server::RunningServer;
 use tonic::Code;
 
 const LONG: Duration = Duration::from_secs(20);
 
-type Client = pb::bridge_client::BridgeClient<tonic::transport::Channel>;
-
-async fn start(count_file: &std::path::Path) -> (RunningServer, Client) {
+async fn start_counting(count_file: &std::path::Path) -> (RunningServer, Client) {
     start_with(count_file, "").await
 }
 
+/// Two workers of the fault adapter, each recording its executions in `count_file`.
 async fn start_with(count_file: &std::path::Path, extra: &str) -> (RunningServer, Client) {
-    init_tracing();
-    let text = format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\nmetrics_listen = \"127.0.0.1:0\"\n\
-         [pool]\nadapter = \"faults:adapter\"\nsize = 2\n\
+    let rest = format!(
+        "[pool]\nadapter = \"faults:adapter\"\nsize = 2\n\
          env = {{ PITBOSS_FAULT_COUNT_FILE = \"{}\" }}\n{extra}",
         count_file.display()
     );
-    let cfg =
-        Config::from_sources("test.toml", Some(&text), Vec::<(String, String)>::new()).unwrap();
-    let server = RunningServer::start(cfg).await.unwrap();
-    server.pool().wait_ready(2, LONG).await.unwrap();
-    let client = pb::bridge_client::BridgeClient::connect(format!("http://{}", server.bridge_addr))
-        .await
-        .unwrap();
-    (server, client)
+    start(config(&on_free_ports("", &rest))).await
 }
 
 fn executions(file: &std::path::Path, id: &str) -> Vec<u32> {
@@ -81,9 +70,9 @@ async fn kill_mid_request(
 
 #[tokio::test]
 async fn an_idempotent_request_survives_its_worker_being_killed() {
-    let file = std::env::temp_dir().join(format!("pitboss-count-a-{}", std::process::id()));
-    let _ = std::fs::remove_file(&file);
-    let (server, mut client) = start(&file).await;
+    let dir = temp_dir("count-a");
+    let file = dir.join("count");
+    let (server, mut client) = start_counting(&file).await;
     let (result, victim) = kill_mid_request(&mut client, &file, "a", true).await;
     let r = result
         .expect("an idempotent request is retried")
@@ -97,21 +86,18 @@ async fn an_idempotent_request_survives_its_worker_being_killed() {
     );
     assert_eq!(executions(&file, "a").len(), 2, "ran once per attempt");
     server.shutdown().await;
-    let _ = std::fs::remove_file(&file);
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[tokio::test]
 async fn a_non_idempotent_request_gets_worker_crashed_and_runs_once() {
-    let file = std::env::temp_dir().join(format!("pitboss-count-b-{}", std::process::id()));
-    let _ = std::fs::remove_file(&file);
-    let (server, mut client) = start(&file).await;
+    let dir = temp_dir("count-b");
+    let file = dir.join("count");
+    let (server, mut client) = start_counting(&file).await;
     let (result, _) = kill_mid_request(&mut client, &file, "b", false).await;
     let err = result.expect_err("a non-idempotent request is not retried");
     assert_eq!(err.code(), Code::Unavailable, "{err:?}");
-    assert_eq!(
-        err.metadata().get("x-pitboss-error-class").unwrap(),
-        "worker_crashed"
-    );
+    assert_eq!(error_class(&err), "worker_crashed");
     assert_eq!(err.metadata().get("x-pitboss-attempts").unwrap(), "1");
     assert!(
         err.message().contains("retry if the command is idempotent"),
@@ -124,13 +110,14 @@ async fn a_non_idempotent_request_gets_worker_crashed_and_runs_once() {
     tokio::time::sleep(Duration::from_millis(2500)).await;
     assert_eq!(executions(&file, "b").len(), 1, "no duplicate execution");
     server.shutdown().await;
-    let _ = std::fs::remove_file(&file);
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[tokio::test]
 async fn caller_errors_and_python_exceptions_are_not_retried() {
-    let file = std::env::temp_dir().join(format!("pitboss-count-c-{}", std::process::id()));
-    let (server, mut client) = start(&file).await;
+    let dir = temp_dir("count-c");
+    let file = dir.join("count");
+    let (server, mut client) = start_counting(&file).await;
     // The caller's error (pitboss_worker.InvalidRequest): INVALID_ARGUMENT.
     let err = client
         .execute(idempotent(exec(
@@ -157,7 +144,8 @@ async fn caller_errors_and_python_exceptions_are_not_retried() {
 
 #[tokio::test]
 async fn over_the_concurrency_limit_calls_are_shed_at_once_with_pushback() {
-    let file = std::env::temp_dir().join(format!("pitboss-count-d-{}", std::process::id()));
+    let dir = temp_dir("count-d");
+    let file = dir.join("count");
     let (server, client) = start_with(&file, "[limits]\nmax_concurrency = 2\n").await;
     let slow = |c: &pb::bridge_client::BridgeClient<tonic::transport::Channel>| {
         let mut c = c.clone();
@@ -175,10 +163,7 @@ async fn over_the_concurrency_limit_calls_are_shed_at_once_with_pushback() {
         start.elapsed()
     );
     assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
-    assert_eq!(
-        err.metadata().get("x-pitboss-error-class").unwrap(),
-        "pool_exhausted"
-    );
+    assert_eq!(error_class(&err), "pool_exhausted");
     assert!(err.metadata().get("grpc-retry-pushback-ms").is_some());
     assert!(
         err.message().contains("concurrency limit"),
@@ -193,7 +178,8 @@ async fn over_the_concurrency_limit_calls_are_shed_at_once_with_pushback() {
 
 #[tokio::test]
 async fn the_breaker_opens_under_a_burst_of_crashes_fails_fast_and_recovers() {
-    let file = std::env::temp_dir().join(format!("pitboss-count-e-{}", std::process::id()));
+    let dir = temp_dir("count-e");
+    let file = dir.join("count");
     let (server, mut client) = start_with(
         &file,
         "[pool.restart]\nbackoff_base = \"20ms\"\nmax_restarts = 50\n\
@@ -202,10 +188,7 @@ async fn the_breaker_opens_under_a_burst_of_crashes_fails_fast_and_recovers() {
     .await;
     for _ in 0..3 {
         let err = client.execute(exec("crash", "{}")).await.unwrap_err();
-        assert_eq!(
-            err.metadata().get("x-pitboss-error-class").unwrap(),
-            "worker_crashed"
-        );
+        assert_eq!(error_class(&err), "worker_crashed");
     }
     // Open: refused at once, without touching a worker, with pushback.
     let start = tokio::time::Instant::now();
@@ -216,10 +199,7 @@ async fn the_breaker_opens_under_a_burst_of_crashes_fails_fast_and_recovers() {
         start.elapsed()
     );
     assert_eq!(err.code(), Code::Unavailable, "{err:?}");
-    assert_eq!(
-        err.metadata().get("x-pitboss-error-class").unwrap(),
-        "circuit_open"
-    );
+    assert_eq!(error_class(&err), "circuit_open");
     let pushback: u64 = err
         .metadata()
         .get("grpc-retry-pushback-ms")
@@ -234,10 +214,7 @@ async fn the_breaker_opens_under_a_burst_of_crashes_fails_fast_and_recovers() {
         .execute_stream(exec("stream_chunks_never_sent", "{}"))
         .await
         .unwrap_err();
-    assert_eq!(
-        err.metadata().get("x-pitboss-error-class").unwrap(),
-        "circuit_open"
-    );
+    assert_eq!(error_class(&err), "circuit_open");
     // After open_for, a probe goes through, succeeds, and closes the breaker.
     let pool = server.pool().clone();
     assert!(eventually(LONG, || pool.status().ready == 2).await);
@@ -258,8 +235,8 @@ async fn the_breaker_opens_under_a_burst_of_crashes_fails_fast_and_recovers() {
 
 #[tokio::test]
 async fn a_slow_attempt_is_cut_by_the_per_try_timeout_and_retried() {
-    let file = std::env::temp_dir().join(format!("pitboss-count-f-{}", std::process::id()));
-    let _ = std::fs::remove_file(&file);
+    let dir = temp_dir("count-f");
+    let file = dir.join("count");
     let (server, mut client) = start_with(&file, "[retry]\nper_try_timeout = \"300ms\"\n").await;
     let mut req = tonic::Request::new(idempotent(exec(
         "count",
@@ -281,12 +258,13 @@ async fn a_slow_attempt_is_cut_by_the_per_try_timeout_and_retried() {
     let v: serde_json::Value = serde_json::from_slice(&r.payload).unwrap();
     assert!(v.get("slow").is_none(), "answered by the fast retry: {v}");
     server.shutdown().await;
-    let _ = std::fs::remove_file(&file);
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[tokio::test]
 async fn retries_stay_within_the_budget_when_every_call_fails() {
-    let file = std::env::temp_dir().join(format!("pitboss-count-g-{}", std::process::id()));
+    let dir = temp_dir("count-g");
+    let file = dir.join("count");
     let (server, mut client) = start_with(
         &file,
         "[pool.restart]\nbackoff_base = \"10ms\"\nbackoff_max = \"50ms\"\nmax_restarts = 1000\n\
@@ -303,10 +281,7 @@ async fn retries_stay_within_the_budget_when_every_call_fails() {
             .execute(idempotent(exec("crash", b"{}")))
             .await
             .unwrap_err();
-        assert_eq!(
-            err.metadata().get("x-pitboss-error-class").unwrap(),
-            "worker_crashed"
-        );
+        assert_eq!(error_class(&err), "worker_crashed");
         attempts += err
             .metadata()
             .get("x-pitboss-attempts")
@@ -340,7 +315,8 @@ async fn retries_stay_within_the_budget_when_every_call_fails() {
 
 #[tokio::test]
 async fn a_worker_that_keeps_failing_is_ejected_and_the_pool_keeps_serving() {
-    let file = std::env::temp_dir().join(format!("pitboss-count-h-{}", std::process::id()));
+    let dir = temp_dir("count-h");
+    let file = dir.join("count");
     let (server, mut client) = start_with(
         &file,
         "[circuit_breaker]\nenabled = false\nworker_consecutive_failures = 3\n\
@@ -357,10 +333,7 @@ async fn a_worker_that_keeps_failing_is_ejected_and_the_pool_keeps_serving() {
             ))
             .await
             .unwrap_err();
-        assert_eq!(
-            err.metadata().get("x-pitboss-error-class").unwrap(),
-            "worker_crashed"
-        );
+        assert_eq!(error_class(&err), "worker_crashed");
     }
     let st = server.pool().status();
     let ejected: Vec<_> = st.workers.iter().filter(|w| w.ejected).collect();
@@ -391,16 +364,11 @@ async fn a_worker_that_keeps_failing_is_ejected_and_the_pool_keeps_serving() {
 /// worker, not a wait per attempt: a queue timeout is not retried on the same backend.
 #[tokio::test]
 async fn a_queue_timeout_is_not_multiplied_by_retries() {
-    init_tracing();
-    let text = "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\nmetrics_listen = \"127.0.0.1:0\"\n\
-         [pool]\nadapter = \"faults:adapter\"\nsize = 1\nworker_concurrency = 1\nqueue_timeout = \"2s\"\n";
-    let cfg =
-        Config::from_sources("test.toml", Some(text), Vec::<(String, String)>::new()).unwrap();
-    let server = RunningServer::start(cfg).await.unwrap();
-    server.pool().wait_ready(1, LONG).await.unwrap();
-    let client = pb::bridge_client::BridgeClient::connect(format!("http://{}", server.bridge_addr))
-        .await
-        .unwrap();
+    let (server, client) = start(config(&on_free_ports(
+        "",
+        "[pool]\nadapter = \"faults:adapter\"\nsize = 1\nworker_concurrency = 1\nqueue_timeout = \"2s\"\n",
+    )))
+    .await;
     let mut busy = client.clone();
     let held = tokio::spawn(async move { busy.execute(exec("sleep", br#"{"seconds": 8}"#)).await });
     let pool = server.pool().clone();
@@ -412,11 +380,7 @@ async fn a_queue_timeout_is_not_multiplied_by_retries() {
         .await
         .unwrap_err();
     let waited = start.elapsed();
-    assert_eq!(
-        err.metadata().get("x-pitboss-error-class").unwrap(),
-        "pool_exhausted",
-        "{err:?}"
-    );
+    assert_eq!(error_class(&err), "pool_exhausted", "{err:?}");
     assert!(err.message().contains("queue timeout"), "{}", err.message());
     // About one queue_timeout (2 s); three attempts would take over 6 s.
     assert!(

@@ -10,23 +10,18 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
-use pitboss::config::Config;
 use pitboss::grpc::pb;
 use pitboss::rollout::flags::RolloutState;
 use pitboss::rollout::{bucket, bucket::in_new, Percent};
 use pitboss::server::RunningServer;
-use tonic::transport::Channel;
 use tonic::Code;
 
 const LONG: Duration = Duration::from_secs(30);
 
-type Bridge = pb::bridge_client::BridgeClient<Channel>;
-type AdminClient = pb::admin_client::AdminClient<Channel>;
-
 struct Setup {
     dir: PathBuf,
     server: RunningServer,
-    client: Bridge,
+    client: Client,
 }
 
 impl Setup {
@@ -62,24 +57,15 @@ impl Setup {
     }
 }
 
-fn temp_dir(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("pitboss-rollout-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
+/// Both listeners on free ports, `size = 1` of `adapter` as legacy, the flags file and
+/// token in `dir`, then `extra`.
 fn config_text(dir: &Path, adapter: &str, extra: &str) -> String {
-    format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\nmetrics_listen = \"127.0.0.1:0\"\nshutdown_grace = \"10s\"\n\
-         [pool]\nadapter = \"{adapter}\"\nsize = 1\npython_path = [\"{py}/examples\"]\nruntime_dir = \"{py}\"\n\
-         [pool.restart]\nbackoff_base = \"20ms\"\njitter = 0.0\n\
-         [rollout]\nflags_file = \"{flags}\"\ncheck_interval = \"100ms\"\n\
-         admin_token_file = \"{token}\"\n{extra}",
-        py = python_dir().display(),
-        flags = dir.join("flags.toml").display(),
-        token = dir.join("token").display(),
-    )
+    let rest = format!(
+        "{pool}[pool.restart]\nbackoff_base = \"20ms\"\njitter = 0.0\n{rollout}{extra}",
+        pool = pool_section(adapter, 1),
+        rollout = rollout_section(dir),
+    );
+    on_free_ports("shutdown_grace = \"10s\"", &rest)
 }
 
 const NEW_POOL: &str =
@@ -87,21 +73,11 @@ const NEW_POOL: &str =
 const TOKEN: &str = "rollout-test-token";
 
 async fn start(tag: &str, flags: &str, extra: &str) -> Setup {
-    init_tracing();
-    let dir = temp_dir(tag);
+    let dir = temp_dir(&format!("rollout-{tag}"));
     std::fs::write(dir.join("flags.toml"), flags).unwrap();
     std::fs::write(dir.join("token"), format!("{TOKEN}\n")).unwrap();
     let text = config_text(&dir, "demo:adapter", extra);
-    let config = Config::from_sources("test.toml", Some(&text), Vec::<(String, String)>::new())
-        .unwrap_or_else(|e| panic!("{e}"));
-    let server = RunningServer::start(config).await.unwrap();
-    server.pool().wait_started(LONG).await.unwrap();
-    if let Some(p) = server.new_pool() {
-        p.wait_started(LONG).await.unwrap();
-    }
-    let client = Bridge::connect(format!("http://{}", server.bridge_addr))
-        .await
-        .unwrap();
+    let (server, client) = common::start(config(&text)).await;
     Setup {
         dir,
         server,
@@ -115,7 +91,7 @@ fn with_key(mut r: pb::ExecuteRequest, key: &str) -> pb::ExecuteRequest {
 }
 
 /// Calls `version` and returns (backend field, version the adapter reported).
-async fn version(client: &mut Bridge, r: pb::ExecuteRequest) -> (String, u64) {
+async fn version(client: &mut Client, r: pb::ExecuteRequest) -> (String, u64) {
     let resp = client.execute(r).await.unwrap_or_else(|s| panic!("{s:?}"));
     let header = resp
         .metadata()
@@ -128,13 +104,6 @@ async fn version(client: &mut Bridge, r: pb::ExecuteRequest) -> (String, u64) {
     assert_eq!(header, r.backend, "field and metadata agree");
     let v: serde_json::Value = serde_json::from_slice(&r.payload).unwrap();
     (r.backend, v["version"].as_u64().unwrap())
-}
-
-fn authed<T>(msg: T, token: &str) -> tonic::Request<T> {
-    let mut r = tonic::Request::new(msg);
-    r.metadata_mut()
-        .insert("authorization", format!("Bearer {token}").parse().unwrap());
-    r
 }
 
 #[tokio::test]
@@ -516,10 +485,7 @@ async fn system_failures_of_new_fall_back_to_legacy() {
     let e = s.client.execute(exec("version", "{}")).await.unwrap_err();
     assert_eq!(e.code(), Code::Unavailable);
     assert_eq!(e.metadata().get("x-pitboss-backend").unwrap(), "new");
-    assert_eq!(
-        e.metadata().get("x-pitboss-error-class").unwrap(),
-        "worker_crashed"
-    );
+    assert_eq!(error_class(&e), "worker_crashed");
     // Idempotent: served by legacy. `attempts` counts the tries on both backends:
     // new's three (a crash is retried for an idempotent call; the breaker, at 5
     // failures in a row, is still closed), then legacy's one.
@@ -799,15 +765,9 @@ async fn admin_calls_need_the_token() {
 #[tokio::test]
 async fn a_grpc_backend_forwards_to_an_upstream_bridge() {
     // The upstream: another pitboss serving demo_v2.
-    let up_dir = temp_dir("upstream");
+    let up_dir = temp_dir("rollout-upstream");
     std::fs::write(up_dir.join("token"), "upstream-token\n").unwrap();
-    let up_text = config_text(&up_dir, "demo_v2:adapter", "");
-    let upstream = RunningServer::start(
-        Config::from_sources("up.toml", Some(&up_text), Vec::<(String, String)>::new()).unwrap(),
-    )
-    .await
-    .unwrap();
-    upstream.pool().wait_started(LONG).await.unwrap();
+    let (upstream, _) = common::start(config(&config_text(&up_dir, "demo_v2:adapter", ""))).await;
     let mut s = start(
         "grpc",
         "mode = \"canary\"\npercent = 100.0\ncommands = [\"*\"]\n",
@@ -833,10 +793,7 @@ async fn a_grpc_backend_forwards_to_an_upstream_bridge() {
     assert_eq!(v["version"], 2);
     // Errors keep their class across the hop.
     let e = s.client.execute(exec("nope", "{}")).await.unwrap_err();
-    assert_eq!(
-        e.metadata().get("x-pitboss-error-class").unwrap(),
-        "unknown_command"
-    );
+    assert_eq!(error_class(&e), "unknown_command");
     // Sessions live upstream and stay there.
     let sess = s
         .client

@@ -15,26 +15,14 @@ use tonic::Code;
 
 const LONG: Duration = Duration::from_secs(20);
 
-fn config(extra: &str) -> Config {
-    init_tracing();
-    let text = format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\nmetrics_listen = \"127.0.0.1:0\"\nshutdown_grace = \"10s\"\n{extra}"
-    );
-    Config::from_sources("test.toml", Some(&text), Vec::<(String, String)>::new()).unwrap()
-}
-
-async fn start(extra: &str) -> (RunningServer, pb::bridge_client::BridgeClient<Channel>) {
-    let server = RunningServer::start(config(extra)).await.unwrap();
-    server.pool().wait_started(LONG).await.unwrap();
-    let client = pb::bridge_client::BridgeClient::connect(format!("http://{}", server.bridge_addr))
-        .await
-        .unwrap();
-    (server, client)
+/// A config on free ports with a 10 s shutdown grace, and `extra`.
+fn config_with(extra: &str) -> Config {
+    config(&on_free_ports("shutdown_grace = \"10s\"", extra))
 }
 
 #[tokio::test]
 async fn execute_and_execute_stream_work() {
-    let (server, mut client) = start("").await;
+    let (server, mut client) = start(config_with("")).await;
     let resp = client
         .execute(exec("echo", r#"{"hello":"world"}"#))
         .await
@@ -76,7 +64,7 @@ async fn execute_and_execute_stream_work() {
 
 #[tokio::test]
 async fn sessions_create_get_close_and_expire_with_affinity() {
-    let (server, mut client) = start("[sessions]\nttl = \"1s\"\n").await;
+    let (server, mut client) = start(config_with("[sessions]\nttl = \"1s\"\n")).await;
     let mut md = std::collections::HashMap::new();
     md.insert("user".to_string(), "ada".to_string());
     let s = client
@@ -154,7 +142,10 @@ async fn sessions_create_get_close_and_expire_with_affinity() {
 
 #[tokio::test]
 async fn a_python_exception_becomes_a_status_with_type_and_message() {
-    let (server, mut client) = start("[pool]\nadapter = \"faults:adapter\"\nsize = 1\n").await;
+    let (server, mut client) = start(config_with(
+        "[pool]\nadapter = \"faults:adapter\"\nsize = 1\n",
+    ))
+    .await;
     let err = client
         .execute(exec(
             "raise",
@@ -173,10 +164,7 @@ async fn a_python_exception_becomes_a_status_with_type_and_message() {
         err.metadata().get("x-pitboss-python-type").unwrap(),
         "ZeroDivisionError"
     );
-    assert_eq!(
-        err.metadata().get("x-pitboss-error-class").unwrap(),
-        "python_exception"
-    );
+    assert_eq!(error_class(&err), "python_exception");
     // The traceback travels in the details only (the trailers' budget).
     let details = tonic_types::StatusExt::get_error_details(&err);
     assert!(details.error_info().unwrap().metadata["traceback"].contains("ZeroDivisionError"));
@@ -189,10 +177,7 @@ async fn a_python_exception_becomes_a_status_with_type_and_message() {
         .await
         .unwrap_err();
     assert_eq!(bad.code(), Code::InvalidArgument, "{bad:?}");
-    assert_eq!(
-        bad.metadata().get("x-pitboss-error-class").unwrap(),
-        "invalid_request"
-    );
+    assert_eq!(error_class(&bad), "invalid_request");
     assert!(bad.message().contains("n must be positive"));
     let unknown = client.execute(exec("nope", "{}")).await.unwrap_err();
     assert_eq!(unknown.code(), Code::NotFound);
@@ -208,7 +193,10 @@ async fn a_python_exception_becomes_a_status_with_type_and_message() {
 
 #[tokio::test]
 async fn the_clients_deadline_is_honoured_down_to_the_worker() {
-    let (server, mut client) = start("[pool]\nadapter = \"faults:adapter\"\nsize = 1\n").await;
+    let (server, mut client) = start(config_with(
+        "[pool]\nadapter = \"faults:adapter\"\nsize = 1\n",
+    ))
+    .await;
     // The worker sees the time left before the client's deadline.
     let mut req = tonic::Request::new(exec("deadline", "{}"));
     req.set_timeout(Duration::from_secs(5));
@@ -304,7 +292,7 @@ async fn reflected_services(addr: std::net::SocketAddr) -> (Vec<String>, Vec<Str
 /// grpcurl, Postman), and each port lists only what it serves.
 #[tokio::test]
 async fn reflection_speaks_v1_and_v1alpha_and_each_port_lists_only_its_services() {
-    let (server, _client) = start("").await;
+    let (server, _client) = start(config_with("")).await;
     let mut reflection = vec![
         "grpc.reflection.v1.ServerReflection".to_string(),
         "grpc.reflection.v1alpha.ServerReflection".to_string(),
@@ -332,7 +320,7 @@ async fn reflection_speaks_v1_and_v1alpha_and_each_port_lists_only_its_services(
 
 #[tokio::test]
 async fn health_flips_to_not_serving_during_shutdown_and_reflection_lists_services() {
-    let (server, _client) = start("").await;
+    let (server, _client) = start(config_with("")).await;
     let channel = Channel::from_shared(format!("http://{}", server.bridge_addr))
         .unwrap()
         .connect()
@@ -405,7 +393,7 @@ async fn health_flips_to_not_serving_during_shutdown_and_reflection_lists_servic
 
 #[tokio::test]
 async fn new_calls_are_refused_while_in_flight_calls_finish_on_shutdown() {
-    let (server, client) = start("").await;
+    let (server, client) = start(config_with("")).await;
     let mut c1 = client.clone();
     let in_flight =
         tokio::spawn(async move { c1.execute(exec("sleep", r#"{"seconds": 1.0}"#)).await });
@@ -445,7 +433,7 @@ async fn new_calls_are_refused_while_in_flight_calls_finish_on_shutdown() {
 
 #[tokio::test]
 async fn the_call_and_status_commands_work() {
-    let (server, _client) = start("").await;
+    let (server, _client) = start(config_with("")).await;
     let bin = env!("CARGO_BIN_EXE_pitboss");
     let addr = format!("http://{}", server.bridge_addr);
     let out = tokio::process::Command::new(bin)
@@ -521,8 +509,7 @@ async fn the_call_and_status_commands_work() {
 
 #[test]
 fn a_bad_config_file_gives_a_clear_error() {
-    let dir = std::env::temp_dir().join(format!("pitboss-test-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = temp_dir("test");
     let file = dir.join("bad.toml");
     std::fs::write(&file, "[pool]\nsize = 2\nheartbeat_interval = \"often\"\n").unwrap();
     let bin = env!("CARGO_BIN_EXE_pitboss");
@@ -556,7 +543,7 @@ fn a_bad_config_file_gives_a_clear_error() {
 /// and a refused CreateSession (the id is live) extends nothing.
 #[tokio::test]
 async fn an_expired_session_id_can_be_created_again_at_once() {
-    let (server, mut client) = start("[sessions]\nttl = \"1s\"\n").await;
+    let (server, mut client) = start(config_with("[sessions]\nttl = \"1s\"\n")).await;
     let create = |id: &str| pb::CreateSessionRequest {
         session_id: id.into(),
         ..Default::default()
@@ -608,7 +595,7 @@ async fn an_expired_session_id_can_be_created_again_at_once() {
 /// the id: CreateSession with it starts a fresh session at once.
 #[tokio::test]
 async fn a_lost_session_id_can_be_created_again_at_once() {
-    let (server, mut client) = start("[pool]\nsize = 1\n").await;
+    let (server, mut client) = start(config_with("[pool]\nsize = 1\n")).await;
     let create = || pb::CreateSessionRequest {
         session_id: "sess-l".into(),
         ..Default::default()
@@ -650,8 +637,7 @@ async fn a_lost_session_id_can_be_created_again_at_once() {
 /// upstream (no TLS in this build) is refused instead of failing every call.
 #[test]
 fn check_config_applies_every_env_override_and_refuses_typos_and_https() {
-    let dir = std::env::temp_dir().join(format!("pitboss-test-env-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = temp_dir("test-env");
     let file = dir.join("p.toml");
     std::fs::write(&file, "[backends.new]\nkind = \"pool\"\n").unwrap();
     let bin = env!("CARGO_BIN_EXE_pitboss");
@@ -729,7 +715,7 @@ fn grpcio_python() -> std::path::PathBuf {
 #[tokio::test]
 async fn a_grpcio_client_in_python_can_call_execute() {
     let py = tokio::task::spawn_blocking(grpcio_python).await.unwrap();
-    let (server, _client) = start("").await;
+    let (server, _client) = start(config_with("")).await;
     let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("python/examples/client.py");
     let out = tokio::process::Command::new(py)
         .arg(script)
@@ -763,7 +749,7 @@ async fn a_grpcio_client_in_python_can_call_execute() {
 async fn a_grpcio_client_reads_errors_with_huge_texts() {
     use prost::Message;
     let py = tokio::task::spawn_blocking(grpcio_python).await.unwrap();
-    let (server, _client) = start("[pool]\nadapter = \"faults:adapter\"\n").await;
+    let (server, _client) = start(config_with("[pool]\nadapter = \"faults:adapter\"\n")).await;
     let raise = |ty: &str, n: usize| {
         let payload = serde_json::json!({"type": ty, "message": "m".repeat(n)}).to_string();
         exec("raise", payload)
@@ -832,7 +818,7 @@ for h in sys.argv[2:]:
 
 #[tokio::test]
 async fn health_is_not_serving_while_no_worker_is_ready() {
-    let cfg = config(
+    let cfg = config_with(
         "[pool]\nadapter = \"faults:adapter\"\nsize = 1\nenv = { PITBOSS_FAULT_CRASH_ON_START = \"1\" }\n\
          [pool.restart]\nbackoff_base = \"20ms\"\nmax_restarts = 2\n",
     );
@@ -853,10 +839,9 @@ async fn health_is_not_serving_while_no_worker_is_ready() {
     assert!(!out.status.success());
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "NOT_SERVING");
     // Calls fail fast with a clear error rather than hanging.
-    let mut client =
-        pb::bridge_client::BridgeClient::connect(format!("http://{}", server.bridge_addr))
-            .await
-            .unwrap();
+    let mut client = Client::connect(format!("http://{}", server.bridge_addr))
+        .await
+        .unwrap();
     let mut req = tonic::Request::new(exec("echo", "1"));
     req.set_timeout(Duration::from_secs(10));
     let start = tokio::time::Instant::now();
@@ -879,7 +864,7 @@ async fn health_is_not_serving_while_no_worker_is_ready() {
 #[tokio::test]
 async fn readiness_and_health_follow_every_transition() {
     use tonic_health::pb::health_check_response::ServingStatus;
-    let cfg = config(
+    let cfg = config_with(
         "[pool]\nadapter = \"faults:adapter\"\nsize = 1\n[pool.restart]\nbackoff_base = \"20ms\"\n\
          [retry]\nmax_attempts = 1\n\
          [circuit_breaker]\nconsecutive_failures = 2\nopen_for = \"2s\"\nworker_consecutive_failures = 0\n",
@@ -930,10 +915,7 @@ async fn readiness_and_health_follow_every_transition() {
     let mut client = pb::bridge_client::BridgeClient::new(channel.clone());
     for _ in 0..2 {
         let e = client.execute(exec("crash", "{}")).await.unwrap_err();
-        assert_eq!(
-            e.metadata().get("x-pitboss-error-class").unwrap(),
-            "worker_crashed"
-        );
+        assert_eq!(error_class(&e), "worker_crashed");
     }
     assert!(
         until_status(bridge, not_serving).await,
@@ -980,8 +962,7 @@ async fn readiness_and_health_follow_every_transition() {
 #[tokio::test]
 async fn logs_are_json_lines_on_request() {
     use tokio::io::AsyncBufReadExt;
-    let dir = std::env::temp_dir().join(format!("pitboss-json-logs-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = temp_dir("json-logs");
     let cfg = dir.join("p.toml");
     std::fs::write(
         &cfg,

@@ -1,13 +1,28 @@
-//! Helpers shared by the integration tests: pools of the real example adapters, and
-//! process checks through /proc.
+//! Helpers shared by the integration tests: pools of the real example adapters, a
+//! server in process or the real binary on free ports, metrics scrapes, and process
+//! checks through /proc.
 #![allow(dead_code)]
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use pitboss::config::Config;
 use pitboss::grpc::pb;
 use pitboss::pool::{Pool, PoolConfig, PoolRequest, PoolResponse, WorkerCommand};
+use pitboss::server::RunningServer;
 use serde_json::Value;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tonic::transport::Channel;
+
+/// A client of `pitboss.v1.Bridge`.
+pub type Client = pb::bridge_client::BridgeClient<Channel>;
+/// A client of `pitboss.v1.Admin`.
+pub type AdminClient = pb::admin_client::AdminClient<Channel>;
+
+/// How long a server (in process or the binary) may take to start its workers.
+const START_BOUND: Duration = Duration::from_secs(30);
 
 pub fn python_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("python")
@@ -231,4 +246,152 @@ pub fn sum_of(scrape: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
                 .flatten()
         })
         .sum()
+}
+
+/// The `x-pitboss-error-class` trailer of a status, or "" when there is none.
+pub fn error_class(s: &tonic::Status) -> &str {
+    s.metadata()
+        .get("x-pitboss-error-class")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+}
+
+/// A fresh, empty directory `pitboss-<tag>-<pid>` in the system's temp directory.
+pub fn temp_dir(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("pitboss-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// A config text whose three listeners take free ports on 127.0.0.1: `server` goes
+/// into `[server]` (e.g. `shutdown_grace = "10s"`), `rest` after it.
+pub fn on_free_ports(server: &str, rest: &str) -> String {
+    format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
+         metrics_listen = \"127.0.0.1:0\"\n{server}\n{rest}"
+    )
+}
+
+/// A `[pool]` section of `size` workers of an adapter of `python/examples` (e.g.
+/// `faults:adapter`); more `[pool]` keys may follow it.
+pub fn pool_section(adapter: &str, size: usize) -> String {
+    format!(
+        "[pool]\nadapter = \"{adapter}\"\nsize = {size}\npython_path = [\"{py}/examples\"]\n\
+         runtime_dir = \"{py}\"\n",
+        py = python_dir().display()
+    )
+}
+
+/// A `[rollout]` section on the flags file `dir/flags.toml` (checked every 100 ms) and
+/// the admin token in `dir/token`.
+pub fn rollout_section(dir: &Path) -> String {
+    format!(
+        "[rollout]\nflags_file = \"{flags}\"\ncheck_interval = \"100ms\"\n\
+         admin_token_file = \"{token}\"\n",
+        flags = dir.join("flags.toml").display(),
+        token = dir.join("token").display(),
+    )
+}
+
+/// A request that carries `token` as its bearer token (the Admin service wants one).
+pub fn authed<T>(msg: T, token: &str) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(msg);
+    r.metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    r
+}
+
+/// A config parsed from `text` alone (no environment overrides); panics with the
+/// error.
+pub fn config(text: &str) -> Config {
+    init_tracing();
+    Config::from_sources("test.toml", Some(text), Vec::<(String, String)>::new())
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Starts the server in process, waits until every worker of the legacy pool and of
+/// the new one (when `new` is a pool) is ready, and connects a Bridge client.
+pub async fn start(config: Config) -> (RunningServer, Client) {
+    let server = RunningServer::start(config).await.unwrap();
+    for pool in std::iter::once(server.pool()).chain(server.new_pool()) {
+        pool.wait_started(START_BOUND).await.unwrap();
+        pool.wait_ready(pool.config().size, START_BOUND)
+            .await
+            .unwrap();
+    }
+    let client = Client::connect(format!("http://{}", server.bridge_addr))
+        .await
+        .unwrap();
+    (server, client)
+}
+
+/// Waits until the edge knows `command` from the workers' READY frames (before, a call
+/// of it is labelled as unknown in the metrics).
+pub async fn wait_known(server: &RunningServer, command: &str) {
+    let edge = server.edge().clone();
+    assert!(
+        eventually(START_BOUND, || edge.commands.label(command) == command).await,
+        "{command} not known within {START_BOUND:?}"
+    );
+}
+
+/// The body of a `GET /metrics` on a metrics listener (which must answer 200).
+pub async fn scrape(metrics: std::net::SocketAddr) -> String {
+    let (status, body) = http_get(metrics, "/metrics").await;
+    assert_eq!(status, 200, "/metrics: {body}");
+    body
+}
+
+/// The real binary, started by [`spawn`], with the addresses it listens on.
+pub struct Proc {
+    pub child: tokio::process::Child,
+    /// `http://` and the Bridge listener's address.
+    pub bridge: String,
+    /// `http://` and the Admin listener's address.
+    pub admin: String,
+    pub metrics: std::net::SocketAddr,
+    /// Every line the process has logged so far (JSON), kept as it runs.
+    pub log: Arc<Mutex<Vec<String>>>,
+}
+
+/// Starts the real binary on `config` with JSON logs at `info`, and reads its
+/// listening addresses from the log. Its stderr is drained into [`Proc::log`] for as
+/// long as it runs, so it never blocks on a full pipe.
+pub async fn spawn(config: &Path) -> Proc {
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_pitboss"))
+        .args(["--log-format", "json", "--config"])
+        .arg(config)
+        .env("RUST_LOG", "info")
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let log: Arc<Mutex<Vec<String>>> = Default::default();
+    let fields = tokio::time::timeout(START_BOUND, async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            let v: Value = serde_json::from_str(&line).unwrap_or_default();
+            log.lock().unwrap().push(line.clone());
+            if v["fields"]["message"] == "pitboss listening" {
+                return v["fields"].clone();
+            }
+        }
+        panic!("pitboss exited before listening: {:?}", log.lock().unwrap());
+    })
+    .await
+    .expect("listening within the bound");
+    let sink = log.clone();
+    tokio::spawn(async move {
+        while let Ok(Some(line)) = lines.next_line().await {
+            sink.lock().unwrap().push(line);
+        }
+    });
+    Proc {
+        child,
+        bridge: format!("http://{}", fields["bridge_addr"].as_str().unwrap()),
+        admin: format!("http://{}", fields["admin_addr"].as_str().unwrap()),
+        metrics: fields["metrics_addr"].as_str().unwrap().parse().unwrap(),
+        log,
+    }
 }

@@ -27,10 +27,10 @@ use tokio_util::codec::Encoder;
 use tokio_util::codec::FramedRead;
 use tonic::transport::Channel;
 
-use crate::grpc::pb;
-use crate::grpc::pb::bridge_client::BridgeClient;
-use crate::worker::frame::{Frame, FrameCodec, RequestFrame};
-use crate::worker::WorkerSpec;
+use pitboss::grpc::pb;
+use pitboss::grpc::pb::bridge_client::BridgeClient;
+use pitboss::worker::frame::{Frame, FrameCodec, RequestFrame};
+use pitboss::worker::WorkerSpec;
 
 /// What one run sends.
 #[derive(Debug, Clone)]
@@ -307,7 +307,7 @@ impl Floor {
     ) -> Result<usize, String> {
         let w = match session {
             Some(s) => {
-                &self.workers[(crate::rollout::bucket("floor", s) as usize) % self.workers.len()]
+                &self.workers[(pitboss::rollout::bucket("floor", s) as usize) % self.workers.len()]
             }
             None => {
                 &self.workers[self.next_worker.fetch_add(1, Ordering::Relaxed) % self.workers.len()]
@@ -409,10 +409,10 @@ impl FloorWorker {
 
 /// A worker spec for the floor from a pitboss config: same interpreter (resolved),
 /// adapter, paths and environment as the legacy pool.
-pub async fn floor_spec(config: &crate::config::Config) -> Result<WorkerSpec, String> {
+pub async fn floor_spec(config: &pitboss::config::Config) -> Result<WorkerSpec, String> {
     let pc = config.pool_config("floor");
     let w = &pc.worker;
-    let python = crate::worker::resolve_python(&w.python, w.working_dir.as_deref())
+    let python = pitboss::worker::resolve_python(&w.python, w.working_dir.as_deref())
         .await
         .map_err(|e| e.to_string())?;
     Ok(WorkerSpec {
