@@ -2,7 +2,7 @@
 //! excluded) is an edge, and an edge may only point down the layers below.
 //!
 //! ```text
-//! main  >  bench  >  server  >  grpc  >  telemetry  >  rollout  >  backend  >  resilience  >  pool  >  worker
+//! main  >  cli (bench)  >  server  >  grpc  >  telemetry  >  rollout  >  backend  >  resilience  >  pool  >  worker
 //!                                (config, proto and runtime_files: leaves anyone may use)
 //! ```
 //!
@@ -26,7 +26,7 @@ const LAYERS: &[(&str, i32)] = &[
     ("telemetry", 5),
     ("grpc", 6),
     ("server", 7),
-    ("bench", 8),
+    ("cli", 8),
     ("main", 9),
 ];
 
@@ -97,7 +97,7 @@ fn edges() -> BTreeMap<String, BTreeSet<String>> {
                 }
             }
             // The binary reaches the library as `pitboss::`.
-            if from == "main" || from == "bench" {
+            if from == "main" || from == "cli" {
                 for (i, _) in code.match_indices("pitboss::") {
                     let to: String = code[i + "pitboss::".len()..]
                         .chars()
