@@ -70,15 +70,7 @@ const RESPONSE_OVERHEAD: usize = 1024;
 /// `commands = ["*"]` every command is routed to new, implemented or not: legacy may
 /// serve it (a command neither has gets legacy's NOT_FOUND).
 pub fn fallback_allowed(class: ErrorClass, idempotent: bool) -> bool {
-    if class == ErrorClass::UnknownCommand {
-        return true;
-    }
-    let system = class.row().breaker
-        || matches!(
-            class,
-            ErrorClass::CircuitOpen | ErrorClass::PoolExhausted | ErrorClass::ShuttingDown
-        );
-    system && class.retryable(idempotent)
+    class.may_fall_back(idempotent)
 }
 
 impl Edge {

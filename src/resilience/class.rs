@@ -62,6 +62,13 @@ pub struct Row {
     /// Counts against circuit breakers. Application errors never do: a backend that
     /// correctly rejects bad input is healthy.
     pub breaker: bool,
+    /// Counts as the backend's error for the rollout's auto-rollback rules: the
+    /// backend's own failures, its code's exceptions included, never the caller's.
+    pub rollback: bool,
+    /// Whether a call of `new` that failed so may be served again by legacy: only
+    /// failures that are not the caller's, and only when running the call again is
+    /// safe (refused before it ran, or idempotent).
+    pub fallback: Retry,
 }
 
 use ErrorClass as C;
@@ -77,6 +84,8 @@ pub const TABLE: [Row; 15] = [
         S::Error,
         R::IfIdempotent,
         true,
+        true,
+        R::IfIdempotent,
     ),
     row(
         C::WorkerTimeout,
@@ -85,6 +94,8 @@ pub const TABLE: [Row; 15] = [
         S::Warning,
         R::IfIdempotent,
         true,
+        true,
+        R::IfIdempotent,
     ),
     row(
         C::DeadlineExceeded,
@@ -93,6 +104,8 @@ pub const TABLE: [Row; 15] = [
         S::Warning,
         R::Never,
         false,
+        false,
+        R::Never,
     ),
     row(
         C::PoolExhausted,
@@ -101,6 +114,8 @@ pub const TABLE: [Row; 15] = [
         S::Warning,
         R::Always,
         false,
+        true,
+        R::Always,
     ),
     row(
         C::CircuitOpen,
@@ -109,6 +124,8 @@ pub const TABLE: [Row; 15] = [
         S::Warning,
         R::Always,
         false,
+        true,
+        R::Always,
     ),
     row(
         C::ProtocolError,
@@ -117,6 +134,8 @@ pub const TABLE: [Row; 15] = [
         S::Error,
         R::IfIdempotent,
         true,
+        true,
+        R::IfIdempotent,
     ),
     row(
         C::PythonException,
@@ -125,6 +144,8 @@ pub const TABLE: [Row; 15] = [
         S::Info,
         R::Never,
         false,
+        true,
+        R::Never,
     ),
     row(
         C::InvalidRequest,
@@ -133,6 +154,8 @@ pub const TABLE: [Row; 15] = [
         S::Info,
         R::Never,
         false,
+        false,
+        R::Never,
     ),
     row(
         C::UnknownCommand,
@@ -141,6 +164,8 @@ pub const TABLE: [Row; 15] = [
         S::Info,
         R::Never,
         false,
+        false,
+        R::Always,
     ),
     row(
         C::SessionLost,
@@ -149,6 +174,8 @@ pub const TABLE: [Row; 15] = [
         S::Warning,
         R::Never,
         false,
+        false,
+        R::Never,
     ),
     row(
         C::SessionNotFound,
@@ -157,6 +184,8 @@ pub const TABLE: [Row; 15] = [
         S::Info,
         R::Never,
         false,
+        false,
+        R::Never,
     ),
     row(
         C::Cancelled,
@@ -165,6 +194,8 @@ pub const TABLE: [Row; 15] = [
         S::Info,
         R::Never,
         false,
+        false,
+        R::Never,
     ),
     row(
         C::ShuttingDown,
@@ -173,6 +204,8 @@ pub const TABLE: [Row; 15] = [
         S::Warning,
         R::Always,
         false,
+        false,
+        R::Always,
     ),
     row(
         C::Internal,
@@ -181,6 +214,8 @@ pub const TABLE: [Row; 15] = [
         S::Error,
         R::Never,
         true,
+        true,
+        R::Never,
     ),
     row(
         C::ResponseTooLarge,
@@ -189,9 +224,12 @@ pub const TABLE: [Row; 15] = [
         S::Error,
         R::Never,
         false,
+        true,
+        R::Never,
     ),
 ];
 
+#[allow(clippy::too_many_arguments)]
 const fn row(
     class: ErrorClass,
     name: &'static str,
@@ -199,6 +237,8 @@ const fn row(
     severity: Severity,
     retry: Retry,
     breaker: bool,
+    rollback: bool,
+    fallback: Retry,
 ) -> Row {
     Row {
         class,
@@ -207,6 +247,8 @@ const fn row(
         severity,
         retry,
         breaker,
+        rollback,
+        fallback,
     }
 }
 
@@ -244,7 +286,24 @@ impl ErrorClass {
 
     /// Whether a request that failed with this class may be retried.
     pub fn retryable(self, idempotent: bool) -> bool {
-        match self.row().retry {
+        self.row().retry.allows(idempotent)
+    }
+
+    /// Whether it counts as the backend's error for auto-rollback.
+    pub fn counts_for_rollback(self) -> bool {
+        self.row().rollback
+    }
+
+    /// Whether a failed call of `new` may be served again by legacy.
+    pub fn may_fall_back(self, idempotent: bool) -> bool {
+        self.row().fallback.allows(idempotent)
+    }
+}
+
+impl Retry {
+    /// Whether running the call again is allowed, given whether it is idempotent.
+    pub fn allows(self, idempotent: bool) -> bool {
+        match self {
             Retry::Always => true,
             Retry::IfIdempotent => idempotent,
             Retry::Never => false,
@@ -329,21 +388,24 @@ pub fn classify(err: &PoolError, rules: &ExceptionRules) -> ErrorClass {
 /// The table as Markdown, exactly as `docs/ERRORS.md` shows it.
 pub fn markdown_table() -> String {
     let mut out = String::from(
-        "| class | gRPC code | severity | retryable | counts against breakers |\n|---|---|---|---|---|\n",
+        "| class | gRPC code | severity | retryable | counts against breakers | counts for rollback | new may fall back to legacy |\n|---|---|---|---|---|---|---|\n",
     );
+    let again = |r: Retry| match r {
+        Retry::Always => "always",
+        Retry::IfIdempotent => "if idempotent",
+        Retry::Never => "never",
+    };
+    let yes = |b: bool| if b { "yes" } else { "no" };
     for r in TABLE {
-        let retry = match r.retry {
-            Retry::Always => "always",
-            Retry::IfIdempotent => "if idempotent",
-            Retry::Never => "never",
-        };
         out.push_str(&format!(
-            "| `{}` | `{:?}` | {:?} | {} | {} |\n",
+            "| `{}` | `{:?}` | {:?} | {} | {} | {} | {} |\n",
             r.name,
             r.code,
             r.severity,
-            retry,
-            if r.breaker { "yes" } else { "no" }
+            again(r.retry),
+            yes(r.breaker),
+            yes(r.rollback),
+            again(r.fallback)
         ));
     }
     out

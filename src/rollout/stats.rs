@@ -19,23 +19,7 @@ use crate::resilience::ErrorClass;
 /// back because callers sent bad requests, gave up, or lost their sessions. Overload
 /// (`PoolExhausted`, `CircuitOpen`) counts: a backend that cannot keep up is unhealthy.
 pub fn counts_as_error(class: ErrorClass) -> bool {
-    match class {
-        ErrorClass::WorkerCrashed
-        | ErrorClass::WorkerTimeout
-        | ErrorClass::PoolExhausted
-        | ErrorClass::CircuitOpen
-        | ErrorClass::ProtocolError
-        | ErrorClass::PythonException
-        | ErrorClass::Internal
-        | ErrorClass::ResponseTooLarge => true,
-        ErrorClass::DeadlineExceeded
-        | ErrorClass::InvalidRequest
-        | ErrorClass::UnknownCommand
-        | ErrorClass::SessionLost
-        | ErrorClass::SessionNotFound
-        | ErrorClass::Cancelled
-        | ErrorClass::ShuttingDown => false,
-    }
+    class.counts_for_rollback()
 }
 
 /// Whether the relative rule compares this class between `new` and legacy.
