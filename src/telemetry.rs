@@ -560,6 +560,88 @@ mod tests {
         });
     }
 
+    /// What the router reports on, without an edge: a grpc legacy backend (always
+    /// ready; it connects lazily) and in-memory flags.
+    struct Fake {
+        legacy: Backend,
+        rollout: Arc<Rollout>,
+        draining: std::sync::atomic::AtomicBool,
+    }
+
+    impl Observed for Fake {
+        fn legacy(&self) -> &Backend {
+            &self.legacy
+        }
+        fn new_backend(&self) -> Option<&Backend> {
+            None
+        }
+        fn rollout(&self) -> &Rollout {
+            &self.rollout
+        }
+        fn draining(&self) -> bool {
+            self.draining.load(std::sync::atomic::Ordering::Acquire)
+        }
+        fn new_sessions(&self) -> usize {
+            0
+        }
+    }
+
+    /// Issue 14, item 4: telemetry reads the service only through [`Observed`], so
+    /// `/readyz` works over anything that implements it.
+    #[tokio::test]
+    async fn readyz_reports_on_any_observed_service() {
+        use crate::backend::Observers;
+        use crate::config::{BackendConfig, BackendKind, Config};
+        use crate::rollout::{Flags, LiveFlags};
+        use axum::http::{Request, StatusCode};
+        use tower::ServiceExt;
+
+        let cfg = BackendConfig {
+            role: "legacy",
+            kind: BackendKind::Grpc,
+            address: "http://127.0.0.1:1".to_string(),
+            effective: Config::load_default().unwrap(),
+        };
+        let observers = Observers {
+            pool: Arc::new(RestartCounter),
+            retries: Arc::new(RetryCounter("legacy")),
+        };
+        let fake = Arc::new(Fake {
+            legacy: Backend::start(&cfg, observers).await.unwrap(),
+            rollout: Rollout::new(LiveFlags::in_memory(Flags::defaults()), false),
+            draining: Default::default(),
+        });
+        publish_gauges(&*fake);
+        let get = |fake: Arc<Fake>, path: &'static str| async move {
+            let request = Request::get(path).body(axum::body::Body::empty()).unwrap();
+            let response = router(fake).oneshot(request).await.unwrap();
+            let status = response.status();
+            let body = axum::body::to_bytes(response.into_body(), 1 << 16)
+                .await
+                .unwrap();
+            (status, String::from_utf8(body.to_vec()).unwrap())
+        };
+        assert_eq!(readiness_of(&*fake), Ok(()));
+        assert_eq!(
+            get(fake.clone(), "/readyz").await,
+            (StatusCode::OK, "ready\n".to_string())
+        );
+        assert_eq!(
+            get(fake.clone(), "/healthz").await,
+            (StatusCode::OK, "ok\n".to_string())
+        );
+        fake.draining
+            .store(true, std::sync::atomic::Ordering::Release);
+        assert_eq!(readiness_of(&*fake), Err(NotReady::Draining));
+        assert_eq!(
+            get(fake, "/readyz").await,
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "not ready: draining: shutting down\n".to_string()
+            )
+        );
+    }
+
     #[test]
     fn docs_metrics_md_lists_every_metric() {
         let source = include_str!("telemetry.rs");
