@@ -17,7 +17,9 @@
 //! - [`backend`]: what serves a role (`legacy` or `new`): a pool or a grpc upstream,
 //!   each behind its own resilience stack.
 //! - [`resilience`]: the single error classification (and, next, retry and breakers).
-//! - [`telemetry`]: Prometheus metrics, readiness, and the HTTP listener for them.
+//! - [`telemetry`]: Prometheus metrics, readiness, and the HTTP listener for them. It
+//!   sits below the edge and reads it only through [`telemetry::Observed`], which the
+//!   edge implements.
 //! - [`config`]: the config file, parsed into validated types.
 //! - [`proto`]: the generated `pitboss.v1` types, shared by the edge and the `grpc`
 //!   backend.

@@ -387,7 +387,7 @@ async fn track_health(
         };
         tokio::pin!(changed);
         changed.as_mut().enable();
-        let ready = crate::telemetry::edge_readiness(&edge);
+        let ready = crate::telemetry::readiness_of(&*edge);
         let draining = edge.draining.load(Ordering::Acquire);
         let now = (ready.is_ok(), draining);
         if last != Some(now) {

@@ -6,9 +6,11 @@
 //! sessions, memory) are sampled from the pools at scrape time, so a scrape always
 //! shows the state as it is, not as it was at the last event. Every metric is
 //! described here, so each has HELP text, and `docs/METRICS.md` lists them all.
+//!
+//! Telemetry sits below the edge: it reads the service it reports on through
+//! [`Observed`], which the edge implements.
 
 use std::collections::HashSet;
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -16,10 +18,10 @@ use arc_swap::ArcSwap;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 use crate::backend::{Backend, Role, Target};
-use crate::grpc::Edge;
 use crate::pool::{ExitReason, PoolObserver, SlotState};
 use crate::resilience::retry::RetryObserver;
 use crate::resilience::ErrorClass;
+use crate::rollout::controller::Rollout;
 
 /// Latency buckets from 100 µs to 60 s: a Python call spans that whole range.
 pub const DURATION_BUCKETS: &[f64] = &[
@@ -280,14 +282,37 @@ const STATES: [&str; 6] = [
     "ejected",
 ];
 
+/// What the HTTP listener reports on: the service's backends, its rollout and whether
+/// it is shutting down. The edge implements it; telemetry, a layer below, knows the
+/// edge only through this.
+pub trait Observed: Send + Sync + 'static {
+    /// The `legacy` backend, which serves everything `new` does not.
+    fn legacy(&self) -> &Backend;
+    /// The `new` backend; `None` when none is configured.
+    fn new_backend(&self) -> Option<&Backend>;
+    /// The split between them, with its flags.
+    fn rollout(&self) -> &Rollout;
+    /// Shutdown has started: new calls are refused.
+    fn draining(&self) -> bool;
+    /// Open sessions pinned to the `new` backend. A pool counts its own sessions; a
+    /// grpc upstream cannot, so its gauge comes from here.
+    fn new_sessions(&self) -> usize;
+}
+
+/// Every backend of `s`, legacy first.
+fn backends_of<S: Observed + ?Sized>(s: &S) -> impl Iterator<Item = &Backend> {
+    std::iter::once(s.legacy()).chain(s.new_backend())
+}
+
 /// Samples the state gauges from the backends.
-pub fn publish_gauges(edge: &Edge) {
-    if edge.rollout.flags.path().is_some() {
-        let valid = edge.rollout.flags.last_error().is_none();
+pub fn publish_gauges<S: Observed + ?Sized>(s: &S) {
+    let rollout = s.rollout();
+    if rollout.flags.path().is_some() {
+        let valid = rollout.flags.last_error().is_none();
         metrics::gauge!("pitboss_flags_file_valid").set(if valid { 1.0 } else { 0.0 });
     }
-    let (_, new_pins) = edge.sessions.counts();
-    for b in edge.backends() {
+    let new_pins = s.new_sessions();
+    for b in backends_of(s) {
         let role = b.role.as_str();
         metrics::gauge!("pitboss_circuit_state", "backend" => role, "scope" => "backend")
             .set(b.breaker.state() as u8 as f64);
@@ -329,7 +354,7 @@ pub fn publish_gauges(edge: &Edge) {
             }
         }
     }
-    edge.rollout.publish();
+    rollout.publish();
 }
 
 /// Why pitboss should not get traffic now; `Ok` when ready. Pure.
@@ -381,8 +406,8 @@ pub fn readiness(
     Ok(())
 }
 
-fn health_of(edge: &Edge, b: &Backend) -> BackendHealth {
-    let f = edge.rollout.flags.get();
+fn health_of<S: Observed + ?Sized>(s: &S, b: &Backend) -> BackendHealth {
+    let f = s.rollout().flags.get();
     let takes_traffic = b.role == Role::Legacy || f.new_takes_traffic();
     BackendHealth {
         role: b.role,
@@ -392,18 +417,18 @@ fn health_of(edge: &Edge, b: &Backend) -> BackendHealth {
     }
 }
 
-/// The edge's readiness now.
-pub fn edge_readiness(edge: &Edge) -> Result<(), NotReady> {
-    let backends: Vec<BackendHealth> = edge.backends().map(|b| health_of(edge, b)).collect();
+/// The readiness of `s` now ([`readiness`] over its backends' health).
+pub fn readiness_of<S: Observed + ?Sized>(s: &S) -> Result<(), NotReady> {
+    let backends: Vec<BackendHealth> = backends_of(s).map(|b| health_of(s, b)).collect();
     readiness(
-        edge.draining.load(Ordering::Acquire),
+        s.draining(),
         &backends,
-        edge.rollout.flags.get().fallback_to_legacy,
+        s.rollout().flags.get().fallback_to_legacy,
     )
 }
 
-/// The HTTP listener's routes.
-pub fn router(edge: Arc<Edge>) -> axum::Router {
+/// The HTTP listener's routes, reporting on `edge`.
+pub fn router(edge: Arc<dyn Observed>) -> axum::Router {
     use axum::http::{header, StatusCode};
     use axum::response::IntoResponse;
     use axum::routing::get;
@@ -415,7 +440,7 @@ pub fn router(edge: Arc<Edge>) -> axum::Router {
             get(move || {
                 let edge = metrics_edge.clone();
                 async move {
-                    publish_gauges(&edge);
+                    publish_gauges(&*edge);
                     match prometheus() {
                         Some(h) => {
                             h.run_upkeep();
@@ -441,8 +466,8 @@ pub fn router(edge: Arc<Edge>) -> axum::Router {
             get(move || {
                 let edge = ready_edge.clone();
                 async move {
-                    match edge_readiness(&edge) {
-                        Ok(()) => match edge.rollout.flags.last_error() {
+                    match readiness_of(&*edge) {
+                        Ok(()) => match edge.rollout().flags.last_error() {
                             // Serving is safe (the previous or the safe flags are in
                             // force), but the operator's file is not what runs.
                             Some(e) => (StatusCode::OK, format!("ready; note: {e}\n")),
@@ -533,6 +558,88 @@ mod tests {
             drop(probe);
             assert!(readiness(false, &[legacy(&breaker)], true).is_ok());
         });
+    }
+
+    /// What the router reports on, without an edge: a grpc legacy backend (always
+    /// ready; it connects lazily) and in-memory flags.
+    struct Fake {
+        legacy: Backend,
+        rollout: Arc<Rollout>,
+        draining: std::sync::atomic::AtomicBool,
+    }
+
+    impl Observed for Fake {
+        fn legacy(&self) -> &Backend {
+            &self.legacy
+        }
+        fn new_backend(&self) -> Option<&Backend> {
+            None
+        }
+        fn rollout(&self) -> &Rollout {
+            &self.rollout
+        }
+        fn draining(&self) -> bool {
+            self.draining.load(std::sync::atomic::Ordering::Acquire)
+        }
+        fn new_sessions(&self) -> usize {
+            0
+        }
+    }
+
+    /// Issue 14, item 4: telemetry reads the service only through [`Observed`], so
+    /// `/readyz` works over anything that implements it.
+    #[tokio::test]
+    async fn readyz_reports_on_any_observed_service() {
+        use crate::backend::Observers;
+        use crate::config::{BackendConfig, BackendKind, Config};
+        use crate::rollout::{Flags, LiveFlags};
+        use axum::http::{Request, StatusCode};
+        use tower::ServiceExt;
+
+        let cfg = BackendConfig {
+            role: "legacy",
+            kind: BackendKind::Grpc,
+            address: "http://127.0.0.1:1".to_string(),
+            effective: Config::load_default().unwrap(),
+        };
+        let observers = Observers {
+            pool: Arc::new(RestartCounter),
+            retries: Arc::new(RetryCounter("legacy")),
+        };
+        let fake = Arc::new(Fake {
+            legacy: Backend::start(&cfg, observers).await.unwrap(),
+            rollout: Rollout::new(LiveFlags::in_memory(Flags::defaults()), false),
+            draining: Default::default(),
+        });
+        publish_gauges(&*fake);
+        let get = |fake: Arc<Fake>, path: &'static str| async move {
+            let request = Request::get(path).body(axum::body::Body::empty()).unwrap();
+            let response = router(fake).oneshot(request).await.unwrap();
+            let status = response.status();
+            let body = axum::body::to_bytes(response.into_body(), 1 << 16)
+                .await
+                .unwrap();
+            (status, String::from_utf8(body.to_vec()).unwrap())
+        };
+        assert_eq!(readiness_of(&*fake), Ok(()));
+        assert_eq!(
+            get(fake.clone(), "/readyz").await,
+            (StatusCode::OK, "ready\n".to_string())
+        );
+        assert_eq!(
+            get(fake.clone(), "/healthz").await,
+            (StatusCode::OK, "ok\n".to_string())
+        );
+        fake.draining
+            .store(true, std::sync::atomic::Ordering::Release);
+        assert_eq!(readiness_of(&*fake), Err(NotReady::Draining));
+        assert_eq!(
+            get(fake, "/readyz").await,
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "not ready: draining: shutting down\n".to_string()
+            )
+        );
     }
 
     #[test]

@@ -37,8 +37,6 @@ const KNOWN_VIOLATIONS: &[(&str, &str)] = &[
     ("config", "resilience"),
     // PoolError carries the error class (and CircuitOpen / Upstream).
     ("pool", "resilience"),
-    // Readiness and gauges read the edge.
-    ("telemetry", "grpc"),
 ];
 
 /// The module a source file belongs to: its first path component under `src/`.

@@ -310,6 +310,29 @@ impl Edge {
     }
 }
 
+/// What telemetry (`/metrics`, `/readyz`, grpc health) reads from the edge.
+impl crate::telemetry::Observed for Edge {
+    fn legacy(&self) -> &Backend {
+        &self.legacy
+    }
+
+    fn new_backend(&self) -> Option<&Backend> {
+        self.new.as_ref()
+    }
+
+    fn rollout(&self) -> &Rollout {
+        &self.rollout
+    }
+
+    fn draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
+    }
+
+    fn new_sessions(&self) -> usize {
+        self.sessions.counts().1
+    }
+}
+
 /// Records a backend run in the rollout statistics when it is dropped unfinished.
 struct UnfinishedRun<'a> {
     edge: &'a Edge,
