@@ -7,8 +7,9 @@ use tokio::time::Instant;
 
 use super::call::PendingCall;
 use super::dispatch::Lease;
+use super::shared::Commands;
 use super::{AffinityMode, ExhaustedReason, Pool, PoolError, PoolRequest, Target, TimeoutStage};
-use crate::worker::{CallRequest, ReplyMode};
+use crate::worker::{frame, CallRequest, ReplyMode};
 
 impl Pool {
     pub(super) async fn start_call(
@@ -20,52 +21,8 @@ impl Pool {
         let now = Instant::now();
         let deadline = req.deadline.unwrap_or(now + shared.config.default_timeout);
         let total = deadline.saturating_duration_since(now);
-        if req.command.is_empty() {
-            return Err(PoolError::InvalidRequest(
-                "command must not be empty".into(),
-            ));
-        }
         let commands = shared.commands();
-        if !commands.list.is_empty() {
-            match commands.by_name.get(&req.command) {
-                None => {
-                    return Err(PoolError::UnknownCommand {
-                        command: req.command,
-                        known: commands.names.clone(),
-                    })
-                }
-                Some(c) if c.streaming && mode == ReplyMode::Unary => {
-                    return Err(PoolError::InvalidRequest(format!(
-                        "command {:?} streams its result; call it with ExecuteStream",
-                        req.command
-                    )))
-                }
-                Some(_) => {}
-            }
-        }
-        // A request the frame codec would refuse is the caller's error, found here
-        // before a worker is chosen: not the worker's (a protocol error would count
-        // against it and mark its sessions lost).
-        if req.content_type.len() > usize::from(u16::MAX) {
-            return Err(PoolError::InvalidRequest(format!(
-                "the content type is {} bytes, the limit is {}",
-                req.content_type.len(),
-                u16::MAX
-            )));
-        }
-        let frame_len = crate::worker::frame::request_frame_len(
-            &req.command,
-            req.session_id.as_deref().unwrap_or(""),
-            &req.content_type,
-            req.payload.len(),
-        );
-        if frame_len > shared.config.max_frame_bytes {
-            return Err(PoolError::RequestTooLarge {
-                len: frame_len,
-                max: shared.config.max_frame_bytes,
-                limit: "pool.max_frame_bytes",
-            });
-        }
+        check_request(&req, &commands, mode, shared.config.max_frame_bytes)?;
         if now >= deadline {
             return Err(PoolError::Timeout {
                 worker: None,
@@ -184,6 +141,147 @@ impl Pool {
                     Err(e) => Err(lost(e)),
                 }
             }
+        }
+    }
+}
+
+/// Whether the pool can take `req` at all, before a worker is chosen: a named command
+/// that the workers registered (once they have told), called in a mode it supports,
+/// in a frame the codec can carry within `max_frame_bytes`.
+fn check_request(
+    req: &PoolRequest,
+    commands: &Commands,
+    mode: ReplyMode,
+    max_frame_bytes: usize,
+) -> Result<(), PoolError> {
+    if req.command.is_empty() {
+        return Err(PoolError::InvalidRequest(
+            "command must not be empty".into(),
+        ));
+    }
+    if !commands.list.is_empty() {
+        match commands.by_name.get(&req.command) {
+            None => {
+                return Err(PoolError::UnknownCommand {
+                    command: req.command.clone(),
+                    known: commands.names.clone(),
+                })
+            }
+            Some(c) if c.streaming && mode == ReplyMode::Unary => {
+                return Err(PoolError::InvalidRequest(format!(
+                    "command {:?} streams its result; call it with ExecuteStream",
+                    req.command
+                )))
+            }
+            Some(_) => {}
+        }
+    }
+    // A request the frame codec would refuse is the caller's error, found here
+    // before a worker is chosen: not the worker's (a protocol error would count
+    // against it and mark its sessions lost).
+    if req.content_type.len() > usize::from(u16::MAX) {
+        return Err(PoolError::InvalidRequest(format!(
+            "the content type is {} bytes, the limit is {}",
+            req.content_type.len(),
+            u16::MAX
+        )));
+    }
+    let frame_len = frame::request_frame_len(
+        &req.command,
+        req.session_id.as_deref().unwrap_or(""),
+        &req.content_type,
+        req.payload.len(),
+    );
+    if frame_len > max_frame_bytes {
+        return Err(PoolError::RequestTooLarge {
+            len: frame_len,
+            max: max_frame_bytes,
+            limit: "pool.max_frame_bytes",
+        });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::worker::CommandInfo;
+
+    fn command(name: &str, streaming: bool) -> CommandInfo {
+        CommandInfo {
+            name: name.into(),
+            streaming,
+            is_async: false,
+            doc: String::new(),
+        }
+    }
+
+    const BIG: usize = 1 << 20;
+
+    #[test]
+    fn an_empty_command_is_refused_even_before_the_workers_register() {
+        let req = PoolRequest::new("", "{}");
+        let err = check_request(&req, &Commands::default(), ReplyMode::Unary, BIG).unwrap_err();
+        assert!(matches!(err, PoolError::InvalidRequest(m) if m.contains("empty")));
+    }
+
+    #[test]
+    fn any_command_passes_until_the_workers_register_their_list() {
+        let req = PoolRequest::new("anything", "{}");
+        assert!(check_request(&req, &Commands::default(), ReplyMode::Unary, BIG).is_ok());
+    }
+
+    #[test]
+    fn an_unknown_command_names_the_known_ones() {
+        let cmds = Commands::new(vec![command("echo", false), command("count", true)]);
+        let err = check_request(
+            &PoolRequest::new("nope", "{}"),
+            &cmds,
+            ReplyMode::Stream,
+            BIG,
+        )
+        .unwrap_err();
+        match err {
+            PoolError::UnknownCommand { command, known } => {
+                assert_eq!(command, "nope");
+                assert_eq!(known, vec!["echo".to_string(), "count".to_string()]);
+            }
+            other => panic!("expected UnknownCommand, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_streaming_command_is_refused_as_unary_but_not_as_a_stream() {
+        let cmds = Commands::new(vec![command("echo", false), command("count", true)]);
+        let count = PoolRequest::new("count", "{}");
+        let err = check_request(&count, &cmds, ReplyMode::Unary, BIG).unwrap_err();
+        assert!(matches!(err, PoolError::InvalidRequest(m) if m.contains("ExecuteStream")));
+        assert!(check_request(&count, &cmds, ReplyMode::Stream, BIG).is_ok());
+        // A unary command may be streamed: it yields one chunk.
+        let echo = PoolRequest::new("echo", "{}");
+        assert!(check_request(&echo, &cmds, ReplyMode::Stream, BIG).is_ok());
+        assert!(check_request(&echo, &cmds, ReplyMode::Unary, BIG).is_ok());
+    }
+
+    #[test]
+    fn a_content_type_the_codec_cannot_carry_is_the_callers_error() {
+        let mut req = PoolRequest::new("echo", "{}");
+        req.content_type = "x".repeat(usize::from(u16::MAX) + 1);
+        let err =
+            check_request(&req, &Commands::default(), ReplyMode::Unary, usize::MAX).unwrap_err();
+        assert!(matches!(err, PoolError::InvalidRequest(m) if m.contains("content type")));
+    }
+
+    #[test]
+    fn the_frame_limit_counts_the_whole_request_frame() {
+        let req = PoolRequest::new("echo", vec![0u8; 100]).session("s1");
+        let len = frame::request_frame_len("echo", "s1", "application/json", 100);
+        assert!(check_request(&req, &Commands::default(), ReplyMode::Unary, len).is_ok());
+        match check_request(&req, &Commands::default(), ReplyMode::Unary, len - 1) {
+            Err(PoolError::RequestTooLarge { len: l, max, limit }) => {
+                assert_eq!((l, max, limit), (len, len - 1, "pool.max_frame_bytes"));
+            }
+            other => panic!("expected RequestTooLarge, got {other:?}"),
         }
     }
 }

@@ -28,6 +28,16 @@ pub(super) struct Commands {
     pub(super) names: Vec<String>,
 }
 
+impl Commands {
+    pub(super) fn new(list: Vec<CommandInfo>) -> Commands {
+        Commands {
+            by_name: list.iter().map(|c| (c.name.clone(), c.clone())).collect(),
+            names: list.iter().map(|c| c.name.clone()).collect(),
+            list,
+        }
+    }
+}
+
 pub(crate) struct Shared {
     pub(super) config: PoolConfig,
     pub(super) spec: WorkerSpec,
@@ -65,15 +75,7 @@ impl Shared {
         if !cmds.list.is_empty() {
             tracing::warn!(pool = %self.config.name, "a worker announced a different command list; using the newest");
         }
-        *cmds = Arc::new(Commands {
-            list: ready.commands.clone(),
-            by_name: ready
-                .commands
-                .iter()
-                .map(|c| (c.name.clone(), c.clone()))
-                .collect(),
-            names: ready.commands.iter().map(|c| c.name.clone()).collect(),
-        });
+        *cmds = Arc::new(Commands::new(ready.commands.clone()));
     }
 
     pub(super) fn commands(&self) -> Arc<Commands> {
