@@ -14,7 +14,8 @@ use std::time::Duration;
 use tokio::time::{Instant, MissedTickBehavior};
 
 use super::restart::RestartTracker;
-use super::{Shared, SlotState};
+use super::shared::Shared;
+use super::status::SlotState;
 use crate::worker::{
     self, describe_exit, rss_bytes, Connection, KillReason, Process, WorkerError, WorkerId,
 };

@@ -1,0 +1,52 @@
+//! What a caller sends to the pool and what it gets back.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::time::Instant;
+
+use crate::worker::WorkerId;
+
+/// One request to the pool.
+#[derive(Debug, Clone)]
+pub struct PoolRequest {
+    pub command: String,
+    pub payload: Bytes,
+    pub content_type: String,
+    pub session_id: Option<String>,
+    /// Absolute deadline; the pool's `default_timeout` applies when `None`.
+    pub deadline: Option<Instant>,
+    /// Prefer another worker than this one (a retry after it failed).
+    pub avoid_worker: Option<WorkerId>,
+}
+
+impl PoolRequest {
+    pub fn new(command: impl Into<String>, payload: impl Into<Bytes>) -> PoolRequest {
+        PoolRequest {
+            command: command.into(),
+            payload: payload.into(),
+            content_type: "application/json".into(),
+            session_id: None,
+            deadline: None,
+            avoid_worker: None,
+        }
+    }
+
+    pub fn session(mut self, id: impl Into<String>) -> Self {
+        self.session_id = Some(id.into());
+        self
+    }
+
+    pub fn timeout(mut self, t: Duration) -> Self {
+        self.deadline = Some(Instant::now() + t);
+        self
+    }
+}
+
+/// A unary reply.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PoolResponse {
+    pub payload: Bytes,
+    pub content_type: String,
+    pub worker: WorkerId,
+}
