@@ -150,15 +150,10 @@ impl PoolConfig {
 
 // === conversions from the config file's sections ===
 
-impl PoolConfig {
-    /// The settings of the pool `name` from `[pool]` and `[sessions]`, with relative
-    /// paths resolved against `base_dir` (the config file's directory).
-    pub fn from_sections(
-        name: &str,
-        p: &PoolSection,
-        sessions: &SessionsSection,
-        base_dir: &Path,
-    ) -> PoolConfig {
+impl WorkerCommand {
+    /// How to start the workers, from `[pool]`'s spawn keys, with relative paths
+    /// resolved against `base_dir` (the config file's directory).
+    pub fn from_section(p: &PoolSection, base_dir: &Path) -> WorkerCommand {
         let resolve = |s: &str| {
             let path = PathBuf::from(s);
             if path.is_absolute() {
@@ -196,7 +191,7 @@ impl PoolConfig {
                 (k.clone(), v)
             })
             .collect();
-        let worker = WorkerCommand {
+        WorkerCommand {
             python: p.python.clone(),
             adapter: p.adapter.clone(),
             runtime_dir,
@@ -204,7 +199,20 @@ impl PoolConfig {
             working_dir: (!p.working_dir.is_empty()).then(|| resolve(&p.working_dir)),
             env,
             inherit_env: p.inherit_env.clone(),
-        };
+        }
+    }
+}
+
+impl PoolConfig {
+    /// The settings of the pool `name` from `[pool]` and `[sessions]`, with relative
+    /// paths resolved against `base_dir` (the config file's directory).
+    pub fn from_sections(
+        name: &str,
+        p: &PoolSection,
+        sessions: &SessionsSection,
+        base_dir: &Path,
+    ) -> PoolConfig {
+        let worker = WorkerCommand::from_section(p, base_dir);
         let mut c = PoolConfig::new(name, worker);
         c.size = p.size.0 as usize;
         c.worker_concurrency = p.worker_concurrency.0.min(u32::MAX as u64) as u32;
@@ -266,4 +274,39 @@ impl Config {
 #[error("{}", problems.join("; "))]
 pub struct InvalidPoolConfig {
     pub problems: Vec<&'static str>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_pool_converts_its_sections_resolving_paths_against_the_config_s_directory() {
+        let text = "[pool]\nruntime_dir = \"rt\"\npython_path = [\"\", \"@runtime/ex\", \"lib\", \"/abs\"]\n\
+                    working_dir = \"wd\"\nenv = { A = \"x\", N = 3 }\nsize = 3\nmax_rss_mb = 2\n\
+                    [sessions]\naffinity = \"hint\"\nmax = 7\n";
+        let mut cfg = Config::from_sources("t.toml", Some(text), Vec::<(String, String)>::new())
+            .expect("a valid config");
+        cfg.base_dir = PathBuf::from("/etc/pb");
+        let c = PoolConfig::from_sections("legacy", &cfg.pool, &cfg.sessions, &cfg.base_dir);
+        assert_eq!(c.name, "legacy");
+        assert_eq!(c.worker.runtime_dir, PathBuf::from("/etc/pb/rt"));
+        let paths: Vec<PathBuf> = ["/etc/pb/rt", "/etc/pb/rt/ex", "/etc/pb/lib", "/abs"]
+            .iter()
+            .map(PathBuf::from)
+            .collect();
+        assert_eq!(c.worker.python_path, paths);
+        assert_eq!(c.worker.working_dir, Some(PathBuf::from("/etc/pb/wd")));
+        assert_eq!(
+            c.worker.env,
+            vec![("A".to_string(), "x".to_string()), ("N".into(), "3".into())]
+        );
+        assert_eq!((c.size, c.max_sessions), (3, 7));
+        assert_eq!(c.max_rss_bytes, Some(2 * 1024 * 1024));
+        assert_eq!(c.affinity, AffinityMode::Hint);
+        assert_eq!(c.restart.backoff_base, cfg.pool.restart.backoff_base.0);
+        assert!(c.validate().is_ok());
+        // The convenience on Config is the same conversion.
+        assert_eq!(format!("{c:?}"), format!("{:?}", cfg.pool_config("legacy")));
+    }
 }
