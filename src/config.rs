@@ -4,6 +4,11 @@
 //! [`Positive`]), so a bad value is reported with the file, line and key where it
 //! stands. Unknown keys are rejected. `PITBOSS_<SECTION>_<KEY>` environment variables
 //! override single keys (e.g. `PITBOSS_POOL_SIZE=4`).
+//!
+//! This module only parses and validates: it is a leaf that imports no other layer.
+//! Each layer turns its own section into its settings (`PoolConfig::from_sections` in
+//! `pool`, `RetrySettings::from_section`, `BreakerSettings::from_section`,
+//! `OutlierSettings::from_section` and `ExceptionRules::from_section` in `resilience`).
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -11,9 +16,6 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
-
-use crate::pool::restart::RestartPolicy;
-use crate::pool::{AffinityMode, PoolConfig, WorkerCommand};
 
 /// The embedded default, used when no config file is given. It starts the demo
 /// adapter from `python/examples`, so the first command in the README just works.
@@ -203,16 +205,6 @@ pub enum Affinity {
     StrictFailFast,
 }
 
-impl From<Affinity> for AffinityMode {
-    fn from(a: Affinity) -> Self {
-        match a {
-            Affinity::Hint => AffinityMode::Hint,
-            Affinity::StrictQueue => AffinityMode::StrictQueue,
-            Affinity::StrictFailFast => AffinityMode::StrictFailFast,
-        }
-    }
-}
-
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServerSection {
@@ -280,31 +272,53 @@ pub struct SessionsSection {
     pub max: Positive,
 }
 
-/// The name of an error class, checked against the classification table.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ClassName(pub crate::resilience::ErrorClass);
+/// The names of the error classes, in the order of the classification table
+/// (`resilience::class::TABLE`; a test there keeps the two equal). Config is a leaf
+/// and checks names only; `resilience` turns them into classes.
+pub const ERROR_CLASS_NAMES: [&str; 15] = [
+    "worker_crashed",
+    "worker_timeout",
+    "deadline_exceeded",
+    "pool_exhausted",
+    "circuit_open",
+    "protocol_error",
+    "python_exception",
+    "invalid_request",
+    "unknown_command",
+    "session_lost",
+    "session_not_found",
+    "cancelled",
+    "shutting_down",
+    "internal",
+    "response_too_large",
+];
+
+/// The name of an error class, checked against [`ERROR_CLASS_NAMES`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClassName(String);
+
+impl ClassName {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
 
 impl<'de> Deserialize<'de> for ClassName {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
-        crate::resilience::ErrorClass::from_name(&s)
-            .map(ClassName)
-            .ok_or_else(|| {
-                let names: Vec<&str> = crate::resilience::class::TABLE
-                    .iter()
-                    .map(|r| r.name)
-                    .collect();
-                serde::de::Error::custom(format!(
-                    "unknown error class {s:?}; expected one of {}",
-                    names.join(", ")
-                ))
-            })
+        if ERROR_CLASS_NAMES.contains(&s.as_str()) {
+            return Ok(ClassName(s));
+        }
+        Err(serde::de::Error::custom(format!(
+            "unknown error class {s:?}; expected one of {}",
+            ERROR_CLASS_NAMES.join(", ")
+        )))
     }
 }
 
 impl Serialize for ClassName {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(self.0.name())
+        s.serialize_str(&self.0)
     }
 }
 
@@ -342,6 +356,55 @@ pub struct BreakerSection {
     pub worker_cooldown: Dur,
     pub max_ejected_share: Fraction,
     pub worker_replace_after: u32,
+}
+
+impl RetrySection {
+    /// The checks `resilience::RetrySettings::validate` makes, on the values it will
+    /// receive (a test there keeps the two in step): the failing key and what is wrong.
+    pub fn check(&self) -> Result<(), (&'static str, &'static str)> {
+        if self.max_attempts.0 == 0 {
+            return Err(("max_attempts", "must be at least 1"));
+        }
+        if self.backoff_max < self.backoff_base || self.backoff_max.0.is_zero() {
+            return Err(("backoff_max", "must be positive and at least backoff_base"));
+        }
+        if !(0.0..=1.0).contains(&self.jitter.0) {
+            return Err(("jitter", "must be between 0 and 1"));
+        }
+        // Compared as the f32 the retry layer keeps.
+        if !(0.0..=10.0).contains(&(self.budget_percent as f32)) {
+            return Err(("budget_percent", "must be between 0 and 10"));
+        }
+        if self.budget_window.0 < Duration::from_secs(1)
+            || self.budget_window.0 > Duration::from_secs(60)
+        {
+            return Err(("budget_window", "must be between 1s and 60s"));
+        }
+        Ok(())
+    }
+}
+
+impl BreakerSection {
+    /// The checks `resilience::BreakerSettings::validate` makes, on the values it will
+    /// receive (a test there keeps the two in step): the failing key and what is wrong.
+    pub fn check(&self) -> Result<(), (&'static str, &'static str)> {
+        if self.consecutive_failures.0 == 0 {
+            return Err(("consecutive_failures", "must be at least 1"));
+        }
+        if !(0.0..=1.0).contains(&self.min_success_rate.0) {
+            return Err(("min_success_rate", "must be between 0 and 1"));
+        }
+        if self.window.0 < Duration::from_secs(1) {
+            return Err(("window", "must be at least 1s"));
+        }
+        if self.open_for.0.is_zero() {
+            return Err(("open_for", "must be positive"));
+        }
+        if self.half_open_probes.0 == 0 {
+            return Err(("half_open_probes", "must be at least 1"));
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -556,11 +619,17 @@ impl Config {
         if p.request_timeout.0.is_zero() {
             return Err(fail("pool.request_timeout", "must be positive".into()));
         }
-        if let Err(e) = self.retry_settings().validate() {
-            return Err(fail(&format!("retry.{}", e.field), e.to_string()));
+        if let Err((field, message)) = self.retry.check() {
+            return Err(fail(
+                &format!("retry.{field}"),
+                format!("{field} {message}"),
+            ));
         }
-        if let Err(e) = self.breaker_settings().validate() {
-            return Err(fail(&format!("circuit_breaker.{}", e.field), e.to_string()));
+        if let Err((field, message)) = self.circuit_breaker.check() {
+            return Err(fail(
+                &format!("circuit_breaker.{field}"),
+                format!("{field} {message}"),
+            ));
         }
         if p.adapter.trim().is_empty() {
             return Err(fail("pool.adapter", "must name MODULE:OBJECT".into()));
@@ -720,134 +789,6 @@ impl Config {
     /// The flags file's path, resolved against this file's directory.
     pub fn flags_path(&self) -> Option<PathBuf> {
         (!self.rollout.flags_file.is_empty()).then(|| self.base_dir.join(&self.rollout.flags_file))
-    }
-
-    /// The pool settings, with paths resolved against the config file's directory.
-    pub fn pool_config(&self, name: &str) -> PoolConfig {
-        let p = &self.pool;
-        let resolve = |s: &str| {
-            let path = PathBuf::from(s);
-            if path.is_absolute() {
-                path
-            } else {
-                self.base_dir.join(path)
-            }
-        };
-        let runtime_dir = if p.runtime_dir.is_empty() {
-            crate::runtime_files::runtime_dir()
-        } else {
-            resolve(&p.runtime_dir)
-        };
-        let python_path = p
-            .python_path
-            .iter()
-            .map(|s| {
-                if s.is_empty() {
-                    runtime_dir.clone()
-                } else if let Some(rest) = s.strip_prefix("@runtime/") {
-                    runtime_dir.join(rest)
-                } else {
-                    resolve(s)
-                }
-            })
-            .collect();
-        let env = p
-            .env
-            .iter()
-            .map(|(k, v)| {
-                let v = match v {
-                    toml::Value::String(s) => s.clone(),
-                    other => other.to_string(),
-                };
-                (k.clone(), v)
-            })
-            .collect();
-        let worker = WorkerCommand {
-            python: p.python.clone(),
-            adapter: p.adapter.clone(),
-            runtime_dir,
-            python_path,
-            working_dir: (!p.working_dir.is_empty()).then(|| resolve(&p.working_dir)),
-            env,
-            inherit_env: p.inherit_env.clone(),
-        };
-        let mut c = PoolConfig::new(name, worker);
-        c.size = p.size.0 as usize;
-        c.worker_concurrency = p.worker_concurrency.0.min(u32::MAX as u64) as u32;
-        c.max_frame_bytes = p.max_frame_bytes.0 as usize;
-        c.startup_timeout = p.startup_timeout.0;
-        c.default_timeout = p.request_timeout.0;
-        c.cancel_grace = p.cancel_grace.0;
-        c.queue_size = p.queue_size as usize;
-        c.queue_timeout = p.queue_timeout.0;
-        c.heartbeat_interval = p.heartbeat_interval.0;
-        c.heartbeat_timeout = p.heartbeat_timeout.0;
-        c.max_requests = p.max_requests;
-        c.max_requests_jitter = p.max_requests_jitter;
-        c.max_lifetime = p.max_lifetime.nonzero();
-        c.max_rss_bytes = (p.max_rss_mb > 0).then_some(p.max_rss_mb.saturating_mul(1024 * 1024));
-        c.drain_timeout = p.drain_timeout.0;
-        c.term_grace = p.term_grace.0;
-        c.restart = RestartPolicy {
-            backoff_base: p.restart.backoff_base.0,
-            backoff_max: p.restart.backoff_max.0,
-            jitter: p.restart.jitter.0,
-            max_restarts: p.restart.max_restarts.0.min(u32::MAX as u64) as u32,
-            window: p.restart.window.0,
-            degraded_interval: p.restart.degraded_interval.0,
-        };
-        c.affinity = self.sessions.affinity.into();
-        c.session_ttl = self.sessions.ttl.0;
-        c.max_sessions = self.sessions.max.0 as usize;
-        c
-    }
-
-    pub fn retry_settings(&self) -> crate::resilience::RetrySettings {
-        let r = &self.retry;
-        crate::resilience::RetrySettings {
-            max_attempts: r.max_attempts.0.min(u32::MAX as u64) as u32,
-            backoff_base: r.backoff_base.0,
-            backoff_max: r.backoff_max.0,
-            jitter: r.jitter.0,
-            budget_percent: r.budget_percent as f32,
-            budget_min_per_sec: r.budget_min_per_sec,
-            budget_window: r.budget_window.0,
-            per_try_timeout: r.per_try_timeout.nonzero(),
-        }
-    }
-
-    pub fn breaker_settings(&self) -> crate::resilience::BreakerSettings {
-        let b = &self.circuit_breaker;
-        crate::resilience::BreakerSettings {
-            enabled: b.enabled,
-            consecutive_failures: b.consecutive_failures.0.min(u32::MAX as u64) as u32,
-            min_success_rate: b.min_success_rate.0,
-            min_requests: b.min_requests,
-            window: b.window.0,
-            open_for: b.open_for.0,
-            half_open_probes: b.half_open_probes.0.min(u32::MAX as u64) as u32,
-        }
-    }
-
-    pub fn outlier_settings(&self) -> crate::resilience::OutlierSettings {
-        let b = &self.circuit_breaker;
-        crate::resilience::OutlierSettings {
-            consecutive_failures: b.worker_consecutive_failures,
-            cooldown: b.worker_cooldown.0,
-            max_ejected_share: b.max_ejected_share.0,
-            replace_after: b.worker_replace_after,
-        }
-    }
-
-    /// The Python exception rules: the operator's, then the defaults.
-    pub fn exception_rules(&self) -> crate::resilience::ExceptionRules {
-        crate::resilience::ExceptionRules::with(
-            self.errors
-                .rules
-                .iter()
-                .map(|(k, v)| (k.clone(), v.0))
-                .collect(),
-        )
     }
 
     /// The effective configuration as TOML.

@@ -535,7 +535,12 @@ async fn bench(config: Option<PathBuf>, what: BenchCommand) -> Result<(), String
                 floor_ms.push(took.as_secs_f64() * 1000.0);
                 drop(floor);
                 tokio::time::sleep(std::time::Duration::from_millis(300)).await;
-                let mut pc = cfg.pool_config("bench");
+                let mut pc = pitboss::pool::PoolConfig::from_sections(
+                    "bench",
+                    &cfg.pool,
+                    &cfg.sessions,
+                    &cfg.base_dir,
+                );
                 pc.size = workers;
                 let t = tokio::time::Instant::now();
                 let pool = pitboss::pool::Pool::launch(

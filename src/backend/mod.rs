@@ -17,11 +17,11 @@ use tokio::time::Instant;
 use tower::{Service, ServiceExt};
 
 use crate::config::{BackendConfig, BackendKind};
-use crate::pool::{ExhaustedReason, Pool, PoolError, PoolObserver, PoolStream};
+use crate::pool::{ExhaustedReason, Pool, PoolConfig, PoolError, PoolObserver, PoolStream};
 use crate::proto as pb;
 use crate::resilience::{
-    classify, Attempt, Breaker, BreakerLayer, ExceptionRules, Failed, OutlierDetector, PoolService,
-    RetryPolicy, Served,
+    classify, Attempt, Breaker, BreakerLayer, BreakerSettings, ExceptionRules, Failed,
+    OutlierDetector, OutlierSettings, PoolService, RetryPolicy, RetrySettings, Served,
 };
 pub use upstream::{BadAddress, Upstream, UpstreamService};
 
@@ -194,33 +194,38 @@ impl Backend {
             Role::Legacy
         };
         let c = &cfg.effective;
-        let retry_settings = c.retry_settings();
-        let rules = Arc::new(c.exception_rules());
+        let retry_settings = RetrySettings::from_section(&c.retry);
+        let rules = Arc::new(ExceptionRules::from_section(&c.errors));
         let policy = RetryPolicy::new(&retry_settings)
             .map_err(|source| StartError::Retry {
                 role: cfg.role,
                 source,
             })?
             .with_observer(retries);
-        let breaker =
-            Breaker::new(cfg.role, c.breaker_settings()).map_err(|source| StartError::Breaker {
+        let breaker = Breaker::new(cfg.role, BreakerSettings::from_section(&c.circuit_breaker))
+            .map_err(|source| StartError::Breaker {
                 role: cfg.role,
                 source,
             })?;
         let max_message = c.server.max_message_bytes.0 as usize;
         let (target, service, describe) = match cfg.kind {
             BackendKind::Pool => {
-                let pool = Pool::launch(c.pool_config(cfg.role), observer)
-                    .await
-                    .map_err(|source| StartError::Pool {
-                        role: cfg.role,
-                        source,
-                    })?;
+                let pool = Pool::launch(
+                    PoolConfig::from_sections(cfg.role, &c.pool, &c.sessions, &c.base_dir),
+                    observer,
+                )
+                .await
+                .map_err(|source| StartError::Pool {
+                    role: cfg.role,
+                    source,
+                })?;
                 let service = AttemptService::Pool(PoolService::new(
                     pool.clone(),
                     rules.clone(),
                     retry_settings.per_try_timeout,
-                    Arc::new(OutlierDetector::new(c.outlier_settings())),
+                    Arc::new(OutlierDetector::new(OutlierSettings::from_section(
+                        &c.circuit_breaker,
+                    ))),
                 ));
                 (Target::Pool(pool), service, c.pool.adapter.clone())
             }

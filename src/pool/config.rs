@@ -1,11 +1,13 @@
-//! Validated settings of one worker pool. The config file (or code) builds this; the
-//! pool never sees an unchecked value.
+//! Validated settings of one worker pool. The config file's `[pool]` and `[sessions]`
+//! sections (converted here, by the pool: [`PoolConfig::from_sections`]) or code build
+//! this; the pool never sees an unchecked value.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use super::restart::RestartPolicy;
 use super::sessions::AffinityMode;
+use crate::config::{Affinity, Config, PoolSection, RestartSection, SessionsSection};
 use crate::worker::frame::DEFAULT_MAX_FRAME_BYTES;
 
 /// How to start the pool's workers.
@@ -146,10 +148,165 @@ impl PoolConfig {
     }
 }
 
+// === conversions from the config file's sections ===
+
+impl WorkerCommand {
+    /// How to start the workers, from `[pool]`'s spawn keys, with relative paths
+    /// resolved against `base_dir` (the config file's directory).
+    pub fn from_section(p: &PoolSection, base_dir: &Path) -> WorkerCommand {
+        let resolve = |s: &str| {
+            let path = PathBuf::from(s);
+            if path.is_absolute() {
+                path
+            } else {
+                base_dir.join(path)
+            }
+        };
+        let runtime_dir = if p.runtime_dir.is_empty() {
+            crate::runtime_files::runtime_dir()
+        } else {
+            resolve(&p.runtime_dir)
+        };
+        let python_path = p
+            .python_path
+            .iter()
+            .map(|s| {
+                if s.is_empty() {
+                    runtime_dir.clone()
+                } else if let Some(rest) = s.strip_prefix("@runtime/") {
+                    runtime_dir.join(rest)
+                } else {
+                    resolve(s)
+                }
+            })
+            .collect();
+        let env = p
+            .env
+            .iter()
+            .map(|(k, v)| {
+                let v = match v {
+                    toml::Value::String(s) => s.clone(),
+                    other => other.to_string(),
+                };
+                (k.clone(), v)
+            })
+            .collect();
+        WorkerCommand {
+            python: p.python.clone(),
+            adapter: p.adapter.clone(),
+            runtime_dir,
+            python_path,
+            working_dir: (!p.working_dir.is_empty()).then(|| resolve(&p.working_dir)),
+            env,
+            inherit_env: p.inherit_env.clone(),
+        }
+    }
+}
+
+impl PoolConfig {
+    /// The settings of the pool `name` from `[pool]` and `[sessions]`, with relative
+    /// paths resolved against `base_dir` (the config file's directory).
+    pub fn from_sections(
+        name: &str,
+        p: &PoolSection,
+        sessions: &SessionsSection,
+        base_dir: &Path,
+    ) -> PoolConfig {
+        let worker = WorkerCommand::from_section(p, base_dir);
+        let mut c = PoolConfig::new(name, worker);
+        c.size = p.size.0 as usize;
+        c.worker_concurrency = p.worker_concurrency.0.min(u32::MAX as u64) as u32;
+        c.max_frame_bytes = p.max_frame_bytes.0 as usize;
+        c.startup_timeout = p.startup_timeout.0;
+        c.default_timeout = p.request_timeout.0;
+        c.cancel_grace = p.cancel_grace.0;
+        c.queue_size = p.queue_size as usize;
+        c.queue_timeout = p.queue_timeout.0;
+        c.heartbeat_interval = p.heartbeat_interval.0;
+        c.heartbeat_timeout = p.heartbeat_timeout.0;
+        c.max_requests = p.max_requests;
+        c.max_requests_jitter = p.max_requests_jitter;
+        c.max_lifetime = p.max_lifetime.nonzero();
+        c.max_rss_bytes = (p.max_rss_mb > 0).then_some(p.max_rss_mb.saturating_mul(1024 * 1024));
+        c.drain_timeout = p.drain_timeout.0;
+        c.term_grace = p.term_grace.0;
+        c.restart = RestartPolicy::from(&p.restart);
+        c.affinity = sessions.affinity.into();
+        c.session_ttl = sessions.ttl.0;
+        c.max_sessions = sessions.max.0 as usize;
+        c
+    }
+}
+
+impl From<&RestartSection> for RestartPolicy {
+    fn from(r: &RestartSection) -> Self {
+        RestartPolicy {
+            backoff_base: r.backoff_base.0,
+            backoff_max: r.backoff_max.0,
+            jitter: r.jitter.0,
+            max_restarts: r.max_restarts.0.min(u32::MAX as u64) as u32,
+            window: r.window.0,
+            degraded_interval: r.degraded_interval.0,
+        }
+    }
+}
+
+impl From<Affinity> for AffinityMode {
+    fn from(a: Affinity) -> Self {
+        match a {
+            Affinity::Hint => AffinityMode::Hint,
+            Affinity::StrictQueue => AffinityMode::StrictQueue,
+            Affinity::StrictFailFast => AffinityMode::StrictFailFast,
+        }
+    }
+}
+
+impl Config {
+    /// [`PoolConfig::from_sections`] of this file's `[pool]` and `[sessions]`.
+    pub fn pool_config(&self, name: &str) -> PoolConfig {
+        PoolConfig::from_sections(name, &self.pool, &self.sessions, &self.base_dir)
+    }
+}
+
 /// The relations between a pool's settings that do not hold, each as a sentence
 /// naming the setting (`size must be at least 1`), joined by `; `.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{}", problems.join("; "))]
 pub struct InvalidPoolConfig {
     pub problems: Vec<&'static str>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_pool_converts_its_sections_resolving_paths_against_the_config_s_directory() {
+        let text = "[pool]\nruntime_dir = \"rt\"\npython_path = [\"\", \"@runtime/ex\", \"lib\", \"/abs\"]\n\
+                    working_dir = \"wd\"\nenv = { A = \"x\", N = 3 }\nsize = 3\nmax_rss_mb = 2\n\
+                    [sessions]\naffinity = \"hint\"\nmax = 7\n";
+        let mut cfg = Config::from_sources("t.toml", Some(text), Vec::<(String, String)>::new())
+            .expect("a valid config");
+        cfg.base_dir = PathBuf::from("/etc/pb");
+        let c = PoolConfig::from_sections("legacy", &cfg.pool, &cfg.sessions, &cfg.base_dir);
+        assert_eq!(c.name, "legacy");
+        assert_eq!(c.worker.runtime_dir, PathBuf::from("/etc/pb/rt"));
+        let paths: Vec<PathBuf> = ["/etc/pb/rt", "/etc/pb/rt/ex", "/etc/pb/lib", "/abs"]
+            .iter()
+            .map(PathBuf::from)
+            .collect();
+        assert_eq!(c.worker.python_path, paths);
+        assert_eq!(c.worker.working_dir, Some(PathBuf::from("/etc/pb/wd")));
+        assert_eq!(
+            c.worker.env,
+            vec![("A".to_string(), "x".to_string()), ("N".into(), "3".into())]
+        );
+        assert_eq!((c.size, c.max_sessions), (3, 7));
+        assert_eq!(c.max_rss_bytes, Some(2 * 1024 * 1024));
+        assert_eq!(c.affinity, AffinityMode::Hint);
+        assert_eq!(c.restart.backoff_base, cfg.pool.restart.backoff_base.0);
+        assert!(c.validate().is_ok());
+        // The convenience on Config is the same conversion.
+        assert_eq!(format!("{c:?}"), format!("{:?}", cfg.pool_config("legacy")));
+    }
 }

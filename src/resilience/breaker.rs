@@ -29,6 +29,7 @@ use tower::{Layer, Service};
 use super::class::ErrorClass;
 use super::retry::{Attempt, Failed, Served};
 use super::InvalidSetting;
+use crate::config::{BreakerSection, Config};
 use crate::pool::PoolError;
 
 /// Validated breaker settings.
@@ -83,6 +84,31 @@ impl BreakerSettings {
             return Err(bad("half_open_probes", "must be at least 1"));
         }
         Ok(())
+    }
+}
+
+// === conversion from the config file's `[circuit_breaker]` section ===
+
+impl BreakerSettings {
+    /// The per-backend breaker's part of `[circuit_breaker]` (the `worker_*` keys are
+    /// [`super::OutlierSettings::from_section`]'s).
+    pub fn from_section(b: &BreakerSection) -> BreakerSettings {
+        BreakerSettings {
+            enabled: b.enabled,
+            consecutive_failures: b.consecutive_failures.0.min(u32::MAX as u64) as u32,
+            min_success_rate: b.min_success_rate.0,
+            min_requests: b.min_requests,
+            window: b.window.0,
+            open_for: b.open_for.0,
+            half_open_probes: b.half_open_probes.0.min(u32::MAX as u64) as u32,
+        }
+    }
+}
+
+impl Config {
+    /// [`BreakerSettings::from_section`] of this file's `[circuit_breaker]`.
+    pub fn breaker_settings(&self) -> BreakerSettings {
+        BreakerSettings::from_section(&self.circuit_breaker)
     }
 }
 
@@ -375,6 +401,39 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::{Dur, Fraction};
+
+    /// The config checks `[circuit_breaker]` itself (it may not depend on this layer);
+    /// it must accept and refuse exactly what `validate` does, with the same words.
+    #[test]
+    fn the_config_checks_breaker_sections_as_validate_does() {
+        let base = Config::load_default()
+            .expect("the default config")
+            .circuit_breaker;
+        let secs = |s: f64| Dur(Duration::from_secs_f64(s));
+        let mut cases = vec![base.clone()];
+        for v in [0.0, 0.5, 0.999, 1.0, 5.0] {
+            cases.push(BreakerSection {
+                window: secs(v),
+                ..base.clone()
+            });
+            cases.push(BreakerSection {
+                open_for: secs(v),
+                ..base.clone()
+            });
+        }
+        for v in [-0.1, 0.0, 1.0, 1.1] {
+            cases.push(BreakerSection {
+                min_success_rate: Fraction(v),
+                ..base.clone()
+            });
+        }
+        for s in cases {
+            let settings = BreakerSettings::from_section(&s).validate();
+            let expected = settings.err().map(|e| (e.field, e.message));
+            assert_eq!(s.check().err(), expected, "{s:?}");
+        }
+    }
 
     fn settings() -> BreakerSettings {
         BreakerSettings {

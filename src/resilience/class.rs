@@ -6,6 +6,7 @@ use std::fmt;
 
 use tonic::Code;
 
+use crate::config::{Config, ErrorsSection};
 use crate::pool::PoolError;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -350,6 +351,19 @@ impl ExceptionRules {
         ExceptionRules { rules }
     }
 
+    /// The operator's `[errors.rules]`, then the defaults. The config checked each
+    /// class name against `config::ERROR_CLASS_NAMES`, which a test keeps equal to
+    /// [`TABLE`]'s names, so every rule finds its class.
+    pub fn from_section(errors: &ErrorsSection) -> ExceptionRules {
+        ExceptionRules::with(
+            errors
+                .rules
+                .iter()
+                .filter_map(|(k, v)| ErrorClass::from_name(v.as_str()).map(|c| (k.clone(), c)))
+                .collect(),
+        )
+    }
+
     pub fn classify(&self, exception_type: &str) -> ErrorClass {
         let short = exception_type.rsplit('.').next().unwrap_or(exception_type);
         self.rules
@@ -357,6 +371,13 @@ impl ExceptionRules {
             .find(|(name, _)| name == exception_type || name == short)
             .map(|(_, class)| *class)
             .unwrap_or(C::PythonException)
+    }
+}
+
+impl Config {
+    /// [`ExceptionRules::from_section`] of this file's `[errors]`.
+    pub fn exception_rules(&self) -> ExceptionRules {
+        ExceptionRules::from_section(&self.errors)
     }
 }
 
@@ -415,6 +436,12 @@ pub fn markdown_table() -> String {
 mod tests {
     use super::*;
     use crate::worker::WorkerId;
+
+    #[test]
+    fn the_config_knows_exactly_the_table_s_class_names() {
+        let names: Vec<&str> = TABLE.iter().map(|r| r.name).collect();
+        assert_eq!(names, crate::config::ERROR_CLASS_NAMES);
+    }
 
     #[test]
     fn the_table_is_indexed_by_class_and_names_are_unique() {

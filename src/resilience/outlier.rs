@@ -11,6 +11,7 @@ use std::time::Duration;
 use dashmap::DashMap;
 
 use super::class::ErrorClass;
+use crate::config::{BreakerSection, Config};
 use crate::pool::Pool;
 use crate::worker::WorkerId;
 
@@ -33,6 +34,27 @@ impl Default for OutlierSettings {
             max_ejected_share: 0.5,
             replace_after: 3,
         }
+    }
+}
+
+// === conversion from the config file's `[circuit_breaker]` section ===
+
+impl OutlierSettings {
+    /// The `worker_*` keys of `[circuit_breaker]`.
+    pub fn from_section(b: &BreakerSection) -> OutlierSettings {
+        OutlierSettings {
+            consecutive_failures: b.worker_consecutive_failures,
+            cooldown: b.worker_cooldown.0,
+            max_ejected_share: b.max_ejected_share.0,
+            replace_after: b.worker_replace_after,
+        }
+    }
+}
+
+impl Config {
+    /// [`OutlierSettings::from_section`] of this file's `[circuit_breaker]`.
+    pub fn outlier_settings(&self) -> OutlierSettings {
+        OutlierSettings::from_section(&self.circuit_breaker)
     }
 }
 

@@ -25,6 +25,7 @@ use tower::Service;
 
 use super::class::{classify, ErrorClass, ExceptionRules};
 use super::InvalidSetting;
+use crate::config::{Config, RetrySection};
 use crate::pool::{ExhaustedReason, Pool, PoolError, PoolRequest, PoolResponse};
 
 /// Validated retry settings.
@@ -86,6 +87,30 @@ impl RetrySettings {
             return Err(bad("budget_window", "must be between 1s and 60s"));
         }
         Ok(())
+    }
+}
+
+// === conversion from the config file's `[retry]` section ===
+
+impl RetrySettings {
+    pub fn from_section(r: &RetrySection) -> RetrySettings {
+        RetrySettings {
+            max_attempts: r.max_attempts.0.min(u32::MAX as u64) as u32,
+            backoff_base: r.backoff_base.0,
+            backoff_max: r.backoff_max.0,
+            jitter: r.jitter.0,
+            budget_percent: r.budget_percent as f32,
+            budget_min_per_sec: r.budget_min_per_sec,
+            budget_window: r.budget_window.0,
+            per_try_timeout: r.per_try_timeout.nonzero(),
+        }
+    }
+}
+
+impl Config {
+    /// [`RetrySettings::from_section`] of this file's `[retry]`.
+    pub fn retry_settings(&self) -> RetrySettings {
+        RetrySettings::from_section(&self.retry)
     }
 }
 
@@ -378,7 +403,44 @@ impl Service<Attempt> for PoolService {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::Dur;
     use crate::worker::WorkerId;
+
+    /// The config checks `[retry]` itself (it may not depend on this layer); it must
+    /// accept and refuse exactly what `validate` does, with the same words.
+    #[test]
+    fn the_config_checks_retry_sections_as_validate_does() {
+        let base = Config::load_default().expect("the default config").retry;
+        let secs = |s: f64| Dur(Duration::from_secs_f64(s));
+        let mut cases = vec![base.clone()];
+        for v in [0.0, 0.05, 0.1, 30.0] {
+            cases.push(RetrySection {
+                backoff_base: secs(v),
+                ..base.clone()
+            });
+            cases.push(RetrySection {
+                backoff_max: secs(v),
+                ..base.clone()
+            });
+        }
+        for v in [-1.0, 0.0, 9.99, 10.0, 10.000_000_1, 10.5, f64::NAN] {
+            cases.push(RetrySection {
+                budget_percent: v,
+                ..base.clone()
+            });
+        }
+        for v in [0.0, 0.999, 1.0, 60.0, 60.001, 90.0] {
+            cases.push(RetrySection {
+                budget_window: secs(v),
+                ..base.clone()
+            });
+        }
+        for s in cases {
+            let settings = RetrySettings::from_section(&s).validate();
+            let expected = settings.err().map(|e| (e.field, e.message));
+            assert_eq!(s.check().err(), expected, "{s:?}");
+        }
+    }
 
     fn crashed(sent: bool) -> PoolError {
         PoolError::WorkerCrashed {
