@@ -5,26 +5,51 @@
 //!
 //! # Layout
 //!
-//! A call travels down these layers; each knows only the ones below it.
+//! The modules are layers; each imports only the layers below it, and
+//! `tests/architecture.rs` fails on any `crate::` edge that points up (one known
+//! exception is left: the pool's error type still carries the error class).
 //!
-//! - [`pool`]: a supervised pool of Python workers (supervision, selection, queueing,
-//!   session affinity, recycling, graceful shutdown).
-//! - [`server`]: runs the listeners and the pool; shuts them down in order.
-//! - [`grpc`]: the edge: `pitboss.v1.Bridge` and `Admin`, and the one mapping from
-//!   errors to gRPC statuses.
-//! - [`rollout`]: the split between the legacy and the new backend: flags, sticky
-//!   bucketing, shadow comparison, rolling statistics and auto-rollback.
-//! - [`backend`]: what serves a role (`legacy` or `new`): a pool or a grpc upstream,
-//!   each behind its own resilience stack.
-//! - [`resilience`]: the single error classification (and, next, retry and breakers).
+//! ```text
+//! server ─▶ grpc ─▶ telemetry ─▶ rollout ─▶ backend ─▶ resilience ─▶ pool ─▶ worker
+//!                        (config, proto, runtime_files: leaves every layer may use)
+//! ```
+//!
+//! - [`server`]: runs the listeners and the backends, and shuts them down in order
+//!   (one token tree).
+//! - [`grpc`]: the edge: `pitboss.v1.Bridge` and `Admin`, the deadline taken from the
+//!   arrival, the record that counts every call once, and the one mapping from errors
+//!   to gRPC statuses ([`grpc::status`]).
 //! - [`telemetry`]: Prometheus metrics, readiness, and the HTTP listener for them. It
 //!   sits below the edge and reads it only through [`telemetry::Observed`], which the
 //!   edge implements.
-//! - [`config`]: the config file, parsed into validated types.
-//! - [`proto`]: the generated `pitboss.v1` types, shared by the edge and the `grpc`
-//!   backend.
+//! - [`rollout`]: the split between the legacy and the new backend: flags (hot
+//!   reloaded, applied only when complete), sticky bucketing, shadow comparison,
+//!   rolling statistics and auto-rollback.
+//! - [`backend`]: what serves a role (`legacy` or `new`): a pool or a grpc upstream,
+//!   each behind its own resilience stack; it reports through the observers the
+//!   server hands it.
+//! - [`resilience`]: the single error classification (one table: retry, breaker,
+//!   rollback, fallback), retry with backoff and a budget, breakers, outlier
+//!   ejection.
+//! - [`pool`]: a supervised pool of Python workers (supervision, admission and
+//!   queueing, session affinity, recycling, graceful shutdown).
 //! - [`worker`]: one Python process: spawning, the length-prefixed frame protocol
 //!   (`docs/PROTOCOL.md`), and the connection that routes replies by request id.
+//! - [`config`]: the config file and `PITBOSS_*` overrides, parsed and validated into
+//!   sections; each layer converts its own section into its settings.
+//! - [`proto`]: the generated `pitboss.v1` types, shared by the edge and the `grpc`
+//!   backend.
+//!
+//! # A unary call's path
+//!
+//! The outermost layer stamps the arrival ([`grpc::deadline`]); `Bridge::execute`
+//! opens a call record, asks [`rollout`] for the route (a session's pinned backend,
+//! else the sticky split), and runs the call on that [`backend`]'s stack: load
+//! shedding, a concurrency limit, retry (backoff, budget, per-try deadline), the
+//! breaker, then the [`pool`] (admission, queueing, affinity) and a [`worker`]
+//! connection. A failure of `new` that the table allows is served again by legacy.
+//! The result is recorded once (metrics, rollout statistics) and mapped to a status
+//! by [`grpc::status`] with the class it was given where it was first understood.
 //!
 //! The benchmark harness behind `pitboss bench` (load generator, baselines) is part of
 //! the binary, not of this library: `src/cli/bench.rs`.

@@ -3,7 +3,7 @@
 //!
 //! Shutdown: health goes NOT_SERVING and new calls get UNAVAILABLE at once; in-flight
 //! calls get `shutdown_grace` to finish; then the workers are stopped (SHUTDOWN frame,
-//! SIGTERM, SIGKILL). The stages are one token tree ([`Shutdown`]), so stopping a
+//! SIGTERM, SIGKILL). The stages are one token tree (`Shutdown`), so stopping a
 //! stage stops every earlier one too.
 
 use std::net::SocketAddr;

@@ -238,7 +238,7 @@ impl Breaker {
         }
     }
 
-    /// Whether it refuses calls right now ([`refuses`]): open, and its open period not
+    /// Whether it refuses calls right now (`refuses`): open, and its open period not
     /// yet over; or half-open with every probe slot taken. Once the open period is over
     /// it is ready to probe, even though failsafe only moves to half-open on the next
     /// call; readiness must say so, or a load balancer that stops sending traffic to an

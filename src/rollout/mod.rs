@@ -1,6 +1,6 @@
 //! Progressive rollout between the `legacy` and the `new` backend.
 //!
-//! - [`bucket`]: the sticky, monotone split (pure).
+//! - [`bucket`](mod@bucket): the sticky, monotone split (pure).
 //! - [`flags`]: the flags file as validated types, and the pure routing decision.
 //! - [`reload`]: hot reload of the flags file (directory watch, atomic swap).
 //!
