@@ -1036,7 +1036,9 @@ mod tests {
         let c = Config::from_sources("<embedded default>", None, Vec::<(String, String)>::new())
             .unwrap();
         assert_eq!(c.pool.adapter, "demo:adapter");
-        assert!(c.pool_config("legacy").validate().is_ok());
+        let pool =
+            crate::pool::PoolConfig::from_sections("legacy", &c.pool, &c.sessions, &c.base_dir);
+        assert!(pool.validate().is_ok());
     }
 
     #[test]
@@ -1313,7 +1315,7 @@ mod tests {
     #[test]
     fn exception_rules_name_known_classes() {
         let c = load("[errors.rules]\n\"mylib.Busy\" = \"pool_exhausted\"\n").unwrap();
-        let rules = c.exception_rules();
+        let rules = crate::resilience::ExceptionRules::from_section(&c.errors);
         assert_eq!(
             rules.classify("mylib.Busy"),
             crate::resilience::ErrorClass::PoolExhausted

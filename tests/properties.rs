@@ -17,7 +17,9 @@ use proptest::sample::Index;
 use tokio_util::codec::{Decoder, Encoder};
 
 use pitboss::config::{Config, ConfigError, Dur, DEFAULT_CONFIG};
+use pitboss::pool::PoolConfig;
 use pitboss::resilience::class::TABLE as ERROR_CLASSES;
+use pitboss::resilience::{BreakerSettings, ExceptionRules, OutlierSettings, RetrySettings};
 use pitboss::rollout::flags::DEFAULT_FLAGS;
 use pitboss::rollout::{bucket, in_new, Flags, Percent, BUCKETS};
 use pitboss::worker::frame::{
@@ -907,11 +909,12 @@ fn use_config(cfg: &Config) {
         let backend = cfg
             .backend(role)
             .expect("checked when the config was loaded");
-        let _ = backend.effective.pool_config(role);
-        let _ = backend.effective.retry_settings();
-        let _ = backend.effective.breaker_settings();
-        let _ = backend.effective.outlier_settings();
-        let _ = backend.effective.exception_rules();
+        let c = &backend.effective;
+        let _ = PoolConfig::from_sections(role, &c.pool, &c.sessions, &c.base_dir);
+        let _ = RetrySettings::from_section(&c.retry);
+        let _ = BreakerSettings::from_section(&c.circuit_breaker);
+        let _ = OutlierSettings::from_section(&c.circuit_breaker);
+        let _ = ExceptionRules::from_section(&c.errors);
     }
 }
 
@@ -1175,10 +1178,10 @@ fn bug_backend_overrides_truncate_sub_millisecond_durations() {
     .unwrap();
 }
 
-/// `max_rss_mb` is any u64 the TOML integer allows, and `pool_config` multiplies it
-/// by 1024 * 1024 unchecked: 2^44 overflows, which panics in a debug build and
-/// wraps to `Some(0)` in a release build (every worker then exceeds its memory limit
-/// and is recycled over and over). Minimal input found by
+/// `max_rss_mb` is any u64 the TOML integer allows, and `PoolConfig::from_sections`
+/// multiplies it by 1024 * 1024 unchecked: 2^44 overflows, which panics in a debug
+/// build and wraps to `Some(0)` in a release build (every worker then exceeds its
+/// memory limit and is recycled over and over). Minimal input found by
 /// `config_parser_handles_toml_like_documents` (with `PROPTEST_CASES=20000`, before
 /// `use_config` stepped around it).
 #[test]
@@ -1191,7 +1194,8 @@ fn bug_huge_max_rss_mb_overflows_in_pool_config() {
         let Ok(cfg) = load(text) else { continue };
         // ... or the pool gets a limit that is not 0 bytes.
         for role in ["legacy", "new"] {
-            let pool = cfg.backend(role).unwrap().effective.pool_config(role);
+            let c = &cfg.backend(role).unwrap().effective;
+            let pool = PoolConfig::from_sections(role, &c.pool, &c.sessions, &c.base_dir);
             assert_ne!(pool.max_rss_bytes, Some(0), "{text}");
         }
     }

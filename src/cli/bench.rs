@@ -29,6 +29,7 @@ use tonic::transport::Channel;
 
 use pitboss::grpc::pb;
 use pitboss::grpc::pb::bridge_client::BridgeClient;
+use pitboss::pool::PoolConfig;
 use pitboss::worker::frame::{Frame, FrameCodec, RequestFrame};
 use pitboss::worker::WorkerSpec;
 
@@ -410,22 +411,11 @@ impl FloorWorker {
 /// A worker spec for the floor from a pitboss config: same interpreter (resolved),
 /// adapter, paths and environment as the legacy pool.
 pub async fn floor_spec(config: &pitboss::config::Config) -> Result<WorkerSpec, String> {
-    let pc = config.pool_config("floor");
-    let w = &pc.worker;
-    let python = pitboss::worker::resolve_python(&w.python, w.working_dir.as_deref())
+    let pc = PoolConfig::from_sections("floor", &config.pool, &config.sessions, &config.base_dir);
+    pc.worker
+        .resolve(pc.max_frame_bytes, pc.worker_concurrency)
         .await
-        .map_err(|e| e.to_string())?;
-    Ok(WorkerSpec {
-        python,
-        adapter: w.adapter.clone(),
-        runtime_dir: w.runtime_dir.clone(),
-        python_path: w.python_path.clone(),
-        working_dir: w.working_dir.clone(),
-        env: w.env.clone(),
-        inherit_env: w.inherit_env.clone(),
-        max_frame_bytes: pc.max_frame_bytes,
-        concurrency: pc.worker_concurrency,
-    })
+        .map_err(|e| e.to_string())
 }
 
 /// The gRPC ceiling: a Bridge that answers without Python. `echo` (and any other

@@ -1,51 +1,16 @@
 //! Validated settings of one worker pool. The config file's `[pool]` and `[sessions]`
 //! sections (converted here, by the pool: [`PoolConfig::from_sections`]) or code build
-//! this; the pool never sees an unchecked value.
+//! this; the pool never sees an unchecked value. How to spawn a worker is the
+//! worker's own type, [`WorkerCommand`], which the pool holds and hands on.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use super::restart::RestartPolicy;
 use super::sessions::AffinityMode;
-use crate::config::{Affinity, Config, PoolSection, RestartSection, SessionsSection};
+use crate::config::{Affinity, PoolSection, RestartSection, SessionsSection};
 use crate::worker::frame::DEFAULT_MAX_FRAME_BYTES;
-
-/// How to start the pool's workers.
-#[derive(Debug, Clone)]
-pub struct WorkerCommand {
-    /// Interpreter name or path; resolved to the real executable once at pool start.
-    pub python: String,
-    /// `MODULE:OBJECT` naming the adapter.
-    pub adapter: String,
-    /// Directory holding the `pitboss_worker` package.
-    pub runtime_dir: PathBuf,
-    /// Extra `PYTHONPATH` entries (e.g. where the adapter module lives).
-    pub python_path: Vec<PathBuf>,
-    pub working_dir: Option<PathBuf>,
-    pub env: Vec<(String, String)>,
-    /// Variables inherited from pitboss's environment; all others are dropped.
-    pub inherit_env: Vec<String>,
-}
-
-impl WorkerCommand {
-    /// The demo adapter shipped in `python/examples`, run from a source checkout.
-    pub fn demo(python_dir: PathBuf) -> WorkerCommand {
-        WorkerCommand {
-            python: "python3".into(),
-            adapter: "demo:adapter".into(),
-            python_path: vec![python_dir.join("examples")],
-            runtime_dir: python_dir,
-            working_dir: None,
-            env: Vec::new(),
-            inherit_env: vec![
-                "PATH".into(),
-                "HOME".into(),
-                "LANG".into(),
-                "PYENV_VERSION".into(),
-            ],
-        }
-    }
-}
+use crate::worker::WorkerCommand;
 
 #[derive(Debug, Clone)]
 pub struct PoolConfig {
@@ -150,59 +115,6 @@ impl PoolConfig {
 
 // === conversions from the config file's sections ===
 
-impl WorkerCommand {
-    /// How to start the workers, from `[pool]`'s spawn keys, with relative paths
-    /// resolved against `base_dir` (the config file's directory).
-    pub fn from_section(p: &PoolSection, base_dir: &Path) -> WorkerCommand {
-        let resolve = |s: &str| {
-            let path = PathBuf::from(s);
-            if path.is_absolute() {
-                path
-            } else {
-                base_dir.join(path)
-            }
-        };
-        let runtime_dir = if p.runtime_dir.is_empty() {
-            crate::runtime_files::runtime_dir()
-        } else {
-            resolve(&p.runtime_dir)
-        };
-        let python_path = p
-            .python_path
-            .iter()
-            .map(|s| {
-                if s.is_empty() {
-                    runtime_dir.clone()
-                } else if let Some(rest) = s.strip_prefix("@runtime/") {
-                    runtime_dir.join(rest)
-                } else {
-                    resolve(s)
-                }
-            })
-            .collect();
-        let env = p
-            .env
-            .iter()
-            .map(|(k, v)| {
-                let v = match v {
-                    toml::Value::String(s) => s.clone(),
-                    other => other.to_string(),
-                };
-                (k.clone(), v)
-            })
-            .collect();
-        WorkerCommand {
-            python: p.python.clone(),
-            adapter: p.adapter.clone(),
-            runtime_dir,
-            python_path,
-            working_dir: (!p.working_dir.is_empty()).then(|| resolve(&p.working_dir)),
-            env,
-            inherit_env: p.inherit_env.clone(),
-        }
-    }
-}
-
 impl PoolConfig {
     /// The settings of the pool `name` from `[pool]` and `[sessions]`, with relative
     /// paths resolved against `base_dir` (the config file's directory).
@@ -261,13 +173,6 @@ impl From<Affinity> for AffinityMode {
     }
 }
 
-impl Config {
-    /// [`PoolConfig::from_sections`] of this file's `[pool]` and `[sessions]`.
-    pub fn pool_config(&self, name: &str) -> PoolConfig {
-        PoolConfig::from_sections(name, &self.pool, &self.sessions, &self.base_dir)
-    }
-}
-
 /// The relations between a pool's settings that do not hold, each as a sentence
 /// naming the setting (`size must be at least 1`), joined by `; `.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -278,7 +183,10 @@ pub struct InvalidPoolConfig {
 
 #[cfg(test)]
 mod tests {
+    use std::path::PathBuf;
+
     use super::*;
+    use crate::config::Config;
 
     #[test]
     fn the_pool_converts_its_sections_resolving_paths_against_the_config_s_directory() {
@@ -306,7 +214,5 @@ mod tests {
         assert_eq!(c.affinity, AffinityMode::Hint);
         assert_eq!(c.restart.backoff_base, cfg.pool.restart.backoff_base.0);
         assert!(c.validate().is_ok());
-        // The convenience on Config is the same conversion.
-        assert_eq!(format!("{c:?}"), format!("{:?}", cfg.pool_config("legacy")));
     }
 }

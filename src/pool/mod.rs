@@ -42,8 +42,10 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+/// The workers' spawn settings, shared with [`crate::worker`] (which owns the type).
+pub use crate::worker::WorkerCommand;
 pub use call::PoolStream;
-pub use config::{InvalidPoolConfig, PoolConfig, WorkerCommand};
+pub use config::{InvalidPoolConfig, PoolConfig};
 pub use error::{ExhaustedReason, PoolError, TimeoutStage};
 pub use request::{PoolRequest, PoolResponse};
 pub use select::Target;
@@ -57,7 +59,7 @@ use shared::{Commands, NoObserver, Shared};
 use status::SlotInfo;
 use sweep::{end_session, sweep_sessions};
 
-use crate::worker::{resolve_python, CommandInfo, ReplyMode, WorkerId, WorkerSpec};
+use crate::worker::{CommandInfo, ReplyMode, WorkerId};
 
 /// Kills the workers when the last [`Pool`] handle goes away without `shutdown()`.
 struct Owner {
@@ -110,22 +112,13 @@ impl Pool {
         config
             .validate()
             .map_err(|e| PoolError::InvalidRequest(format!("pool {}: {e}", config.name)))?;
-        let w = &config.worker;
-        let python = resolve_python(&w.python, w.working_dir.as_deref())
+        let spec = config
+            .worker
+            .clone()
+            .resolve(config.max_frame_bytes, config.worker_concurrency)
             .await
             .map_err(|e| PoolError::Unavailable(format!("pool {}: {e}", config.name)))?;
-        tracing::info!(pool = %config.name, python = %python.display(), size = config.size, adapter = %w.adapter, "starting pool");
-        let spec = WorkerSpec {
-            python,
-            adapter: w.adapter.clone(),
-            runtime_dir: w.runtime_dir.clone(),
-            python_path: w.python_path.clone(),
-            working_dir: w.working_dir.clone(),
-            env: w.env.clone(),
-            inherit_env: w.inherit_env.clone(),
-            max_frame_bytes: config.max_frame_bytes,
-            concurrency: config.worker_concurrency,
-        };
+        tracing::info!(pool = %config.name, python = %spec.python.display(), size = config.size, adapter = %spec.command.adapter, "starting pool");
         let slots = (0..config.size)
             .map(|_| {
                 Mutex::new(SlotInfo {

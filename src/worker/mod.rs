@@ -23,7 +23,7 @@ pub use error::WorkerError;
 pub use frame::{
     BodyError, CommandInfo, Frame, FrameCodec, FrameError, ReadyInfo, PROTOCOL_VERSION,
 };
-pub use process::{resolve_python, rss_bytes, signal_group, WorkerSpec};
+pub use process::{resolve_python, rss_bytes, signal_group, WorkerCommand, WorkerSpec};
 
 /// Lines of stderr kept per worker, so a worker that dies at startup can say why.
 const STDERR_TAIL_LINES: usize = 20;

@@ -9,12 +9,17 @@ use std::sync::{Mutex, OnceLock};
 
 use tokio::process::{Child, Command};
 
-/// Everything needed to start a worker. Built once per pool from validated config.
+use crate::config::PoolSection;
+
+/// How to start a worker: the spawn settings, as configured (the `[pool]` section's
+/// spawn keys, converted by [`WorkerCommand::from_section`], or code). The pool and
+/// the worker share this one type; [`WorkerCommand::resolve`] turns it into the
+/// [`WorkerSpec`] a worker is spawned from.
 #[derive(Debug, Clone)]
-pub struct WorkerSpec {
-    /// The interpreter. Resolve it with [`resolve_python`] first: a pyenv shim costs
-    /// 70-100 ms on every spawn.
-    pub python: PathBuf,
+pub struct WorkerCommand {
+    /// Interpreter name or path; resolved to the real executable once, by
+    /// [`WorkerCommand::resolve`].
+    pub python: String,
     /// `MODULE:OBJECT` naming the adapter.
     pub adapter: String,
     /// The directory that holds the `pitboss_worker` package; put first on `PYTHONPATH`.
@@ -27,6 +32,101 @@ pub struct WorkerSpec {
     /// Names of variables inherited from pitboss's own environment. Everything else is
     /// dropped, so secrets in pitboss's environment do not leak into user code.
     pub inherit_env: Vec<String>,
+}
+
+impl WorkerCommand {
+    /// The demo adapter shipped in `python/examples`, run from a source checkout.
+    pub fn demo(python_dir: PathBuf) -> WorkerCommand {
+        WorkerCommand {
+            python: "python3".into(),
+            adapter: "demo:adapter".into(),
+            python_path: vec![python_dir.join("examples")],
+            runtime_dir: python_dir,
+            working_dir: None,
+            env: Vec::new(),
+            inherit_env: vec![
+                "PATH".into(),
+                "HOME".into(),
+                "LANG".into(),
+                "PYENV_VERSION".into(),
+            ],
+        }
+    }
+
+    /// How to start the workers, from `[pool]`'s spawn keys, with relative paths
+    /// resolved against `base_dir` (the config file's directory).
+    pub fn from_section(p: &PoolSection, base_dir: &Path) -> WorkerCommand {
+        let resolve = |s: &str| {
+            let path = PathBuf::from(s);
+            if path.is_absolute() {
+                path
+            } else {
+                base_dir.join(path)
+            }
+        };
+        let runtime_dir = if p.runtime_dir.is_empty() {
+            crate::runtime_files::runtime_dir()
+        } else {
+            resolve(&p.runtime_dir)
+        };
+        let python_path = p
+            .python_path
+            .iter()
+            .map(|s| {
+                if s.is_empty() {
+                    runtime_dir.clone()
+                } else if let Some(rest) = s.strip_prefix("@runtime/") {
+                    runtime_dir.join(rest)
+                } else {
+                    resolve(s)
+                }
+            })
+            .collect();
+        let env = p
+            .env
+            .iter()
+            .map(|(k, v)| {
+                let v = match v {
+                    toml::Value::String(s) => s.clone(),
+                    other => other.to_string(),
+                };
+                (k.clone(), v)
+            })
+            .collect();
+        WorkerCommand {
+            python: p.python.clone(),
+            adapter: p.adapter.clone(),
+            runtime_dir,
+            python_path,
+            working_dir: (!p.working_dir.is_empty()).then(|| resolve(&p.working_dir)),
+            env,
+            inherit_env: p.inherit_env.clone(),
+        }
+    }
+
+    /// The spec to spawn workers from: this command with its interpreter resolved
+    /// ([`resolve_python`], once per pool: a pyenv shim costs 70-100 ms on every
+    /// spawn) and the protocol limits the worker is started with.
+    pub async fn resolve(self, max_frame_bytes: usize, concurrency: u32) -> io::Result<WorkerSpec> {
+        let python = resolve_python(&self.python, self.working_dir.as_deref()).await?;
+        Ok(WorkerSpec {
+            command: self,
+            python,
+            max_frame_bytes,
+            concurrency,
+        })
+    }
+}
+
+/// Everything needed to start a worker: its [`WorkerCommand`] with the interpreter
+/// resolved, and the limits passed on its command line. Built once per pool, by
+/// [`WorkerCommand::resolve`].
+#[derive(Debug, Clone)]
+pub struct WorkerSpec {
+    /// The spawn settings as configured.
+    pub command: WorkerCommand,
+    /// The real interpreter (`command.python` resolved by [`resolve_python`]).
+    pub python: PathBuf,
     pub max_frame_bytes: usize,
     pub concurrency: u32,
 }
@@ -35,7 +135,8 @@ impl WorkerSpec {
     /// The variables the worker starts with, in order; later entries win.
     pub fn environment(&self) -> Vec<(String, String)> {
         let mut env: Vec<(String, String)> = Vec::new();
-        for name in &self.inherit_env {
+        let c = &self.command;
+        for name in &c.inherit_env {
             if let Ok(value) = std::env::var(name) {
                 env.push((name.clone(), value));
             }
@@ -43,10 +144,10 @@ impl WorkerSpec {
         env.push(("PYTHONUNBUFFERED".into(), "1".into()));
         env.push(("OMP_NUM_THREADS".into(), "1".into()));
         env.push(("PYTHONDONTWRITEBYTECODE".into(), "1".into()));
-        let mut path = vec![self.runtime_dir.display().to_string()];
-        path.extend(self.python_path.iter().map(|p| p.display().to_string()));
+        let mut path = vec![c.runtime_dir.display().to_string()];
+        path.extend(c.python_path.iter().map(|p| p.display().to_string()));
         env.push(("PYTHONPATH".into(), path.join(":")));
-        env.extend(self.env.iter().cloned());
+        env.extend(c.env.iter().cloned());
         env
     }
 
@@ -56,7 +157,7 @@ impl WorkerSpec {
             "-m".into(),
             "pitboss_worker".into(),
             "--adapter".into(),
-            self.adapter.clone(),
+            self.command.adapter.clone(),
             "--max-frame-bytes".into(),
             self.max_frame_bytes.to_string(),
             "--concurrency".into(),
@@ -77,7 +178,7 @@ impl WorkerSpec {
             .kill_on_drop(true)
             // Own process group: one signal reaches the worker and anything it spawned.
             .process_group(0);
-        if let Some(dir) = &self.working_dir {
+        if let Some(dir) = &self.command.working_dir {
             cmd.current_dir(dir);
         }
         let parent = std::process::id() as libc::pid_t;
@@ -176,13 +277,16 @@ mod tests {
 
     fn spec() -> WorkerSpec {
         WorkerSpec {
+            command: WorkerCommand {
+                python: "python3".into(),
+                adapter: "examples.demo:adapter".into(),
+                runtime_dir: "/opt/pitboss/python".into(),
+                python_path: vec!["/srv/app".into()],
+                working_dir: None,
+                env: vec![("OMP_NUM_THREADS".into(), "4".into())],
+                inherit_env: vec!["PITBOSS_TEST_SURELY_UNSET_VAR".into()],
+            },
             python: "python3".into(),
-            adapter: "examples.demo:adapter".into(),
-            runtime_dir: "/opt/pitboss/python".into(),
-            python_path: vec!["/srv/app".into()],
-            working_dir: None,
-            env: vec![("OMP_NUM_THREADS".into(), "4".into())],
-            inherit_env: vec!["PITBOSS_TEST_SURELY_UNSET_VAR".into()],
             max_frame_bytes: 1024,
             concurrency: 8,
         }
@@ -219,9 +323,9 @@ mod tests {
         let _ = std::fs::remove_file(&marker);
         let mut s = spec();
         s.python = "python3".into();
-        s.runtime_dir = crate::runtime_files::runtime_dir();
-        s.inherit_env = vec!["PATH".into(), "HOME".into(), "PYENV_VERSION".into()];
-        s.adapter = format!(
+        s.command.runtime_dir = crate::runtime_files::runtime_dir();
+        s.command.inherit_env = vec!["PATH".into(), "HOME".into(), "PYENV_VERSION".into()];
+        s.command.adapter = format!(
             "nope; touch {}; echo $(touch {})",
             marker.display(),
             marker.display()
