@@ -339,6 +339,22 @@ mod tests {
         assert!(!marker.exists(), "something ran a shell");
     }
 
+    #[tokio::test]
+    async fn resolving_a_command_keeps_it_and_adds_the_interpreter_and_limits() {
+        let command = WorkerCommand::demo(crate::runtime_files::runtime_dir());
+        let spec = command
+            .clone()
+            .resolve(4096, 3)
+            .await
+            .expect("python3 resolves");
+        assert!(spec.python.is_absolute(), "{:?}", spec.python);
+        assert_eq!(format!("{:?}", spec.command), format!("{command:?}"));
+        assert_eq!(
+            spec.args().join(" "),
+            "-m pitboss_worker --adapter demo:adapter --max-frame-bytes 4096 --concurrency 3"
+        );
+    }
+
     #[test]
     fn rss_of_this_process_is_readable() {
         assert!(rss_bytes(std::process::id()).unwrap() > 0);
