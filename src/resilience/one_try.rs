@@ -177,12 +177,16 @@ mod tests {
     use crate::pool::{PoolRequest, TimeoutStage};
     use crate::worker::WorkerId;
 
+    /// What the fake saw: a run's request deadline on success, and each outcome it
+    /// heard (the attempts or the class).
+    type Heard = (Option<Instant>, Result<u32, ErrorClass>);
+
     /// An in-memory backend: succeeds after `takes`, unless the try's deadline comes
     /// first, which it reports as the pool does (a `Timeout`).
     #[derive(Clone)]
     struct Fake {
         takes: Duration,
-        seen: Arc<Mutex<Vec<(Option<Instant>, Result<u32, ErrorClass>)>>>,
+        seen: Arc<Mutex<Vec<Heard>>>,
     }
 
     impl OneTry for Fake {
