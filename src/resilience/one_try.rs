@@ -245,21 +245,26 @@ mod tests {
         }
     }
 
+    /// Runs try `number` of a call that takes 5 s, with `left` before the client's
+    /// deadline: how it failed, how long it took, and what the target heard.
+    async fn fail(number: u32, left: u64, per_try: Option<u64>) -> (Failed, Duration, Vec<Heard>) {
+        let secs = Duration::from_secs;
+        let mut s = service(secs(5), per_try.map(secs));
+        let start = Instant::now();
+        let failed = s.call(attempt(number, secs(left))).await.unwrap_err();
+        let heard = s.get_ref().seen.lock().unwrap().clone();
+        (failed, Instant::now() - start, heard)
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_try_ends_at_its_own_deadline_and_is_then_a_worker_timeout() {
-        let mut s = service(Duration::from_secs(5), Some(Duration::from_secs(1)));
-        let start = Instant::now();
-        let failed = s
-            .call(attempt(2, Duration::from_secs(10)))
-            .await
-            .unwrap_err();
-        assert_eq!(Instant::now() - start, Duration::from_secs(1));
+        let (failed, took, heard) = fail(2, 10, Some(1)).await;
+        assert_eq!(took, Duration::from_secs(1));
         assert_eq!(failed.class, ErrorClass::WorkerTimeout);
         assert_eq!(failed.attempts, 2);
         assert!(!failed.budget_exhausted);
-        let seen = s.get_ref().seen.lock().unwrap().clone();
         assert_eq!(
-            seen,
+            heard,
             [(None, Err(ErrorClass::WorkerTimeout))],
             "heard, classified"
         );
@@ -267,22 +272,13 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn the_clients_deadline_stays_a_deadline_exceeded() {
-        // The per-try timeout is longer than what is left: the client's deadline ends
-        // the try, so it is the client's (not retried), not ours.
-        let mut s = service(Duration::from_secs(5), Some(Duration::from_secs(3)));
-        let start = Instant::now();
-        let failed = s
-            .call(attempt(1, Duration::from_secs(2)))
-            .await
-            .unwrap_err();
-        assert_eq!(Instant::now() - start, Duration::from_secs(2));
-        assert_eq!(failed.class, ErrorClass::DeadlineExceeded);
-        let mut s = service(Duration::from_secs(5), None);
-        let failed = s
-            .call(attempt(1, Duration::from_secs(2)))
-            .await
-            .unwrap_err();
-        assert_eq!(failed.class, ErrorClass::DeadlineExceeded);
+        // The per-try timeout is longer than what is left (or there is none): the
+        // client's deadline ends the try, so it is the client's (not retried), not ours.
+        for per_try in [Some(3), None] {
+            let (failed, took, _) = fail(1, 2, per_try).await;
+            assert_eq!(took, Duration::from_secs(2), "{per_try:?}");
+            assert_eq!(failed.class, ErrorClass::DeadlineExceeded, "{per_try:?}");
+        }
     }
 
     #[tokio::test(start_paused = true)]
