@@ -76,7 +76,9 @@ pub enum Target {
     Grpc(Upstream),
 }
 
-/// A pool or an upstream, as one tower service of attempts.
+/// A pool or an upstream, as one tower service of attempts: either is the one
+/// adapter [`crate::resilience::TryService`] (per-try deadline, the try's class) over
+/// its own [`crate::resilience::OneTry`].
 #[derive(Clone)]
 pub enum AttemptService {
     Pool(PoolService),

@@ -6,18 +6,16 @@
 //! fallback and rollback statistics treat both kinds alike.
 
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures_util::future::BoxFuture;
 use tokio::time::Instant;
 use tonic::transport::{Channel, Endpoint};
-use tower::Service;
 
 use crate::pool::{PoolError, PoolResponse, TimeoutStage};
 use crate::proto as pb;
 use crate::proto::bridge_client::BridgeClient;
-use crate::resilience::{Attempt, ErrorClass, Failed, Served};
+use crate::resilience::{classify, Attempt, ErrorClass, ExceptionRules, OneTry, Reply, TryService};
 use crate::worker::WorkerId;
 
 /// An upstream address that is not a URI tonic can connect to.
@@ -103,34 +101,27 @@ pub fn upstream_error(address: &str, status: &tonic::Status) -> PoolError {
     }
 }
 
-/// The upstream as a tower service of attempts, like [`crate::resilience::PoolService`].
-#[derive(Clone)]
-pub struct UpstreamService {
-    upstream: Upstream,
-    per_try_timeout: Option<Duration>,
-}
+// === impl OneTry for Upstream ===
 
-impl UpstreamService {
+/// The upstream as a tower service of attempts, like [`crate::resilience::PoolService`]:
+/// the shared adapter applies the per-try deadline and classifies the failed tries.
+pub type UpstreamService = TryService<Upstream>;
+
+impl TryService<Upstream> {
     pub fn new(upstream: Upstream, per_try_timeout: Option<Duration>) -> Self {
-        UpstreamService {
-            upstream,
-            per_try_timeout,
-        }
+        TryService::with_target(upstream, per_try_timeout)
     }
 }
 
-impl Service<Attempt> for UpstreamService {
-    type Response = Served;
-    type Error = Failed;
-    type Future = BoxFuture<'static, Result<Served, Failed>>;
-
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Failed>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, attempt: Attempt) -> Self::Future {
-        let upstream = self.upstream.clone();
-        let try_deadline = attempt.try_deadline(self.per_try_timeout);
+impl OneTry for Upstream {
+    /// One `Execute` on the upstream, carrying the try's deadline as `grpc-timeout`
+    /// and cut short there if the upstream overruns it (a `Timeout` while running).
+    fn run(
+        &self,
+        attempt: Attempt,
+        try_deadline: Instant,
+    ) -> BoxFuture<'static, Result<Reply, PoolError>> {
+        let upstream = self.clone();
         Box::pin(async move {
             let r = attempt.request;
             let msg = pb::ExecuteRequest {
@@ -144,41 +135,32 @@ impl Service<Attempt> for UpstreamService {
             let req = upstream.request(msg, Some(try_deadline), r.session_id.as_deref());
             let mut client = upstream.client.clone();
             let started = Instant::now();
-            let result = tokio::time::timeout_at(try_deadline, client.execute(req)).await;
-            let fail = |error: PoolError| {
-                let class = crate::resilience::retry::class_of_try(
-                    crate::resilience::classify(&error, &Default::default()),
-                    try_deadline,
-                    attempt.deadline,
-                );
-                Failed {
-                    class,
-                    error,
-                    attempts: attempt.number,
-                    budget_exhausted: false,
-                }
-            };
-            match result {
+            match tokio::time::timeout_at(try_deadline, client.execute(req)).await {
                 Ok(Ok(resp)) => {
                     let resp = resp.into_inner();
-                    Ok(Served {
+                    Ok(Reply {
                         response: PoolResponse {
                             payload: resp.payload,
                             content_type: resp.content_type,
                             worker: WorkerId(0),
                         },
-                        attempts: attempt.number,
                         remote_worker: Some(format!("{}/{}", upstream.address, resp.worker_id)),
                     })
                 }
-                Ok(Err(status)) => Err(fail(upstream.error(&status))),
-                Err(_) => Err(fail(PoolError::Timeout {
+                Ok(Err(status)) => Err(upstream.error(&status)),
+                Err(_) => Err(PoolError::Timeout {
                     worker: None,
                     after: started.elapsed(),
                     stage: TimeoutStage::Running,
-                })),
+                }),
             }
         })
+    }
+
+    /// The class the upstream's status carried ([`upstream_error`]); there are no
+    /// local exception rules for a remote backend.
+    fn classify(&self, error: &PoolError) -> ErrorClass {
+        classify(error, &ExceptionRules::default())
     }
 }
 

@@ -4,11 +4,13 @@
 //! - [`class`]: the classification table and the Python exception rules.
 //! - [`breaker`]: the per-backend circuit breaker (failsafe inside a tower layer).
 //! - [`outlier`]: per-worker outlier ejection.
-//! - [`retry`]: the tower retry policy (backoff, budget, deadline) and the pool as a
-//!   tower service.
+//! - [`retry`]: the tower retry policy (backoff, budget, deadline).
+//! - [`one_try`]: one try of an attempt as a tower service ([`TryService`]: the
+//!   per-try deadline and the try's class), over a pool or any other [`OneTry`].
 
 pub mod breaker;
 pub mod class;
+pub mod one_try;
 pub mod outlier;
 pub mod retry;
 
@@ -29,7 +31,6 @@ impl InvalidSetting {
 
 pub use breaker::{Breaker, BreakerLayer, BreakerSettings, BreakerState};
 pub use class::{classify, ErrorClass, ExceptionRules, Retry, Severity};
+pub use one_try::{OneTry, PoolService, PoolTry, Reply, TryService};
 pub use outlier::{OutlierDetector, OutlierSettings};
-pub use retry::{
-    Attempt, Failed, InvalidRetrySettings, PoolService, RetryPolicy, RetrySettings, Served,
-};
+pub use retry::{Attempt, Failed, InvalidRetrySettings, RetryPolicy, RetrySettings, Served};

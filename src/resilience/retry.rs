@@ -12,21 +12,18 @@
 //!   requests stay on their worker, as the affinity mode demands.
 
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
-use futures_util::future::BoxFuture;
 use tokio::time::Instant;
 use tower::retry::backoff::{Backoff, ExponentialBackoff, ExponentialBackoffMaker, MakeBackoff};
 use tower::retry::budget::{Budget, TpsBudget};
 use tower::retry::Policy;
 use tower::util::rng::HasherRng;
-use tower::Service;
 
-use super::class::{classify, ErrorClass, ExceptionRules};
+use super::class::ErrorClass;
 use super::InvalidSetting;
 use crate::config::{Config, RetrySection};
-use crate::pool::{ExhaustedReason, Pool, PoolError, PoolRequest, PoolResponse};
+use crate::pool::{ExhaustedReason, PoolError, PoolRequest, PoolResponse};
 
 /// Validated retry settings.
 #[derive(Debug, Clone, PartialEq)]
@@ -327,76 +324,6 @@ impl Policy<Attempt, Served, Failed> for RetryPolicy {
 
     fn clone_request(&mut self, req: &Attempt) -> Option<Attempt> {
         Some(req.clone())
-    }
-}
-
-/// The pool as a tower service of attempts.
-#[derive(Clone)]
-pub struct PoolService {
-    pool: Pool,
-    rules: Arc<ExceptionRules>,
-    per_try_timeout: Option<Duration>,
-    outliers: Arc<super::outlier::OutlierDetector>,
-}
-
-impl PoolService {
-    pub fn new(
-        pool: Pool,
-        rules: Arc<ExceptionRules>,
-        per_try_timeout: Option<Duration>,
-        outliers: Arc<super::outlier::OutlierDetector>,
-    ) -> Self {
-        PoolService {
-            pool,
-            rules,
-            per_try_timeout,
-            outliers,
-        }
-    }
-}
-
-impl Service<Attempt> for PoolService {
-    type Response = Served;
-    type Error = Failed;
-    type Future = BoxFuture<'static, Result<Served, Failed>>;
-
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Failed>> {
-        // The pool queues and sheds load itself.
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, attempt: Attempt) -> Self::Future {
-        let pool = self.pool.clone();
-        let rules = self.rules.clone();
-        let outliers = self.outliers.clone();
-        let try_deadline = attempt.try_deadline(self.per_try_timeout);
-        Box::pin(async move {
-            let mut request = attempt.request;
-            request.deadline = Some(try_deadline);
-            match pool.execute(request).await {
-                Ok(response) => {
-                    outliers.apply(&pool, response.worker, None);
-                    Ok(Served {
-                        response,
-                        attempts: attempt.number,
-                        remote_worker: None,
-                    })
-                }
-                Err(error) => {
-                    let class =
-                        class_of_try(classify(&error, &rules), try_deadline, attempt.deadline);
-                    if let Some(worker) = error.worker() {
-                        outliers.apply(&pool, worker, Some(class));
-                    }
-                    Err(Failed {
-                        class,
-                        error,
-                        attempts: attempt.number,
-                        budget_exhausted: false,
-                    })
-                }
-            }
-        })
     }
 }
 
