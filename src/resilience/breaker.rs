@@ -29,7 +29,7 @@ use tower::{Layer, Service};
 use super::class::ErrorClass;
 use super::retry::{Attempt, Failed, Served};
 use super::InvalidSetting;
-use crate::config::{BreakerSection, Config};
+use crate::config::BreakerSection;
 use crate::pool::PoolError;
 
 /// Validated breaker settings.
@@ -102,13 +102,6 @@ impl BreakerSettings {
             open_for: b.open_for.0,
             half_open_probes: b.half_open_probes.0.min(u32::MAX as u64) as u32,
         }
-    }
-}
-
-impl Config {
-    /// [`BreakerSettings::from_section`] of this file's `[circuit_breaker]`.
-    pub fn breaker_settings(&self) -> BreakerSettings {
-        BreakerSettings::from_section(&self.circuit_breaker)
     }
 }
 
@@ -407,7 +400,7 @@ mod tests {
     /// it must accept and refuse exactly what `validate` does, with the same words.
     #[test]
     fn the_config_checks_breaker_sections_as_validate_does() {
-        let base = Config::load_default()
+        let base = crate::config::Config::load_default()
             .expect("the default config")
             .circuit_breaker;
         let secs = |s: f64| Dur(Duration::from_secs_f64(s));

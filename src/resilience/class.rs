@@ -6,7 +6,7 @@ use std::fmt;
 
 use tonic::Code;
 
-use crate::config::{Config, ErrorsSection};
+use crate::config::ErrorsSection;
 use crate::pool::PoolError;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -371,13 +371,6 @@ impl ExceptionRules {
             .find(|(name, _)| name == exception_type || name == short)
             .map(|(_, class)| *class)
             .unwrap_or(C::PythonException)
-    }
-}
-
-impl Config {
-    /// [`ExceptionRules::from_section`] of this file's `[errors]`.
-    pub fn exception_rules(&self) -> ExceptionRules {
-        ExceptionRules::from_section(&self.errors)
     }
 }
 

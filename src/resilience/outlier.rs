@@ -11,7 +11,7 @@ use std::time::Duration;
 use dashmap::DashMap;
 
 use super::class::ErrorClass;
-use crate::config::{BreakerSection, Config};
+use crate::config::BreakerSection;
 use crate::pool::Pool;
 use crate::worker::WorkerId;
 
@@ -48,13 +48,6 @@ impl OutlierSettings {
             max_ejected_share: b.max_ejected_share.0,
             replace_after: b.worker_replace_after,
         }
-    }
-}
-
-impl Config {
-    /// [`OutlierSettings::from_section`] of this file's `[circuit_breaker]`.
-    pub fn outlier_settings(&self) -> OutlierSettings {
-        OutlierSettings::from_section(&self.circuit_breaker)
     }
 }
 

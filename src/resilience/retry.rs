@@ -22,7 +22,7 @@ use tower::util::rng::HasherRng;
 
 use super::class::ErrorClass;
 use super::InvalidSetting;
-use crate::config::{Config, RetrySection};
+use crate::config::RetrySection;
 use crate::pool::{ExhaustedReason, PoolError, PoolRequest, PoolResponse};
 
 /// Validated retry settings.
@@ -101,13 +101,6 @@ impl RetrySettings {
             budget_window: r.budget_window.0,
             per_try_timeout: r.per_try_timeout.nonzero(),
         }
-    }
-}
-
-impl Config {
-    /// [`RetrySettings::from_section`] of this file's `[retry]`.
-    pub fn retry_settings(&self) -> RetrySettings {
-        RetrySettings::from_section(&self.retry)
     }
 }
 
@@ -337,7 +330,9 @@ mod tests {
     /// accept and refuse exactly what `validate` does, with the same words.
     #[test]
     fn the_config_checks_retry_sections_as_validate_does() {
-        let base = Config::load_default().expect("the default config").retry;
+        let base = crate::config::Config::load_default()
+            .expect("the default config")
+            .retry;
         let secs = |s: f64| Dur(Duration::from_secs_f64(s));
         let mut cases = vec![base.clone()];
         for v in [0.0, 0.05, 0.1, 30.0] {
