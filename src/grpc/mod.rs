@@ -136,12 +136,9 @@ impl Edge {
         status
     }
 
-    fn pool_request(
-        &self,
-        r: &mut pb::ExecuteRequest,
-        md: &tonic::metadata::MetadataMap,
-        arrived: Instant,
-    ) -> PoolRequest {
+    /// The pool request of a call; its deadline is the one the call record computed
+    /// from `grpc-timeout` and the arrival (parsed once per call).
+    fn pool_request(r: &mut pb::ExecuteRequest, deadline: Option<Instant>) -> PoolRequest {
         PoolRequest {
             command: std::mem::take(&mut r.command),
             payload: std::mem::take(&mut r.payload),
@@ -151,7 +148,7 @@ impl Edge {
                 std::mem::take(&mut r.content_type)
             },
             session_id: (!r.session_id.is_empty()).then(|| std::mem::take(&mut r.session_id)),
-            deadline: deadline::deadline_of(md, arrived),
+            deadline,
             avoid_worker: None,
         }
     }
@@ -430,9 +427,9 @@ impl BridgeService {
         let edge = &self.0;
         edge.refuse_if_draining()
             .inspect_err(|_| record.finish(Role::Legacy, Some(ErrorClass::ShuttingDown)))?;
-        let (md, _, mut r) = req.into_parts();
+        let mut r = req.into_inner();
         let idempotent = r.idempotent;
-        let pr = edge.pool_request(&mut r, &md, record.arrived());
+        let pr = Edge::pool_request(&mut r, record.deadline());
         let route = edge.route(&pr, &r.routing_key, idempotent);
         let first = route.answered_by();
         record.answering(first);
@@ -568,8 +565,8 @@ impl BridgeService {
         let edge = self.0.clone();
         edge.refuse_if_draining()
             .inspect_err(|_| record.finish(Role::Legacy, Some(ErrorClass::ShuttingDown)))?;
-        let (md, _, mut r) = req.into_parts();
-        let mut pr = edge.pool_request(&mut r, &md, record.arrived());
+        let mut r = req.into_inner();
+        let mut pr = Edge::pool_request(&mut r, record.deadline());
         // Streams are not shadowed (their chunks cannot be held back to compare).
         let mut role = edge.route(&pr, &r.routing_key, r.idempotent).answered_by();
         record.answering(role);
