@@ -203,14 +203,24 @@ impl Edge {
             Ok(_) => Err((PoolError::SessionExists(id.to_string()), role)),
             Err(e) => {
                 let class = crate::resilience::classify(&e, &self.backend(role).rules);
-                if session_is_gone(class) {
-                    self.sessions.unpin(id);
+                if self.unpin_if_gone(id, class) {
                     Ok(())
                 } else {
                     Err((e, role))
                 }
             }
         }
+    }
+
+    /// Ends the pin of session `id` when a failure of class `class` says the session
+    /// no longer exists on its backend (expired, closed or lost with its worker).
+    /// Returns whether it did.
+    fn unpin_if_gone(&self, id: &str, class: ErrorClass) -> bool {
+        let gone = matches!(class, ErrorClass::SessionNotFound | ErrorClass::SessionLost);
+        if gone {
+            self.sessions.unpin(id);
+        }
+        gone
     }
 
     /// An answer that could not be sent: over `server.max_message_bytes`, gRPC itself
@@ -254,9 +264,7 @@ impl Edge {
         };
         unfinished.finished = true;
         if let (Some(id), Err(f)) = (&session, &result) {
-            if session_is_gone(f.class) {
-                self.sessions.unpin(id);
-            }
+            self.unpin_if_gone(id, f.class);
         }
         self.record_outcome(role, started.elapsed(), &result);
         result
@@ -753,9 +761,7 @@ impl Bridge for BridgeService {
         let role = edge.sessions.role(&id).unwrap_or(Role::Legacy);
         let session = edge.backend(role).get_session(&id).await.map_err(|e| {
             let class = crate::resilience::classify(&e, &edge.backend(role).rules);
-            if session_is_gone(class) {
-                edge.sessions.unpin(&id);
-            }
+            edge.unpin_if_gone(&id, class);
             edge.status(&e, role)
         })?;
         Ok(edge.respond(session, role, None))
@@ -889,13 +895,6 @@ fn duration(d: Duration) -> prost_types::Duration {
         seconds: d.as_secs() as i64,
         nanos: d.subsec_nanos() as i32,
     }
-}
-
-/// Whether a failure says the session no longer exists on its backend (expired, closed
-/// or lost with its worker): then the edge's pin for it ends too.
-fn session_is_gone(class: crate::resilience::ErrorClass) -> bool {
-    use crate::resilience::ErrorClass as C;
-    matches!(class, C::SessionNotFound | C::SessionLost)
 }
 
 #[cfg(test)]
