@@ -173,9 +173,11 @@ impl LiveFlags {
         let old = self.get();
         let new = change(&old).map_err(UpdateError::Refused)?;
         if let Some(path) = &self.path {
-            write_atomically(path, &new.to_toml()).map_err(|source| UpdateError::Write {
-                path: path.clone(),
-                source,
+            write_atomically(path, WRITTEN_BY_PITBOSS, &new.to_toml()).map_err(|source| {
+                UpdateError::Write {
+                    path: path.clone(),
+                    source,
+                }
             })?;
             save_last_good(path, &new);
         }
@@ -352,13 +354,11 @@ fn last_good_path(path: &Path) -> PathBuf {
 /// ConfigMap volume) simply has no copy.
 fn save_last_good(path: &Path, flags: &Flags) {
     let copy = last_good_path(path);
-    if std::fs::read_to_string(&copy).ok().as_deref() == Some(flags.to_toml().as_str()) {
+    let text = flags.to_toml();
+    if std::fs::read_to_string(&copy).ok().as_deref() == Some(text.as_str()) {
         return;
     }
-    let tmp = copy.with_extension("tmp");
-    let result = std::fs::write(&tmp, flags.to_toml()).and_then(|()| std::fs::rename(&tmp, &copy));
-    if let Err(e) = result {
-        let _ = std::fs::remove_file(&tmp);
+    if let Err(e) = write_atomically(&copy, "", &text) {
         tracing::debug!(
             "cannot keep a last good copy of the flags at {}: {e}",
             copy.display()
@@ -372,15 +372,19 @@ fn read_last_good(path: &Path) -> Option<Flags> {
     Flags::parse(&copy.display().to_string(), &text).ok()
 }
 
-fn write_atomically(path: &Path, text: &str) -> std::io::Result<()> {
+/// The header of a flags file pitboss writes.
+const WRITTEN_BY_PITBOSS: &str = "# Rollout flags, written by pitboss (auto-rollback or an admin change).\n\
+                                  # Edits are hot reloaded; comments are not kept when pitboss writes.\n\n";
+
+/// Writes `header` and `text` to a temporary file in the same directory, syncs it and
+/// renames it over `path`: a reader never sees half a file.
+fn write_atomically(path: &Path, header: &str, text: &str) -> std::io::Result<()> {
     use std::io::Write;
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| "flags.toml".into());
     let tmp = path.with_file_name(format!(".{name}.pitboss-{}.tmp", std::process::id()));
-    let header = "# Rollout flags, written by pitboss (auto-rollback or an admin change).\n\
-                  # Edits are hot reloaded; comments are not kept when pitboss writes.\n\n";
     let result = (|| {
         let mut f = std::fs::File::create(&tmp)?;
         f.write_all(header.as_bytes())?;
