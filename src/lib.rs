@@ -6,8 +6,8 @@
 //! # Layout
 //!
 //! The modules are layers; each imports only the layers below it, and
-//! `tests/architecture.rs` fails on any `crate::` edge that points up (one known
-//! exception is left: the pool's error type still carries the error class).
+//! `tests/architecture.rs` fails on any `crate::` edge that points up, and on any
+//! cycle.
 //!
 //! ```text
 //! server ─▶ grpc ─▶ telemetry ─▶ rollout ─▶ backend ─▶ resilience ─▶ pool ─▶ worker
@@ -22,15 +22,21 @@
 //! - [`telemetry`]: Prometheus metrics, readiness, and the HTTP listener for them. It
 //!   sits below the edge and reads it only through [`telemetry::Observed`], which the
 //!   edge implements.
-//! - [`rollout`]: the split between the legacy and the new backend: flags (hot
-//!   reloaded, applied only when complete), sticky bucketing, shadow comparison,
+//! - [`rollout`]: the split between the legacy and the new backend. Its
+//!   [`rollout::split::Split`] owns both backends and the session pins, and runs
+//!   every call (unary, stream, session) where the rollout says: fallback, shadow and
+//!   the recording of outcomes in the rolling statistics are its. Below it: flags
+//!   (hot reloaded, applied only when complete), sticky bucketing, shadow comparison,
 //!   rolling statistics and auto-rollback.
-//! - [`backend`]: what serves a role (`legacy` or `new`): a pool or a grpc upstream,
-//!   each behind its own resilience stack; it reports through the observers the
-//!   server hands it.
+//! - [`backend`]: what serves a role (`legacy` or `new`): the shared part (the tower
+//!   stack, the breaker around streams, the classification of every failure by the
+//!   backend's rules) over one [`backend::Target`] per kind (a local pool, a grpc
+//!   upstream); it reports through the observers the server hands it.
 //! - [`resilience`]: the single error classification (one table: retry, breaker,
-//!   rollback, fallback), retry with backoff and a budget, breakers, outlier
-//!   ejection.
+//!   rollback, fallback), the error of a call ([`resilience::CallError`]: a pool's
+//!   error, or what only the layers above the pool know: circuit open, overloaded, a
+//!   remote failure), retry with backoff and a budget, breakers, outlier ejection,
+//!   and the one adapter from an attempt to a try on a pool or an upstream.
 //! - [`pool`]: a supervised pool of Python workers (supervision, admission and
 //!   queueing, session affinity, recycling, graceful shutdown).
 //! - [`worker`]: one Python process: spawning, the length-prefixed frame protocol
@@ -43,13 +49,20 @@
 //! # A unary call's path
 //!
 //! The outermost layer stamps the arrival ([`grpc::deadline`]); `Bridge::execute`
-//! opens a call record, asks [`rollout`] for the route (a session's pinned backend,
-//! else the sticky split), and runs the call on that [`backend`]'s stack: load
-//! shedding, a concurrency limit, retry (backoff, budget, per-try deadline), the
-//! breaker, then the [`pool`] (admission, queueing, affinity) and a [`worker`]
-//! connection. A failure of `new` that the table allows is served again by legacy.
-//! The result is recorded once (metrics, rollout statistics) and mapped to a status
-//! by [`grpc::status`] with the class it was given where it was first understood.
+//! opens a call record, turns the proto request into a [`rollout::split::Call`] and
+//! hands it to the [`rollout::split::Split`]. The split picks the route (a session's
+//! pinned backend, else the sticky split) and runs the call on that [`backend`]'s
+//! stack: load shedding, a concurrency limit, retry (backoff, budget, per-try
+//! deadline), the breaker, then the one try adapter ([`resilience::TryService`])
+//! over the [`pool`] (admission, queueing, affinity) and a [`worker`] connection, or
+//! over an upstream. A failure is classified once, where it is understood (the pool's
+//! error by the backend's exception rules, the breaker's refusal, an upstream's
+//! reported class), and travels up as a [`resilience::Failed`]: its error and class.
+//! A failure of `new` that the table allows is served again by legacy; the split
+//! records each backend's outcome in the rollout statistics and answers the edge
+//! with an [`rollout::split::Answer`] (the backend, and the result). The edge records
+//! the call once (metrics) and maps a failure to a status in [`grpc::status`], with
+//! the class it carries.
 //!
 //! The benchmark harness behind `pitboss bench` (load generator, baselines) is part of
 //! the binary, not of this library: `src/cli/bench.rs`.

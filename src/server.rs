@@ -27,6 +27,8 @@ use crate::grpc::pb::bridge_server::BridgeServer;
 use crate::grpc::{pb, AdminService, BridgeService, Edge};
 use crate::pool::{Pool, PoolObserver};
 use crate::rollout::controller::Rollout;
+use crate::rollout::sessions::SessionRoutes;
+use crate::rollout::split::Split;
 use crate::rollout::LiveFlags;
 
 #[derive(Debug, thiserror::Error)]
@@ -174,11 +176,15 @@ impl RunningServer {
         let rollout = Rollout::new(flags, new.is_some());
         rollout.spawn_checker(config.rollout.check_interval.0, stop.background.clone());
         let instance_id = instance_id();
-        let edge = Arc::new(Edge {
+        let split = Split::new(
             legacy,
             new,
             rollout,
-            sessions: crate::grpc::sessions::SessionRoutes::new(config.sessions.ttl.0),
+            SessionRoutes::new(config.sessions.ttl.0),
+            config.server.max_message_bytes.0 as usize,
+        );
+        let edge = Arc::new(Edge {
+            split: Arc::new(split),
             include_tracebacks: config.server.include_tracebacks,
             draining: Default::default(),
             started: tokio::time::Instant::now(),
@@ -186,7 +192,6 @@ impl RunningServer {
             instance_id,
             admin_token,
             commands: Default::default(),
-            max_message_bytes: config.server.max_message_bytes.0 as usize,
         });
         if crate::telemetry::prometheus().is_none() {
             tracing::warn!("another metrics recorder is installed: /metrics will be empty");
@@ -207,7 +212,7 @@ impl RunningServer {
             crate::telemetry::register_known_counters(
                 &pools,
                 &all,
-                edge.rollout.flags.path().is_some(),
+                edge.rollout().flags.path().is_some(),
             );
         }
         spawn_session_pruning(edge.clone(), stop.background.clone());
@@ -304,14 +309,15 @@ impl RunningServer {
     /// The legacy backend's pool (`None` when legacy is a grpc upstream).
     pub fn pool(&self) -> &Pool {
         self.edge
-            .legacy
+            .split
+            .legacy()
             .pool()
             .expect("the legacy backend is a pool")
     }
 
     /// The new backend's pool, when it is one.
     pub fn new_pool(&self) -> Option<&Pool> {
-        self.edge.new.as_ref().and_then(|b| b.pool())
+        self.edge.split.new_backend().and_then(|b| b.pool())
     }
 
     pub fn edge(&self) -> &Arc<Edge> {
@@ -381,7 +387,7 @@ async fn track_health(
     let mut last = None;
     let never = tokio::sync::Notify::new();
     loop {
-        let changed = match edge.legacy.pool() {
+        let changed = match edge.split.legacy().pool() {
             Some(p) => p.changed(),
             None => never.notified(),
         };
@@ -481,10 +487,9 @@ fn message_limit_layer(
             backend: crate::backend::Role::Legacy.as_str(),
             attempts: 1,
             instance: &edge.instance_id,
-            class: None,
         };
-        crate::grpc::status::to_status(&err, &edge.legacy.rules, edge.include_tracebacks, ctx)
-            .into_http()
+        let class = crate::resilience::ErrorClass::InvalidRequest;
+        crate::grpc::status::to_status(&err.into(), class, edge.include_tracebacks, ctx).into_http()
     })
 }
 
@@ -507,8 +512,7 @@ fn spawn_session_pruning(edge: Arc<Edge>, stop: CancellationToken) {
         loop {
             tokio::select! {
                 _ = tokio::time::sleep(Duration::from_secs(60)) => {
-                    let gone = |id: &str, role| edge.backend(role).lacks_session(id);
-                    edge.sessions.prune(tokio::time::Instant::now(), gone);
+                    edge.split.prune_sessions(tokio::time::Instant::now());
                 }
                 _ = stop.cancelled() => return,
             }

@@ -17,7 +17,7 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
-use crate::backend::{Backend, Role, Target};
+use crate::backend::{Backend, Role};
 use crate::pool::{ExitReason, PoolObserver, SlotState};
 use crate::resilience::retry::RetryObserver;
 use crate::resilience::ErrorClass;
@@ -316,8 +316,8 @@ pub fn publish_gauges<S: Observed + ?Sized>(s: &S) {
         let role = b.role.as_str();
         metrics::gauge!("pitboss_circuit_state", "backend" => role, "scope" => "backend")
             .set(b.breaker.state() as u8 as f64);
-        match &b.target {
-            Target::Pool(pool) => {
+        match b.pool() {
+            Some(pool) => {
                 let st = pool.status();
                 let mut counts = [0usize; 6];
                 let mut inflight = 0u64;
@@ -348,7 +348,7 @@ pub fn publish_gauges<S: Observed + ?Sized>(s: &S) {
                 metrics::gauge!("pitboss_sessions_active", "backend" => role)
                     .set(st.sessions as f64);
             }
-            Target::Grpc(_) => {
+            None => {
                 let sessions = if b.role == Role::New { new_pins } else { 0 };
                 metrics::gauge!("pitboss_sessions_active", "backend" => role).set(sessions as f64);
             }

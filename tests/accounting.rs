@@ -66,7 +66,7 @@ async fn assert_counted(
 }
 
 fn rollout_class(server: &RunningServer, class: &str) -> u64 {
-    let stats = server.edge().rollout.stats(Role::Legacy);
+    let stats = server.edge().rollout().stats(Role::Legacy);
     stats.by_class.get(class).copied().unwrap_or(0)
 }
 

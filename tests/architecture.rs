@@ -6,9 +6,10 @@
 //!                                (config, proto and runtime_files: leaves anyone may use)
 //! ```
 //!
-//! This is the target of issue 14. The edges that still break it are listed in
-//! [`KNOWN_VIOLATIONS`]: a ratchet. A new violation fails the test, and so does a listed
-//! one that is gone (remove it from the list, so that it cannot come back).
+//! No exception is listed: an edge that points up (or sideways, within one layer)
+//! fails the test. With strictly decreasing layers there can be no cycle either, and a
+//! cycle between files of one module is not an edge this test counts (a module is its
+//! own unit).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
@@ -28,12 +29,6 @@ const LAYERS: &[(&str, i32)] = &[
     ("server", 7),
     ("cli", 8),
     ("main", 9),
-];
-
-/// Edges that break the layering today, to be removed by issue 14. Do not add to it.
-const KNOWN_VIOLATIONS: &[(&str, &str)] = &[
-    // PoolError carries the error class (and CircuitOpen / Upstream).
-    ("pool", "resilience"),
 ];
 
 /// The module a source file belongs to: its first path component under `src/`.
@@ -117,11 +112,7 @@ fn layer(module: &str) -> i32 {
 }
 
 #[test]
-fn every_edge_points_down_the_layers_but_the_known_violations() {
-    let known: BTreeSet<(String, String)> = KNOWN_VIOLATIONS
-        .iter()
-        .map(|(a, b)| (a.to_string(), b.to_string()))
-        .collect();
+fn every_edge_points_down_the_layers() {
     let mut violations = BTreeSet::new();
     for (from, tos) in edges() {
         for to in tos {
@@ -130,15 +121,9 @@ fn every_edge_points_down_the_layers_but_the_known_violations() {
             }
         }
     }
-    let new: Vec<_> = violations.difference(&known).collect();
     assert!(
-        new.is_empty(),
-        "edges that break the layering (see the table at the top of tests/architecture.rs): {new:?}"
-    );
-    let gone: Vec<_> = known.difference(&violations).collect();
-    assert!(
-        gone.is_empty(),
-        "these violations are gone: remove them from KNOWN_VIOLATIONS so they cannot come back: {gone:?}"
+        violations.is_empty(),
+        "edges that break the layering (see the table at the top of tests/architecture.rs): {violations:?}"
     );
 }
 

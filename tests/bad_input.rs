@@ -683,7 +683,11 @@ async fn ten_thousand_abandoned_sessions_expire_and_free_their_memory() {
     let created_in = started.elapsed();
     assert_eq!(ids.len(), SESSIONS);
     assert_eq!(pool.status().sessions, SESSIONS, "all held at once");
-    assert_eq!(edge.sessions.len(), SESSIONS, "each pinned to its backend");
+    assert_eq!(
+        edge.split.pinned_sessions(),
+        (SESSIONS, 0),
+        "each pinned to its backend"
+    );
     let peak = rss_bytes();
 
     // Nobody closes them: the TTL does, without any traffic.
@@ -698,9 +702,8 @@ async fn ten_thousand_abandoned_sessions_expire_and_free_their_memory() {
     // The edge's pins end with their sessions: the next pruning (the background one
     // runs once a minute) drops every one, as the pool no longer has them.
     let now = tokio::time::Instant::now();
-    let gone = |id: &str, role| edge.backend(role).lacks_session(id);
-    assert_eq!(edge.sessions.prune(now, gone), SESSIONS);
-    assert!(edge.sessions.is_empty());
+    assert_eq!(edge.split.prune_sessions(now), SESSIONS);
+    assert_eq!(edge.split.pinned_sessions(), (0, 0));
     let err = client
         .clone()
         .get_session(pb::GetSessionRequest {

@@ -65,7 +65,7 @@ impl Setup {
     }
 
     fn flags(&self) -> Arc<pitboss::rollout::Flags> {
-        self.server.edge().rollout.flags.get()
+        self.server.edge().rollout().flags.get()
     }
 
     async fn stop(self) {
@@ -160,7 +160,7 @@ async fn an_in_place_rewrite_that_pauses_mid_write_is_never_applied_half_written
     };
 
     let path = s.flags_path();
-    let reloads_before = s.server.edge().rollout.flags.reloads();
+    let reloads_before = s.server.edge().rollout().flags.reloads();
     let cut_before_percent = FULL.find("percent").unwrap();
     for cut in [0, cut_before_percent] {
         let p = path.clone();
@@ -177,7 +177,7 @@ async fn an_in_place_rewrite_that_pauses_mid_write_is_never_applied_half_written
         eventually(Duration::from_secs(10), || s
             .server
             .edge()
-            .rollout
+            .rollout()
             .flags
             .reloads()
             .0

@@ -36,7 +36,7 @@ impl Setup {
     }
 
     fn flags(&self) -> Arc<pitboss::rollout::Flags> {
-        self.server.edge().rollout.flags.get()
+        self.server.edge().rollout().flags.get()
     }
 
     /// Writes the flags file the way an editor does (temp file, then rename) and waits
@@ -276,7 +276,7 @@ async fn hot_reload_under_load_loses_nothing_and_bad_files_keep_the_old_flags() 
                 .await;
         }
         if step == 5 {
-            let failed_before = s.server.edge().rollout.flags.reloads().1;
+            let failed_before = s.server.edge().rollout().flags.reloads().1;
             std::fs::write(
                 s.flags_path(),
                 "mode = \"canary\"\npercent = 55.0\ncommands = [\"*\"]\nsalt = \"\"\n",
@@ -286,7 +286,7 @@ async fn hot_reload_under_load_loses_nothing_and_bad_files_keep_the_old_flags() 
                 eventually(Duration::from_secs(10), || s
                     .server
                     .edge()
-                    .rollout
+                    .rollout()
                     .flags
                     .reloads()
                     .1
@@ -294,7 +294,7 @@ async fn hot_reload_under_load_loses_nothing_and_bad_files_keep_the_old_flags() 
                 .await
             );
             assert_eq!(s.flags().percent.0.as_f64(), 50.0, "the old flags stay");
-            let err = s.server.edge().rollout.flags.last_error().unwrap();
+            let err = s.server.edge().rollout().flags.last_error().unwrap();
             assert!(
                 err.contains("flags.toml:4") && err.contains("salt"),
                 "{err}"
@@ -341,7 +341,7 @@ async fn shadow_mode_answers_from_legacy_and_counts_mismatches() {
         // Not idempotent: never shadowed.
         s.client.execute(exec("echo", "{}")).await.unwrap();
     }
-    let counters = &s.server.edge().rollout.counters;
+    let counters = &s.server.edge().rollout().counters;
     assert!(
         eventually(LONG, || counters.shadow_match.load(Ordering::Relaxed)
             + counters.shadow_mismatch.load(Ordering::Relaxed)
@@ -376,7 +376,7 @@ async fn shadow_mode_answers_from_legacy_and_counts_mismatches() {
         "ignored fields match"
     );
     assert_eq!(counters.shadow_mismatch.load(Ordering::Relaxed), 10);
-    let new_stats = s.server.edge().rollout.stats(pitboss::backend::Role::New);
+    let new_stats = s.server.edge().rollout().stats(pitboss::backend::Role::New);
     assert_eq!(
         new_stats.requests, 25,
         "shadow calls count in new's statistics"
@@ -539,7 +539,7 @@ async fn new_raising_key_error_on_30_percent_of_calls_is_rolled_back() {
             == RolloutState::RolledBack)
         .await,
         "not rolled back; new's statistics: {:?}",
-        s.server.edge().rollout.stats(pitboss::backend::Role::New)
+        s.server.edge().rollout().stats(pitboss::backend::Role::New)
     );
     let reason = s.flags().status.reason.clone();
     assert!(reason.starts_with("error rate 30.0%"), "{reason}");
@@ -574,7 +574,7 @@ async fn the_same_caller_errors_on_both_backends_are_not_a_regression() {
         }
     }
     assert_eq!(rejected, 60);
-    let rollout = &s.server.edge().rollout;
+    let rollout = &s.server.edge().rollout();
     let (new, legacy) = (
         rollout.stats(pitboss::backend::Role::New),
         rollout.stats(pitboss::backend::Role::Legacy),
@@ -638,7 +638,7 @@ async fn a_command_new_lacks_falls_back_to_legacy_and_counts_against_new() {
         "2",
         "{e:?}"
     );
-    let new = s.server.edge().rollout.stats(pitboss::backend::Role::New);
+    let new = s.server.edge().rollout().stats(pitboss::backend::Role::New);
     assert_eq!((new.requests, new.errors), (1, 0), "{new:?}");
     // The same through ExecuteStream: new's refusal, then legacy's.
     let e = s
@@ -656,10 +656,10 @@ async fn a_command_new_lacks_falls_back_to_legacy_and_counts_against_new() {
     );
     // A stream that new refused before it started is in new's statistics too: not its
     // fault when legacy lacks the command as well, its fault when legacy has it.
-    let new = s.server.edge().rollout.stats(pitboss::backend::Role::New);
+    let new = s.server.edge().rollout().stats(pitboss::backend::Role::New);
     assert_eq!((new.requests, new.errors), (2, 0), "{new:?}");
     let _ = s.client.execute_stream(exec("sleep", "{}")).await;
-    let new = s.server.edge().rollout.stats(pitboss::backend::Role::New);
+    let new = s.server.edge().rollout().stats(pitboss::backend::Role::New);
     assert_eq!((new.requests, new.errors), (3, 1), "{new:?}");
     // Item 10: served after a fallback, `attempts` counts new's try and legacy's.
     let resp = s
@@ -684,7 +684,7 @@ async fn a_command_new_lacks_falls_back_to_legacy_and_counts_against_new() {
             == RolloutState::RolledBack)
         .await,
         "not rolled back; new's statistics: {:?}",
-        s.server.edge().rollout.stats(pitboss::backend::Role::New)
+        s.server.edge().rollout().stats(pitboss::backend::Role::New)
     );
     s.stop().await;
 }

@@ -3,24 +3,34 @@
 //! The rollout split happens *before* a backend, so each role has its own retry
 //! budget, breaker, outlier detection and concurrency limit: a failing `new` opens
 //! its own breaker and never spends legacy's retry budget.
+//!
+//! A [`Backend`] is the part every kind shares: the tower stack of unary calls (load
+//! shedding, concurrency limit, retry, breaker, over one [`TryService`] of the kind),
+//! the breaker around streams, and the classification of every failure, once, by the
+//! backend's exception rules. What differs between a local pool and a remote Bridge is
+//! behind one trait, [`Target`] ([`local`] and [`upstream`]), so no method here asks
+//! which kind it has.
+//!
+//! [`TryService`]: crate::resilience::TryService
 
+pub mod local;
 pub mod upstream;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures_util::future::BoxFuture;
 use tokio::time::Instant;
-use tower::{Service, ServiceExt};
+use tower::util::BoxCloneSyncService;
+use tower::ServiceExt;
 
 use crate::config::{BackendConfig, BackendKind};
-use crate::pool::{ExhaustedReason, Pool, PoolConfig, PoolError, PoolObserver, PoolStream};
+use crate::pool::{Pool, PoolConfig, PoolError, PoolObserver, PoolRequest};
 use crate::proto as pb;
+use crate::resilience::breaker::Permit;
 use crate::resilience::{
-    classify, Attempt, Breaker, BreakerLayer, BreakerSettings, ExceptionRules, Failed,
+    Attempt, Breaker, BreakerLayer, BreakerSettings, CallError, ExceptionRules, Failed,
     OutlierDetector, OutlierSettings, PoolService, RetryPolicy, RetrySettings, Served,
 };
 pub use upstream::{BadAddress, Upstream, UpstreamService};
@@ -69,41 +79,70 @@ impl Role {
     }
 }
 
-/// Where a backend's calls go.
-#[derive(Clone)]
-pub enum Target {
-    Pool(Pool),
-    Grpc(Upstream),
-}
-
-/// A pool or an upstream, as one tower service of attempts: either is the one
-/// adapter [`crate::resilience::TryService`] (per-try deadline, the try's class) over
-/// its own [`crate::resilience::OneTry`].
-#[derive(Clone)]
-pub enum AttemptService {
-    Pool(PoolService),
-    Grpc(UpstreamService),
-}
-
-impl Service<Attempt> for AttemptService {
-    type Response = Served;
-    type Error = Failed;
-    type Future = BoxFuture<'static, Result<Served, Failed>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Failed>> {
-        match self {
-            AttemptService::Pool(s) => s.poll_ready(cx),
-            AttemptService::Grpc(s) => s.poll_ready(cx),
-        }
+/// What one kind of backend (a local pool, a remote Bridge) does besides unary calls,
+/// which go through its [`TryService`](crate::resilience::TryService). Errors are
+/// returned unclassified: the [`Backend`] classifies them, once, by its rules.
+#[tonic::async_trait]
+pub trait Target: Send + Sync + 'static {
+    /// The pool behind it, for pool status and gauges; `None` for a remote backend.
+    fn pool(&self) -> Option<&Pool> {
+        None
     }
 
-    fn call(&mut self, attempt: Attempt) -> Self::Future {
-        match self {
-            AttemptService::Pool(s) => s.call(attempt),
-            AttemptService::Grpc(s) => s.call(attempt),
-        }
-    }
+    /// Whether it can take calls now.
+    fn ready(&self) -> bool;
+
+    /// Whether it is known to serve `command` without asking over the network.
+    fn serves(&self, command: &str) -> bool;
+
+    /// Whether it is known not to hold session `id`, without a network call.
+    fn lacks_session(&self, id: &str) -> bool;
+
+    /// Starts a streaming call that must end by `deadline`.
+    async fn open_stream(
+        &self,
+        req: PoolRequest,
+        deadline: Instant,
+    ) -> Result<Box<dyn Chunks>, CallError>;
+
+    async fn create_session(
+        &self,
+        role: Role,
+        id: String,
+        metadata: BTreeMap<String, String>,
+        deadline: Instant,
+    ) -> Result<pb::Session, CallError>;
+
+    async fn get_session(
+        &self,
+        role: Role,
+        id: &str,
+        deadline: Instant,
+    ) -> Result<pb::Session, CallError>;
+
+    async fn close_session(&self, id: &str, deadline: Instant) -> Result<(), CallError>;
+
+    /// The commands it serves (a remote backend that cannot be reached lists none).
+    async fn commands(&self) -> Vec<pb::CommandInfo>;
+
+    /// Stops it (a pool's workers); a remote backend has nothing to stop.
+    async fn shutdown(&self) {}
 }
+
+/// The chunks of one streaming call, from either kind of backend.
+#[tonic::async_trait]
+pub trait Chunks: Send {
+    /// The worker serving it as the client is told; empty while not known (a remote
+    /// backend names it on its last chunk).
+    fn worker(&self) -> String;
+
+    /// The next chunk as (payload, content type); `None` after the last one.
+    async fn next(&mut self) -> Option<Result<(Bytes, String), CallError>>;
+}
+
+/// One try of a unary call on whichever kind of backend: the shared adapter
+/// ([`crate::resilience::TryService`]) over the kind's [`crate::resilience::OneTry`].
+pub type AttemptService = BoxCloneSyncService<Attempt, Served, Failed>;
 
 /// The tower stack every `Execute` goes through, outermost first: load shedding, a
 /// concurrency limit, retry, and the backend's breaker (which sees every attempt).
@@ -119,57 +158,14 @@ pub type ExecuteStack = tower::load_shed::LoadShed<
 /// One backend role, ready to serve.
 pub struct Backend {
     pub role: Role,
-    pub target: Target,
-    pub stack: ExecuteStack,
+    target: Arc<dyn Target>,
+    stack: ExecuteStack,
     pub breaker: Breaker,
-    pub rules: Arc<ExceptionRules>,
+    rules: Arc<ExceptionRules>,
     /// Deadline for calls that arrive without one.
     pub default_timeout: Duration,
     /// For status output: the adapter or the upstream address.
     pub describe: String,
-}
-
-/// A stream of result chunks from either kind of backend.
-pub enum ChunkSource {
-    Pool(PoolStream),
-    Grpc {
-        stream: Box<tonic::Streaming<pb::ExecuteChunk>>,
-        upstream: Upstream,
-        worker: Option<String>,
-    },
-}
-
-impl ChunkSource {
-    pub fn worker(&self) -> String {
-        match self {
-            ChunkSource::Pool(s) => s.worker().map(|w| w.to_string()).unwrap_or_default(),
-            ChunkSource::Grpc { worker, .. } => worker.clone().unwrap_or_default(),
-        }
-    }
-
-    /// The next chunk as (payload, content type); `None` after the last one.
-    pub async fn next(&mut self) -> Option<Result<(Bytes, String), PoolError>> {
-        match self {
-            ChunkSource::Pool(s) => s
-                .next()
-                .await
-                .map(|r| r.map(|c| (c.payload, c.content_type))),
-            ChunkSource::Grpc {
-                stream,
-                upstream,
-                worker,
-            } => match stream.message().await {
-                Ok(Some(chunk)) => {
-                    if chunk.last && !chunk.worker_id.is_empty() {
-                        *worker = Some(format!("{}/{}", upstream.address, chunk.worker_id));
-                    }
-                    Some(Ok((chunk.payload, chunk.content_type)))
-                }
-                Ok(None) => None,
-                Err(status) => Some(Err(upstream.error(&status))),
-            },
-        }
-    }
 }
 
 /// Who hears about a backend's events. The backend defines what it reports (these
@@ -210,7 +206,8 @@ impl Backend {
                 source,
             })?;
         let max_message = c.server.max_message_bytes.0 as usize;
-        let (target, service, describe) = match cfg.kind {
+        let (target, service, describe): (Arc<dyn Target>, AttemptService, String) = match cfg.kind
+        {
             BackendKind::Pool => {
                 let pool = Pool::launch(
                     PoolConfig::from_sections(cfg.role, &c.pool, &c.sessions, &c.base_dir),
@@ -221,15 +218,19 @@ impl Backend {
                     role: cfg.role,
                     source,
                 })?;
-                let service = AttemptService::Pool(PoolService::new(
+                let service = PoolService::new(
                     pool.clone(),
                     rules.clone(),
                     retry_settings.per_try_timeout,
                     Arc::new(OutlierDetector::new(OutlierSettings::from_section(
                         &c.circuit_breaker,
                     ))),
-                ));
-                (Target::Pool(pool), service, c.pool.adapter.clone())
+                );
+                (
+                    Arc::new(pool),
+                    AttemptService::new(service),
+                    c.pool.adapter.clone(),
+                )
             }
             BackendKind::Grpc => {
                 let upstream = Upstream::new(&cfg.address, max_message).map_err(|source| {
@@ -238,11 +239,13 @@ impl Backend {
                         source,
                     }
                 })?;
-                let service = AttemptService::Grpc(UpstreamService::new(
-                    upstream.clone(),
-                    retry_settings.per_try_timeout,
-                ));
-                (Target::Grpc(upstream), service, cfg.address.clone())
+                let service =
+                    UpstreamService::new(upstream.clone(), retry_settings.per_try_timeout);
+                (
+                    Arc::new(upstream),
+                    AttemptService::new(service),
+                    cfg.address.clone(),
+                )
             }
             BackendKind::None => {
                 return Err(StartError::KindNone { role: cfg.role });
@@ -270,28 +273,41 @@ impl Backend {
     }
 
     pub fn pool(&self) -> Option<&Pool> {
-        match &self.target {
-            Target::Pool(p) => Some(p),
-            Target::Grpc(_) => None,
-        }
+        self.target.pool()
     }
 
     /// Whether it can take calls: a pool with a ready worker; an upstream always (its
     /// failures are handled per call, by the breaker).
     pub fn ready(&self) -> bool {
-        match &self.target {
-            Target::Pool(p) => p.status().ready > 0,
-            Target::Grpc(_) => true,
-        }
+        self.target.ready()
     }
 
     /// Whether it is known to serve `command`: a pool whose workers registered it. An
     /// upstream's commands are not known without a call, so it says no.
     pub fn serves(&self, command: &str) -> bool {
-        match &self.target {
-            Target::Pool(p) => p.commands().iter().any(|c| c.name == command),
-            Target::Grpc(_) => false,
+        self.target.serves(command)
+    }
+
+    /// Whether this backend is known not to hold session `id` (expired, closed, or
+    /// lost with its worker), without a network call: a pool knows; an upstream is
+    /// not asked, so it never says so.
+    pub fn lacks_session(&self, id: &str) -> bool {
+        self.target.lacks_session(id)
+    }
+
+    /// A failure of one try of this backend, classified by its rules.
+    pub fn failed(&self, error: CallError) -> Failed {
+        Failed {
+            class: error.class(&self.rules),
+            error,
+            attempts: 1,
+            budget_exhausted: false,
         }
+    }
+
+    /// The deadline of a call that arrived without one.
+    pub fn deadline_from_now(&self) -> Instant {
+        Instant::now() + self.default_timeout
     }
 
     /// Runs one call through the backend's whole stack.
@@ -301,205 +317,126 @@ impl Backend {
             Ok(failed) => *failed,
             Err(e) => {
                 let error = if e.is::<tower::load_shed::error::Overloaded>() {
-                    PoolError::PoolExhausted {
-                        reason: ExhaustedReason::ConcurrencyLimit,
-                    }
+                    CallError::Overloaded
                 } else {
-                    PoolError::Internal(e.to_string())
+                    CallError::Internal(e.to_string())
                 };
                 Failed {
-                    class: classify(&error, &self.rules),
-                    error,
                     attempts: 0,
-                    budget_exhausted: false,
+                    ..self.failed(error)
                 }
             }
         })
     }
 
-    /// Starts a streaming call. Streams are not retried (chunks may already be out),
-    /// but the breaker guards them: the caller records the outcome on the permit.
-    pub async fn execute_stream(
-        &self,
-        req: crate::pool::PoolRequest,
-    ) -> Result<ChunkSource, PoolError> {
-        match &self.target {
-            Target::Pool(p) => p.execute_stream(req).await.map(ChunkSource::Pool),
-            Target::Grpc(u) => {
-                let msg = pb::ExecuteRequest {
-                    command: req.command,
-                    payload: req.payload,
-                    content_type: req.content_type,
-                    session_id: req.session_id.clone().unwrap_or_default(),
-                    idempotent: false,
-                    routing_key: String::new(),
-                };
-                let deadline = req
-                    .deadline
-                    .unwrap_or_else(|| Instant::now() + self.default_timeout);
-                let r = u.request(msg, Some(deadline), req.session_id.as_deref());
-                let stream = u
-                    .client
-                    .clone()
-                    .execute_stream(r)
-                    .await
-                    .map_err(|s| u.error(&s))?
-                    .into_inner();
-                Ok(ChunkSource::Grpc {
-                    stream: Box::new(stream),
-                    upstream: u.clone(),
-                    worker: None,
-                })
+    /// Starts a streaming call behind the backend's breaker. Streams are not retried
+    /// (chunks may already be out); the returned stream records its outcome on the
+    /// breaker when it ends.
+    pub async fn open_stream(&self, req: PoolRequest) -> Result<BackendStream, Failed> {
+        let permit = self
+            .breaker
+            .try_acquire()
+            .map_err(|retry_after| self.failed(CallError::CircuitOpen { retry_after }))?;
+        let deadline = req.deadline.unwrap_or_else(|| self.deadline_from_now());
+        match self.target.open_stream(req, deadline).await {
+            Ok(chunks) => Ok(BackendStream {
+                permit: Some(permit),
+                chunks,
+                rules: self.rules.clone(),
+            }),
+            Err(error) => {
+                let failed = self.failed(error);
+                permit.record(Some(failed.class));
+                Err(failed)
             }
         }
     }
 
+    /// Creates session `id` on this backend.
     pub async fn create_session(
         &self,
-        id: Option<String>,
+        id: String,
         metadata: BTreeMap<String, String>,
-    ) -> Result<pb::Session, PoolError> {
-        match &self.target {
-            Target::Pool(p) => p
-                .create_session(id, metadata)
-                .map(|info| session_msg(self.role, info)),
-            Target::Grpc(u) => {
-                let msg = pb::CreateSessionRequest {
-                    session_id: id.clone().unwrap_or_default(),
-                    metadata: metadata.into_iter().collect(),
-                    routing_key: String::new(),
-                };
-                let deadline = Instant::now() + self.default_timeout;
-                let r = u.request(msg, Some(deadline), id.as_deref());
-                let mut s = u
-                    .client
-                    .clone()
-                    .create_session(r)
-                    .await
-                    .map_err(|s| u.error(&s))?
-                    .into_inner();
-                s.backend = self.role.as_str().into();
-                Ok(s)
-            }
-        }
+    ) -> Result<pb::Session, Failed> {
+        let deadline = self.deadline_from_now();
+        self.target
+            .create_session(self.role, id, metadata, deadline)
+            .await
+            .map_err(|e| self.failed(e))
     }
 
-    /// Whether this backend is known not to hold session `id` (expired, closed, or
-    /// lost with its worker), without a network call: a pool knows; an upstream is
-    /// not asked, so it never says so.
-    pub fn lacks_session(&self, id: &str) -> bool {
-        match &self.target {
-            Target::Pool(p) => p.get_session(id).is_err(),
-            Target::Grpc(_) => false,
-        }
+    pub async fn get_session(&self, id: &str) -> Result<pb::Session, Failed> {
+        let deadline = self.deadline_from_now();
+        self.target
+            .get_session(self.role, id, deadline)
+            .await
+            .map_err(|e| self.failed(e))
     }
 
-    pub async fn get_session(&self, id: &str) -> Result<pb::Session, PoolError> {
-        match &self.target {
-            Target::Pool(p) => p.get_session(id).map(|info| session_msg(self.role, info)),
-            Target::Grpc(u) => {
-                let deadline = Instant::now() + self.default_timeout;
-                let r = u.request(
-                    pb::GetSessionRequest {
-                        session_id: id.into(),
-                    },
-                    Some(deadline),
-                    Some(id),
-                );
-                let mut s = u
-                    .client
-                    .clone()
-                    .get_session(r)
-                    .await
-                    .map_err(|s| u.error(&s))?
-                    .into_inner();
-                s.backend = self.role.as_str().into();
-                Ok(s)
-            }
-        }
-    }
-
-    pub async fn close_session(&self, id: &str) -> Result<(), PoolError> {
-        match &self.target {
-            Target::Pool(p) => p.close_session(id),
-            Target::Grpc(u) => {
-                let deadline = Instant::now() + self.default_timeout;
-                let r = u.request(
-                    pb::CloseSessionRequest {
-                        session_id: id.into(),
-                    },
-                    Some(deadline),
-                    Some(id),
-                );
-                u.client
-                    .clone()
-                    .close_session(r)
-                    .await
-                    .map_err(|s| u.error(&s))?;
-                Ok(())
-            }
-        }
+    pub async fn close_session(&self, id: &str) -> Result<(), Failed> {
+        let deadline = self.deadline_from_now();
+        self.target
+            .close_session(id, deadline)
+            .await
+            .map_err(|e| self.failed(e))
     }
 
     /// The commands it serves (an unreachable upstream lists none).
     pub async fn commands(&self) -> Vec<pb::CommandInfo> {
-        match &self.target {
-            Target::Pool(p) => p
-                .commands()
-                .into_iter()
-                .map(|c| pb::CommandInfo {
-                    name: c.name,
-                    streaming: c.streaming,
-                    is_async: c.is_async,
-                    doc: c.doc,
-                    backends: vec![],
-                })
-                .collect(),
-            Target::Grpc(u) => {
-                let r = u.request(
-                    pb::ListCommandsRequest {},
-                    Some(Instant::now() + Duration::from_secs(5)),
-                    None,
-                );
-                match u.client.clone().list_commands(r).await {
-                    Ok(resp) => resp.into_inner().commands,
-                    Err(e) => {
-                        tracing::warn!(upstream = %u.address, "cannot list the upstream's commands: {}", e.message());
-                        vec![]
-                    }
-                }
+        self.target.commands().await
+    }
+
+    pub async fn shutdown(&self) {
+        self.target.shutdown().await
+    }
+}
+
+/// A streaming call on a backend, holding its breaker permit: the outcome is recorded
+/// on the breaker once, when the stream ends, fails, or is dropped unfinished (the
+/// client went away, which says nothing about the backend's health).
+pub struct BackendStream {
+    permit: Option<Permit>,
+    chunks: Box<dyn Chunks>,
+    rules: Arc<ExceptionRules>,
+}
+
+impl BackendStream {
+    /// The worker serving it; see [`Chunks::worker`].
+    pub fn worker(&self) -> String {
+        self.chunks.worker()
+    }
+
+    /// The next chunk; `None` after the last one. A failure is classified here, by
+    /// the backend's rules, and ends the stream.
+    pub async fn next(&mut self) -> Option<Result<(Bytes, String), Failed>> {
+        match self.chunks.next().await {
+            Some(Ok(chunk)) => Some(Ok(chunk)),
+            None => {
+                self.end(None);
+                None
+            }
+            Some(Err(error)) => {
+                let class = error.class(&self.rules);
+                self.end(Some(class));
+                Some(Err(Failed {
+                    class,
+                    error,
+                    attempts: 1,
+                    budget_exhausted: false,
+                }))
             }
         }
     }
 
-    pub async fn shutdown(&self) {
-        if let Target::Pool(p) = &self.target {
-            p.shutdown().await;
+    fn end(&mut self, class: Option<crate::resilience::ErrorClass>) {
+        if let Some(permit) = self.permit.take() {
+            permit.record(class);
         }
     }
 }
 
-fn timestamp(t: std::time::SystemTime) -> prost_types::Timestamp {
-    let d = t
-        .duration_since(std::time::SystemTime::UNIX_EPOCH)
-        .unwrap_or_default();
-    prost_types::Timestamp {
-        seconds: d.as_secs() as i64,
-        nanos: d.subsec_nanos() as i32,
-    }
-}
-
-fn session_msg(role: Role, s: crate::pool::SessionInfo) -> pb::Session {
-    pb::Session {
-        session_id: s.session_id,
-        backend: role.as_str().into(),
-        worker_id: s.worker.to_string(),
-        created_at: Some(timestamp(s.created)),
-        expires_at: Some(timestamp(s.expires)),
-        metadata: s
-            .metadata
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect(),
+impl Drop for BackendStream {
+    fn drop(&mut self) {
+        self.end(None);
     }
 }

@@ -1,9 +1,9 @@
 //! A `grpc` backend: an upstream server that speaks `pitboss.v1.Bridge` (a legacy
 //! service that already runs elsewhere, or another pitboss).
 //!
-//! Its failures come back as gRPC statuses; [`upstream_error`] turns them into the
-//! same [`PoolError`]/[`ErrorClass`] pair a local pool produces, so retry, breakers,
-//! fallback and rollback statistics treat both kinds alike.
+//! Its failures come back as gRPC statuses; [`upstream_error`] reads each once into a
+//! [`CallError::Remote`] that carries the class the upstream reported, so retry,
+//! breakers, fallback and rollback statistics treat both kinds alike.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,10 +12,15 @@ use futures_util::future::BoxFuture;
 use tokio::time::Instant;
 use tonic::transport::{Channel, Endpoint};
 
-use crate::pool::{PoolError, PoolResponse, TimeoutStage};
+use std::collections::BTreeMap;
+
+use bytes::Bytes;
+
+use super::{Chunks, Role, Target};
+use crate::pool::{PoolRequest, PoolResponse};
 use crate::proto as pb;
 use crate::proto::bridge_client::BridgeClient;
-use crate::resilience::{classify, Attempt, ErrorClass, ExceptionRules, OneTry, Reply, TryService};
+use crate::resilience::{Attempt, CallError, ErrorClass, OneTry, RemoteFailure, Reply, TryService};
 use crate::worker::WorkerId;
 
 /// An upstream address that is not a URI tonic can connect to.
@@ -70,14 +75,14 @@ impl Upstream {
         req
     }
 
-    pub fn error(&self, status: &tonic::Status) -> PoolError {
+    pub fn error(&self, status: &tonic::Status) -> CallError {
         upstream_error(&self.address, status)
     }
 }
 
 /// Classifies an upstream's status: its own `x-pitboss-error-class` when it is a
 /// pitboss, else by code.
-pub fn upstream_error(address: &str, status: &tonic::Status) -> PoolError {
+pub fn upstream_error(address: &str, status: &tonic::Status) -> CallError {
     let named = status
         .metadata()
         .get("x-pitboss-error-class")
@@ -94,11 +99,11 @@ pub fn upstream_error(address: &str, status: &tonic::Status) -> PoolError {
         tonic::Code::Unknown => ErrorClass::PythonException,
         _ => ErrorClass::Internal,
     });
-    PoolError::Upstream {
+    CallError::Remote(RemoteFailure {
         address: address.to_string(),
         class,
         message: format!("{:?}: {}", status.code(), status.message()),
-    }
+    })
 }
 
 // === impl OneTry for Upstream ===
@@ -120,7 +125,7 @@ impl OneTry for Upstream {
         &self,
         attempt: Attempt,
         try_deadline: Instant,
-    ) -> BoxFuture<'static, Result<Reply, PoolError>> {
+    ) -> BoxFuture<'static, Result<Reply, CallError>> {
         let upstream = self.clone();
         Box::pin(async move {
             let r = attempt.request;
@@ -148,10 +153,8 @@ impl OneTry for Upstream {
                     })
                 }
                 Ok(Err(status)) => Err(upstream.error(&status)),
-                Err(_) => Err(PoolError::Timeout {
-                    worker: None,
+                Err(_) => Err(CallError::DeadlineExceeded {
                     after: started.elapsed(),
-                    stage: TimeoutStage::Running,
                 }),
             }
         })
@@ -159,8 +162,156 @@ impl OneTry for Upstream {
 
     /// The class the upstream's status carried ([`upstream_error`]); there are no
     /// local exception rules for a remote backend.
-    fn classify(&self, error: &PoolError) -> ErrorClass {
-        classify(error, &ExceptionRules::default())
+    fn classify(&self, error: &CallError) -> ErrorClass {
+        error.class(&Default::default())
+    }
+}
+
+// === impl Target for Upstream ===
+
+#[tonic::async_trait]
+impl Target for Upstream {
+    /// Always: its failures are handled per call, by the breaker.
+    fn ready(&self) -> bool {
+        true
+    }
+
+    /// An upstream's commands are not known without a call.
+    fn serves(&self, _command: &str) -> bool {
+        false
+    }
+
+    /// An upstream is not asked, so it never says so.
+    fn lacks_session(&self, _id: &str) -> bool {
+        false
+    }
+
+    async fn open_stream(
+        &self,
+        req: PoolRequest,
+        deadline: Instant,
+    ) -> Result<Box<dyn Chunks>, CallError> {
+        let msg = pb::ExecuteRequest {
+            command: req.command,
+            payload: req.payload,
+            content_type: req.content_type,
+            session_id: req.session_id.clone().unwrap_or_default(),
+            idempotent: false,
+            routing_key: String::new(),
+        };
+        let r = self.request(msg, Some(deadline), req.session_id.as_deref());
+        let stream = self
+            .client
+            .clone()
+            .execute_stream(r)
+            .await
+            .map_err(|s| self.error(&s))?
+            .into_inner();
+        Ok(Box::new(UpstreamChunks {
+            stream,
+            address: self.address.clone(),
+            worker: None,
+        }))
+    }
+
+    async fn create_session(
+        &self,
+        role: Role,
+        id: String,
+        metadata: BTreeMap<String, String>,
+        deadline: Instant,
+    ) -> Result<pb::Session, CallError> {
+        let msg = pb::CreateSessionRequest {
+            session_id: id.clone(),
+            metadata: metadata.into_iter().collect(),
+            routing_key: String::new(),
+        };
+        let r = self.request(msg, Some(deadline), Some(&id));
+        let mut s = self
+            .client
+            .clone()
+            .create_session(r)
+            .await
+            .map_err(|s| self.error(&s))?
+            .into_inner();
+        s.backend = role.as_str().into();
+        Ok(s)
+    }
+
+    async fn get_session(
+        &self,
+        role: Role,
+        id: &str,
+        deadline: Instant,
+    ) -> Result<pb::Session, CallError> {
+        let msg = pb::GetSessionRequest {
+            session_id: id.into(),
+        };
+        let r = self.request(msg, Some(deadline), Some(id));
+        let mut s = self
+            .client
+            .clone()
+            .get_session(r)
+            .await
+            .map_err(|s| self.error(&s))?
+            .into_inner();
+        s.backend = role.as_str().into();
+        Ok(s)
+    }
+
+    async fn close_session(&self, id: &str, deadline: Instant) -> Result<(), CallError> {
+        let msg = pb::CloseSessionRequest {
+            session_id: id.into(),
+        };
+        let r = self.request(msg, Some(deadline), Some(id));
+        self.client
+            .clone()
+            .close_session(r)
+            .await
+            .map_err(|s| self.error(&s))?;
+        Ok(())
+    }
+
+    async fn commands(&self) -> Vec<pb::CommandInfo> {
+        let r = self.request(
+            pb::ListCommandsRequest {},
+            Some(Instant::now() + Duration::from_secs(5)),
+            None,
+        );
+        match self.client.clone().list_commands(r).await {
+            Ok(resp) => resp.into_inner().commands,
+            Err(e) => {
+                tracing::warn!(upstream = %self.address, "cannot list the upstream's commands: {}", e.message());
+                vec![]
+            }
+        }
+    }
+}
+
+/// An upstream's stream of chunks. It names its worker on its last chunk.
+struct UpstreamChunks {
+    stream: tonic::Streaming<pb::ExecuteChunk>,
+    address: Arc<str>,
+    worker: Option<String>,
+}
+
+#[tonic::async_trait]
+impl Chunks for UpstreamChunks {
+    fn worker(&self) -> String {
+        self.worker.clone().unwrap_or_default()
+    }
+
+    async fn next(&mut self) -> Option<Result<(Bytes, String), CallError>> {
+        match self.stream.message().await {
+            Ok(Some(chunk)) => {
+                if chunk.last && !chunk.worker_id.is_empty() {
+                    self.worker = Some(format!("{}/{}", self.address, chunk.worker_id));
+                }
+                Some(Ok((chunk.payload, chunk.content_type)))
+            }
+            Ok(None) => None,
+            Err(status) => Some(Err(upstream_error(&self.address, &status))),
+        }
     }
 }
 
@@ -174,20 +325,11 @@ mod tests {
         s.metadata_mut()
             .insert("x-pitboss-error-class", "protocol_error".parse().unwrap());
         let e = upstream_error("http://u", &s);
-        assert_eq!(
-            crate::resilience::classify(&e, &Default::default()),
-            ErrorClass::ProtocolError
-        );
+        assert_eq!(e.class(&Default::default()), ErrorClass::ProtocolError);
         assert!(e.to_string().contains("http://u"), "{e}");
         let plain = upstream_error("http://u", &tonic::Status::unavailable("conn refused"));
-        assert_eq!(
-            crate::resilience::classify(&plain, &Default::default()),
-            ErrorClass::WorkerCrashed
-        );
+        assert_eq!(plain.class(&Default::default()), ErrorClass::WorkerCrashed);
         let bad = upstream_error("http://u", &tonic::Status::invalid_argument("no"));
-        assert_eq!(
-            crate::resilience::classify(&bad, &Default::default()),
-            ErrorClass::InvalidRequest
-        );
+        assert_eq!(bad.class(&Default::default()), ErrorClass::InvalidRequest);
     }
 }

@@ -12,7 +12,6 @@ use tonic::{Request, Response, Status};
 
 use super::pb::admin_server::Admin;
 use super::{duration, pb, Edge};
-use crate::backend::Target;
 use crate::rollout::flags::{Action, Change, Mode, UnknownAction, UnknownMode};
 use crate::rollout::{InvalidPercent, Percent};
 
@@ -68,12 +67,12 @@ impl AdminService {
 
     fn rollout_msg(&self) -> pb::Rollout {
         let edge = &self.0;
-        let f = edge.rollout.flags.get();
-        let c = &edge.rollout.counters;
+        let f = edge.rollout().flags.get();
+        let c = &edge.rollout().counters;
         let backends = edge
             .backends()
             .map(|b| {
-                let s = edge.rollout.stats(b.role);
+                let s = edge.rollout().stats(b.role);
                 let ms = |d: Option<std::time::Duration>| {
                     d.map(|d| d.as_secs_f64() * 1000.0).unwrap_or(f64::NAN)
                 };
@@ -110,12 +109,12 @@ impl AdminService {
             changed_at: f.status.changed_at.clone(),
             changed_by: f.status.changed_by.clone(),
             flags_file: edge
-                .rollout
+                .rollout()
                 .flags
                 .path()
                 .map(|p| p.display().to_string())
                 .unwrap_or_default(),
-            has_new: edge.new.is_some(),
+            has_new: edge.split.new_backend().is_some(),
             backends,
             shadow_matches: c.shadow_match.load(Ordering::Relaxed),
             shadow_mismatches: c.shadow_mismatch.load(Ordering::Relaxed),
@@ -185,8 +184,8 @@ impl Admin for AdminService {
         let mut pools = Vec::new();
         let mut sessions = 0;
         for b in edge.backends() {
-            match &b.target {
-                Target::Pool(pool) => {
+            match b.pool() {
+                Some(pool) => {
                     let st = pool.status();
                     sessions += st.sessions as u64;
                     let workers = st
@@ -221,15 +220,15 @@ impl Admin for AdminService {
                         workers,
                     });
                 }
-                Target::Grpc(u) => pools.push(pb::PoolStatus {
+                None => pools.push(pb::PoolStatus {
                     backend: b.role.as_str().into(),
-                    adapter: format!("grpc upstream {}", u.address),
+                    adapter: format!("grpc upstream {}", b.describe),
                     ..Default::default()
                 }),
             }
         }
-        let (_, new_sessions) = edge.sessions.counts();
-        if matches!(edge.new.as_ref().map(|b| &b.target), Some(Target::Grpc(_))) {
+        let (_, new_sessions) = edge.split.pinned_sessions();
+        if edge.split.new_backend().is_some_and(|b| b.pool().is_none()) {
             sessions += new_sessions as u64;
         }
         Ok(Response::new(pb::Status {
@@ -238,7 +237,7 @@ impl Admin for AdminService {
             uptime: Some(duration(edge.started.elapsed())),
             pools,
             sessions,
-            serving: edge.legacy.ready() && !edge.draining.load(Ordering::Acquire),
+            serving: edge.split.legacy().ready() && !edge.draining.load(Ordering::Acquire),
         }))
     }
 
@@ -261,7 +260,7 @@ impl Admin for AdminService {
             .unwrap_or_else(|| "unknown".into());
         let r = req.into_inner();
         let change = parse_change(&r).map_err(|e| Status::invalid_argument(e.to_string()))?;
-        if self.0.new.is_none() && change.action != Some(Action::Rollback) {
+        if self.0.split.new_backend().is_none() && change.action != Some(Action::Rollback) {
             let wants_new = change.mode.is_some_and(|m| m != Mode::Off)
                 || change.percent.is_some_and(|p| p != Percent::ZERO);
             if wants_new {
@@ -277,7 +276,7 @@ impl Admin for AdminService {
             format!("{}@{peer}", r.actor)
         };
         self.0
-            .rollout
+            .rollout()
             .change(&change, &actor)
             .await
             .map_err(|e| Status::failed_precondition(e.to_string()))?;

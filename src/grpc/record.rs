@@ -7,40 +7,15 @@
 //! [`unfinished_class`] unless it was finished with its real outcome.
 
 use std::sync::Mutex;
-use std::time::Duration;
 
 use tokio::time::Instant;
 
 use crate::backend::Role;
 use crate::resilience::ErrorClass;
+use crate::rollout::split::{unfinished_class, CallProgress};
 
 /// The `command` label of CreateSession calls (they run no command).
 pub const CREATE_SESSION: &str = "CreateSession";
-
-/// The least and the most a client's timer may run ahead of pitboss's deadline and
-/// still be counted as the deadline (a tenth of the client's timeout, within these).
-pub const DEADLINE_SLACK_MIN: Duration = Duration::from_millis(20);
-pub const DEADLINE_SLACK_MAX: Duration = Duration::from_millis(250);
-
-/// The class of a call that ended without an answer: the client went away.
-///
-/// The client's own timer starts before the request leaves it, pitboss's when the
-/// request arrives, so a client that gives up at its deadline does so a little before
-/// pitboss's: a call abandoned within the slack (a tenth of its timeout, 20 to 250 ms)
-/// of its deadline is `deadline_exceeded`; any other abandoned call is `cancelled`.
-/// Pure.
-pub fn unfinished_class(now: Instant, arrived: Instant, deadline: Option<Instant>) -> ErrorClass {
-    let Some(deadline) = deadline else {
-        return ErrorClass::Cancelled;
-    };
-    let slack = (deadline.saturating_duration_since(arrived) / 10)
-        .clamp(DEADLINE_SLACK_MIN, DEADLINE_SLACK_MAX);
-    if now + slack >= deadline {
-        ErrorClass::DeadlineExceeded
-    } else {
-        ErrorClass::Cancelled
-    }
-}
 
 /// Records one call exactly once: by [`CallRecord::finish`] with its outcome, else on
 /// drop as [`unfinished_class`]. Shared by reference between a handler and its
@@ -109,50 +84,9 @@ impl Drop for CallRecord {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[tokio::test(start_paused = true)]
-    async fn an_abandoned_call_is_a_deadline_near_its_deadline_else_a_cancel() {
-        let t0 = Instant::now();
-        let ms = Duration::from_millis;
-        // No deadline: the client cancelled.
-        assert_eq!(
-            unfinished_class(t0 + ms(5000), t0, None),
-            ErrorClass::Cancelled
-        );
-        // 1 s timeout: 100 ms of slack.
-        let d = Some(t0 + ms(1000));
-        assert_eq!(unfinished_class(t0 + ms(500), t0, d), ErrorClass::Cancelled);
-        assert_eq!(unfinished_class(t0 + ms(899), t0, d), ErrorClass::Cancelled);
-        assert_eq!(
-            unfinished_class(t0 + ms(905), t0, d),
-            ErrorClass::DeadlineExceeded
-        );
-        assert_eq!(
-            unfinished_class(t0 + ms(1000), t0, d),
-            ErrorClass::DeadlineExceeded
-        );
-        assert_eq!(
-            unfinished_class(t0 + ms(2000), t0, d),
-            ErrorClass::DeadlineExceeded
-        );
-        // Short timeouts get at least 20 ms, long ones at most 250 ms.
-        let d = Some(t0 + ms(100));
-        assert_eq!(
-            unfinished_class(t0 + ms(85), t0, d),
-            ErrorClass::DeadlineExceeded
-        );
-        assert_eq!(unfinished_class(t0 + ms(75), t0, d), ErrorClass::Cancelled);
-        let d = Some(t0 + ms(60_000));
-        assert_eq!(
-            unfinished_class(t0 + ms(59_800), t0, d),
-            ErrorClass::DeadlineExceeded
-        );
-        assert_eq!(
-            unfinished_class(t0 + ms(59_000), t0, d),
-            ErrorClass::Cancelled
-        );
+/// The split tells the record which backend answers, for a call abandoned midway.
+impl CallProgress for CallRecord {
+    fn answering(&self, role: Role) {
+        CallRecord::answering(self, role)
     }
 }

@@ -1,4 +1,4 @@
-//! The one place where a pool error becomes a gRPC status. Messages tell the caller
+//! The one place where a failure becomes a gRPC status. Messages tell the caller
 //! what happened and what to do; metadata carries machine-readable details.
 
 use std::collections::HashMap;
@@ -8,15 +8,15 @@ use tonic::Status;
 use tonic_types::{ErrorDetails, StatusExt};
 
 use crate::pool::PoolError;
-use crate::resilience::{classify, ErrorClass, ExceptionRules};
+use crate::resilience::{CallError, ErrorClass};
 
 /// What to add to the message so the caller knows what to do next.
-fn advice(err: &PoolError) -> &'static str {
-    match err {
-        PoolError::WorkerCrashed { .. } | PoolError::Protocol { .. } => {
+fn advice(err: &CallError) -> &'static str {
+    match err.pool() {
+        Some(PoolError::WorkerCrashed { .. } | PoolError::Protocol { .. }) => {
             " (retry if the command is idempotent)"
         }
-        PoolError::ShuttingDown => " (retry against another instance)",
+        Some(PoolError::ShuttingDown) => " (retry against another instance)",
         _ => "",
     }
 }
@@ -27,11 +27,6 @@ pub struct ErrorContext<'a> {
     pub backend: &'a str,
     pub attempts: u32,
     pub instance: &'a str,
-    /// The class the failure was given where it was first understood (a per-try
-    /// timeout is `worker_timeout` there, though its error is a timeout). `None`:
-    /// classify the error here. Carried, so the client, the metrics, the breaker and
-    /// the rollout all see one class.
-    pub class: Option<ErrorClass>,
 }
 
 /// The budget for an error's metadata. All of it together (the `grpc-message`, the
@@ -56,27 +51,16 @@ pub mod budget {
 /// How long a client should wait before retrying after `pool_exhausted`.
 pub const POOL_EXHAUSTED_PUSHBACK: std::time::Duration = std::time::Duration::from_millis(200);
 
-/// Maps a pool error to a status. The code comes from the error's row in the
-/// classification table. Details travel twice: as the standard `google.rpc` error
-/// model (`ErrorInfo` with reason = the class and domain `pitboss`, plus `RetryInfo`
-/// and a `grpc-retry-pushback-ms` trailer when the client should back off), and as
-/// plain `x-pitboss-*` metadata for clients without rich-error support.
+/// Maps a failure to a status. `class` is the one it was given where it was first
+/// understood (a per-try timeout is `worker_timeout` there, though its error reads as
+/// a deadline), carried, so the client, the metrics, the breaker and the rollout all
+/// see one class. The code comes from the class's row in the classification table.
+/// Details travel twice: as the standard `google.rpc` error model (`ErrorInfo` with
+/// reason = the class and domain `pitboss`, plus `RetryInfo` and a
+/// `grpc-retry-pushback-ms` trailer when the client should back off), and as plain
+/// `x-pitboss-*` metadata for clients without rich-error support.
 pub fn to_status(
-    err: &PoolError,
-    rules: &ExceptionRules,
-    include_traceback: bool,
-    ctx: ErrorContext<'_>,
-) -> Status {
-    let class = ctx.class.unwrap_or_else(|| classify(err, rules));
-    to_status_as(err, class, include_traceback, ctx)
-}
-
-/// [`to_status`] for a failure already classified (a per-try timeout is
-/// `worker_timeout`, though the error alone reads as `deadline_exceeded`): the client
-/// is told the class that metrics, the breaker and the rollout counted, not a second
-/// classification of the same error.
-pub fn to_status_as(
-    err: &PoolError,
+    err: &CallError,
     class: ErrorClass,
     include_traceback: bool,
     ctx: ErrorContext<'_>,
@@ -102,11 +86,11 @@ pub fn to_status_as(
     if let Some(w) = err.worker() {
         put("worker", w.to_string(), &mut info);
     }
-    if let PoolError::PythonException {
+    if let Some(PoolError::PythonException {
         error_type,
         traceback,
         ..
-    } = err
+    }) = err.pool()
     {
         put("python_type", error_type.clone(), &mut info);
         if include_traceback {
@@ -117,7 +101,7 @@ pub fn to_status_as(
     let mut details = ErrorDetails::new();
     details.set_error_info(class.name(), "pitboss", info);
     let pushback = match (class, err) {
-        (_, PoolError::CircuitOpen { retry_after }) => Some(*retry_after),
+        (_, CallError::CircuitOpen { retry_after }) => Some(*retry_after),
         (ErrorClass::PoolExhausted, _) => Some(POOL_EXHAUSTED_PUSHBACK),
         _ => None,
     };
@@ -130,16 +114,16 @@ pub fn to_status_as(
     // A request over a size limit is `invalid_request` (never retried, never held
     // against the backend), but answered with the code gRPC itself gives a message over
     // the limit, as docs/ERRORS.md says.
-    let code = match err {
-        PoolError::RequestTooLarge { .. } => tonic::Code::ResourceExhausted,
+    let code = match err.pool() {
+        Some(PoolError::RequestTooLarge { .. }) => tonic::Code::ResourceExhausted,
         _ => class.row().code,
     };
     let full = format!("{err}{}", advice(err));
     let message = head(&full, budget::MESSAGE);
     if message.len() != full.len() {
         // The client gets the cut version; the whole text stays findable.
-        let traceback = match err {
-            PoolError::PythonException { traceback, .. } => traceback.as_str(),
+        let traceback = match err.pool() {
+            Some(PoolError::PythonException { traceback, .. }) => traceback.as_str(),
             _ => "",
         };
         tracing::debug!(class = class.name(), message = %full, %traceback, "error text cut for the client");
@@ -189,15 +173,25 @@ fn tail(s: &str, max: usize) -> String {
 mod tests {
     use super::*;
     use crate::pool::ExhaustedReason;
+    use crate::resilience::{classify, ExceptionRules};
     use crate::worker::WorkerId;
     use tonic::Code;
+
+    /// A pool error's status, classified by `rules` as its backend would.
+    fn pool_status(
+        e: &PoolError,
+        rules: &ExceptionRules,
+        tracebacks: bool,
+        ctx: ErrorContext<'_>,
+    ) -> Status {
+        to_status(&e.clone().into(), classify(e, rules), tracebacks, ctx)
+    }
 
     fn ctx() -> ErrorContext<'static> {
         ErrorContext {
             backend: "legacy",
             attempts: 2,
             instance: "i-1",
-            class: None,
         }
     }
 
@@ -206,7 +200,7 @@ mod tests {
         let e = PoolError::PoolExhausted {
             reason: ExhaustedReason::QueueFull,
         };
-        let s = to_status(&e, &ExceptionRules::default(), true, ctx());
+        let s = pool_status(&e, &ExceptionRules::default(), true, ctx());
         assert_eq!(s.code(), Code::ResourceExhausted);
         let d = s.get_error_details();
         let info = d.error_info().expect("ErrorInfo");
@@ -227,7 +221,7 @@ mod tests {
             detail: "x".into(),
             sent: true,
         };
-        let s = to_status(&crash, &ExceptionRules::default(), true, ctx());
+        let s = pool_status(&crash, &ExceptionRules::default(), true, ctx());
         assert!(s.get_error_details().retry_info().is_none());
         assert_eq!(
             s.get_error_details().error_info().unwrap().metadata["worker"],
@@ -245,7 +239,7 @@ mod tests {
         };
         // An operator's rule: by default a ValueError is the command's failure.
         let rules = ExceptionRules::with(vec![("ValueError".into(), ErrorClass::InvalidRequest)]);
-        let s = to_status(&e, &rules, true, ctx());
+        let s = pool_status(&e, &rules, true, ctx());
         assert_eq!(
             s.code(),
             Code::InvalidArgument,
@@ -266,7 +260,7 @@ mod tests {
         );
         let info = s.get_error_details().error_info().unwrap().clone();
         assert_eq!(info.metadata["traceback"], "Traceback\n  line");
-        let off = to_status(&e, &rules, false, ctx());
+        let off = pool_status(&e, &rules, false, ctx());
         assert!(!off
             .get_error_details()
             .error_info()
@@ -312,7 +306,7 @@ mod tests {
                 PoolError::InvalidRequest(text.clone()),
             ];
             for e in cases {
-                let s = to_status(&e, &rules, true, ctx());
+                let s = pool_status(&e, &rules, true, ctx());
                 let n = metadata_bytes(&s);
                 assert!(n <= budget::TOTAL, "{n} bytes of error metadata");
                 assert!(s.message().len() <= budget::MESSAGE + 32);
@@ -320,7 +314,7 @@ mod tests {
             }
         }
         // A short error is untouched.
-        let s = to_status(
+        let s = pool_status(
             &PoolError::InvalidRequest("bad n".into()),
             &rules,
             true,
@@ -364,7 +358,7 @@ mod tests {
         ];
         for (e, code) in cases {
             assert_eq!(
-                to_status(&e, &ExceptionRules::default(), true, ctx()).code(),
+                pool_status(&e, &ExceptionRules::default(), true, ctx()).code(),
                 code,
                 "{e}"
             );

@@ -14,8 +14,6 @@ pub enum ExhaustedReason {
     QueueTimeout,
     /// Its session's worker is busy and the affinity mode is `strict_fail_fast`.
     WorkerBusy,
-    /// The backend's concurrency limit (`limits.max_concurrency`) is reached.
-    ConcurrencyLimit,
 }
 
 /// Where a request was when its deadline passed.
@@ -84,25 +82,12 @@ pub enum PoolError {
     WorkerGone { worker: WorkerId },
     #[error("the request was cancelled")]
     Cancelled,
-    /// Produced by the resilience layer's breaker, never by the pool itself; it lives
-    /// here so that every failure shares one error type.
-    #[error("circuit open: the backend is failing and calls are refused for {retry_after:?}; retry later")]
-    CircuitOpen { retry_after: Duration },
     #[error("the pool is shutting down and takes no new requests")]
     ShuttingDown,
     #[error("no worker is available: {0}")]
     Unavailable(String),
     #[error("internal error: {0}")]
     Internal(String),
-    /// A failure reported by a `grpc` backend (an upstream Bridge), classified from its
-    /// status: the upstream's own `x-pitboss-error-class` when it is a pitboss, else
-    /// from the status code.
-    #[error("upstream {address}: {message}")]
-    Upstream {
-        address: String,
-        class: crate::resilience::ErrorClass,
-        message: String,
-    },
 }
 
 fn exhausted_message(reason: ExhaustedReason) -> &'static str {
@@ -115,9 +100,6 @@ fn exhausted_message(reason: ExhaustedReason) -> &'static str {
         }
         ExhaustedReason::WorkerBusy => {
             "pool exhausted: the session's worker is busy (affinity mode strict_fail_fast); retry with backoff"
-        }
-        ExhaustedReason::ConcurrencyLimit => {
-            "pool exhausted: the backend is at its concurrency limit and sheds load; retry with backoff"
         }
     }
 }

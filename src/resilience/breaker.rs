@@ -27,10 +27,10 @@ use futures_util::future::BoxFuture;
 use tower::{Layer, Service};
 
 use super::class::ErrorClass;
+use super::error::CallError;
 use super::retry::{Attempt, Failed, Served};
 use super::InvalidSetting;
 use crate::config::BreakerSection;
-use crate::pool::PoolError;
 
 /// Validated breaker settings.
 #[derive(Debug, Clone, PartialEq)]
@@ -375,7 +375,7 @@ where
             Err(retry_after) => {
                 // Rejected at the top of `call`: no worker is touched.
                 return Box::pin(std::future::ready(Err(Failed {
-                    error: PoolError::CircuitOpen { retry_after },
+                    error: CallError::CircuitOpen { retry_after },
                     class: ErrorClass::CircuitOpen,
                     attempts: number,
                     budget_exhausted: false,

@@ -392,10 +392,8 @@ pub fn classify(err: &PoolError, rules: &ExceptionRules) -> ErrorClass {
         PoolError::SessionLost { .. } => C::SessionLost,
         PoolError::SessionNotFound { .. } => C::SessionNotFound,
         PoolError::Cancelled => C::Cancelled,
-        PoolError::CircuitOpen { .. } => C::CircuitOpen,
         PoolError::ShuttingDown => C::ShuttingDown,
         PoolError::Internal(_) => C::Internal,
-        PoolError::Upstream { class, .. } => *class,
     }
 }
 

@@ -2,6 +2,7 @@
 //! metrics and the gRPC edge all consult.
 //!
 //! - [`class`]: the classification table and the Python exception rules.
+//! - [`error`]: the error of one call, as the layers below the edge hand it up.
 //! - [`breaker`]: the per-backend circuit breaker (failsafe inside a tower layer).
 //! - [`outlier`]: per-worker outlier ejection.
 //! - [`retry`]: the tower retry policy (backoff, budget, deadline).
@@ -10,6 +11,7 @@
 
 pub mod breaker;
 pub mod class;
+pub mod error;
 pub mod one_try;
 pub mod outlier;
 pub mod retry;
@@ -31,6 +33,7 @@ impl InvalidSetting {
 
 pub use breaker::{Breaker, BreakerLayer, BreakerSettings, BreakerState};
 pub use class::{classify, ErrorClass, ExceptionRules, Retry, Severity};
+pub use error::{CallError, RemoteFailure};
 pub use one_try::{OneTry, PoolService, PoolTry, Reply, TryService};
 pub use outlier::{OutlierDetector, OutlierSettings};
 pub use retry::{Attempt, Failed, InvalidRetrySettings, RetryPolicy, RetrySettings, Served};

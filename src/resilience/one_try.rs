@@ -14,10 +14,11 @@ use futures_util::future::BoxFuture;
 use tokio::time::Instant;
 use tower::Service;
 
-use super::class::{classify, ErrorClass, ExceptionRules};
+use super::class::{ErrorClass, ExceptionRules};
+use super::error::CallError;
 use super::outlier::OutlierDetector;
 use super::retry::{class_of_try, Attempt, Failed, Served};
-use crate::pool::{Pool, PoolError, PoolResponse};
+use crate::pool::{Pool, PoolResponse};
 
 /// What one try returns on success.
 #[derive(Debug, Clone)]
@@ -35,10 +36,10 @@ pub trait OneTry: Clone + Send + Sync + 'static {
         &self,
         attempt: Attempt,
         try_deadline: Instant,
-    ) -> BoxFuture<'static, Result<Reply, PoolError>>;
+    ) -> BoxFuture<'static, Result<Reply, CallError>>;
 
     /// The class of a failed try, before the per-try deadline is taken into account.
-    fn classify(&self, error: &PoolError) -> ErrorClass;
+    fn classify(&self, error: &CallError) -> ErrorClass;
 
     /// Hears each try's outcome, classified (e.g. for outlier ejection).
     fn tried(&self, _outcome: Result<&Served, &Failed>) {}
@@ -139,11 +140,14 @@ impl OneTry for PoolTry {
         &self,
         attempt: Attempt,
         _try_deadline: Instant,
-    ) -> BoxFuture<'static, Result<Reply, PoolError>> {
+    ) -> BoxFuture<'static, Result<Reply, CallError>> {
         // The pool enforces the request's deadline (queued or running) itself.
         let pool = self.pool.clone();
         Box::pin(async move {
-            let response = pool.execute(attempt.request).await?;
+            let response = pool
+                .execute(attempt.request)
+                .await
+                .map_err(CallError::Pool)?;
             Ok(Reply {
                 response,
                 remote_worker: None,
@@ -151,8 +155,8 @@ impl OneTry for PoolTry {
         })
     }
 
-    fn classify(&self, error: &PoolError) -> ErrorClass {
-        classify(error, &self.rules)
+    fn classify(&self, error: &CallError) -> ErrorClass {
+        error.class(&self.rules)
     }
 
     fn tried(&self, outcome: Result<&Served, &Failed>) {
@@ -174,7 +178,7 @@ mod tests {
     use std::sync::Mutex;
 
     use super::*;
-    use crate::pool::{PoolRequest, TimeoutStage};
+    use crate::pool::{PoolError, PoolRequest, TimeoutStage};
     use crate::worker::WorkerId;
 
     /// What the fake saw: a run's request deadline on success, and each outcome it
@@ -194,7 +198,7 @@ mod tests {
             &self,
             attempt: Attempt,
             try_deadline: Instant,
-        ) -> BoxFuture<'static, Result<Reply, PoolError>> {
+        ) -> BoxFuture<'static, Result<Reply, CallError>> {
             let (seen, takes) = (self.seen.clone(), self.takes);
             Box::pin(async move {
                 assert_eq!(attempt.request.deadline, Some(try_deadline));
@@ -207,7 +211,8 @@ mod tests {
                         worker: Some(WorkerId(3)),
                         after: started.elapsed(),
                         stage: TimeoutStage::Running,
-                    });
+                    }
+                    .into());
                 }
                 seen.lock().unwrap().push((attempt.request.deadline, Ok(0)));
                 Ok(Reply {
@@ -221,8 +226,8 @@ mod tests {
             })
         }
 
-        fn classify(&self, error: &PoolError) -> ErrorClass {
-            classify(error, &Default::default())
+        fn classify(&self, error: &CallError) -> ErrorClass {
+            error.class(&Default::default())
         }
 
         fn tried(&self, outcome: Result<&Served, &Failed>) {

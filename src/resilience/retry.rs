@@ -21,6 +21,7 @@ use tower::retry::Policy;
 use tower::util::rng::HasherRng;
 
 use super::class::ErrorClass;
+use super::error::CallError;
 use super::InvalidSetting;
 use crate::config::RetrySection;
 use crate::pool::{ExhaustedReason, PoolError, PoolRequest, PoolResponse};
@@ -157,7 +158,7 @@ impl Served {
 /// A failure, classified once, with the attempts made.
 #[derive(Debug, Clone)]
 pub struct Failed {
-    pub error: PoolError,
+    pub error: CallError,
     pub class: ErrorClass,
     pub attempts: u32,
     /// A retry was wanted but the budget said no.
@@ -182,7 +183,7 @@ pub enum Decision {
 
 /// The retry decision, before budget and deadline.
 pub fn decide(
-    err: &PoolError,
+    err: &CallError,
     class: ErrorClass,
     idempotent: bool,
     attempt: u32,
@@ -200,14 +201,17 @@ pub fn decide(
     // that long is not a transient failure of one attempt. Not retried on this backend
     // (a fallback to legacy may still serve it).
     if matches!(
-        err,
-        PoolError::PoolExhausted {
+        err.pool(),
+        Some(PoolError::PoolExhausted {
             reason: ExhaustedReason::QueueTimeout
-        }
+        })
     ) {
         return Decision::NotRetryable;
     }
-    let never_ran = matches!(err, PoolError::WorkerCrashed { sent: false, .. });
+    let never_ran = matches!(
+        err.pool(),
+        Some(PoolError::WorkerCrashed { sent: false, .. })
+    );
     if !(never_ran || class.retryable(idempotent)) {
         return Decision::NotRetryable;
     }
@@ -364,12 +368,13 @@ mod tests {
         }
     }
 
-    fn crashed(sent: bool) -> PoolError {
+    fn crashed(sent: bool) -> CallError {
         PoolError::WorkerCrashed {
             worker: WorkerId(7),
             detail: "killed".into(),
             sent,
         }
+        .into()
     }
 
     #[test]
@@ -394,7 +399,7 @@ mod tests {
         );
         // Issue 13, item 9: a queue timeout is not retried; a full queue (refused at
         // once) still is, even when not idempotent.
-        let exhausted = |reason| PoolError::PoolExhausted { reason };
+        let exhausted = |reason| CallError::from(PoolError::PoolExhausted { reason });
         assert_eq!(
             decide(
                 &exhausted(ExhaustedReason::QueueTimeout),
@@ -415,7 +420,7 @@ mod tests {
             ),
             Decision::Retry
         );
-        let py = PoolError::InvalidRequest("x".into());
+        let py = CallError::from(PoolError::InvalidRequest("x".into()));
         assert_eq!(
             decide(&py, C::InvalidRequest, true, 1, 3),
             Decision::NotRetryable

@@ -7,12 +7,17 @@
 //! - [`shadow`]: comparing legacy's and new's answers (pure).
 //! - [`stats`]: per-backend rolling statistics and the rollback decision (pure).
 //! - [`controller`]: the live rollout: routing, recording, auto-rollback, changes.
+//! - [`sessions`]: which backend holds each session.
+//! - [`split`]: the owner of both backends: runs every call where the rollout says,
+//!   with fallback, shadow and the recording of outcomes.
 
 pub mod bucket;
 pub mod controller;
 pub mod flags;
 pub mod reload;
+pub mod sessions;
 pub mod shadow;
+pub mod split;
 pub mod stats;
 
 pub use bucket::{bucket, in_new, InvalidPercent, Percent, BUCKETS};
