@@ -140,3 +140,114 @@ fn the_scan_sees_the_real_edges() {
         "{e:?}"
     );
 }
+
+/// The names that follow `prefix` in `code` (`super::` → the sibling named).
+fn names_after<'a>(code: &'a str, prefix: &'a str) -> impl Iterator<Item = String> + 'a {
+    code.match_indices(prefix).map(move |(i, _)| {
+        code[i + prefix.len()..]
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+            .collect()
+    })
+}
+
+/// Within each module's folder, which file uses which sibling file (`super::x`, or
+/// `crate::module::x`). `mod.rs` is left out: it declares and re-exports the files,
+/// so edges to and from it say nothing about how the files depend on each other.
+fn file_edges() -> BTreeMap<String, BTreeSet<String>> {
+    let mut out: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for dir in std::fs::read_dir("src").unwrap() {
+        let dir = dir.unwrap().path();
+        if !dir.is_dir() {
+            continue;
+        }
+        let module = dir.file_name().unwrap().to_string_lossy().to_string();
+        let files: BTreeSet<String> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().and_then(|e| e.to_str()) == Some("rs"))
+            .map(|p| p.file_stem().unwrap().to_string_lossy().to_string())
+            .filter(|f| f != "mod")
+            .collect();
+        for file in &files {
+            let code = code_of(&std::fs::read_to_string(dir.join(format!("{file}.rs"))).unwrap());
+            let own = format!("crate::{module}::");
+            for to in names_after(&code, "super::").chain(names_after(&code, &own)) {
+                if files.contains(&to) && &to != file {
+                    out.entry(format!("{module}/{file}"))
+                        .or_default()
+                        .insert(format!("{module}/{to}"));
+                }
+            }
+        }
+    }
+    out
+}
+
+/// A cycle in `edges`, if there is one, as the path around it.
+fn find_cycle(edges: &BTreeMap<String, BTreeSet<String>>) -> Option<Vec<String>> {
+    fn visit(
+        node: &str,
+        edges: &BTreeMap<String, BTreeSet<String>>,
+        path: &mut Vec<String>,
+        done: &mut BTreeSet<String>,
+    ) -> Option<Vec<String>> {
+        if let Some(start) = path.iter().position(|n| n == node) {
+            let mut cycle = path[start..].to_vec();
+            cycle.push(node.to_string());
+            return Some(cycle);
+        }
+        if done.contains(node) {
+            return None;
+        }
+        path.push(node.to_string());
+        for next in edges.get(node).into_iter().flatten() {
+            if let Some(c) = visit(next, edges, path, done) {
+                return Some(c);
+            }
+        }
+        path.pop();
+        done.insert(node.to_string());
+        None
+    }
+    let mut done = BTreeSet::new();
+    edges
+        .keys()
+        .find_map(|n| visit(n, edges, &mut Vec::new(), &mut done))
+}
+
+/// No two files of one module use each other, directly or around a loop (issue 14:
+/// `worker/connection.rs` and `worker/error.rs` did), and no two modules do.
+#[test]
+fn no_cycles_between_files_or_modules() {
+    let files = file_edges();
+    assert!(
+        files.contains_key("worker/connection"),
+        "the scan sees sibling edges: {files:?}"
+    );
+    assert_eq!(find_cycle(&files), None, "files that depend on each other");
+    assert_eq!(
+        find_cycle(&edges()),
+        None,
+        "modules that depend on each other"
+    );
+}
+
+#[test]
+fn the_cycle_finder_finds_cycles() {
+    let graph = |pairs: &[(&str, &str)]| {
+        let mut g: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+        for (a, b) in pairs {
+            g.entry(a.to_string()).or_default().insert(b.to_string());
+        }
+        g
+    };
+    assert_eq!(
+        find_cycle(&graph(&[("a", "b"), ("b", "c"), ("a", "c")])),
+        None
+    );
+    assert_eq!(
+        find_cycle(&graph(&[("a", "b"), ("b", "c"), ("c", "a")])),
+        Some(vec!["a".into(), "b".into(), "c".into(), "a".into()])
+    );
+}

@@ -22,17 +22,7 @@ use tokio_util::codec::{Encoder, FramedRead};
 
 use super::error::WorkerError;
 use super::frame::{ErrorBody, Frame, FrameCodec, ReadyInfo, RequestFrame};
-
-/// A worker's identity, unique for the life of the pool: a restarted worker gets a new
-/// id, so a session pinned to the old one can tell that its state is gone.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct WorkerId(pub u64);
-
-impl fmt::Display for WorkerId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "w{}", self.0)
-    }
-}
+use super::id::WorkerId;
 
 /// Why the supervisor should kill a worker that is still running.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -1,7 +1,7 @@
 //! Errors of one worker connection. The pool wraps them; the resilience layer classifies
 //! them; only the gRPC edge turns them into a status.
 
-use super::connection::WorkerId;
+use super::id::WorkerId;
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum WorkerError {

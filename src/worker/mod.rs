@@ -4,6 +4,7 @@
 mod connection;
 mod error;
 pub mod frame;
+mod id;
 mod process;
 
 use std::collections::VecDeque;
@@ -16,13 +17,12 @@ use tokio::process::{Child, ChildStderr};
 use tokio::task::JoinHandle;
 use tokio_util::codec::FramedRead;
 
-pub use connection::{
-    Call, CallRequest, Connection, KillReason, Reply, ReplyMode, SlotGuard, WorkerId,
-};
+pub use connection::{Call, CallRequest, Connection, KillReason, Reply, ReplyMode, SlotGuard};
 pub use error::WorkerError;
 pub use frame::{
     BodyError, CommandInfo, Frame, FrameCodec, FrameError, ReadyInfo, PROTOCOL_VERSION,
 };
+pub use id::WorkerId;
 pub use process::{resolve_python, rss_bytes, signal_group, WorkerCommand, WorkerSpec};
 
 /// Lines of stderr kept per worker, so a worker that dies at startup can say why.
