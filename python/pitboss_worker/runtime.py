@@ -25,7 +25,6 @@ constants and precompiled structs only. The process around the runtime (argv, st
 signals, start-up and exit) is ``cli.py``; the fault-injection hooks are ``hooks.py``.
 """
 
-import collections
 import os
 import sys
 import threading
@@ -61,6 +60,20 @@ _DONE = 3
 _SHUTDOWN = object()
 _EOF = object()
 
+# Holders of the reader role.
+_MAIN = "main"
+_STANDBY = "standby"
+
+#: While the main thread runs work it read itself, nobody reads the input; the standby
+#: reader takes over reading once that has lasted this long (seconds), so PINGs and
+#: CANCELs wait at most about twice this (plus a GIL switch interval) behind a command.
+_TAKEOVER_AFTER = 0.005
+
+#: Bytes asked of one read: a pipe holds 64 KiB unless enlarged, so one read rarely
+#: returns more. Asking for 1 MiB made malloc use mmap for the buffer: three more
+#: syscalls (mmap, mremap, munmap) per read.
+_READ_SIZE = 64 * 1024
+
 #: The executor writes what it has collected once a batch has run this long (seconds),
 #: so that a slow command does not hold back the replies of many fast ones behind it.
 _FLUSH_AFTER = 0.001
@@ -70,6 +83,8 @@ _JSON = b"application/json"
 
 _monotonic = time.monotonic
 _write = os.write
+_read = os.read
+_split_frames = P.split_frames
 
 # Fast paths, bound once: frames are encoded and decoded per request.
 #: A RESPONSE or STREAM_CHUNK header, content_type_len included, in one pack.
@@ -172,9 +187,19 @@ class Runtime(object):
         self._lock = threading.Lock()
         self._pending = {}  # request id -> Request, until its terminal frame is out
         self._shutting_down = False
-        # Reader -> executor.
-        self._work = collections.deque()
+        # Who reads and what is queued, guarded by _cv (see serve and _standby_loop).
         self._cv = threading.Condition(threading.Lock())
+        self._work = []  # read but not yet taken by the main thread
+        self._reader = None  # _MAIN or _STANDBY while a thread holds the reader role
+        self._main_idle = False  # the main thread waits for work
+        self._vacant_since = 0.0  # when the main thread last started work unread
+        self._starts = 0  # how many times it did
+        self._parked = False  # the standby reader sleeps until woken
+        self._eof = False  # the input has ended: nobody reads any more
+        self._done = False  # SHUTDOWN or EOF has been run: the main thread drains
+        self._standby_thread = None
+        self._rbuf = bytearray()  # the start of an incomplete frame (reader role)
+        self._rneed = P.PREFIX_LEN  # bytes the incomplete frame in _rbuf needs
         # Executor state.
         self._sessions = {}
         self._out = []
@@ -302,65 +327,119 @@ class Runtime(object):
             return self._cancelled_frame(req.request_id)
         return self._exception_frame(req.request_id, exc)
 
-    # ------------------------------------------------------------------ reader thread
+    # ------------------------------------------------------------------ reading
 
     def start_reader(self):
-        t = threading.Thread(target=self._reader, name="pitboss-reader", daemon=True)
-        t.start()
-        return t
+        """Starts the standby reader thread (once): it reads the input while the main
+        thread runs a command for longer than _TAKEOVER_AFTER."""
+        if self._standby_thread is None:
+            t = threading.Thread(target=self._standby, name="pitboss-reader", daemon=True)
+            self._standby_thread = t
+            t.start()
+        return self._standby_thread
 
-    def _reader(self):
+    def _read_once(self):
+        """Reads the input once (the thread holding the reader role only) and handles
+        the frames read: PING and CANCEL at once, the rest is returned as work to run
+        in order ([] if none). At the end of the input: ``[_EOF]``."""
         try:
-            self._read_loop()
+            chunk = _read(self.in_fd, _READ_SIZE)
+        except OSError as e:
+            os.write(2, ("pitboss_worker: reading stdin failed: %s\n" % e).encode())
+            chunk = b""
+        buf = self._rbuf
+        if not chunk:
+            if buf:
+                _bad_frame("stdin closed in the middle of a frame")
+            return [_EOF]
+        if buf:
+            buf += chunk
+            if len(buf) < self._rneed:
+                return []
+            data = bytes(buf)
+        else:
+            data = chunk
+        try:
+            frames, offset = _split_frames(data, 0, self.max_frame_bytes)
+        except P.ProtocolError as e:
+            _bad_frame(str(e))
+        work = self._dispatch(data, frames) if frames else []
+        rest = len(data) - offset
+        if rest:
+            self._rbuf = bytearray(data[offset:])
+            need = P.PREFIX_LEN
+            if rest >= need:
+                need += _unpack_length_from(data, offset)[0]
+            self._rneed = need
+        elif buf:
+            self._rbuf = bytearray()
+        return work
+
+    def _standby(self):
+        try:
+            self._standby_loop()
         except BaseException as e:  # a bug here must not leave a half-dead worker
             import traceback
 
             _die("reader thread failed:\n%s" % "".join(traceback.format_exception(type(e), e, e.__traceback__)), 70)
 
-    def _read_loop(self):
-        fd = self.in_fd
-        limit = self.max_frame_bytes
-        read = os.read
-        split = P.split_frames
-        buf = bytearray()
-        need = P.PREFIX_LEN  # bytes the first incomplete frame in buf needs
+    def _standby_loop(self):
+        """The standby reader: takes the reader role when the main thread has run
+        work for _TAKEOVER_AFTER without anyone reading (or after SHUTDOWN), reads
+        while the main thread is busy, and gives the role back with the next work
+        it reads once the main thread is idle."""
+        cv = self._cv
+        read_once = self._read_once
+        after = _TAKEOVER_AFTER
+        seen = -1
         while True:
-            try:
-                chunk = read(fd, 1 << 20)
-            except OSError as e:
-                os.write(2, ("pitboss_worker: reading stdin failed: %s\n" % e).encode())
-                chunk = b""
-            if not chunk:
-                if buf:
-                    _bad_frame("stdin closed in the middle of a frame")
-                self._push(_EOF)
-                return
-            if buf:
-                buf += chunk
-                if len(buf) < need:
+            with cv:
+                while True:
+                    if self._eof:
+                        return
+                    if self._reader is None:
+                        if self._done or self._main_idle:
+                            break
+                        left = self._vacant_since + after - _monotonic()
+                        if left <= 0:
+                            break
+                        cv.wait(left)
+                    elif self._starts != seen:
+                        # The main thread reads and has run work since the last look:
+                        # look again soon, without being woken.
+                        seen = self._starts
+                        cv.wait(after)
+                    else:
+                        # Quiet: sleep until the main thread wakes us as it starts work.
+                        self._parked = True
+                        cv.wait()
+                        self._parked = False
+                self._reader = _STANDBY
+            while True:
+                work = read_once()
+                if not work:
                     continue
-                data = bytes(buf)
-            else:
-                data = chunk
-            try:
-                frames, offset = split(data, 0, limit)
-            except P.ProtocolError as e:
-                _bad_frame(str(e))
-            if frames:
-                self._dispatch(data, frames)
-            rest = len(data) - offset
-            if rest:
-                buf = bytearray(data[offset:])
-                need = P.PREFIX_LEN
-                if rest >= need:
-                    need += _unpack_length_from(data, offset)[0]
-            elif buf:
-                buf = bytearray()
-
-    def _push(self, item):
-        with self._cv:
-            self._work.append(item)
-            self._cv.notify()
+                with cv:
+                    eof = work[-1] is _EOF
+                    if eof:
+                        self._eof = True
+                    if self._done:
+                        # Nothing runs any more: SESSION_CLOSE after SHUTDOWN is ignored.
+                        if eof:
+                            return
+                        continue
+                    self._work.extend(work)
+                    if self._main_idle:
+                        # Hand the work and the reader role to the main thread: it runs
+                        # the work and then reads on itself.
+                        self._main_idle = False
+                        self._reader = None
+                        self._vacant_since = _monotonic()
+                        self._starts += 1
+                        cv.notify_all()
+                        break
+                    if eof:
+                        return
 
     def _dispatch(self, data, frames):
         """Handles the frames of one read (reader thread)."""
@@ -432,24 +511,59 @@ class Runtime(object):
             with self._lock:
                 for rid in dropped:
                     pending.pop(rid, None)
-        if work:
-            with self._cv:
-                self._work.extend(work)
-                self._cv.notify()
+        return work
 
     # ------------------------------------------------------------------ executor
 
     def serve(self):
-        """Runs queued work until SHUTDOWN or EOF, then waits for in-flight requests."""
+        """Reads and runs work until SHUTDOWN or EOF, then waits for in-flight requests.
+
+        The main thread reads the input itself whenever no work is queued, and runs the
+        work it read at once: no hand-off to another thread on the common path. While
+        it runs, nobody reads; the standby reader takes over reading if that lasts
+        _TAKEOVER_AFTER, and gives the role back later (see _standby_loop).
+        """
+        self.start_reader()
         cv = self._cv
+        read_once = self._read_once
+        run_batch = self._run_batch
         while True:
             with cv:
-                while not self._work:
-                    cv.wait()
                 items = self._work
-                self._work = collections.deque()
-            if self._run_batch(items):
+                if items:
+                    self._work = []
+                elif self._reader is None and not self._eof:
+                    self._reader = _MAIN
+                else:
+                    self._main_idle = True
+                    while not self._work and (self._reader is not None or self._eof):
+                        cv.wait()
+                    self._main_idle = False
+                    continue
+            if not items:
+                try:
+                    items = read_once()
+                    while not items:
+                        items = read_once()
+                except Exception as e:
+                    import traceback
+
+                    _die("reading failed:\n%s" % "".join(traceback.format_exception(type(e), e, e.__traceback__)), 70)
+                with cv:
+                    self._reader = None
+                    if items[-1] is _EOF:
+                        self._eof = True
+                    self._vacant_since = _monotonic()
+                    self._starts += 1
+                    if self._parked:
+                        cv.notify_all()
+            if run_batch(items):
                 break
+        with cv:
+            # The standby reader reads on (PINGs, late requests) while in-flight
+            # async requests finish.
+            self._done = True
+            cv.notify_all()
         self._drain()
 
     def _run_batch(self, items):

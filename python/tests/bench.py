@@ -1,6 +1,6 @@
 """Rough numbers for the worker runtime, measured from Python playing the host.
 
-    cd python && python3 tests/bench.py [--spawns 10] [--requests 20000]
+    cd python && python3 tests/bench.py [--spawns 10] [--requests 20000] [--compare DIR]
 
 Prints the time from spawn to READY, and echo throughput with 1, 8 and 32 requests in
 flight, with the worker's CPU time per request (all its threads, from
@@ -62,12 +62,60 @@ def worker_cpu(pid):
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def echo_throughput(in_flight, total, payload=b"x" * 64, single=False):
+_BARE_LOOP = """
+import os
+read = os.read
+write = os.write
+while True:
+    data = read(0, 1 << 20)
+    if not data:
+        break
+    write(1, data)
+"""
+
+
+def bare_pipe(total, payload=b"x" * 84):
+    """The floor, for scale: ``(us per round trip, worker CPU us per round trip, p50
+    us)`` of a Python process that echoes raw bytes over its pipes (no frames)."""
+    import subprocess
+
+    proc = subprocess.Popen([sys.executable, "-c", _BARE_LOOP], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        fd_in = proc.stdin.fileno()
+        fd_out = proc.stdout.fileno()
+        os.write(fd_in, payload)
+        os.read(fd_out, 1 << 20)
+        clock = time.perf_counter
+        rtt = []
+        cpu0 = worker_cpu(proc.pid)
+        start = clock()
+        for _ in range(total):
+            t = clock()
+            os.write(fd_in, payload)
+            select.select([fd_out], [], [])
+            os.read(fd_out, 1 << 20)
+            rtt.append(clock() - t)
+        elapsed = clock() - start
+        cpu = worker_cpu(proc.pid) - cpu0
+        rtt.sort()
+        return 1e6 * elapsed / total, 1e6 * cpu / total, 1e6 * rtt[len(rtt) // 2]
+    finally:
+        proc.stdin.close()
+        proc.wait()
+        proc.stdout.close()
+
+
+def echo_throughput(in_flight, total, payload=b"x" * 64, single=False, other=None):
     """``(requests/s, worker CPU us per request, p50 round trip us)``.
 
     The round trip of a request is from the write that sent it to the read that got its
     reply; its median is meaningful at 1 in flight."""
-    w = WorkerProcess("examples.demo:adapter")
+    if other is None:
+        w = WorkerProcess("examples.demo:adapter")
+    else:
+        # `python -m` imports from its working directory first.
+        path = os.pathsep.join([other, os.path.join(other, "examples"), os.path.join(other, "tests")])
+        w = WorkerProcess("examples.demo:adapter", env={"PYTHONPATH": path}, cwd=other)
     try:
         fd_in = w.proc.stdin.fileno()
         fd_out = w.proc.stdout.fileno()
@@ -124,11 +172,21 @@ def main(argv):
         ready, first_async = startup(spawns)
         print("spawn -> READY, %d spawns: %s" % (spawns, _stats(ready)))
         print("spawn -> first async reply: %s" % _stats(first_async))
+    # --compare DIR: the same measurements, interleaved, for the python/ directory DIR
+    # (another version of the runtime: `git archive REV python | tar -x -C /tmp/old`
+    # and DIR /tmp/old/python).
+    runtimes = [("", None)]
+    if "--compare" in argv:
+        other = os.path.abspath(argv[argv.index("--compare") + 1])
+        runtimes.append(("[%s] " % other, other))
+    each, cpu, p50 = bare_pipe(requests)
+    print("bare pipe loop (no frames), 1 in flight: %5.1f us each, worker CPU %5.1f us, p50 %6.1f us" % (each, cpu, p50))
     for mode in ("single", "batched"):
         for in_flight in (1, 8, 32):
-            rate, cpu, p50 = echo_throughput(in_flight, requests, single=mode == "single")
-            print("echo, %-7s %2d in flight: %8.0f requests/s (%5.1f us each), worker CPU %5.1f us/request, p50 %6.1f us"
-                  % (mode, in_flight, rate, 1e6 / rate, cpu, p50))
+            for label, other in runtimes:
+                rate, cpu, p50 = echo_throughput(in_flight, requests, single=mode == "single", other=other)
+                print("%secho, %-7s %2d in flight: %8.0f requests/s (%5.1f us each), worker CPU %5.1f us/request, p50 %6.1f us"
+                      % (label, mode, in_flight, rate, 1e6 / rate, cpu, p50))
 
 
 if __name__ == "__main__":
