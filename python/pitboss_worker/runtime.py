@@ -190,7 +190,9 @@ class Runtime(object):
         # Who reads and what is queued, guarded by _cv (see serve and _standby_loop).
         self._cv = threading.Condition(threading.Lock())
         self._work = []  # read but not yet taken by the main thread
-        self._reader = None  # _MAIN or _STANDBY while a thread holds the reader role
+        # _MAIN or _STANDBY while a thread holds the reader role; the main thread's
+        # until serve() starts, so that the standby does not read the first requests.
+        self._reader = _MAIN
         self._main_idle = False  # the main thread waits for work
         self._vacant_since = 0.0  # when the main thread last started work unread
         self._starts = 0  # how many times it did
@@ -532,7 +534,7 @@ class Runtime(object):
                 items = self._work
                 if items:
                     self._work = []
-                elif self._reader is None and not self._eof:
+                elif (self._reader is None or self._reader is _MAIN) and not self._eof:
                     self._reader = _MAIN
                 else:
                     self._main_idle = True
