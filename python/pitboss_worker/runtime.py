@@ -2,13 +2,21 @@
 
 Threads:
 
-* the **reader** thread reads the protocol pipe in large chunks and splits them into
-  frames. It answers ``PING`` at once (heartbeats keep working while a synchronous
-  command runs), handles ``CANCEL`` at once, and queues ``REQUEST`` and
-  ``SESSION_CLOSE`` for the executor;
-* the **executor** (the main thread) takes queued work in batches, runs synchronous
-  commands inline and writes a batch's replies with one ``os.write``: with several
-  requests pipelined, each side pays one syscall per batch instead of one per request;
+* the **main thread** reads the protocol pipe in large chunks whenever it has nothing
+  queued, splits them into frames, answers ``PING`` and handles ``CANCEL`` at once, and
+  runs the requests it read itself, in order (no hand-off to another thread: under
+  pitboss most requests arrive alone, and a hand-off cost more than the request). It
+  runs synchronous commands inline and writes a batch's replies with one ``os.write``:
+  with several requests pipelined, each side pays one syscall per batch instead of one
+  per request;
+* the **standby reader** (``pitboss-reader``) reads while the main thread is busy:
+  when the main thread has run work for ``_TAKEOVER_AFTER`` (5 ms) without anyone
+  reading, it takes over reading, answers ``PING`` and handles ``CANCEL`` at once
+  (heartbeats keep working while a synchronous command runs, and a request queued
+  behind it can be cancelled), and queues ``REQUEST`` and ``SESSION_CLOSE`` for the
+  main thread. When the main thread has nothing left to run, the next work the
+  standby reads goes to it together with the reader role. The standby watches on a
+  5 ms timer while requests come, and sleeps until woken after a tick without any;
 * an **asyncio loop** thread, started only if the adapter has ``async`` commands, runs
   those concurrently; they write their own replies (batched per loop iteration).
 
@@ -52,7 +60,7 @@ __all__ = ["Runtime"]
 
 # Request states, guarded by Runtime._lock.
 _QUEUED = 0
-_RUNNING = 1  # a synchronous command on the executor
+_RUNNING = 1  # a synchronous command on the main thread
 _ASYNC = 2  # handed to the asyncio loop
 _DONE = 3
 
@@ -74,7 +82,7 @@ _TAKEOVER_AFTER = 0.005
 #: syscalls (mmap, mremap, munmap) per read.
 _READ_SIZE = 64 * 1024
 
-#: The executor writes what it has collected once a batch has run this long (seconds),
+#: The main thread writes what it has collected once a batch has run this long (seconds),
 #: so that a slow command does not hold back the replies of many fast ones behind it.
 _FLUSH_AFTER = 0.001
 
@@ -183,7 +191,7 @@ class Runtime(object):
         self._json_encode = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
         self._wlock = threading.Lock()
         self._out_closed = False
-        # Request bookkeeping, shared by the reader, the executor and the loop.
+        # Request bookkeeping, shared by the two reading threads, the main thread and the loop.
         self._lock = threading.Lock()
         self._pending = {}  # request id -> Request, until its terminal frame is out
         self._shutting_down = False
@@ -444,7 +452,9 @@ class Runtime(object):
                         return
 
     def _dispatch(self, data, frames):
-        """Handles the frames of one read (reader thread)."""
+        """Handles the frames of one read (by the thread holding the reader role).
+
+        Answers PING and handles CANCEL at once; returns the work to run, in order."""
         now = _monotonic()
         work = []
         urgent = []  # PONGs and replies to cancelled queued requests
