@@ -147,7 +147,9 @@ class ThreadsTest(unittest.TestCase):
         self.assertEqual(json_of(got[slow][0]), {"slept": 0.5})
         self.assertEqual(payload_of(got[queued][0])[1], b"queued")
         self.assertEqual(got[late][0].json()["kind"], "bad_request")
-        self.assertIn(P.PONG, [f.kind for f in self.w.other])
+        if P.PONG not in [f.kind for f in self.w.other]:
+            # Read after the last reply (the worker fell far behind): it comes next.
+            self.assertEqual(self.w.recv().kind, P.PONG)
         self.assertEqual(self.w.wait(), 0)
 
     def test_shutdown_waits_for_async_requests_and_keeps_answering_pings(self):
