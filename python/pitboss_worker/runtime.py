@@ -2,13 +2,21 @@
 
 Threads:
 
-* the **reader** thread reads the protocol pipe in large chunks and splits them into
-  frames. It answers ``PING`` at once (heartbeats keep working while a synchronous
-  command runs), handles ``CANCEL`` at once, and queues ``REQUEST`` and
-  ``SESSION_CLOSE`` for the executor;
-* the **executor** (the main thread) takes queued work in batches, runs synchronous
-  commands inline and writes a batch's replies with one ``os.write``: with several
-  requests pipelined, each side pays one syscall per batch instead of one per request;
+* the **main thread** reads the protocol pipe in large chunks whenever it has nothing
+  queued, splits them into frames, answers ``PING`` and handles ``CANCEL`` at once, and
+  runs the requests it read itself, in order (no hand-off to another thread: under
+  pitboss most requests arrive alone, and a hand-off cost more than the request). It
+  runs synchronous commands inline and writes a batch's replies with one ``os.write``:
+  with several requests pipelined, each side pays one syscall per batch instead of one
+  per request;
+* the **standby reader** (``pitboss-reader``) reads while the main thread is busy:
+  when the main thread has run work for ``_TAKEOVER_AFTER`` (5 ms) without anyone
+  reading, it takes over reading, answers ``PING`` and handles ``CANCEL`` at once
+  (heartbeats keep working while a synchronous command runs, and a request queued
+  behind it can be cancelled), and queues ``REQUEST`` and ``SESSION_CLOSE`` for the
+  main thread. When the main thread has nothing left to run, the next work the
+  standby reads goes to it together with the reader role. The standby watches on a
+  5 ms timer while requests come, and sleeps until woken after a tick without any;
 * an **asyncio loop** thread, started only if the adapter has ``async`` commands, runs
   those concurrently; they write their own replies (batched per loop iteration).
 
@@ -25,7 +33,6 @@ constants and precompiled structs only. The process around the runtime (argv, st
 signals, start-up and exit) is ``cli.py``; the fault-injection hooks are ``hooks.py``.
 """
 
-import collections
 import os
 import sys
 import threading
@@ -53,7 +60,7 @@ __all__ = ["Runtime"]
 
 # Request states, guarded by Runtime._lock.
 _QUEUED = 0
-_RUNNING = 1  # a synchronous command on the executor
+_RUNNING = 1  # a synchronous command on the main thread
 _ASYNC = 2  # handed to the asyncio loop
 _DONE = 3
 
@@ -61,7 +68,21 @@ _DONE = 3
 _SHUTDOWN = object()
 _EOF = object()
 
-#: The executor writes what it has collected once a batch has run this long (seconds),
+# Holders of the reader role.
+_MAIN = "main"
+_STANDBY = "standby"
+
+#: While the main thread runs work it read itself, nobody reads the input; the standby
+#: reader takes over reading once that has lasted this long (seconds), so PINGs and
+#: CANCELs wait at most about twice this (plus a GIL switch interval) behind a command.
+_TAKEOVER_AFTER = 0.005
+
+#: Bytes asked of one read: a pipe holds 64 KiB unless enlarged, so one read rarely
+#: returns more. Asking for 1 MiB made malloc use mmap for the buffer: three more
+#: syscalls (mmap, mremap, munmap) per read.
+_READ_SIZE = 64 * 1024
+
+#: The main thread writes what it has collected once a batch has run this long (seconds),
 #: so that a slow command does not hold back the replies of many fast ones behind it.
 _FLUSH_AFTER = 0.001
 
@@ -70,6 +91,8 @@ _JSON = b"application/json"
 
 _monotonic = time.monotonic
 _write = os.write
+_read = os.read
+_split_frames = P.split_frames
 
 # Fast paths, bound once: frames are encoded and decoded per request.
 #: A RESPONSE or STREAM_CHUNK header, content_type_len included, in one pack.
@@ -168,13 +191,25 @@ class Runtime(object):
         self._json_encode = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
         self._wlock = threading.Lock()
         self._out_closed = False
-        # Request bookkeeping, shared by the reader, the executor and the loop.
+        # Request bookkeeping, shared by the two reading threads, the main thread and the loop.
         self._lock = threading.Lock()
         self._pending = {}  # request id -> Request, until its terminal frame is out
         self._shutting_down = False
-        # Reader -> executor.
-        self._work = collections.deque()
+        # Who reads and what is queued, guarded by _cv (see serve and _standby_loop).
         self._cv = threading.Condition(threading.Lock())
+        self._work = []  # read but not yet taken by the main thread
+        # _MAIN or _STANDBY while a thread holds the reader role; the main thread's
+        # until serve() starts, so that the standby does not read the first requests.
+        self._reader = _MAIN
+        self._main_idle = False  # the main thread waits for work
+        self._vacant_since = 0.0  # when the main thread last started work unread
+        self._starts = 0  # how many times it did
+        self._parked = False  # the standby reader sleeps until woken
+        self._eof = False  # the input has ended: nobody reads any more
+        self._done = False  # SHUTDOWN or EOF has been run: the main thread drains
+        self._standby_thread = None
+        self._rbuf = bytearray()  # the start of an incomplete frame (reader role)
+        self._rneed = P.PREFIX_LEN  # bytes the incomplete frame in _rbuf needs
         # Executor state.
         self._sessions = {}
         self._out = []
@@ -302,68 +337,124 @@ class Runtime(object):
             return self._cancelled_frame(req.request_id)
         return self._exception_frame(req.request_id, exc)
 
-    # ------------------------------------------------------------------ reader thread
+    # ------------------------------------------------------------------ reading
 
     def start_reader(self):
-        t = threading.Thread(target=self._reader, name="pitboss-reader", daemon=True)
-        t.start()
-        return t
+        """Starts the standby reader thread (once): it reads the input while the main
+        thread runs a command for longer than _TAKEOVER_AFTER."""
+        if self._standby_thread is None:
+            t = threading.Thread(target=self._standby, name="pitboss-reader", daemon=True)
+            self._standby_thread = t
+            t.start()
+        return self._standby_thread
 
-    def _reader(self):
+    def _read_once(self):
+        """Reads the input once (the thread holding the reader role only) and handles
+        the frames read: PING and CANCEL at once, the rest is returned as work to run
+        in order ([] if none). At the end of the input: ``[_EOF]``."""
         try:
-            self._read_loop()
+            chunk = _read(self.in_fd, _READ_SIZE)
+        except OSError as e:
+            os.write(2, ("pitboss_worker: reading stdin failed: %s\n" % e).encode())
+            chunk = b""
+        buf = self._rbuf
+        if not chunk:
+            if buf:
+                _bad_frame("stdin closed in the middle of a frame")
+            return [_EOF]
+        if buf:
+            buf += chunk
+            if len(buf) < self._rneed:
+                return []
+            data = bytes(buf)
+        else:
+            data = chunk
+        try:
+            frames, offset = _split_frames(data, 0, self.max_frame_bytes)
+        except P.ProtocolError as e:
+            _bad_frame(str(e))
+        work = self._dispatch(data, frames) if frames else []
+        rest = len(data) - offset
+        if rest:
+            self._rbuf = bytearray(data[offset:])
+            need = P.PREFIX_LEN
+            if rest >= need:
+                need += _unpack_length_from(data, offset)[0]
+            self._rneed = need
+        elif buf:
+            self._rbuf = bytearray()
+        return work
+
+    def _standby(self):
+        try:
+            self._standby_loop()
         except BaseException as e:  # a bug here must not leave a half-dead worker
             import traceback
 
             _die("reader thread failed:\n%s" % "".join(traceback.format_exception(type(e), e, e.__traceback__)), 70)
 
-    def _read_loop(self):
-        fd = self.in_fd
-        limit = self.max_frame_bytes
-        read = os.read
-        split = P.split_frames
-        buf = bytearray()
-        need = P.PREFIX_LEN  # bytes the first incomplete frame in buf needs
+    def _standby_loop(self):
+        """The standby reader: takes the reader role when the main thread has run
+        work for _TAKEOVER_AFTER without anyone reading (or after SHUTDOWN), reads
+        while the main thread is busy, and gives the role back with the next work
+        it reads once the main thread is idle."""
+        cv = self._cv
+        read_once = self._read_once
+        after = _TAKEOVER_AFTER
+        seen = -1
         while True:
-            try:
-                chunk = read(fd, 1 << 20)
-            except OSError as e:
-                os.write(2, ("pitboss_worker: reading stdin failed: %s\n" % e).encode())
-                chunk = b""
-            if not chunk:
-                if buf:
-                    _bad_frame("stdin closed in the middle of a frame")
-                self._push(_EOF)
-                return
-            if buf:
-                buf += chunk
-                if len(buf) < need:
+            with cv:
+                while True:
+                    if self._eof:
+                        return
+                    if self._reader is None:
+                        if self._done or self._main_idle:
+                            break
+                        left = self._vacant_since + after - _monotonic()
+                        if left <= 0:
+                            break
+                        cv.wait(left)
+                    elif self._starts != seen:
+                        # The main thread reads and has run work since the last look:
+                        # look again soon, without being woken.
+                        seen = self._starts
+                        cv.wait(after)
+                    else:
+                        # Quiet: sleep until the main thread wakes us as it starts work.
+                        self._parked = True
+                        cv.wait()
+                        self._parked = False
+                self._reader = _STANDBY
+            while True:
+                work = read_once()
+                if not work:
                     continue
-                data = bytes(buf)
-            else:
-                data = chunk
-            try:
-                frames, offset = split(data, 0, limit)
-            except P.ProtocolError as e:
-                _bad_frame(str(e))
-            if frames:
-                self._dispatch(data, frames)
-            rest = len(data) - offset
-            if rest:
-                buf = bytearray(data[offset:])
-                need = P.PREFIX_LEN
-                if rest >= need:
-                    need += _unpack_length_from(data, offset)[0]
-            elif buf:
-                buf = bytearray()
-
-    def _push(self, item):
-        with self._cv:
-            self._work.append(item)
-            self._cv.notify()
+                with cv:
+                    eof = work[-1] is _EOF
+                    if eof:
+                        self._eof = True
+                    if self._done:
+                        # Nothing runs any more: SESSION_CLOSE after SHUTDOWN is ignored.
+                        if eof:
+                            return
+                        continue
+                    self._work.extend(work)
+                    if self._main_idle:
+                        # Hand the work and the reader role to the main thread: it runs
+                        # the work and then reads on itself.
+                        self._main_idle = False
+                        self._reader = None
+                        self._vacant_since = _monotonic()
+                        self._starts += 1
+                        cv.notify_all()
+                        break
+                    if eof:
+                        return
 
     def _dispatch(self, data, frames):
-        """Handles the frames of one read (reader thread)."""
+        """Handles the frames of one read (by the thread holding the reader role).
+
+        Answers PING and handles CANCEL at once; returns the work to run, in order."""
         now = _monotonic()
         work = []
         urgent = []  # PONGs and replies to cancelled queued requests
@@ -432,24 +523,59 @@ class Runtime(object):
             with self._lock:
                 for rid in dropped:
                     pending.pop(rid, None)
-        if work:
-            with self._cv:
-                self._work.extend(work)
-                self._cv.notify()
+        return work
 
     # ------------------------------------------------------------------ executor
 
     def serve(self):
-        """Runs queued work until SHUTDOWN or EOF, then waits for in-flight requests."""
+        """Reads and runs work until SHUTDOWN or EOF, then waits for in-flight requests.
+
+        The main thread reads the input itself whenever no work is queued, and runs the
+        work it read at once: no hand-off to another thread on the common path. While
+        it runs, nobody reads; the standby reader takes over reading if that lasts
+        _TAKEOVER_AFTER, and gives the role back later (see _standby_loop).
+        """
+        self.start_reader()
         cv = self._cv
+        read_once = self._read_once
+        run_batch = self._run_batch
         while True:
             with cv:
-                while not self._work:
-                    cv.wait()
                 items = self._work
-                self._work = collections.deque()
-            if self._run_batch(items):
+                if items:
+                    self._work = []
+                elif (self._reader is None or self._reader is _MAIN) and not self._eof:
+                    self._reader = _MAIN
+                else:
+                    self._main_idle = True
+                    while not self._work and (self._reader is not None or self._eof):
+                        cv.wait()
+                    self._main_idle = False
+                    continue
+            if not items:
+                try:
+                    items = read_once()
+                    while not items:
+                        items = read_once()
+                except Exception as e:
+                    import traceback
+
+                    _die("reading failed:\n%s" % "".join(traceback.format_exception(type(e), e, e.__traceback__)), 70)
+                with cv:
+                    self._reader = None
+                    if items[-1] is _EOF:
+                        self._eof = True
+                    self._vacant_since = _monotonic()
+                    self._starts += 1
+                    if self._parked:
+                        cv.notify_all()
+            if run_batch(items):
                 break
+        with cv:
+            # The standby reader reads on (PINGs, late requests) while in-flight
+            # async requests finish.
+            self._done = True
+            cv.notify_all()
         self._drain()
 
     def _run_batch(self, items):

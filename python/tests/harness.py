@@ -25,7 +25,7 @@ TIMEOUT = 15.0
 class WorkerProcess(object):
     """One worker process. Frames are read with a timeout; stderr is collected."""
 
-    def __init__(self, adapter="examples.demo:adapter", args=(), env=None, wait_ready=True):
+    def __init__(self, adapter="examples.demo:adapter", args=(), env=None, wait_ready=True, cwd=PYTHON_DIR):
         environ = dict(os.environ)
         environ.pop("PYTHONSTARTUP", None)
         environ["PYTHONUNBUFFERED"] = "1"
@@ -37,7 +37,7 @@ class WorkerProcess(object):
             self.max_frame_bytes = int(args[args.index("--max-frame-bytes") + 1])
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "pitboss_worker", "--adapter", adapter] + args,
-            cwd=PYTHON_DIR,
+            cwd=cwd,
             env=environ,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,

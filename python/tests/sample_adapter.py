@@ -177,3 +177,25 @@ def child(req):
         [sys.executable, "-c", code] + [str(fd) for fd in proto], stderr=subprocess.PIPE, check=True
     )
     return {"seen": [int(x) for x in out.stderr.split()], "protocol_fds": proto}
+
+
+@adapter.command
+def spin(req):
+    """Busy-loops in Python code (the GIL held between bytecodes) for {"seconds": s},
+    or until cancelled: {"spun": s} or {"cancelled": true}."""
+    import time
+
+    deadline = time.monotonic() + float(req.json()["seconds"])
+    n = 0
+    while time.monotonic() < deadline:
+        n += 1
+        if n % 1000 == 0 and req.cancelled:
+            return {"cancelled": True}
+    return {"spun": req.json()["seconds"]}
+
+
+@adapter.command
+def where(req):
+    """The thread this synchronous command runs on."""
+    t = threading.current_thread()
+    return {"main": t is threading.main_thread(), "name": t.name}
