@@ -1,8 +1,10 @@
-//! The connection to one running worker: a writer task, a reader task, and a table of
-//! requests in flight keyed by request id.
+//! The connection to one running worker: its outbox (callers write their own frames;
+//! a writer task only drains what the pipe could not take at once), a reader task, and
+//! a table of requests in flight keyed by request id.
 //!
-//! Several requests may be in flight at once (pipelining): the writer batches whatever
-//! is queued into one `write`, and the worker does the same with its replies. A reply is
+//! Several requests may be in flight at once (pipelining): frames queued behind a full
+//! pipe go out together in as few writes as it allows, and the worker batches its
+//! replies too. A reply is
 //! routed to its caller by request id. Anything the worker sends that breaks the
 //! protocol marks the connection broken and asks the supervisor to kill the process:
 //! a worker that lied once is never trusted again.
@@ -13,12 +15,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use futures_util::StreamExt;
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{mpsc, oneshot, Notify};
+
+use super::outbox::{Outbox, OutboxHandle, SendError};
 use tokio::time::Instant;
-use tokio_util::codec::{Encoder, FramedRead};
+use tokio_util::codec::FramedRead;
 
 use super::error::WorkerError;
 use super::frame::{ErrorBody, Frame, FrameCodec, ReadyInfo, RequestFrame};
@@ -263,7 +267,7 @@ enum Misrouted {
 #[derive(Clone)]
 pub struct Connection {
     shared: Arc<Shared>,
-    outbox: mpsc::UnboundedSender<Frame>,
+    outbox: Arc<OutboxHandle>,
     ready: Arc<ReadyInfo>,
     next_id: Arc<AtomicU64>,
 }
@@ -296,7 +300,7 @@ pub enum ReplyMode {
 }
 
 impl Connection {
-    /// Starts the reader and writer tasks over an already-handshaken worker's pipes.
+    /// Starts the reader task and the outbox over an already-handshaken worker's pipes.
     pub fn start<R, W>(
         id: WorkerId,
         ready: ReadyInfo,
@@ -305,7 +309,7 @@ impl Connection {
     ) -> Connection
     where
         R: AsyncRead + Unpin + Send + 'static,
-        W: AsyncWrite + Unpin + Send + 'static,
+        W: AsyncWrite + Send + 'static,
     {
         let shared = Arc::new(Shared {
             id,
@@ -316,12 +320,11 @@ impl Connection {
             last_pong: Mutex::new(Instant::now()),
         });
         let codec = reader.decoder().clone();
-        let (outbox, rx) = mpsc::unbounded_channel();
-        tokio::spawn(write_loop(shared.clone(), rx, writer, codec));
+        let outbox = Outbox::start(writer, codec);
         tokio::spawn(read_loop(shared.clone(), reader));
         Connection {
             shared,
-            outbox,
+            outbox: Arc::new(outbox),
             ready: Arc::new(ready),
             next_id: Arc::new(AtomicU64::new(1)),
         }
@@ -391,12 +394,19 @@ impl Connection {
             timeout_ms,
             payload: request.payload,
         });
-        if self.outbox.send(frame).is_err() {
+        if let Err(e) = self.outbox.send(&frame) {
             self.shared.pending().remove(&rid);
-            return Err(WorkerError::Exited {
-                worker: self.id(),
-                reason: "its input pipe is closed".into(),
-                sent: false,
+            return Err(match e {
+                // Only a request can be too large; it fails, not the worker.
+                SendError::Encode(e) => WorkerError::Protocol {
+                    worker: self.id(),
+                    detail: format!("request not sent: {e}"),
+                },
+                SendError::Closed => WorkerError::Exited {
+                    worker: self.id(),
+                    reason: "its input pipe is closed".into(),
+                    sent: false,
+                },
             });
         }
         Ok(Call {
@@ -410,7 +420,7 @@ impl Connection {
 
     /// Sends a heartbeat ping.
     pub fn ping(&self, seq: u64) {
-        let _ = self.outbox.send(Frame::Ping { seq });
+        let _ = self.outbox.send(&Frame::Ping { seq });
     }
 
     /// When the last `PONG` arrived (or the connection started).
@@ -423,14 +433,14 @@ impl Connection {
     }
 
     pub fn close_session(&self, session_id: &str) {
-        let _ = self.outbox.send(Frame::SessionClose {
+        let _ = self.outbox.send(&Frame::SessionClose {
             session_id: session_id.to_string(),
         });
     }
 
     /// Asks the worker to finish what it has and exit.
     pub fn shutdown(&self) {
-        let _ = self.outbox.send(Frame::Shutdown);
+        let _ = self.outbox.send(&Frame::Shutdown);
     }
 
     /// Resolves when the connection asks to have its process killed.
@@ -468,7 +478,7 @@ impl Connection {
                 None => return, // already finished
             }
         }
-        let _ = self.outbox.send(Frame::Cancel { id: rid });
+        let _ = self.outbox.send(&Frame::Cancel { id: rid });
         let shared = self.shared.clone();
         if let Ok(handle) = tokio::runtime::Handle::try_current() {
             handle.spawn(async move {
@@ -573,54 +583,6 @@ fn gone(worker: WorkerId) -> WorkerError {
     }
 }
 
-async fn write_loop<W: AsyncWrite + Unpin>(
-    shared: Arc<Shared>,
-    mut rx: mpsc::UnboundedReceiver<Frame>,
-    mut writer: W,
-    mut codec: FrameCodec,
-) {
-    let mut buf = BytesMut::with_capacity(64 * 1024);
-    while let Some(first) = rx.recv().await {
-        // Batch everything already queued into one write: with requests pipelined, the
-        // worker then reads them in one go too.
-        let mut next = Some(first);
-        while let Some(frame) = next {
-            if let Err(e) = codec.encode(&frame, &mut buf) {
-                // Only a request can be too large here; fail it rather than the worker.
-                if let Frame::Request(r) = &frame {
-                    if let Some(p) = shared.pending().remove(&r.id) {
-                        let err = WorkerError::Protocol {
-                            worker: shared.id,
-                            detail: format!("request not sent: {e}"),
-                        };
-                        match p.tx {
-                            ReplyTx::Unary(tx) => {
-                                let _ = tx.send(Err(err));
-                            }
-                            ReplyTx::Stream(tx) => {
-                                let _ = tx.send(StreamEvent::Failed(err));
-                            }
-                            ReplyTx::Cancelled => {}
-                        }
-                    }
-                }
-            }
-            if buf.len() >= 1 << 20 {
-                break;
-            }
-            next = rx.try_recv().ok();
-        }
-        if writer.write_all(&buf).await.is_err() || writer.flush().await.is_err() {
-            // The worker is gone; the reader sees EOF and the supervisor reaps it.
-            return;
-        }
-        buf.clear();
-    }
-    // The outbox closed: every Connection handle is gone. Closing stdin asks the
-    // worker to exit.
-    let _ = writer.shutdown().await;
-}
-
 async fn read_loop<R: AsyncRead + Unpin>(
     shared: Arc<Shared>,
     mut reader: FramedRead<R, FrameCodec>,
@@ -663,6 +625,7 @@ impl WorkerError {
 mod tests {
     use super::*;
     use futures_util::SinkExt;
+    use tokio::io::AsyncWriteExt;
     use tokio_util::codec::FramedWrite;
 
     fn ready() -> ReadyInfo {

@@ -159,7 +159,7 @@ impl Frame {
         }
     }
 
-    fn request_id(&self) -> u64 {
+    pub(crate) fn request_id(&self) -> u64 {
         match self {
             Frame::Request(r) => r.id,
             Frame::Response { id, .. }
@@ -433,8 +433,20 @@ impl Encoder<Frame> for FrameCodec {
 impl Encoder<&Frame> for FrameCodec {
     type Error = FrameError;
 
+    /// Appends `frame` to `dst`; on an error `dst` is left as it was (it may be a
+    /// buffer shared with other frames).
     fn encode(&mut self, frame: &Frame, dst: &mut BytesMut) -> Result<(), FrameError> {
         let start = dst.len();
+        let encoded = self.encode_at(frame, dst, start);
+        if encoded.is_err() {
+            dst.truncate(start);
+        }
+        encoded
+    }
+}
+
+impl FrameCodec {
+    fn encode_at(&self, frame: &Frame, dst: &mut BytesMut, start: usize) -> Result<(), FrameError> {
         dst.put_u32(0); // length, patched below
         dst.put_u8(PROTOCOL_VERSION);
         dst.put_u8(frame.kind() as u8);
@@ -476,7 +488,6 @@ impl Encoder<&Frame> for FrameCodec {
         }
         let len = dst.len() - start - 4;
         if len > self.max_frame_bytes {
-            dst.truncate(start);
             return Err(FrameError::TooLarge {
                 len,
                 max: self.max_frame_bytes,
@@ -498,6 +509,27 @@ mod tests {
     use super::*;
     use futures_util::{SinkExt, StreamExt};
     use tokio_util::codec::{FramedRead, FramedWrite};
+
+    /// A frame that fails to encode leaves a shared buffer as it was: before, a field
+    /// over 64 KiB left a half-written header behind, which the next write would have
+    /// sent to the worker.
+    #[test]
+    fn a_failed_encode_leaves_the_buffer_as_it_was() {
+        let mut codec = FrameCodec::default();
+        let mut buf = BytesMut::new();
+        codec.encode(&Frame::Ping { seq: 1 }, &mut buf).unwrap();
+        let before = buf.clone();
+        let frame = Frame::Request(RequestFrame {
+            id: 2,
+            command: "echo".into(),
+            session_id: String::new(),
+            content_type: "x".repeat(70_000),
+            timeout_ms: 0,
+            payload: Bytes::new(),
+        });
+        assert!(codec.encode(&frame, &mut buf).is_err());
+        assert_eq!(buf, before);
+    }
 
     fn samples() -> Vec<Frame> {
         vec![

@@ -5,6 +5,7 @@ mod connection;
 mod error;
 pub mod frame;
 mod id;
+mod outbox;
 mod process;
 
 use std::collections::VecDeque;
