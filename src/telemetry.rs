@@ -221,11 +221,61 @@ impl KnownCommands {
 }
 
 /// Records one answered call.
+///
+/// The metric handles of a command are built once and kept: a call then costs a
+/// lookup by name and two atomic updates, not two label sets built, hashed and looked
+/// up in the registry. The `command` label is bounded ([`KnownCommands`]), and so is
+/// this cache.
 pub fn record_call(role: Role, command: &str, failure: Option<ErrorClass>, elapsed: Duration) {
-    let (outcome, class) = match failure {
-        None => ("ok", ""),
-        Some(c) => ("error", c.name()),
+    static CACHE: OnceLock<dashmap::DashMap<String, Arc<CallMetrics>>> = OnceLock::new();
+    let cache = CACHE.get_or_init(Default::default);
+    let metrics = match cache.get(command) {
+        Some(m) => m.clone(),
+        None => cache.entry(command.to_string()).or_default().clone(),
     };
+    let per_role = &metrics.roles[role as usize];
+    match failure {
+        None => per_role
+            .ok
+            .get_or_init(|| call_counter(role, command, "ok", ""))
+            .increment(1),
+        Some(class) => per_role.errors[class as usize]
+            .get_or_init(|| call_counter(role, command, "error", class.name()))
+            .increment(1),
+    }
+    per_role
+        .duration
+        .get_or_init(|| {
+            metrics::histogram!(
+                "pitboss_request_duration_seconds",
+                "backend" => role.as_str(),
+                "command" => command.to_string()
+            )
+        })
+        .record(elapsed.as_secs_f64());
+}
+
+/// One command's `pitboss_requests_total` and `pitboss_request_duration_seconds`
+/// handles, per backend. Each is made on its first use, so a series appears when it
+/// first counts, as it did without the cache.
+#[derive(Default)]
+struct CallMetrics {
+    roles: [RoleCallMetrics; 2],
+}
+
+#[derive(Default)]
+struct RoleCallMetrics {
+    ok: OnceLock<metrics::Counter>,
+    errors: [OnceLock<metrics::Counter>; crate::resilience::class::TABLE.len()],
+    duration: OnceLock<metrics::Histogram>,
+}
+
+fn call_counter(
+    role: Role,
+    command: &str,
+    outcome: &'static str,
+    class: &'static str,
+) -> metrics::Counter {
     metrics::counter!(
         "pitboss_requests_total",
         "backend" => role.as_str(),
@@ -233,13 +283,6 @@ pub fn record_call(role: Role, command: &str, failure: Option<ErrorClass>, elaps
         "outcome" => outcome,
         "error_class" => class
     )
-    .increment(1);
-    metrics::histogram!(
-        "pitboss_request_duration_seconds",
-        "backend" => role.as_str(),
-        "command" => command.to_string()
-    )
-    .record(elapsed.as_secs_f64());
 }
 
 /// Counts restarts; the pool's name is its backend role.
