@@ -47,7 +47,26 @@ def main(out):
 
     def get(s, t, k):
         rs = runs.get((s, t))
-        return med(rs, k) if rs else None
+        if not rs or any(r.get(k) is None for r in rs):
+            return None
+        return med(rs, k)
+
+    def cpu(v):
+        return "-" if v is None else f"{v:.1f}"
+
+    print("\n## CPU per request, µs (median of rounds; user + system from /proc)\n")
+    print("server: the process serving the Bridge (for the floor: none, its driver is the")
+    print("load generator); workers: the server's Python processes; client: the load generator.\n")
+    print("| scenario | target | server | workers | client | total |")
+    print("|---|---|---:|---:|---:|---:|")
+    for s in scenarios:
+        for t in targets:
+            if (s, t) not in runs:
+                continue
+            parts = [get(s, t, f"cpu_{k}_us_per_req") for k in ("server", "workers", "client")]
+            known = [p for p in parts if p is not None]
+            total = sum(known) if known else None
+            print(f"| {s} | {t} | {' | '.join(cpu(p) for p in parts)} | {cpu(total)} |")
 
     print("\n## Targets (ratios within this run)\n")
     print("| measure | target | measured | met |")
@@ -76,6 +95,24 @@ def main(out):
         pb, pe = get(s, "pitboss", "p99_us"), get(s, "peer", "p99_us")
         r = pb / pe if pb and pe else None
         row(f"p99 vs peer, {s} (ratio)", "< 1", r, r is not None and r < 1)
+
+    # Issue 15: wake-ups per request.
+    pb, ce = (get("echo-64B-c8", t, "cpu_server_us_per_req") for t in ("pitboss", "ceiling"))
+    r = pb / ce if pb and ce else None
+    row("server CPU per echo request, pitboss / ceiling (c=8)", "<= 1.4", r, r is not None and r <= 1.4)
+    r = get("echo-64B-c8", "pitboss", "cpu_workers_us_per_req")
+    row("Python worker CPU per echo request under pitboss, c=8 (µs)", "<= 20", r, r is not None and r <= 20, "{:.1f}")
+    r = get("echo-64B-c1", "floor", "p50_us")
+    row("floor p50, echo c=1 (µs)", "<= 40", r, r is not None and r <= 40, "{:.0f}")
+    pb, fl, ce = (get("echo-64B-c1", t, "p50_us") for t in ("pitboss", "floor", "ceiling"))
+    r = pb - (fl + ce) if pb and fl and ce else None
+    row("pitboss p50 - (floor p50 + ceiling p50), echo c=1 (µs)", "<= 15", r, r is not None and r <= 15, "{:+.0f}")
+    pb, fl, ce = (get("echo-64B-c8", t, "rps") for t in ("pitboss", "floor", "ceiling"))
+    r = pb / (1 / (1 / fl + 1 / ce)) if pb and fl and ce else None
+    row("echo c=8 throughput / additive model 1/(1/floor + 1/ceiling)", ">= 0.9", r, r is not None and r >= 0.9)
+    pb, fl = get("compute-c8", "pitboss", "rps"), get("compute-c8", "floor", "rps")
+    r = pb / fl if pb and fl else None
+    row("CPU-bound command throughput / floor", ">= 0.93", r, r is not None and r >= 0.93)
 
     starts = sorted(glob.glob(os.path.join(out, "startup.*.json")))
     if starts:

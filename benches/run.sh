@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
 # Runs every benchmark scenario against every baseline in the same run, alternating
-# them, and prints one table (benches/report.py). See BENCHMARKS.md.
+# them, and prints one table (benches/report.py): throughput, latency, and CPU per
+# request of each server, its workers and the load generator. See BENCHMARKS.md.
 #
 #   benches/run.sh                 # all scenarios, 3 rounds of 5 s each
 #   ROUNDS=5 SECONDS_PER_RUN=10 benches/run.sh
 #   WORKERS=4 benches/run.sh       # pool size for pitboss, the floor and the peer
 #   SKIP_PEER=1 benches/run.sh     # without the grpcio peer (no PyPI access)
+#   SCENARIOS="echo-64B-c1 echo-64B-c8" benches/run.sh   # only these scenarios
+#   SKIP_STARTUP=1 benches/run.sh  # without the startup and memory runs
+#   BIN=path/to/pitboss benches/run.sh   # a binary already built (no cargo build)
 #
 # Results: benches/results/<timestamp>/*.json and report.md.
 set -euo pipefail
@@ -18,8 +22,10 @@ WORKERS=${WORKERS:-2}
 OUT=${OUT:-benches/results/$(date -u +%Y%m%dT%H%M%SZ)}
 mkdir -p "$OUT"
 
-cargo build --release --quiet
-BIN=target/release/pitboss
+if [ -z "${BIN:-}" ]; then
+  cargo build --release --quiet
+  BIN=target/release/pitboss
+fi
 export RUST_LOG=${RUST_LOG:-warn}
 
 pids=()
@@ -31,14 +37,14 @@ PITBOSS_POOL_SIZE=$WORKERS "$BIN" --config benches/pitboss-bench.toml >"$OUT/pit
 PB_PID=$!; pids+=($PB_PID)
 # The gRPC ceiling.
 "$BIN" bench ceiling --listen 127.0.0.1:50161 >"$OUT/ceiling.log" 2>&1 &
-pids+=($!)
+CEILING_PID=$!; pids+=($CEILING_PID)
 # The grpcio + ProcessPoolExecutor peer.
 PEER=""
 if [ -z "${SKIP_PEER:-}" ]; then
   PY=$(bash benches/peers/setup.sh | tail -1)
   "$PY" benches/peers/grpcio_peer.py --port 50171 --workers "$WORKERS" --adapter demo:adapter \
     --python-path python --python-path python/examples >"$OUT/peer.log" 2>&1 &
-  pids+=($!)
+  PEER_PID=$!; pids+=($PEER_PID)
   PEER=http://127.0.0.1:50171
 fi
 
@@ -69,15 +75,17 @@ targets=(floor pitboss ceiling)
 for round in $(seq 1 "$ROUNDS"); do
   for sc in "${scenarios[@]}"; do
     name=${sc%%|*}; args=${sc#*|}
+    if [ -n "${SCENARIOS:-}" ] && [[ " $SCENARIOS " != *" $name "* ]]; then continue; fi
     # Alternate the order each round so no target always runs first (or last).
     order=("${targets[@]}")
     if [ $((round % 2)) -eq 0 ]; then order=($(printf '%s\n' "${targets[@]}" | tac)); fi
     for t in "${order[@]}"; do
       case $t in
+        # --cpu-pid: the server whose CPU (and its workers') is read from /proc.
         floor)   where=(--floor --workers "$WORKERS" --config benches/pitboss-bench.toml) ;;
-        pitboss) where=(--addr http://127.0.0.1:50151) ;;
-        ceiling) where=(--addr http://127.0.0.1:50161) ;;
-        peer)    where=(--addr "$PEER") ;;
+        pitboss) where=(--addr http://127.0.0.1:50151 --cpu-pid "$PB_PID") ;;
+        ceiling) where=(--addr http://127.0.0.1:50161 --cpu-pid "$CEILING_PID") ;;
+        peer)    where=(--addr "$PEER" --cpu-pid "$PEER_PID") ;;
       esac
       # The ceiling has no Python: it only makes sense for echo-like scenarios.
       if [ "$t" = ceiling ] && [[ $name == compute* ]]; then continue; fi
@@ -89,9 +97,11 @@ for round in $(seq 1 "$ROUNDS"); do
 done
 
 # Startup and memory.
-for n in 1 4 8; do
-  "$BIN" --config benches/pitboss-bench.toml bench startup --workers "$n" --runs 5 --json "$OUT/startup.$n.json"
-done
-"$BIN" bench sessions --addr http://127.0.0.1:50151 --pid "$PB_PID" --sessions 100000 --json "$OUT/rss.json"
+if [ -z "${SKIP_STARTUP:-}" ]; then
+  for n in 1 4 8; do
+    "$BIN" --config benches/pitboss-bench.toml bench startup --workers "$n" --runs 5 --json "$OUT/startup.$n.json"
+  done
+  "$BIN" bench sessions --addr http://127.0.0.1:50151 --pid "$PB_PID" --sessions 100000 --json "$OUT/rss.json"
+fi
 
 python3 benches/report.py "$OUT" | tee "$OUT/report.md"

@@ -181,6 +181,10 @@ struct LoadArgs {
     /// Also write the report here as JSON.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Measure the CPU per request of this server process and of its descendants
+    /// (its workers), from /proc. The load generator's own is always measured.
+    #[arg(long)]
+    cpu_pid: Option<u32>,
 }
 
 #[derive(Subcommand)]
@@ -510,11 +514,13 @@ async fn bench(config: Option<PathBuf>, what: BenchCommand) -> Result<(), String
             } else {
                 a.name.clone()
             };
-            let r = bench::run(target, &name, spec).await?;
+            let r = bench::run(target, &name, spec, a.cpu_pid).await?;
+            let cpu = |v: Option<f64>| v.map(|v| format!("{v:.1}")).unwrap_or_else(|| "-".into());
             println!(
-                "{}: {} {} B c={} s={}: {:.0} req/s  p50 {} µs  p90 {} µs  p99 {} µs  p99.9 {} µs  ({} calls, {} errors)",
+                "{}: {} {} B c={} s={}: {:.0} req/s  p50 {} µs  p90 {} µs  p99 {} µs  p99.9 {} µs  ({} calls, {} errors)  CPU µs/req: server {} workers {} client {}",
                 r.target, r.command, r.payload_bytes, r.concurrency, r.sessions, r.rps,
-                r.p50_us, r.p90_us, r.p99_us, r.p999_us, r.requests, r.errors
+                r.p50_us, r.p90_us, r.p99_us, r.p999_us, r.requests, r.errors,
+                cpu(r.cpu_server_us_per_req), cpu(r.cpu_workers_us_per_req), cpu(r.cpu_client_us_per_req)
             );
             if let Some(e) = &r.first_error {
                 eprintln!("first error: {e}");

@@ -79,6 +79,90 @@ pub struct Report {
     pub max_us: u64,
     /// The first error seen, if any.
     pub first_error: Option<String>,
+    /// CPU time per measured request, in µs (user + system, from `/proc`): the
+    /// server process (`--cpu-pid`; for the floor, none: its driver is this
+    /// process), the server's descendants (its Python workers; for the floor, this
+    /// process's workers), and this load generator itself.
+    pub cpu_server_us_per_req: Option<f64>,
+    pub cpu_workers_us_per_req: Option<f64>,
+    pub cpu_client_us_per_req: Option<f64>,
+}
+
+/// CPU time used so far by a process, its descendants, and this process.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CpuSample {
+    pub server: Duration,
+    pub workers: Duration,
+    pub client: Duration,
+}
+
+impl CpuSample {
+    /// Now, for server `pid` (and its descendants); with `None`, the workers are this
+    /// process's descendants (the floor drives its own).
+    pub fn take(pid: Option<u32>) -> CpuSample {
+        let me = std::process::id();
+        let root = pid.unwrap_or(me);
+        let workers = descendants(root).into_iter().map(cpu_of).sum();
+        CpuSample {
+            server: pid.map(cpu_of).unwrap_or_default(),
+            workers,
+            client: cpu_of(me),
+        }
+    }
+}
+
+/// User + system CPU time of one process (all its threads), from `/proc/PID/stat`.
+pub fn cpu_of(pid: u32) -> Duration {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return Duration::ZERO;
+    };
+    // The command name may hold spaces: the fields start after its closing paren.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    // After the name: state(0) ppid(1) ... utime(11) stime(12).
+    let ticks: u64 = [11, 12]
+        .iter()
+        .filter_map(|&i| fields.get(i)?.parse::<u64>().ok())
+        .sum();
+    // SAFETY: sysconf only reads a system constant.
+    let per_sec = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    Duration::from_micros(ticks * 1_000_000 / per_sec)
+}
+
+/// Every live descendant of `root` (children, grandchildren...), from `/proc`.
+pub fn descendants(root: u32) -> Vec<u32> {
+    let mut parent_of: Vec<(u32, u32)> = Vec::new();
+    if let Ok(dir) = std::fs::read_dir("/proc") {
+        for entry in dir.flatten() {
+            let Some(pid) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+                continue;
+            };
+            let ppid = stat
+                .rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse::<u32>().ok());
+            if let Some(ppid) = ppid {
+                parent_of.push((pid, ppid));
+            }
+        }
+    }
+    let mut found = vec![root];
+    let mut i = 0;
+    while i < found.len() {
+        let p = found[i];
+        found.extend(parent_of.iter().filter(|(_, pp)| *pp == p).map(|(c, _)| *c));
+        i += 1;
+    }
+    found.remove(0);
+    found
 }
 
 /// Where the load goes.
@@ -167,7 +251,15 @@ impl Target {
 }
 
 /// Runs the load and measures it.
-pub async fn run(target: Target, name: &str, spec: LoadSpec) -> Result<Report, String> {
+///
+/// `cpu_pid`: the server process whose CPU (and its workers') is measured per request;
+/// for the floor, the workers are this process's own.
+pub async fn run(
+    target: Target,
+    name: &str,
+    spec: LoadSpec,
+    cpu_pid: Option<u32>,
+) -> Result<Report, String> {
     if spec.requests.is_none() && spec.duration.is_none() {
         return Err("give a request count or a duration".into());
     }
@@ -177,11 +269,17 @@ pub async fn run(target: Target, name: &str, spec: LoadSpec) -> Result<Report, S
     if !spec.warmup.is_zero() {
         drive(&target, &spec, &sessions, None, Some(spec.warmup)).await;
     }
+    let cpu_before = CpuSample::take(cpu_pid);
     let started = Instant::now();
     let (hist, errors, first_error) =
         drive(&target, &spec, &sessions, spec.requests, spec.duration).await;
     let elapsed = started.elapsed().as_secs_f64();
+    let cpu_after = CpuSample::take(cpu_pid);
     let n = hist.len();
+    let per_req = |after: Duration, before: Duration| {
+        (n > 0).then(|| after.saturating_sub(before).as_secs_f64() * 1e6 / n as f64)
+    };
+    let is_floor = matches!(target, Target::Floor(_));
     let q = |p: f64| hist.value_at_quantile(p);
     Ok(Report {
         target: name.to_string(),
@@ -199,6 +297,11 @@ pub async fn run(target: Target, name: &str, spec: LoadSpec) -> Result<Report, S
         p999_us: q(0.999),
         max_us: hist.max(),
         first_error,
+        cpu_server_us_per_req: cpu_pid.and_then(|_| per_req(cpu_after.server, cpu_before.server)),
+        cpu_workers_us_per_req: (cpu_pid.is_some() || is_floor)
+            .then(|| per_req(cpu_after.workers, cpu_before.workers))
+            .flatten(),
+        cpu_client_us_per_req: per_req(cpu_after.client, cpu_before.client),
     })
 }
 
