@@ -57,6 +57,8 @@ struct Queue {
     closing: bool,
     /// A write failed: the worker is gone, nothing more is sent.
     failed: bool,
+    /// Bytes ever appended: where each caller's frame ends in the stream.
+    appended: u64,
 }
 
 /// The pipe and the batch being written to it; touched only by whoever is
@@ -64,6 +66,10 @@ struct Queue {
 struct Pipe {
     writer: Writer,
     out: BytesMut,
+    /// Bytes the pipe has taken so far. After a failed write it tells a caller whether
+    /// its own frame went out whole (the worker may have run it) or not (it cannot
+    /// have: a worker acts only on a whole frame).
+    written: u64,
 }
 
 impl Pipe {
@@ -75,7 +81,10 @@ impl Pipe {
                 Poll::Ready(Ok(0)) => {
                     return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into()));
                 }
-                Poll::Ready(Ok(n)) => self.out.advance(n),
+                Poll::Ready(Ok(n)) => {
+                    self.out.advance(n);
+                    self.written += n as u64;
+                }
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                 Poll::Pending => return Poll::Pending,
             }
@@ -116,10 +125,12 @@ impl Outbox {
                 writing: Writing::Idle,
                 closing: false,
                 failed: false,
+                appended: 0,
             }),
             pipe: Mutex::new(Pipe {
                 writer: Box::pin(writer),
                 out: BytesMut::with_capacity(8 * 1024),
+                written: 0,
             }),
             wake_writer: Notify::new(),
         });
@@ -136,15 +147,20 @@ impl Outbox {
     }
 
     /// Sends `frame`: appended to the queue, and written from here when nobody else
-    /// is writing. `Ok` means it will go out unless the worker dies first.
+    /// is writing. `Ok` means it went out, or will unless the worker dies first;
+    /// `Closed` means the worker cannot have seen it, so it is safe to send elsewhere.
     pub(super) fn send(&self, frame: &Frame) -> Result<(), SendError> {
+        let ends_at;
         {
             let mut q = self.queue();
             if q.failed || q.closing {
                 return Err(SendError::Closed);
             }
             let Queue { codec, buf, .. } = &mut *q;
+            let before = buf.len();
             codec.encode(frame, buf)?;
+            q.appended += (q.buf.len() - before) as u64;
+            ends_at = q.appended;
             if q.writing != Writing::Idle {
                 return Ok(()); // whoever is writing takes it with what it has
             }
@@ -160,7 +176,10 @@ impl Outbox {
                 self.wake_writer.notify_one();
                 Ok(())
             }
-            // The worker is gone (the reader sees EOF and the supervisor reaps it).
+            // The worker is gone (the reader sees EOF and the supervisor reaps it). A
+            // round can write this frame and fail on one appended behind it: then this
+            // frame was delivered, and may have run, so it is not "not sent".
+            Round::Failed if self.pipe().written >= ends_at => Ok(()),
             Round::Failed => Err(SendError::Closed),
         }
     }
@@ -366,6 +385,101 @@ mod tests {
                 .collect();
             assert_eq!(mine, (0..500).collect::<Vec<_>>(), "sender {sender}");
         }
+    }
+
+    /// A pipe that takes the first write whole and fails every later one, as a pipe
+    /// does when the worker reads a frame and is then killed. During that first
+    /// write it runs `during_first` (another caller appending behind it).
+    struct DiesAfterFirstWrite {
+        writes: usize,
+        during_first: Option<Box<dyn FnOnce() + Send>>,
+        taken: Arc<Mutex<Vec<u8>>>,
+    }
+
+    impl AsyncWrite for DiesAfterFirstWrite {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<std::io::Result<usize>> {
+            self.writes += 1;
+            if self.writes > 1 {
+                return Poll::Ready(Err(std::io::ErrorKind::BrokenPipe.into()));
+            }
+            self.taken.lock().unwrap().extend_from_slice(buf);
+            if let Some(f) = self.during_first.take() {
+                f();
+            }
+            Poll::Ready(Ok(buf.len()))
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    /// Regression (the chaos test caught non-idempotent calls running twice): a
+    /// caller's round wrote its own frame, then failed on a frame appended behind
+    /// it. The caller was told "not sent", so its call was retried on another
+    /// worker although this one had it. Now the caller hears `Ok` (its call then
+    /// fails as "sent, may have run"), and only frames the pipe never took are
+    /// "not sent".
+    #[tokio::test]
+    async fn a_frame_the_pipe_took_is_not_reported_unsent_when_a_later_write_fails() {
+        let taken = Arc::new(Mutex::new(Vec::new()));
+        let outbox: Arc<std::sync::OnceLock<OutboxHandle>> = Default::default();
+        let second = Arc::new(Mutex::new(None));
+        let during_first = {
+            let (outbox, second) = (outbox.clone(), second.clone());
+            Box::new(move || {
+                let r = outbox.get().unwrap().send(&request(2, 10));
+                *second.lock().unwrap() = Some(r.is_ok());
+            })
+        };
+        let pipe = DiesAfterFirstWrite {
+            writes: 0,
+            during_first: Some(during_first),
+            taken: taken.clone(),
+        };
+        assert!(outbox
+            .set(Outbox::start(pipe, FrameCodec::default()))
+            .is_ok());
+        let outbox = outbox.get().unwrap();
+
+        let first = outbox.send(&request(1, 10));
+        assert!(first.is_ok(), "frame 1 reached the worker: {first:?}");
+        // Frame 2 was queued behind a write in progress, so its sender heard Ok,
+        // and its call fails when the worker's death is seen.
+        assert_eq!(*second.lock().unwrap(), Some(true));
+        // The worker got exactly frame 1.
+        let mut bytes = BytesMut::from(&taken.lock().unwrap()[..]);
+        let mut codec = FrameCodec::default();
+        let got = tokio_util::codec::Decoder::decode(&mut codec, &mut bytes).unwrap();
+        assert_eq!(got.map(|f| f.request_id()), Some(1));
+        assert!(bytes.is_empty());
+        // After the failure nothing is sent, and the sender is told so.
+        assert!(matches!(
+            outbox.send(&request(3, 10)),
+            Err(SendError::Closed)
+        ));
+    }
+
+    /// The pipe failed before taking any of the frame: "not sent", safe to send
+    /// elsewhere.
+    #[tokio::test]
+    async fn a_frame_the_pipe_never_took_is_reported_unsent() {
+        let pipe = DiesAfterFirstWrite {
+            writes: 1,
+            during_first: None,
+            taken: Default::default(),
+        };
+        let outbox = Outbox::start(pipe, FrameCodec::default());
+        assert!(matches!(
+            outbox.send(&request(1, 10)),
+            Err(SendError::Closed)
+        ));
     }
 
     /// The worker's end is gone: the send says so, and so do the later ones.
