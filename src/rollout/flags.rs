@@ -6,7 +6,7 @@ use std::collections::BTreeSet;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use super::bucket::{bucket, in_new, Percent, BUCKETS};
-use super::promotion::{position, Promotion};
+use super::steps::{position_in, Position, Promotion, StepAt};
 use crate::config::{line_of_key, locate, span_error, ConfigError, Dur, Fraction};
 
 /// The embedded default flags: everything on legacy.
@@ -456,7 +456,7 @@ pub fn apply_change(
                 return Err(RefusedChange::LastStep(step_of(&f)));
             };
             let to = f.promotion.steps[next].at;
-            to.apply(&mut f);
+            f.go_to(to);
             reason = Some(format!("promoted to {} by an operator", to.describe()));
         }
     }
@@ -509,6 +509,33 @@ pub fn rolled_back(flags: &Flags, reason: &str, now: &str) -> Flags {
     f.status.changed_by = "pitboss auto-rollback".into();
     f.status.step_started_at = now.to_string();
     f
+}
+
+/// Where `flags` stand in their walk: the current step (if on one) and the next.
+/// From `off` the next step is the first; from a percentage between steps, the next
+/// step above it. Without steps, both are `None`.
+pub fn position(flags: &Flags) -> Position {
+    let here = match flags.mode {
+        Mode::Off => None,
+        Mode::Shadow => Some(StepAt::Shadow),
+        Mode::Canary => Some(StepAt::Percent(flags.percent.0)),
+        Mode::Full => Some(StepAt::Percent(Percent::ALL)),
+    };
+    position_in(here, &flags.promotion.steps)
+}
+
+impl Flags {
+    /// Puts the rollout at step `at`: its mode and percentage (`percent` kept in
+    /// shadow).
+    pub fn go_to(&mut self, at: StepAt) {
+        match at {
+            StepAt::Shadow => self.mode = Mode::Shadow,
+            StepAt::Percent(p) => {
+                self.mode = Mode::Canary;
+                self.percent = PercentValue(p);
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -675,3 +702,4 @@ mod tests {
         assert_eq!(again, f);
     }
 }
+

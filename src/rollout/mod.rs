@@ -24,6 +24,7 @@ pub mod sessions;
 pub mod shadow;
 pub mod split;
 pub mod stats;
+pub mod steps;
 pub mod store;
 pub mod tier;
 
