@@ -704,13 +704,19 @@ impl Config {
         if !st.prefix.starts_with('/') || st.prefix.ends_with('/') {
             return Err(fail(
                 "rollout.store.prefix",
-                format!("must start with '/' and not end with one, got {:?}", st.prefix),
+                format!(
+                    "must start with '/' and not end with one, got {:?}",
+                    st.prefix
+                ),
             ));
         }
         if st.lease_ttl.0 < Duration::from_secs(2) {
             return Err(fail(
                 "rollout.store.lease_ttl",
-                format!("must be at least 2s (etcd's minimum lease), got {}", st.lease_ttl),
+                format!(
+                    "must be at least 2s (etcd's minimum lease), got {}",
+                    st.lease_ttl
+                ),
             ));
         }
         if st.timeout.0.is_zero() {

@@ -355,7 +355,10 @@ async fn rollout(
     };
     if let RolloutCommand::History { limit } = action {
         let h = client
-            .get_rollout_history(admin_request(pb::GetRolloutHistoryRequest { limit }, &token)?)
+            .get_rollout_history(admin_request(
+                pb::GetRolloutHistoryRequest { limit },
+                &token,
+            )?)
             .await
             .map_err(show_status)?
             .into_inner();
@@ -409,7 +412,11 @@ fn render_history(h: &pb::RolloutHistory) -> String {
             c.before,
             c.after,
             if c.actor.is_empty() { "-" } else { &c.actor },
-            if c.instance.is_empty() { "-" } else { &c.instance },
+            if c.instance.is_empty() {
+                "-"
+            } else {
+                &c.instance
+            },
             c.revision,
             if c.reason.is_empty() { "-" } else { &c.reason },
         ));
@@ -457,7 +464,11 @@ fn render_rollout(r: &pb::Rollout) -> String {
     out.push_str(&format!(
         "store {}{}  revision {}\n",
         r.store,
-        if r.store_up { "" } else { " (UNREACHABLE: serving the last flags it gave)" },
+        if r.store_up {
+            ""
+        } else {
+            " (UNREACHABLE: serving the last flags it gave)"
+        },
         r.revision
     ));
     if !r.steps.is_empty() {
@@ -471,7 +482,11 @@ fn render_rollout(r: &pb::Rollout) -> String {
             } else {
                 String::new()
             },
-            if r.step_started_at.is_empty() { "-" } else { &r.step_started_at },
+            if r.step_started_at.is_empty() {
+                "-"
+            } else {
+                &r.step_started_at
+            },
             r.promotions
         ));
         if !r.promotion.is_empty() {

@@ -109,11 +109,35 @@ fn describe() {
     );
     describe_counter!(
         "pitboss_rollout_rollbacks_total",
-        "Rollbacks, by reason: error_rate, latency, relative_error_rate (automatic) or operator."
+        "Rollbacks, by reason: error_rate, latency, relative_error_rate, shadow_mismatch (automatic) or operator."
     );
     describe_counter!(
         "pitboss_rollout_rollback_failures_total",
         "Automatic rollbacks wanted but not made: the flags file could not be written (a read-only volume, for example)."
+    );
+    describe_counter!(
+        "pitboss_rollout_promotions_total",
+        "Moves to the next [promotion] step, by whom: auto (a healthy, data-complete step) or operator (rollout promote)."
+    );
+    describe_gauge!(
+        "pitboss_rollout_step",
+        "The [promotion] step the rollout is on, 1-based; 0 when it is not on a step."
+    );
+    describe_gauge!(
+        "pitboss_rollout_steps",
+        "How many [promotion] steps the walk has."
+    );
+    describe_gauge!(
+        "pitboss_rollout_step_seconds",
+        "Seconds the rollout has been at its current step, on this instance's clock."
+    );
+    describe_gauge!(
+        "pitboss_rollout_store_up",
+        "1 when the rollout store (file or etcd) answered its last request; 0 while it is out of reach (the last flags stay in force)."
+    );
+    describe_gauge!(
+        "pitboss_rollout_leader",
+        "1 on the instance elected to analyse the tier (shared store only)."
     );
     describe_counter!(
         "pitboss_fallbacks_total",

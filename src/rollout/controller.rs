@@ -211,7 +211,11 @@ impl Rollout {
 
     /// How long the rollout has been at its current step, on this instance's clock.
     pub fn at_step(&self) -> Duration {
-        self.step.lock().unwrap_or_else(|e| e.into_inner()).1.elapsed()
+        self.step
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .1
+            .elapsed()
     }
 
     /// Starts the statistics afresh when the flags in force are at another step than
@@ -258,7 +262,12 @@ impl Rollout {
             self.leader.store(t.is_leader(), Ordering::Relaxed);
         }
         if f.status.state != flags::RolloutState::Active || f.mode == Mode::Off {
-            let walk = promotion::decide(&f, self.at_step(), &WindowStats::default(), &WindowStats::default());
+            let walk = promotion::decide(
+                &f,
+                self.at_step(),
+                &WindowStats::default(),
+                &WindowStats::default(),
+            );
             let scope = self.analysis().scope;
             self.set_analysis(scope, walk.describe());
             return None;
@@ -271,7 +280,10 @@ impl Rollout {
             ),
             Some(t) if !t.is_leader() => {
                 let by = t.leader().unwrap_or_else(|| "no instance yet".into());
-                self.set_analysis(format!("the tier, analysed by {by}"), self.analysis().promotion);
+                self.set_analysis(
+                    format!("the tier, analysed by {by}"),
+                    self.analysis().promotion,
+                );
                 return None;
             }
             Some(t) => match t.gather().await {
@@ -304,7 +316,11 @@ impl Rollout {
             min_requests: f.rollback.min_requests,
             relative_error_rate: f.rollback.relative_error_rate,
         };
-        let tier_note = if tier.is_some() { format!(" ({scope})") } else { String::new() };
+        let tier_note = if tier.is_some() {
+            format!(" ({scope})")
+        } else {
+            String::new()
+        };
         if let Some(reason) = rollback_reason(&rules, &new, &legacy) {
             self.set_analysis(scope, String::new());
             return self.auto_rollback(&format!("{reason}{tier_note}")).await;
@@ -327,12 +343,18 @@ impl Rollout {
     async fn auto_rollback(&self, reason: &str) -> Option<String> {
         let now = now_rfc3339();
         let result = self
-            .write("auto-rollback", "pitboss auto-rollback", None, true, |cur| {
-                if cur.status.state != flags::RolloutState::Active {
-                    return Err(AlreadyChanged);
-                }
-                Ok(rolled_back(cur, reason, &now))
-            })
+            .write(
+                "auto-rollback",
+                "pitboss auto-rollback",
+                None,
+                true,
+                |cur| {
+                    if cur.status.state != flags::RolloutState::Active {
+                        return Err(AlreadyChanged);
+                    }
+                    Ok(rolled_back(cur, reason, &now))
+                },
+            )
             .await;
         match result {
             Ok((old, new)) if old != new => {
@@ -436,15 +458,13 @@ impl Rollout {
                     self.publish();
                     return Ok((cur, now));
                 }
-                Err(CasError::Conflict { now, .. }) if persist => {
-                    match now {
-                        Some(now) => {
-                            let (f, r) = *now;
-                            self.flags.apply(f, r);
-                        }
-                        None => self.refresh().await,
+                Err(CasError::Conflict { now, .. }) if persist => match now {
+                    Some(now) => {
+                        let (f, r) = *now;
+                        self.flags.apply(f, r);
                     }
-                }
+                    None => self.refresh().await,
+                },
                 Err(CasError::Store(e)) => return Err(ChangeError::Store(e)),
                 Err(e) => return Err(ChangeError::Conflict(e)),
             }
@@ -526,8 +546,11 @@ impl Rollout {
         metrics::gauge!("pitboss_rollout_step_seconds").set(self.at_step().as_secs_f64());
         metrics::gauge!("pitboss_rollout_store_up").set(if self.store.up() { 1.0 } else { 0.0 });
         if self.store.tier().is_some() {
-            metrics::gauge!("pitboss_rollout_leader")
-                .set(if self.leader.load(Ordering::Relaxed) { 1.0 } else { 0.0 });
+            metrics::gauge!("pitboss_rollout_leader").set(if self.leader.load(Ordering::Relaxed) {
+                1.0
+            } else {
+                0.0
+            });
         }
     }
 

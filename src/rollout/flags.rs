@@ -702,4 +702,3 @@ mod tests {
         assert_eq!(again, f);
     }
 }
-

@@ -63,7 +63,12 @@ impl Verdict {
 /// Order: no walk → `Idle`; too few of new's calls → `Wait` (no verdict without
 /// data, either way); a failing gate → `Rollback`; the last step → `Done`; too
 /// short → `Wait`; `pause_at` → `Hold`; else `Promote`.
-pub fn decide(flags: &Flags, at_step: Duration, new: &WindowStats, legacy: &WindowStats) -> Verdict {
+pub fn decide(
+    flags: &Flags,
+    at_step: Duration,
+    new: &WindowStats,
+    legacy: &WindowStats,
+) -> Verdict {
     let promo = &flags.promotion;
     if promo.steps.is_empty() || flags.status.state != RolloutState::Active {
         return Verdict::Idle;
@@ -124,7 +129,12 @@ pub fn decide(flags: &Flags, at_step: Duration, new: &WindowStats, legacy: &Wind
 }
 
 /// The first gate `new` fails, as a reason; `None` when all pass.
-pub fn failing_gate(g: &Gates, mode: Mode, new: &WindowStats, legacy: &WindowStats) -> Option<String> {
+pub fn failing_gate(
+    g: &Gates,
+    mode: Mode,
+    new: &WindowStats,
+    legacy: &WindowStats,
+) -> Option<String> {
     let over = format!("over {} calls", new.requests);
     let rate = new.error_rate()?;
     if rate > g.max_error_rate {
@@ -233,8 +243,14 @@ mod tests {
             ("[promotion]\nsteps = [0, 5]\n", "0%"),
             ("[promotion]\nsteps = [150]\n", "between 0 and 100"),
             ("[promotion]\nsteps = [\"canary\"]\n", "\"shadow\""),
-            ("[promotion]\nsteps = [1, 5]\npause_at = 3\n", "not one of the steps"),
-            ("[promotion]\nsteps = [{ at = 1, min_requets = 5 }]\n", "min_requets"),
+            (
+                "[promotion]\nsteps = [1, 5]\npause_at = 3\n",
+                "not one of the steps",
+            ),
+            (
+                "[promotion]\nsteps = [{ at = 1, min_requets = 5 }]\n",
+                "min_requets",
+            ),
         ] {
             let err = Flags::parse("flags.toml", text).unwrap_err();
             assert!(err.to_string().contains(says), "{text}: {err}");
@@ -248,14 +264,38 @@ mod tests {
     #[test]
     fn positions_along_the_walk() {
         let mut f = flags(WALK);
-        assert_eq!(position(&f), Position { current: Some(1), next: Some(2) });
+        assert_eq!(
+            position(&f),
+            Position {
+                current: Some(1),
+                next: Some(2)
+            }
+        );
         assert_eq!(step_number(&f), 2);
         f.percent = super::super::flags::PercentValue(Percent::from_f64(10.0).unwrap());
-        assert_eq!(position(&f), Position { current: None, next: Some(2) });
+        assert_eq!(
+            position(&f),
+            Position {
+                current: None,
+                next: Some(2)
+            }
+        );
         f.mode = Mode::Off;
-        assert_eq!(position(&f), Position { current: None, next: Some(0) });
+        assert_eq!(
+            position(&f),
+            Position {
+                current: None,
+                next: Some(0)
+            }
+        );
         f.mode = Mode::Full;
-        assert_eq!(position(&f), Position { current: Some(4), next: None });
+        assert_eq!(
+            position(&f),
+            Position {
+                current: Some(4),
+                next: None
+            }
+        );
     }
 
     #[test]
@@ -271,7 +311,10 @@ mod tests {
     fn a_healthy_step_promotes_after_its_duration() {
         let f = flags(WALK);
         let v = decide(&f, S(10), &stats(100, 1), &stats(0, 0));
-        assert!(matches!(&v, Verdict::Wait(w) if w.contains("10s of the step's 30s")), "{v:?}");
+        assert!(
+            matches!(&v, Verdict::Wait(w) if w.contains("10s of the step's 30s")),
+            "{v:?}"
+        );
         let v = decide(&f, S(30), &stats(100, 1), &stats(0, 0));
         let Verdict::Promote { to, reason } = v else {
             panic!("{v:?}")
@@ -290,7 +333,10 @@ mod tests {
         );
         let mut last = f.clone();
         last.go_to(StepAt::Percent(Percent::ALL));
-        assert_eq!(decide(&last, S(3600), &stats(100, 0), &stats(0, 0)), Verdict::Done);
+        assert_eq!(
+            decide(&last, S(3600), &stats(100, 0), &stats(0, 0)),
+            Verdict::Done
+        );
         assert!(matches!(
             decide(&last, S(3600), &stats(100, 10), &stats(0, 0)),
             Verdict::Rollback(_)
@@ -301,12 +347,21 @@ mod tests {
     fn pause_at_holds_and_states_other_than_active_idle() {
         let f = flags(&format!("{WALK}pause_at = 5\n"));
         let v = decide(&f, S(60), &stats(100, 0), &stats(0, 0));
-        assert!(matches!(&v, Verdict::Hold(h) if h.contains("promote")), "{v:?}");
+        assert!(
+            matches!(&v, Verdict::Hold(h) if h.contains("promote")),
+            "{v:?}"
+        );
         let mut paused = f.clone();
         paused.status.state = RolloutState::Paused;
-        assert_eq!(decide(&paused, S(60), &stats(100, 50), &stats(0, 0)), Verdict::Idle);
+        assert_eq!(
+            decide(&paused, S(60), &stats(100, 50), &stats(0, 0)),
+            Verdict::Idle
+        );
         let none = flags("mode = \"canary\"\npercent = 5.0\n");
-        assert_eq!(decide(&none, S(60), &stats(100, 0), &stats(0, 0)), Verdict::Idle);
+        assert_eq!(
+            decide(&none, S(60), &stats(100, 0), &stats(0, 0)),
+            Verdict::Idle
+        );
     }
 
     #[test]

@@ -76,7 +76,9 @@ fn step_at(v: &toml::Value) -> Result<StepAt, InvalidStep> {
         toml::Value::String(s) if s == "shadow" => Ok(StepAt::Shadow),
         toml::Value::String(s) => Err(InvalidStep::Name(s.clone())),
         toml::Value::Integer(_) | toml::Value::Float(_) => {
-            let p = v.as_float().unwrap_or_else(|| v.as_integer().unwrap_or(0) as f64);
+            let p = v
+                .as_float()
+                .unwrap_or_else(|| v.as_integer().unwrap_or(0) as f64);
             let p = Percent::from_f64(p)?;
             if p == Percent::ZERO {
                 return Err(InvalidStep::Zero);
@@ -245,16 +247,12 @@ impl Promotion {
                 .and_then(|s| s.min_duration)
                 .unwrap_or(self.min_duration)
                 .0,
-            min_requests: s
-                .and_then(|s| s.min_requests)
-                .unwrap_or(self.min_requests),
+            min_requests: s.and_then(|s| s.min_requests).unwrap_or(self.min_requests),
             max_error_rate: s
                 .and_then(|s| s.max_error_rate)
                 .unwrap_or(self.max_error_rate)
                 .0,
-            max_p99: Duration::from_millis(
-                s.and_then(|s| s.max_p99_ms).unwrap_or(self.max_p99_ms),
-            ),
+            max_p99: Duration::from_millis(s.and_then(|s| s.max_p99_ms).unwrap_or(self.max_p99_ms)),
             max_relative_error_rate: s
                 .and_then(|s| s.max_relative_error_rate)
                 .unwrap_or(self.max_relative_error_rate),
@@ -287,7 +285,6 @@ pub struct Position {
     /// The step a promotion goes to; `None` at the last step (or in `full`).
     pub next: Option<usize>,
 }
-
 
 /// Where a rollout at `here` (`None`: off) stands in `steps`.
 pub fn position_in(here: Option<StepAt>, steps: &[Step]) -> Position {

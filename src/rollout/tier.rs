@@ -127,7 +127,11 @@ mod tests {
             .map(|i| {
                 let new = RollingStats::new(Duration::from_secs(30));
                 for _ in 0..10 {
-                    new.record(t, Duration::from_millis(2 + i), Some(ErrorClass::PythonException));
+                    new.record(
+                        t,
+                        Duration::from_millis(2 + i),
+                        Some(ErrorClass::PythonException),
+                    );
                 }
                 let p = Published {
                     instance: format!("i{i}"),
@@ -154,7 +158,10 @@ mod tests {
         assert_eq!(tier.new.by_class.get("python_exception"), Some(&30));
         assert_eq!(tier.new.window, Duration::from_secs(30));
         let p99 = tier.new.p99.unwrap();
-        assert!(p99 >= Duration::from_millis(4) && p99 <= Duration::from_micros(4400), "{p99:?}");
+        assert!(
+            p99 >= Duration::from_millis(4) && p99 <= Duration::from_micros(4400),
+            "{p99:?}"
+        );
         assert_eq!(tier.legacy.requests, 0);
         assert_eq!(tier.legacy.p99, None, "no data, no quantile");
     }

@@ -395,3 +395,22 @@ pub async fn spawn(config: &Path) -> Proc {
         log,
     }
 }
+
+/// Runs `pitboss rollout ARGS` against the Admin listener `admin` (an address) with
+/// `token`, and returns its stdout; panics with its stderr when it fails.
+pub async fn rollout_cli(admin: std::net::SocketAddr, token: &str, args: &[&str]) -> String {
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_pitboss"))
+        .arg("rollout")
+        .args(args)
+        .args(["--addr", &format!("http://{admin}"), "--actor", "tester"])
+        .env("PITBOSS_ADMIN_TOKEN", token)
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "pitboss rollout {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}

@@ -536,12 +536,10 @@ impl EtcdStore {
             (Some(self.settings.instance.clone()), id)
         } else {
             let held = resp.op_responses().into_iter().find_map(|op| match op {
-                TxnOpResponse::Get(g) => g.kvs().first().map(|kv| {
-                    (
-                        String::from_utf8_lossy(kv.value()).into_owned(),
-                        kv.lease(),
-                    )
-                }),
+                TxnOpResponse::Get(g) => g
+                    .kvs()
+                    .first()
+                    .map(|kv| (String::from_utf8_lossy(kv.value()).into_owned(), kv.lease())),
                 _ => None,
             });
             match held {
@@ -565,7 +563,9 @@ impl EtcdStore {
                 return;
             }
             let mut watch = self.client.watch_client();
-            let stream = self.timed(watch.watch(self.keys.leader.as_str(), None)).await;
+            let stream = self
+                .timed(watch.watch(self.keys.leader.as_str(), None))
+                .await;
             let Ok(stream) = stream else {
                 tokio::select! {
                     _ = tokio::time::sleep(RETRY) => continue,
@@ -656,7 +656,11 @@ impl FlagStore for EtcdStore {
         let audit_key = format!("{}{nanos:020}-{}", self.keys.audit, self.settings.instance);
         let audit = serde_json::to_string(record).unwrap_or_default();
         let txn = Txn::new()
-            .when([Compare::mod_revision(key, CompareOp::Equal, expected as i64)])
+            .when([Compare::mod_revision(
+                key,
+                CompareOp::Equal,
+                expected as i64,
+            )])
             .and_then([
                 TxnOp::put(key, flags.to_toml(), None),
                 TxnOp::put(audit_key, audit, None),
