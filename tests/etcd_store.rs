@@ -36,11 +36,16 @@ impl Instance {
 
 /// Instance `i` of a tier on `etcd`, rollout `name`; its own dir (token, cache).
 async fn instance(etcd: &Etcd, name: &str, i: usize) -> (Instance, PathBuf) {
+    instance_with(etcd, name, i, "").await
+}
+
+/// [`instance`] with `new_env` in the environment of new's workers.
+async fn instance_with(etcd: &Etcd, name: &str, i: usize, new_env: &str) -> (Instance, PathBuf) {
     let dir = temp_dir(&format!("etcd-{name}-{i}"));
     std::fs::write(dir.join("token"), format!("{TOKEN}\n")).unwrap();
     let rest = format!(
         "{pool}{rollout}{store}[backends.new]\nkind = \"pool\"\n[backends.new.pool]\n\
-         adapter = \"demo_v2:adapter\"\nsize = 1\n",
+         adapter = \"demo_v2:adapter\"\nsize = 1\nenv = {{ {new_env} }}\n",
         pool = pool_section("demo:adapter", 1),
         rollout = rollout_section(&dir),
         store = etcd.store_section(name, &dir.join("cache.toml")),
@@ -284,4 +289,102 @@ async fn an_etcd_outage_fails_no_call_and_a_change_made_during_it_is_applied_aft
     b.server.shutdown().await;
     let _ = std::fs::remove_dir_all(dir_a);
     let _ = std::fs::remove_dir_all(dir_b);
+}
+
+#[tokio::test]
+async fn a_failure_only_the_tier_sees_is_rolled_back_once_and_applied_everywhere() {
+    let etcd = Etcd::launch("analysis").await;
+    // The flags, written to etcd before the tier starts: every call to new, no
+    // fallback, and a rollback rule that needs 30 calls of new.
+    let mut c = etcd_client::Client::connect([etcd.client_url.as_str()], None)
+        .await
+        .unwrap();
+    c.put(
+        "/pitboss/analysis/flags",
+        "mode = \"canary\"\npercent = 100.0\ncommands = [\"*\"]\nfallback_to_legacy = false\n\
+         [rollback]\nmin_requests = 30\nwindow = \"60s\"\n",
+        None,
+    )
+    .await
+    .unwrap();
+    let mut tier = Vec::new();
+    let mut dirs = Vec::new();
+    for i in 0..3 {
+        let (inst, dir) = instance_with(&etcd, "analysis", i, "DEMO_V2_BROKEN = \"raise\"").await;
+        assert_eq!(inst.flags().percent.0.as_f64(), 100.0);
+        tier.push(inst);
+        dirs.push(dir);
+    }
+    // Exactly one instance analyses the tier.
+    assert!(
+        eventually(Duration::from_secs(10), || tier
+            .iter()
+            .filter(|i| i
+                .server
+                .edge()
+                .rollout()
+                .analysis()
+                .scope
+                .contains("analysed here"))
+            .count()
+            == 1)
+        .await,
+        "no single analyser: {:?}",
+        tier.iter()
+            .map(|i| i.server.edge().rollout().analysis())
+            .collect::<Vec<_>>()
+    );
+    // 12 failing calls on each: below min_requests for each instance alone, 36 for
+    // the tier.
+    for inst in &mut tier {
+        for k in 0..12 {
+            let mut r = exec("version", "{}");
+            r.routing_key = format!("k{k}");
+            assert!(inst.client.execute(r).await.is_err());
+        }
+    }
+    for inst in &tier {
+        assert!(
+            eventually(Duration::from_secs(10), || inst.flags().status.state
+                == pitboss::rollout::flags::RolloutState::RolledBack)
+            .await,
+            "not rolled back everywhere: {:?}",
+            inst.flags().status
+        );
+        assert!(
+            inst.flags().status.reason.contains("the tier: 3 instances"),
+            "{}",
+            inst.flags().status.reason
+        );
+    }
+    let rollbacks: u64 = tier
+        .iter()
+        .map(|i| {
+            i.server
+                .edge()
+                .rollout()
+                .counters
+                .rollbacks
+                .load(Ordering::Relaxed)
+        })
+        .sum();
+    assert_eq!(rollbacks, 1, "one rollback written for the tier");
+    let mut admin = tier[2].admin().await;
+    let h = admin
+        .get_rollout_history(authed(pb::GetRolloutHistoryRequest { limit: 50 }, TOKEN))
+        .await
+        .unwrap()
+        .into_inner();
+    let auto: Vec<_> = h
+        .changes
+        .iter()
+        .filter(|c| c.action == "auto-rollback")
+        .collect();
+    assert_eq!(auto.len(), 1, "{h:?}");
+    for inst in tier {
+        inst.server.shutdown().await;
+    }
+    for d in dirs {
+        let _ = std::fs::remove_dir_all(d);
+    }
 }
