@@ -388,3 +388,83 @@ async fn a_failure_only_the_tier_sees_is_rolled_back_once_and_applied_everywhere
         let _ = std::fs::remove_dir_all(d);
     }
 }
+
+#[tokio::test]
+async fn when_the_analyser_is_killed_another_takes_over_within_the_lease_ttl() {
+    let etcd = Etcd::launch("failover").await;
+    let mut procs = Vec::new();
+    let mut dirs = Vec::new();
+    for i in 0..3 {
+        let dir = temp_dir(&format!("etcd-failover-{i}"));
+        std::fs::write(dir.join("token"), format!("{TOKEN}\n")).unwrap();
+        let rest = format!(
+            "{pool}{rollout}{store}[backends.new]\nkind = \"pool\"\n[backends.new.pool]\n\
+             adapter = \"demo_v2:adapter\"\nsize = 1\n",
+            pool = pool_section("demo:adapter", 1),
+            rollout = rollout_section(&dir),
+            store = etcd.store_section("failover", &dir.join("cache.toml")),
+        );
+        let path = dir.join("pitboss.toml");
+        std::fs::write(&path, on_free_ports("shutdown_grace = \"10s\"", &rest)).unwrap();
+        procs.push(spawn(&path).await);
+        dirs.push(dir);
+    }
+    // The analysis runs only in canary/shadow: start a canary through one instance.
+    let mut admin = AdminClient::connect(procs[0].admin.clone()).await.unwrap();
+    admin
+        .set_rollout(authed(set(10.0, 0), TOKEN))
+        .await
+        .unwrap();
+    async fn analysis_of(admin: &str) -> String {
+        let mut a = AdminClient::connect(admin.to_string()).await.unwrap();
+        a.get_rollout(authed(pb::GetRolloutRequest {}, TOKEN))
+            .await
+            .unwrap()
+            .into_inner()
+            .analysis
+    }
+    async fn analysers(procs: &[&Proc]) -> Vec<usize> {
+        let mut v = Vec::new();
+        for (i, p) in procs.iter().enumerate() {
+            if analysis_of(&p.admin).await.contains("analysed here") {
+                v.push(i);
+            }
+        }
+        v
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let leader = loop {
+        let all: Vec<&Proc> = procs.iter().collect();
+        let l = analysers(&all).await;
+        if l.len() == 1 {
+            break l[0];
+        }
+        assert!(Instant::now() < deadline, "no single analyser: {l:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    // Kill it outright: its lease (2 s) lapses, the leader key goes with it.
+    let mut dead = procs.remove(leader);
+    kill(dead.child.id().unwrap(), libc::SIGKILL);
+    let _ = dead.child.wait().await;
+    let killed_at = Instant::now();
+    let deadline = killed_at + Duration::from_secs(20);
+    loop {
+        let rest: Vec<&Proc> = procs.iter().collect();
+        let l = analysers(&rest).await;
+        if l.len() == 1 {
+            let took = killed_at.elapsed();
+            let scope = analysis_of(&procs[l[0]].admin).await;
+            assert!(scope.contains("2 instances"), "{scope}");
+            eprintln!("the analysis moved {took:?} after the analyser was killed (lease TTL 2s)");
+            // The TTL, plus a keep-alive period and a check interval on a loaded host.
+            assert!(took < Duration::from_secs(6), "took {took:?}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "nobody took over: {l:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    drop(procs);
+    for d in dirs {
+        let _ = std::fs::remove_dir_all(d);
+    }
+}
