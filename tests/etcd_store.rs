@@ -136,10 +136,9 @@ async fn a_change_on_one_instance_is_applied_by_all_and_writes_are_compare_and_s
     );
     let wins = [a.is_ok(), b.is_ok()];
     assert_eq!(wins.iter().filter(|w| **w).count(), 1, "{a:?} {b:?}");
-    let loser = if a.is_ok() {
-        b.unwrap_err()
-    } else {
-        a.unwrap_err()
+    let loser = match (a, b) {
+        (Ok(_), Err(e)) | (Err(e), Ok(_)) => e,
+        _ => unreachable!("exactly one won"),
     };
     assert_eq!(loser.code(), Code::FailedPrecondition, "{loser:?}");
     assert!(loser.message().contains("revision"), "{}", loser.message());
