@@ -462,6 +462,37 @@ pub struct RolloutSection {
     pub admin_token_file: String,
     /// How often the auto-rollback rules are evaluated.
     pub check_interval: Dur,
+    /// Where the flags live: the file above (or memory), or etcd shared by the tier.
+    pub store: StoreSection,
+}
+
+/// Where the rollout flags live.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreKind {
+    /// `rollout.flags_file` (or memory without one): this instance alone.
+    File,
+    /// One key in etcd, shared by every instance of the tier.
+    Etcd,
+}
+
+/// `[rollout.store]`: the flags store (docs/ROLLOUT.md, "The store").
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreSection {
+    pub kind: StoreKind,
+    /// etcd's client URLs, `http://host:port`.
+    pub endpoints: Vec<String>,
+    /// The rollout's name: its keys are `<prefix>/<name>/...`.
+    pub name: String,
+    pub prefix: String,
+    /// The lease of this instance's statistics and of the analyser's election.
+    pub lease_ttl: Dur,
+    /// How long one request to the store may take.
+    pub timeout: Dur,
+    /// The last flags the store delivered, kept for a restart while it is unreachable;
+    /// relative to this file. Empty: no copy.
+    pub cache_file: String,
 }
 
 /// A backend role with its effective settings, ready to start.
@@ -643,6 +674,54 @@ impl Config {
         if self.rollout.check_interval.0.is_zero() {
             return Err(fail("rollout.check_interval", "must be positive".into()));
         }
+        let st = &self.rollout.store;
+        if st.kind == StoreKind::Etcd {
+            if st.endpoints.is_empty() {
+                return Err(fail(
+                    "rollout.store.endpoints",
+                    "kind = \"etcd\" needs at least one endpoint, e.g. [\"http://127.0.0.1:2379\"]"
+                        .into(),
+                ));
+            }
+            for e in &st.endpoints {
+                let ok = e.starts_with("http://") && e.parse::<tonic::transport::Uri>().is_ok();
+                if !ok {
+                    return Err(fail(
+                        "rollout.store.endpoints",
+                        format!(
+                            "an etcd endpoint is \"http://host:port\", got {e:?} (https is not supported by this build)"
+                        ),
+                    ));
+                }
+            }
+        }
+        if st.name.is_empty() || st.name.contains('/') {
+            return Err(fail(
+                "rollout.store.name",
+                format!("must be a non-empty name without '/', got {:?}", st.name),
+            ));
+        }
+        if !st.prefix.starts_with('/') || st.prefix.ends_with('/') {
+            return Err(fail(
+                "rollout.store.prefix",
+                format!(
+                    "must start with '/' and not end with one, got {:?}",
+                    st.prefix
+                ),
+            ));
+        }
+        if st.lease_ttl.0 < Duration::from_secs(2) {
+            return Err(fail(
+                "rollout.store.lease_ttl",
+                format!(
+                    "must be at least 2s (etcd's minimum lease), got {}",
+                    st.lease_ttl
+                ),
+            ));
+        }
+        if st.timeout.0.is_zero() {
+            return Err(fail("rollout.store.timeout", "must be positive".into()));
+        }
         for role in ["legacy", "new"] {
             self.backend_with(role, origin, text)?;
         }
@@ -789,6 +868,12 @@ impl Config {
     /// The flags file's path, resolved against this file's directory.
     pub fn flags_path(&self) -> Option<PathBuf> {
         (!self.rollout.flags_file.is_empty()).then(|| self.base_dir.join(&self.rollout.flags_file))
+    }
+
+    /// The store's cache of the last flags, resolved against this file's directory.
+    pub fn store_cache_path(&self) -> Option<PathBuf> {
+        let c = &self.rollout.store.cache_file;
+        (!c.is_empty()).then(|| self.base_dir.join(c))
     }
 
     /// The effective configuration as TOML.

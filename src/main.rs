@@ -69,6 +69,10 @@ enum Command {
         /// Who makes the change, for the audit log; default: $USER.
         #[arg(long, global = true)]
         actor: Option<String>,
+        /// Make the change only if the flags are still at this revision (from
+        /// `rollout status`); otherwise nothing changes and the command fails.
+        #[arg(long, global = true, default_value_t = 0)]
+        expected_revision: u64,
     },
     /// Check grpc.health.v1: prints SERVING or NOT_SERVING; exits 0 only when serving.
     Health {
@@ -203,6 +207,14 @@ enum RolloutCommand {
     Resume,
     /// Send everything back to legacy now (state rolled_back until `resume`).
     Rollback,
+    /// Move to the next of the `[promotion]` steps now (past a `pause_at` hold too).
+    Promote,
+    /// The audit log: every change of the rollout, newest first.
+    History {
+        /// How many changes to show.
+        #[arg(long, default_value_t = 20)]
+        limit: u32,
+    },
 }
 
 fn main() -> ExitCode {
@@ -226,7 +238,8 @@ fn main() -> ExitCode {
                 addr,
                 token,
                 actor,
-            } => rollout(addr, token, actor, action).await,
+                expected_revision,
+            } => rollout(addr, token, actor, expected_revision, action).await,
             Command::Health { addr, service } => health(addr, service).await,
             Command::Call {
                 command,
@@ -325,6 +338,7 @@ async fn rollout(
     addr: String,
     token: Option<String>,
     actor: Option<String>,
+    expected_revision: u64,
     action: RolloutCommand,
 ) -> Result<(), String> {
     let mut client = admin_client(&addr).await?;
@@ -336,8 +350,21 @@ async fn rollout(
             .clone()
             .or_else(|| std::env::var("USER").ok())
             .unwrap_or_default(),
+        expected_revision,
         ..Default::default()
     };
+    if let RolloutCommand::History { limit } = action {
+        let h = client
+            .get_rollout_history(admin_request(
+                pb::GetRolloutHistoryRequest { limit },
+                &token,
+            )?)
+            .await
+            .map_err(show_status)?
+            .into_inner();
+        print!("{}", render_history(&h));
+        return Ok(());
+    }
     let r = match action {
         RolloutCommand::Status => client
             .get_rollout(admin_request(pb::GetRolloutRequest {}, &token)?)
@@ -355,7 +382,10 @@ async fn rollout(
                 RolloutCommand::Pause => set("", -1.0, "pause"),
                 RolloutCommand::Resume => set("", -1.0, "resume"),
                 RolloutCommand::Rollback => set("", -1.0, "rollback"),
-                RolloutCommand::Status => unreachable!("handled above"),
+                RolloutCommand::Promote => set("", -1.0, "promote"),
+                RolloutCommand::Status | RolloutCommand::History { .. } => {
+                    unreachable!("handled above")
+                }
             };
             client
                 .set_rollout(admin_request(msg, &token)?)
@@ -366,6 +396,32 @@ async fn rollout(
     .into_inner();
     print!("{}", render_rollout(&r));
     Ok(())
+}
+
+/// `pitboss rollout history` as text: one change a line, newest first.
+fn render_history(h: &pb::RolloutHistory) -> String {
+    if h.changes.is_empty() {
+        return "no changes recorded\n".into();
+    }
+    let mut out = String::new();
+    for c in &h.changes {
+        out.push_str(&format!(
+            "{}  {:<14} {} -> {}  by {} on {} (revision {}): {}\n",
+            if c.at.is_empty() { "-" } else { &c.at },
+            c.action,
+            c.before,
+            c.after,
+            if c.actor.is_empty() { "-" } else { &c.actor },
+            if c.instance.is_empty() {
+                "-"
+            } else {
+                &c.instance
+            },
+            c.revision,
+            if c.reason.is_empty() { "-" } else { &c.reason },
+        ));
+    }
+    out
 }
 
 /// `pitboss rollout status` as text: the flags, then both backends side by side.
@@ -405,6 +461,41 @@ fn render_rollout(r: &pb::Rollout) -> String {
             &r.flags_file
         }
     ));
+    out.push_str(&format!(
+        "store {}{}  revision {}\n",
+        r.store,
+        if r.store_up {
+            ""
+        } else {
+            " (UNREACHABLE: serving the last flags it gave)"
+        },
+        r.revision
+    ));
+    if !r.steps.is_empty() {
+        out.push_str(&format!(
+            "steps {}  at step {} of {}{}  since {}  promotions {}\n",
+            r.steps.join(" "),
+            r.step,
+            r.steps.len(),
+            if r.pause_at != 0.0 {
+                format!("  pause_at {}", r.pause_at)
+            } else {
+                String::new()
+            },
+            if r.step_started_at.is_empty() {
+                "-"
+            } else {
+                &r.step_started_at
+            },
+            r.promotions
+        ));
+        if !r.promotion.is_empty() {
+            out.push_str(&format!("promotion {}\n", r.promotion));
+        }
+    }
+    if !r.analysis.is_empty() {
+        out.push_str(&format!("analysis over {}\n", r.analysis));
+    }
     if !r.has_new {
         out.push_str("no new backend is configured: everything is served by legacy\n");
     }

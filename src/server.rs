@@ -29,7 +29,6 @@ use crate::pool::{Pool, PoolObserver};
 use crate::rollout::controller::Rollout;
 use crate::rollout::sessions::SessionRoutes;
 use crate::rollout::split::Split;
-use crate::rollout::LiveFlags;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -46,6 +45,8 @@ pub enum ServerError {
     Reflection(#[source] tonic_reflection::server::Error),
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
+    #[error(transparent)]
+    Store(#[from] crate::rollout::store::StoreError),
 }
 
 const BRIDGE_SERVICE: &str = "pitboss.v1.Bridge";
@@ -60,7 +61,6 @@ pub struct RunningServer {
     edge: Arc<Edge>,
     stop: Shutdown,
     http_server: JoinHandle<()>,
-    _watch: Option<crate::rollout::reload::WatchGuard>,
     health: tonic_health::server::HealthReporter,
     servers: Vec<JoinHandle<()>>,
     grace: Duration,
@@ -148,10 +148,8 @@ impl RunningServer {
         let legacy_cfg = config.backend("legacy")?;
         let new_cfg = config.backend("new")?;
         let admin_token = config.admin_token()?;
-        let flags = match config.flags_path() {
-            Some(path) => LiveFlags::start(&path),
-            None => LiveFlags::in_memory(crate::rollout::Flags::defaults()),
-        };
+        let instance_id = instance_id();
+        let (flags, store) = crate::rollout::store::open(&config, &instance_id).await?;
         let observers = |role: &'static str| crate::backend::Observers {
             pool: observer.clone(),
             retries: Arc::new(crate::telemetry::RetryCounter(role)),
@@ -162,20 +160,9 @@ impl RunningServer {
             _ => Some(Backend::start(&new_cfg, observers("new")).await?),
         };
         let stop = Shutdown::new();
-        let watch = if flags.path().is_some() {
-            match flags.watch() {
-                Ok(guard) => Some(guard),
-                Err(e) => {
-                    tracing::error!("cannot watch the flags file; edits need a restart: {e}");
-                    None
-                }
-            }
-        } else {
-            None
-        };
-        let rollout = Rollout::new(flags, new.is_some());
+        store.watch(flags.clone(), stop.background.clone());
+        let rollout = Rollout::with_store(flags, store, new.is_some(), &instance_id);
         rollout.spawn_checker(config.rollout.check_interval.0, stop.background.clone());
-        let instance_id = instance_id();
         let split = Split::new(
             legacy,
             new,
@@ -298,7 +285,6 @@ impl RunningServer {
             metrics_addr,
             edge,
             stop,
-            _watch: watch,
             health,
             servers: vec![bridge_task, admin_task],
             http_server: metrics_task,

@@ -109,11 +109,35 @@ fn describe() {
     );
     describe_counter!(
         "pitboss_rollout_rollbacks_total",
-        "Rollbacks, by reason: error_rate, latency, relative_error_rate (automatic) or operator."
+        "Rollbacks, by reason: error_rate, latency, relative_error_rate, shadow_mismatch (automatic) or operator."
     );
     describe_counter!(
         "pitboss_rollout_rollback_failures_total",
         "Automatic rollbacks wanted but not made: the flags file could not be written (a read-only volume, for example)."
+    );
+    describe_counter!(
+        "pitboss_rollout_promotions_total",
+        "Moves to the next [promotion] step, by whom: auto (a healthy, data-complete step) or operator (rollout promote)."
+    );
+    describe_gauge!(
+        "pitboss_rollout_step",
+        "The [promotion] step the rollout is on, 1-based; 0 when it is not on a step."
+    );
+    describe_gauge!(
+        "pitboss_rollout_steps",
+        "How many [promotion] steps the walk has."
+    );
+    describe_gauge!(
+        "pitboss_rollout_step_seconds",
+        "Seconds the rollout has been at its current step, on this instance's clock."
+    );
+    describe_gauge!(
+        "pitboss_rollout_store_up",
+        "1 when the rollout store (file or etcd) answered its last request; 0 while it is out of reach (the last flags stay in force)."
+    );
+    describe_gauge!(
+        "pitboss_rollout_leader",
+        "1 on the instance elected to analyse the tier (shared store only)."
     );
     describe_counter!(
         "pitboss_fallbacks_total",
@@ -151,8 +175,13 @@ pub const RESTART_REASONS: [&str; 8] = [
 ];
 
 /// The reasons of `pitboss_rollout_rollbacks_total`.
-pub const ROLLBACK_REASONS: [&str; 4] =
-    ["error_rate", "latency", "relative_error_rate", "operator"];
+pub const ROLLBACK_REASONS: [&str; 5] = [
+    "error_rate",
+    "latency",
+    "relative_error_rate",
+    "shadow_mismatch",
+    "operator",
+];
 
 /// Registers at 0 every counter whose label set is known at start, as Prometheus's
 /// instrumentation guide asks: `rate()`, `increase()` and dashboards then show 0, not
@@ -186,6 +215,9 @@ pub fn register_known_counters(pools: &[&str], backends: &[&str], flags_file: bo
         metrics::counter!("pitboss_rollout_rollbacks_total", "reason" => reason).increment(0);
     }
     metrics::counter!("pitboss_rollout_rollback_failures_total").increment(0);
+    for by in ["auto", "operator"] {
+        metrics::counter!("pitboss_rollout_promotions_total", "by" => by).increment(0);
+    }
     metrics::counter!("pitboss_fallbacks_total").increment(0);
     for outcome in [Outcome::Match, Outcome::Mismatch, Outcome::Error] {
         metrics::counter!("pitboss_shadow_comparisons_total", "result" => outcome.as_str())
@@ -510,9 +542,10 @@ pub fn router(edge: Arc<dyn Observed>) -> axum::Router {
                 let edge = ready_edge.clone();
                 async move {
                     match readiness_of(&*edge) {
-                        Ok(()) => match edge.rollout().flags.last_error() {
+                        Ok(()) => match edge.rollout().flags.notes() {
                             // Serving is safe (the previous or the safe flags are in
-                            // force), but the operator's file is not what runs.
+                            // force), but the operator's file is not what runs, or
+                            // the store is out of reach (fail static).
                             Some(e) => (StatusCode::OK, format!("ready; note: {e}\n")),
                             None => (StatusCode::OK, "ready\n".to_string()),
                         },

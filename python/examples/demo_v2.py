@@ -12,6 +12,9 @@ automatic rollback or a fallback: ``raise`` (every call raises RuntimeError),
 ``keyerror`` (3 calls in 10 raise KeyError: a bug, not the caller's error),
 ``reject`` (3 calls in 10 raise InvalidRequest, which legacy would accept) or
 ``crash`` (every call kills the worker: a system failure).
+
+``DEMO_V2_BROKEN_WHILE`` names a file: while it exists, every call raises
+RuntimeError, so a test can make ``new`` start failing in the middle of a rollout.
 """
 
 import os
@@ -20,6 +23,7 @@ from pitboss_worker import Adapter, InvalidRequest
 
 adapter = Adapter("demo_v2")
 _BROKEN = os.environ.get("DEMO_V2_BROKEN", "")
+_BROKEN_WHILE = os.environ.get("DEMO_V2_BROKEN_WHILE", "")
 
 
 def _args(req):
@@ -31,6 +35,8 @@ _calls = [0]
 
 def _misbehave():
     _calls[0] += 1
+    if _BROKEN_WHILE and os.path.exists(_BROKEN_WHILE):
+        raise RuntimeError("demo_v2 is broken on purpose (%s exists)" % _BROKEN_WHILE)
     if _BROKEN == "keyerror" and _calls[0] % 10 < 3:
         raise KeyError("total")  # a bug on 3 calls in 10: the command's fault
     if _BROKEN == "reject" and _calls[0] % 10 < 3:

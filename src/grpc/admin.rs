@@ -99,7 +99,27 @@ impl AdminService {
                 }
             })
             .collect();
+        let rollout = edge.rollout();
+        let analysis = rollout.analysis();
         pb::Rollout {
+            revision: rollout.flags.revision(),
+            store: rollout.store.describe(),
+            store_up: rollout.store.up(),
+            steps: f
+                .promotion
+                .steps
+                .iter()
+                .map(|s| match s.at {
+                    crate::rollout::promotion::StepAt::Shadow => "shadow".to_string(),
+                    crate::rollout::promotion::StepAt::Percent(p) => p.as_f64().to_string(),
+                })
+                .collect(),
+            step: crate::rollout::promotion::step_number(&f) as u32,
+            promotion: analysis.promotion,
+            analysis: analysis.scope,
+            promotions: c.promotions.load(Ordering::Relaxed),
+            step_started_at: f.status.step_started_at.clone(),
+            pause_at: f.promotion.pause_at,
             mode: f.mode.as_str().into(),
             percent: f.percent.0.as_f64(),
             state: f.status.state.as_str().into(),
@@ -275,12 +295,46 @@ impl Admin for AdminService {
         } else {
             format!("{}@{peer}", r.actor)
         };
+        let expected = (r.expected_revision > 0).then_some(r.expected_revision);
         self.0
             .rollout()
-            .change(&change, &actor)
+            .change(&change, &actor, expected)
             .await
-            .map_err(|e| Status::failed_precondition(e.to_string()))?;
+            .map_err(|e| crate::grpc::status::rollout_change_status(&e))?;
         Ok(Response::new(self.rollout_msg()))
+    }
+
+    async fn get_rollout_history(
+        &self,
+        req: Request<pb::GetRolloutHistoryRequest>,
+    ) -> Result<Response<pb::RolloutHistory>, Status> {
+        self.check(&req, false)?;
+        let limit = match req.get_ref().limit {
+            0 => 20,
+            n => n.min(1000) as usize,
+        };
+        let records = self
+            .0
+            .rollout()
+            .store
+            .history(limit)
+            .await
+            .map_err(|e| crate::grpc::status::store_status(&e))?;
+        Ok(Response::new(pb::RolloutHistory {
+            changes: records
+                .into_iter()
+                .map(|r| pb::RolloutChange {
+                    at: r.at,
+                    actor: r.actor,
+                    action: r.action,
+                    reason: r.reason,
+                    before: r.before,
+                    after: r.after,
+                    instance: r.instance,
+                    revision: r.revision,
+                })
+                .collect(),
+        }))
     }
 }
 

@@ -48,6 +48,34 @@ pub mod budget {
     pub const TOTAL: usize = 7 * 1024;
 }
 
+/// The status of a rollout change that wrote nothing: a refused change or a lost
+/// compare-and-swap is FAILED_PRECONDITION (read the rollout again, then decide);
+/// an unreachable store is UNAVAILABLE (the same change may be tried again later).
+pub fn rollout_change_status<E: std::fmt::Display>(
+    e: &crate::rollout::controller::ChangeError<E>,
+) -> Status {
+    use crate::rollout::controller::ChangeError;
+    match e {
+        ChangeError::Refused(_) | ChangeError::Conflict(_) => {
+            Status::failed_precondition(e.to_string())
+        }
+        ChangeError::Store(s) => store_status(s),
+    }
+}
+
+/// The status of a rollout store's failure.
+pub fn store_status(e: &crate::rollout::store::StoreError) -> Status {
+    use crate::rollout::store::StoreError;
+    match e {
+        StoreError::Unreachable { .. } => Status::unavailable(format!(
+            "{e}; nothing changed, the flags in force stay (retry when the store answers)"
+        )),
+        StoreError::Write { .. } | StoreError::Invalid { .. } => {
+            Status::failed_precondition(e.to_string())
+        }
+    }
+}
+
 /// How long a client should wait before retrying after `pool_exhausted`.
 pub const POOL_EXHAUSTED_PUSHBACK: std::time::Duration = std::time::Duration::from_millis(200);
 

@@ -6,17 +6,24 @@
 //! [`super::stats::rollback_reason`], [`super::flags::apply_change`]); this is the
 //! plumbing that feeds them live data and acts on their answers.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::flags::{self, apply_change, rolled_back, Change, Flags, Mode, RefusedChange, Route};
-use super::reload::{LiveFlags, UpdateError};
+use super::flags::{
+    self, apply_change, rolled_back, step_changed, step_key, Action, Change, Flags, Mode,
+    RefusedChange, Route,
+};
+use super::promotion::{self, promoted, StepAt, Verdict};
+use super::reload::LiveFlags;
 use super::shadow::Outcome;
 use super::stats::{rollback_reason, RollbackRules, RollingStats, WindowStats};
+use super::store::file::FileStore;
+use super::store::{AuditRecord, CasError, FlagStore, StoreError};
+use super::tier::{self, Published};
 use crate::backend::Role;
 use crate::resilience::ErrorClass;
 
@@ -28,32 +35,90 @@ pub struct Counters {
     pub shadow_error: AtomicU64,
     pub fallbacks: AtomicU64,
     pub rollbacks: AtomicU64,
+    pub promotions: AtomicU64,
 }
 
-/// The auto-rollback found the rollout already changed (an operator was quicker):
-/// nothing to do.
+/// An automatic decision found the rollout already changed (an operator, or another
+/// instance, was quicker): nothing to do.
 #[derive(Debug, thiserror::Error)]
 #[error("already changed")]
 struct AlreadyChanged;
 
+/// Why a change of the rollout wrote nothing.
+#[derive(Debug, thiserror::Error)]
+pub enum ChangeError<E> {
+    /// The change itself is not allowed in this state.
+    #[error(transparent)]
+    Refused(E),
+    /// Another writer was first (compare-and-swap on the revision).
+    #[error(transparent)]
+    Conflict(CasError),
+    /// The store could not be read or written.
+    #[error(transparent)]
+    Store(StoreError),
+}
+
+/// Where the statistics of the last analysis came from.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Analysis {
+    /// "this instance", or "the tier: 3 instances" / "the tier (analysed by X)".
+    pub scope: String,
+    /// The walk's state in words (empty without a walk).
+    pub promotion: String,
+}
+
+/// How many times a rollback is retried against newer revisions before it gives up
+/// until the next check (each retry follows a write by someone else).
+const ROLLBACK_RETRIES: usize = 10;
+
 pub struct Rollout {
     pub flags: Arc<LiveFlags>,
+    /// Where the flags live (a file, memory, or etcd shared by the tier).
+    pub store: Arc<dyn FlagStore>,
     /// Whether a `new` backend exists; without one, everything is legacy.
     pub has_new: bool,
+    /// This instance, for the audit log.
+    instance: String,
     legacy: RollingStats,
     new: RollingStats,
     pub counters: Counters,
+    /// The step the statistics count ([`step_key`]), and since when on this
+    /// instance's clock: a walk times its steps with it.
+    step: Mutex<(String, Instant)>,
+    analysis: Mutex<Analysis>,
+    leader: AtomicBool,
 }
 
 impl Rollout {
+    /// A rollout whose flags live in `flags` itself (its file, or memory).
     pub fn new(flags: Arc<LiveFlags>, has_new: bool) -> Arc<Rollout> {
-        let window = flags.get().rollback.window.0;
+        let store = FileStore::new(flags.clone());
+        Rollout::with_store(flags, store, has_new, "local")
+    }
+
+    /// A rollout whose flags `store` delivers into `flags` and takes writes for.
+    pub fn with_store(
+        flags: Arc<LiveFlags>,
+        store: Arc<dyn FlagStore>,
+        has_new: bool,
+        instance: &str,
+    ) -> Arc<Rollout> {
+        let f = flags.get();
+        let window = f.rollback.window.0;
         let r = Arc::new(Rollout {
+            step: Mutex::new((step_key(&f), Instant::now())),
             flags,
+            store,
             has_new,
+            instance: instance.to_string(),
             legacy: RollingStats::new(window),
             new: RollingStats::new(window),
             counters: Counters::default(),
+            analysis: Mutex::new(Analysis {
+                scope: "this instance".into(),
+                promotion: String::new(),
+            }),
+            leader: AtomicBool::new(false),
         });
         r.publish();
         r
@@ -107,6 +172,7 @@ impl Rollout {
             .record_as(Instant::now(), latency, failure, counted);
     }
 
+    /// This instance's statistics of one backend.
     pub fn stats(&self, role: Role) -> WindowStats {
         self.stats_of(role).snapshot(Instant::now())
     }
@@ -119,6 +185,10 @@ impl Rollout {
             Outcome::Mismatch => &self.counters.shadow_mismatch,
             Outcome::Error => &self.counters.shadow_error,
         };
+        if outcome != Outcome::Error {
+            self.new
+                .record_shadow(Instant::now(), outcome == Outcome::Mismatch);
+        }
         c.fetch_add(1, Ordering::Relaxed) + 1
     }
 
@@ -127,52 +197,177 @@ impl Rollout {
         self.counters.fallbacks.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Evaluates the rollback rules once; rolls back when one fires. Returns the
-    /// reason when it rolled back.
+    /// Where the last analysis's statistics came from, and the walk's state.
+    pub fn analysis(&self) -> Analysis {
+        self.analysis
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn set_analysis(&self, scope: String, promotion: String) {
+        *self.analysis.lock().unwrap_or_else(|e| e.into_inner()) = Analysis { scope, promotion };
+    }
+
+    /// How long the rollout has been at its current step, on this instance's clock.
+    pub fn at_step(&self) -> Duration {
+        self.step
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .1
+            .elapsed()
+    }
+
+    /// Starts the statistics afresh when the flags in force are at another step than
+    /// the one they count: each step is judged on its own traffic.
+    fn follow_step(&self, f: &Flags) {
+        let key = step_key(f);
+        let mut step = self.step.lock().unwrap_or_else(|e| e.into_inner());
+        if step.0 != key {
+            *step = (key, Instant::now());
+            self.new.clear();
+            self.legacy.clear();
+        }
+    }
+
+    /// What this instance publishes for the tier's analysis.
+    fn published(&self, f: &Flags) -> Published {
+        Published {
+            instance: self.instance.clone(),
+            step: step_key(f),
+            at: now_rfc3339(),
+            legacy: (&self.stats(Role::Legacy)).into(),
+            new: (&self.stats(Role::New)).into(),
+        }
+    }
+
+    /// Evaluates the rollback rules and the walk once, on this instance's statistics
+    /// (file store) or, on the elected instance, the tier's (a shared store); acts on
+    /// the verdict. Returns the reason when it rolled back.
     pub async fn check(&self) -> Option<String> {
         if !self.has_new {
             return None;
         }
-        let f = self.flags.get();
+        let (f, revision) = self.flags.current();
         let window = f.rollback.window.0;
         for s in [&self.legacy, &self.new] {
             s.set_window(window);
         }
+        self.follow_step(&f);
+        let tier = self.store.tier();
+        if let Some(t) = &tier {
+            if let Err(e) = t.publish(&self.published(&f)).await {
+                tracing::debug!("cannot publish this instance's statistics: {e}");
+            }
+            self.leader.store(t.is_leader(), Ordering::Relaxed);
+        }
         if f.status.state != flags::RolloutState::Active || f.mode == Mode::Off {
+            let walk = promotion::decide(
+                &f,
+                self.at_step(),
+                &WindowStats::default(),
+                &WindowStats::default(),
+            );
+            let scope = self.analysis().scope;
+            self.set_analysis(scope, walk.describe());
             return None;
         }
+        let (new, legacy, scope) = match &tier {
+            None => (
+                self.stats(Role::New),
+                self.stats(Role::Legacy),
+                "this instance".to_string(),
+            ),
+            Some(t) if !t.is_leader() => {
+                let by = t.leader().unwrap_or_else(|| "no instance yet".into());
+                self.set_analysis(
+                    format!("the tier, analysed by {by}"),
+                    self.analysis().promotion,
+                );
+                return None;
+            }
+            Some(t) => match t.gather().await {
+                Ok(all) => {
+                    let totals = tier::sum(&all, &step_key(&f));
+                    let scope = format!(
+                        "the tier: {} instance{} (analysed here){}",
+                        totals.instances,
+                        if totals.instances == 1 { "" } else { "s" },
+                        if totals.other_step > 0 {
+                            format!(", {} still on another step", totals.other_step)
+                        } else {
+                            String::new()
+                        }
+                    );
+                    (totals.new, totals.legacy, scope)
+                }
+                Err(e) => {
+                    self.set_analysis(
+                        format!("the tier: statistics unavailable ({e})"),
+                        "no verdict without the tier's data".into(),
+                    );
+                    return None;
+                }
+            },
+        };
         let rules = RollbackRules {
             error_rate_threshold: f.rollback.error_rate_threshold.0,
             latency_p99_threshold: Duration::from_millis(f.rollback.latency_p99_threshold_ms),
             min_requests: f.rollback.min_requests,
             relative_error_rate: f.rollback.relative_error_rate,
         };
-        let reason = rollback_reason(&rules, &self.stats(Role::New), &self.stats(Role::Legacy))?;
+        let tier_note = if tier.is_some() {
+            format!(" ({scope})")
+        } else {
+            String::new()
+        };
+        if let Some(reason) = rollback_reason(&rules, &new, &legacy) {
+            self.set_analysis(scope, String::new());
+            return self.auto_rollback(&format!("{reason}{tier_note}")).await;
+        }
+        let verdict = promotion::decide(&f, self.at_step(), &new, &legacy);
+        self.set_analysis(scope, verdict.describe());
+        match verdict {
+            Verdict::Rollback(reason) => self.auto_rollback(&format!("{reason}{tier_note}")).await,
+            Verdict::Promote { to, reason } => {
+                self.auto_promote(&f, revision, to, &format!("{reason}{tier_note}"))
+                    .await;
+                None
+            }
+            _ => None,
+        }
+    }
+
+    /// Writes a rollback, retrying against newer revisions: a rollback always wins
+    /// over a concurrent promotion (which, written on the revision it analysed, loses).
+    async fn auto_rollback(&self, reason: &str) -> Option<String> {
         let now = now_rfc3339();
         let result = self
-            .flags
-            .update(|cur| {
-                if cur.status.state != flags::RolloutState::Active {
-                    return Err(AlreadyChanged);
-                }
-                Ok(rolled_back(cur, &reason, &now))
-            })
+            .write(
+                "auto-rollback",
+                "pitboss auto-rollback",
+                None,
+                true,
+                |cur| {
+                    if cur.status.state != flags::RolloutState::Active {
+                        return Err(AlreadyChanged);
+                    }
+                    Ok(rolled_back(cur, reason, &now))
+                },
+            )
             .await;
         match result {
-            Ok((old, new)) => {
-                let kind = reason_kind(&reason);
+            Ok((old, new)) if old != new => {
+                let kind = reason_kind(reason);
                 metrics::counter!("pitboss_rollout_rollbacks_total", "reason" => kind).increment(1);
                 self.counters.rollbacks.fetch_add(1, Ordering::Relaxed);
-                audit("pitboss auto-rollback", &old, &new, &reason);
-                self.new.clear();
-                self.legacy.clear();
-                self.publish();
-                Some(reason)
+                audit("pitboss auto-rollback", &old, &new, reason);
+                Some(reason.to_string())
             }
-            Err(UpdateError::Refused(AlreadyChanged)) => None,
+            Ok(_) | Err(ChangeError::Refused(AlreadyChanged)) => None,
             Err(e) => {
-                // The file could not be written (a read-only ConfigMap volume, a full
-                // disk): nothing changed. Say so loudly, and count it for alerts.
+                // The store could not be written (a read-only ConfigMap volume, a full
+                // disk, etcd unreachable): nothing changed. Say so loudly, and count it.
                 tracing::error!(%reason, "auto-rollback wanted but failed: {e}");
                 metrics::counter!("pitboss_rollout_rollback_failures_total").increment(1);
                 None
@@ -180,28 +375,157 @@ impl Rollout {
         }
     }
 
-    /// Applies an operator's change, persists it and audits it.
+    /// Writes a promotion on the revision it was decided on, once: if anything changed
+    /// since (a rollback, an operator), the promotion is dropped and the next check
+    /// decides again on the flags in force.
+    async fn auto_promote(&self, analysed: &Flags, revision: u64, to: StepAt, reason: &str) {
+        let now = now_rfc3339();
+        let result = self
+            .write(
+                "auto-promotion",
+                "pitboss auto-promotion",
+                Some(revision),
+                false,
+                |cur| {
+                    if step_changed(cur, analysed) {
+                        return Err(AlreadyChanged);
+                    }
+                    Ok(promoted(cur, to, reason, "pitboss auto-promotion", &now))
+                },
+            )
+            .await;
+        match result {
+            Ok((old, new)) if old != new => {
+                metrics::counter!("pitboss_rollout_promotions_total", "by" => "auto").increment(1);
+                self.counters.promotions.fetch_add(1, Ordering::Relaxed);
+                audit("pitboss auto-promotion", &old, &new, &new.status.reason);
+            }
+            Ok(_) | Err(ChangeError::Refused(AlreadyChanged)) => {}
+            Err(ChangeError::Conflict(e)) => {
+                tracing::info!("auto-promotion dropped, the rollout changed first: {e}");
+            }
+            Err(e) => tracing::warn!("auto-promotion to {} not written: {e}", to.describe()),
+        }
+    }
+
+    /// One write of the rollout: `compute` on the flags in force, then a
+    /// compare-and-swap in the store with its audit record, then the result in force
+    /// here at once (the store's watch takes it to the other instances).
+    ///
+    /// `expected`: the revision the writer saw (an operator's `expected_revision`, the
+    /// revision an analysis ran on); `None` means the revision in force when the change
+    /// is computed. `persist`: on a conflict, recompute on the newer flags and retry
+    /// (rollbacks); otherwise a conflict is returned to the caller.
+    async fn write<E>(
+        &self,
+        action: &str,
+        actor: &str,
+        expected: Option<u64>,
+        persist: bool,
+        compute: impl Fn(&Flags) -> Result<Flags, E>,
+    ) -> Result<(Arc<Flags>, Arc<Flags>), ChangeError<E>> {
+        if let Some(e) = expected {
+            if e > self.flags.revision() {
+                // The writer saw a newer revision than this instance has applied yet
+                // (another instance's status): catch up before comparing.
+                self.refresh().await;
+            }
+        }
+        for _ in 0..=ROLLBACK_RETRIES {
+            let (cur, revision) = self.flags.current();
+            let base = match expected {
+                Some(e) if !persist => e,
+                _ => revision,
+            };
+            if base != revision {
+                return Err(ChangeError::Conflict(CasError::Conflict {
+                    expected: base,
+                    current: revision,
+                    by: cur.status.changed_by.clone(),
+                    now: None,
+                }));
+            }
+            let new = compute(&cur).map_err(ChangeError::Refused)?;
+            if new == *cur {
+                return Ok((cur.clone(), cur));
+            }
+            let record = AuditRecord::new(action, actor, &self.instance, &cur, &new);
+            match self.store.compare_and_swap(base, &new, &record).await {
+                Ok(written) => {
+                    self.flags.apply(new, written);
+                    let now = self.flags.get();
+                    self.follow_step(&now);
+                    self.publish();
+                    return Ok((cur, now));
+                }
+                Err(CasError::Conflict { now, .. }) if persist => match now {
+                    Some(now) => {
+                        let (f, r) = *now;
+                        self.flags.apply(f, r);
+                    }
+                    None => self.refresh().await,
+                },
+                Err(CasError::Store(e)) => return Err(ChangeError::Store(e)),
+                Err(e) => return Err(ChangeError::Conflict(e)),
+            }
+        }
+        Err(ChangeError::Conflict(CasError::Conflict {
+            expected: self.flags.revision(),
+            current: self.flags.revision(),
+            by: "writers faster than this one".into(),
+            now: None,
+        }))
+    }
+
+    /// Reads the store now and applies what it holds, if newer.
+    async fn refresh(&self) {
+        match self.store.load().await {
+            Ok(Some(v)) => {
+                self.flags.apply(v.flags, v.revision);
+            }
+            Ok(None) => {}
+            Err(e) => tracing::debug!("cannot refresh the flags from the store: {e}"),
+        }
+    }
+
+    /// Applies an operator's change through the store, audits it. `expected` is the
+    /// revision the operator saw (0 or `None`: the one in force); a conflict is
+    /// returned, except for a rollback, which always wins and is retried on the
+    /// newer flags.
     pub async fn change(
         &self,
         change: &Change,
         actor: &str,
-    ) -> Result<Arc<Flags>, UpdateError<RefusedChange>> {
+        expected: Option<u64>,
+    ) -> Result<Arc<Flags>, ChangeError<RefusedChange>> {
         let now = now_rfc3339();
+        let action = match change.action {
+            Some(Action::Pause) => "pause",
+            Some(Action::Resume) => "resume",
+            Some(Action::Rollback) => "rollback",
+            Some(Action::Promote) => "promote",
+            None => "set",
+        };
+        let persist = change.action == Some(Action::Rollback);
         let (old, new) = self
-            .flags
-            .update(|cur| apply_change(cur, change, actor, &now))
+            .write(action, actor, expected.filter(|e| *e > 0), persist, |cur| {
+                apply_change(cur, change, actor, &now)
+            })
             .await?;
         if *old != *new {
             audit(actor, &old, &new, &new.status.reason);
-            if change.action == Some(flags::Action::Rollback) {
-                metrics::counter!("pitboss_rollout_rollbacks_total", "reason" => "operator")
-                    .increment(1);
-                self.counters.rollbacks.fetch_add(1, Ordering::Relaxed);
-            }
-            if old.status.state != new.status.state {
-                // Fresh evidence after a resume or rollback: old data does not count.
-                self.new.clear();
-                self.legacy.clear();
+            match change.action {
+                Some(Action::Rollback) => {
+                    metrics::counter!("pitboss_rollout_rollbacks_total", "reason" => "operator")
+                        .increment(1);
+                    self.counters.rollbacks.fetch_add(1, Ordering::Relaxed);
+                }
+                Some(Action::Promote) => {
+                    metrics::counter!("pitboss_rollout_promotions_total", "by" => "operator")
+                        .increment(1);
+                    self.counters.promotions.fetch_add(1, Ordering::Relaxed);
+                }
+                _ => {}
             }
         }
         self.publish();
@@ -217,6 +541,17 @@ impl Rollout {
             flags::RolloutState::Paused => 1.0,
             flags::RolloutState::RolledBack => 2.0,
         });
+        metrics::gauge!("pitboss_rollout_step").set(promotion::step_number(&f) as f64);
+        metrics::gauge!("pitboss_rollout_steps").set(f.promotion.steps.len() as f64);
+        metrics::gauge!("pitboss_rollout_step_seconds").set(self.at_step().as_secs_f64());
+        metrics::gauge!("pitboss_rollout_store_up").set(if self.store.up() { 1.0 } else { 0.0 });
+        if self.store.tier().is_some() {
+            metrics::gauge!("pitboss_rollout_leader").set(if self.leader.load(Ordering::Relaxed) {
+                1.0
+            } else {
+                0.0
+            });
+        }
     }
 
     /// Evaluates the rules every `interval` until `stop`.
@@ -240,7 +575,9 @@ impl Rollout {
 
 /// The metric label for a rollback reason (bounded).
 pub fn reason_kind(reason: &str) -> &'static str {
-    if reason.contains("legacy's") {
+    if reason.contains("shadow mismatch") {
+        "shadow_mismatch"
+    } else if reason.contains("legacy's") {
         "relative_error_rate"
     } else if reason.contains("p99") {
         "latency"
@@ -358,6 +695,7 @@ mod tests {
                     ..Default::default()
                 },
                 "ops",
+                None,
             )
             .await
             .unwrap();

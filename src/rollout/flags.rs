@@ -6,6 +6,7 @@ use std::collections::BTreeSet;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use super::bucket::{bucket, in_new, Percent, BUCKETS};
+use super::steps::{position_in, Position, Promotion, StepAt};
 use crate::config::{line_of_key, locate, span_error, ConfigError, Dur, Fraction};
 
 /// The embedded default flags: everything on legacy.
@@ -80,6 +81,10 @@ pub struct Status {
     pub reason: String,
     pub changed_at: String,
     pub changed_by: String,
+    /// When the rollout entered its current step (mode, percentage or state last
+    /// changed through pitboss): for operators and the "stuck at a step" alert. The
+    /// walk itself times a step on each instance's own clock.
+    pub step_started_at: String,
 }
 
 /// The whole flags file.
@@ -93,6 +98,7 @@ pub struct Flags {
     pub fallback_to_legacy: bool,
     pub shadow: Shadow,
     pub rollback: Rollback,
+    pub promotion: Promotion,
     pub status: Status,
 }
 
@@ -149,6 +155,15 @@ impl Flags {
                 line: line_of_key(text, "relative_error_rate"),
                 key: Some("rollback.relative_error_rate".into()),
                 message: "must be 0 (off) or positive".into(),
+            });
+        }
+        if let Err(e) = flags.promotion.check() {
+            let leaf = e.key.rsplit('.').next().unwrap_or(e.key);
+            return Err(ConfigError {
+                origin: origin.into(),
+                line: line_of_key(text, leaf),
+                key: Some(e.key.into()),
+                message: e.message,
             });
         }
         if flags.salt.is_empty() {
@@ -304,11 +319,13 @@ pub enum Action {
     Pause,
     Resume,
     Rollback,
+    /// The next step of the walk (`[promotion] steps`), now.
+    Promote,
 }
 
 /// A name that is not one of the [`Action`]s.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown action {0:?}; expected pause, resume or rollback")]
+#[error("unknown action {0:?}; expected pause, resume, rollback or promote")]
 pub struct UnknownAction(pub String);
 
 /// A name that is not one of the [`Mode`]s.
@@ -322,6 +339,15 @@ pub enum RefusedChange {
     /// `pause` on a rolled-back rollout: only `resume` leaves that state.
     #[error("the rollout is rolled back; resume it (not pause)")]
     PauseRolledBack,
+    /// `promote` without `[promotion] steps`.
+    #[error("no steps to promote through: set [promotion] steps in the flags (e.g. [1, 5, 25, 50, 100]), or set the percentage")]
+    NoSteps,
+    /// `promote` at the last step.
+    #[error("already at the last step ({0}): nothing to promote to")]
+    LastStep(String),
+    /// `promote` while paused or rolled back.
+    #[error("the rollout is {0}; resume it before promoting")]
+    PromoteInactive(&'static str),
 }
 
 impl Action {
@@ -331,6 +357,7 @@ impl Action {
             "pause" => Ok(Some(Action::Pause)),
             "resume" => Ok(Some(Action::Resume)),
             "rollback" => Ok(Some(Action::Rollback)),
+            "promote" => Ok(Some(Action::Promote)),
             other => Err(UnknownAction(other.to_string())),
         }
     }
@@ -418,6 +445,20 @@ pub fn apply_change(
             f.status.state = RolloutState::RolledBack;
             reason = Some("rolled back by an operator".to_string());
         }
+        Some(Action::Promote) => {
+            if f.status.state != RolloutState::Active {
+                return Err(RefusedChange::PromoteInactive(f.status.state.as_str()));
+            }
+            if f.promotion.steps.is_empty() {
+                return Err(RefusedChange::NoSteps);
+            }
+            let Some(next) = position(&f).next else {
+                return Err(RefusedChange::LastStep(step_of(&f)));
+            };
+            let to = f.promotion.steps[next].at;
+            f.go_to(to);
+            reason = Some(format!("promoted to {} by an operator", to.describe()));
+        }
     }
     if f == *flags {
         return Ok(f);
@@ -427,7 +468,36 @@ pub fn apply_change(
     }
     f.status.changed_at = now.to_string();
     f.status.changed_by = actor.to_string();
+    if step_changed(flags, &f) {
+        f.status.step_started_at = now.to_string();
+    }
     Ok(f)
+}
+
+/// Where the rollout is, in words: "canary 5%", "shadow", "off".
+pub fn step_of(f: &Flags) -> String {
+    match f.mode {
+        Mode::Canary => format!("canary {}%", f.percent.0.as_f64()),
+        m => m.as_str().to_string(),
+    }
+}
+
+/// Whether `new` is at another step than `old`: another mode, percentage or state.
+/// Each step is judged on its own traffic, so the statistics start afresh.
+pub fn step_changed(old: &Flags, new: &Flags) -> bool {
+    old.mode != new.mode || old.percent != new.percent || old.status.state != new.status.state
+}
+
+/// What identifies the step in force, for the statistics an instance publishes: the
+/// tier sums only the statistics of the step the flags are at.
+pub fn step_key(f: &Flags) -> String {
+    format!(
+        "{}/{}/{}/{}",
+        f.mode.as_str(),
+        f.percent.0.hundredths(),
+        f.status.state.as_str(),
+        f.status.step_started_at
+    )
 }
 
 /// The automatic rollback, pure.
@@ -437,7 +507,35 @@ pub fn rolled_back(flags: &Flags, reason: &str, now: &str) -> Flags {
     f.status.reason = reason.to_string();
     f.status.changed_at = now.to_string();
     f.status.changed_by = "pitboss auto-rollback".into();
+    f.status.step_started_at = now.to_string();
     f
+}
+
+/// Where `flags` stand in their walk: the current step (if on one) and the next.
+/// From `off` the next step is the first; from a percentage between steps, the next
+/// step above it. Without steps, both are `None`.
+pub fn position(flags: &Flags) -> Position {
+    let here = match flags.mode {
+        Mode::Off => None,
+        Mode::Shadow => Some(StepAt::Shadow),
+        Mode::Canary => Some(StepAt::Percent(flags.percent.0)),
+        Mode::Full => Some(StepAt::Percent(Percent::ALL)),
+    };
+    position_in(here, &flags.promotion.steps)
+}
+
+impl Flags {
+    /// Puts the rollout at step `at`: its mode and percentage (`percent` kept in
+    /// shadow).
+    pub fn go_to(&mut self, at: StepAt) {
+        match at {
+            StepAt::Shadow => self.mode = Mode::Shadow,
+            StepAt::Percent(p) => {
+                self.mode = Mode::Canary;
+                self.percent = PercentValue(p);
+            }
+        }
+    }
 }
 
 #[cfg(test)]

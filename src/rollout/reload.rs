@@ -68,6 +68,29 @@ pub struct LiveFlags {
     reloads_ok: AtomicU64,
     reloads_failed: AtomicU64,
     last_error: std::sync::Mutex<Option<String>>,
+    /// The revision of the flags in force: the store's (etcd's mod revision), or a
+    /// count of the changes applied (file, memory). Writers compare-and-swap on it.
+    revision: AtomicU64,
+    /// Makes a (flags, revision) pair change together.
+    apply_lock: std::sync::Mutex<()>,
+    /// What the store says about itself, for readiness (e.g. unreachable since ...).
+    store_note: std::sync::Mutex<Option<String>>,
+}
+
+/// [`LiveFlags::write_if`] found another revision in force.
+#[derive(Debug, thiserror::Error)]
+pub enum WriteIfError {
+    #[error("the flags changed: revision {expected} is now {current}")]
+    Conflict {
+        expected: u64,
+        current: u64,
+        now: Arc<Flags>,
+    },
+    #[error("cannot write the flags file {}: {source}", path.display())]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 impl LiveFlags {
@@ -153,7 +176,111 @@ impl LiveFlags {
             reloads_ok: AtomicU64::new(0),
             reloads_failed: AtomicU64::new(0),
             last_error: Default::default(),
+            revision: AtomicU64::new(1),
+            apply_lock: Default::default(),
+            store_note: Default::default(),
         }
+    }
+
+    /// The flags in force and their revision, as one pair.
+    pub fn current(&self) -> (Arc<Flags>, u64) {
+        let _g = self.apply_lock.lock().unwrap_or_else(|e| e.into_inner());
+        (self.get(), self.revision.load(Ordering::Acquire))
+    }
+
+    pub fn revision(&self) -> u64 {
+        self.revision.load(Ordering::Acquire)
+    }
+
+    /// Applies flags a store delivered at `revision`: only a newer revision replaces
+    /// the flags in force (a watch event for a write this instance already applied,
+    /// or a late answer, changes nothing). Returns whether it applied them.
+    pub fn apply(&self, flags: Flags, revision: u64) -> bool {
+        let _g = self.apply_lock.lock().unwrap_or_else(|e| e.into_inner());
+        if revision <= self.revision.load(Ordering::Acquire) {
+            return false;
+        }
+        self.current.store(Arc::new(flags));
+        self.revision.store(revision, Ordering::Release);
+        true
+    }
+
+    /// Replaces the flags in force with the next local revision (file and memory).
+    fn bump(&self, flags: Arc<Flags>) -> u64 {
+        let _g = self.apply_lock.lock().unwrap_or_else(|e| e.into_inner());
+        self.current.store(flags);
+        self.revision.fetch_add(1, Ordering::AcqRel) + 1
+    }
+
+    /// Writes `new` (to the file, when there is one, atomically) if the revision in
+    /// force is still `expected`, then applies it with the next revision. The
+    /// compare-and-swap of the file store.
+    pub async fn write_if(&self, expected: u64, new: &Flags) -> Result<u64, WriteIfError> {
+        let _guard = self.write_lock.lock().await;
+        let (now, current) = self.current();
+        if current != expected {
+            return Err(WriteIfError::Conflict {
+                expected,
+                current,
+                now,
+            });
+        }
+        if let Some(path) = &self.path {
+            write_atomically(path, WRITTEN_BY_PITBOSS, &new.to_toml()).map_err(|source| {
+                WriteIfError::Write {
+                    path: path.clone(),
+                    source,
+                }
+            })?;
+            save_last_good(path, new);
+        }
+        Ok(self.bump(Arc::new(new.clone())))
+    }
+
+    /// A store's value was rejected (the previous flags stay): logged, counted, and
+    /// noted for readiness, as a rejected flags file is.
+    pub fn rejected(&self, message: String) {
+        let mut last = self.last_error.lock().unwrap_or_else(|e| e.into_inner());
+        if last.as_deref() != Some(message.as_str()) {
+            tracing::error!("{message}");
+            self.reloads_failed.fetch_add(1, Ordering::Relaxed);
+            metrics::counter!("pitboss_config_reloads_total", "file" => "flags", "result" => "error").increment(1);
+        }
+        *last = Some(message);
+    }
+
+    /// A store's value was read and is valid: a past rejection no longer holds.
+    pub fn accepted(&self) {
+        *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+
+    /// Flags held in memory, starting at `revision` (0 for a store that has not
+    /// delivered any yet: its first value replaces these, whatever its revision).
+    pub fn in_memory_at(flags: Flags, revision: u64) -> Arc<LiveFlags> {
+        let live = LiveFlags::new(flags, None);
+        live.revision.store(revision, Ordering::Release);
+        Arc::new(live)
+    }
+
+    /// Says what the store's state means for this instance (`None`: nothing to say);
+    /// `/readyz` adds it as a note without going unready.
+    pub fn set_store_note(&self, note: Option<String>) {
+        *self.store_note.lock().unwrap_or_else(|e| e.into_inner()) = note;
+    }
+
+    /// What `/readyz` notes: a rejected flags file, the store's state.
+    pub fn notes(&self) -> Option<String> {
+        let notes: Vec<String> = [
+            self.last_error(),
+            self.store_note
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone(),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        (!notes.is_empty()).then(|| notes.join("; note: "))
     }
 
     pub fn path(&self) -> Option<&Path> {
@@ -182,7 +309,7 @@ impl LiveFlags {
             save_last_good(path, &new);
         }
         let new = Arc::new(new);
-        self.current.store(new.clone());
+        self.bump(new.clone());
         Ok((old, new))
     }
 
@@ -191,9 +318,9 @@ impl LiveFlags {
         self.current.load_full()
     }
 
-    /// Replaces the flags in force (admin changes, auto-rollback).
+    /// Replaces the flags in force (with the next local revision).
     pub fn set(&self, flags: Flags) {
-        self.current.store(Arc::new(flags));
+        self.bump(Arc::new(flags));
     }
 
     pub fn reloads(&self) -> (u64, u64) {
@@ -378,7 +505,7 @@ const WRITTEN_BY_PITBOSS: &str = "# Rollout flags, written by pitboss (auto-roll
 
 /// Writes `header` and `text` to a temporary file in the same directory, syncs it and
 /// renames it over `path`: a reader never sees half a file.
-fn write_atomically(path: &Path, header: &str, text: &str) -> std::io::Result<()> {
+pub(crate) fn write_atomically(path: &Path, header: &str, text: &str) -> std::io::Result<()> {
     use std::io::Write;
     let name = path
         .file_name()

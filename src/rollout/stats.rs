@@ -77,6 +77,8 @@ struct Slice {
     errors: u64,
     by_class: BTreeMap<&'static str, u64>,
     latency: [u64; BUCKETS],
+    shadow_matches: u64,
+    shadow_mismatches: u64,
 }
 
 impl Slice {
@@ -87,6 +89,8 @@ impl Slice {
             errors: 0,
             by_class: BTreeMap::new(),
             latency: [0; BUCKETS],
+            shadow_matches: 0,
+            shadow_mismatches: 0,
         }
     }
 }
@@ -169,15 +173,9 @@ impl RollingStats {
         counted: bool,
     ) {
         let mut inner = self.lock();
-        let index = self.slice_index(now, inner.width);
-        let slice = &mut inner.ring[(index % SLICES as u64) as usize];
-        if slice.index < index {
-            *slice = Slice::empty(index);
-        } else if slice.index > index {
-            // Older than the whole window (a very late report): already out of it, and
-            // resetting the slot would wipe newer calls.
+        let Some(slice) = self.slice_at(&mut inner, now) else {
             return;
-        }
+        };
         slice.requests += 1;
         if let Some(class) = failure {
             *slice.by_class.entry(class.name()).or_insert(0) += 1;
@@ -186,6 +184,33 @@ impl RollingStats {
             }
         }
         slice.latency[bucket_of(latency)] += 1;
+    }
+
+    /// The live slice for `now`, reset when its ring slot holds an older one; `None`
+    /// for a time older than the whole window (a very late report: already out of it,
+    /// and resetting the slot would wipe newer calls).
+    fn slice_at<'a>(&self, inner: &'a mut Inner, now: Instant) -> Option<&'a mut Slice> {
+        let index = self.slice_index(now, inner.width);
+        let slice = &mut inner.ring[(index % SLICES as u64) as usize];
+        if slice.index < index {
+            *slice = Slice::empty(index);
+        } else if slice.index > index {
+            return None;
+        }
+        Some(slice)
+    }
+
+    /// One shadow comparison of new's answer with legacy's: the shadow gate of a walk
+    /// reads the mismatch rate over the window.
+    pub fn record_shadow(&self, now: Instant, mismatch: bool) {
+        let mut inner = self.lock();
+        if let Some(slice) = self.slice_at(&mut inner, now) {
+            if mismatch {
+                slice.shadow_mismatches += 1;
+            } else {
+                slice.shadow_matches += 1;
+            }
+        }
     }
 
     /// The totals over the last `window` ending at `now`.
@@ -204,6 +229,8 @@ impl RollingStats {
             }
             stats.requests += slice.requests;
             stats.errors += slice.errors;
+            stats.shadow_matches += slice.shadow_matches;
+            stats.shadow_mismatches += slice.shadow_mismatches;
             for (name, n) in &slice.by_class {
                 *stats.by_class.entry(name).or_insert(0) += n;
             }
@@ -211,6 +238,12 @@ impl RollingStats {
                 *total += n;
             }
         }
+        stats.latency = latency
+            .iter()
+            .enumerate()
+            .filter(|(_, n)| **n > 0)
+            .map(|(i, n)| (i, *n))
+            .collect();
         stats.p50 = quantile(&latency, 500);
         stats.p99 = quantile(&latency, 990);
         stats
@@ -258,9 +291,42 @@ pub struct WindowStats {
     /// Upper bound of the 99th percentile's bucket; `None` with no calls.
     pub p99: Option<Duration>,
     pub window: Duration,
+    /// The latency histogram, sparse: bucket index → calls. The buckets are the same
+    /// on every instance, so histograms of several instances add up ([`merge`](Self::merge)).
+    pub latency: BTreeMap<usize, u64>,
+    /// Shadow comparisons whose answers matched, and mismatched.
+    pub shadow_matches: u64,
+    pub shadow_mismatches: u64,
 }
 
 impl WindowStats {
+    /// Adds another instance's totals of the same backend and window: counts and
+    /// histograms add, and the quantiles are those of the sum, not an average of
+    /// quantiles (which would mean nothing).
+    pub fn merge(&mut self, other: &WindowStats) {
+        self.requests += other.requests;
+        self.errors += other.errors;
+        self.shadow_matches += other.shadow_matches;
+        self.shadow_mismatches += other.shadow_mismatches;
+        for (name, n) in &other.by_class {
+            *self.by_class.entry(name).or_insert(0) += n;
+        }
+        for (i, n) in &other.latency {
+            if *i < BUCKETS {
+                *self.latency.entry(*i).or_insert(0) += n;
+            }
+        }
+        self.window = self.window.max(other.window);
+        let mut dense = [0u64; BUCKETS];
+        for (i, n) in &self.latency {
+            if let Some(slot) = dense.get_mut(*i) {
+                *slot = *n;
+            }
+        }
+        self.p50 = quantile(&dense, 500);
+        self.p99 = quantile(&dense, 990);
+    }
+
     /// `errors / requests`; `None` when there were no requests, because no data is
     /// never "0% errors".
     pub fn error_rate(&self) -> Option<f64> {
@@ -362,12 +428,12 @@ pub fn relative_regression(factor: f64, new: &WindowStats, legacy: &WindowStats)
         })
 }
 
-fn pct(rate: f64) -> String {
+pub(crate) fn pct(rate: f64) -> String {
     format!("{:.1}%", rate * 100.0)
 }
 
 /// A short human duration for reasons: "60s", "1.52s", "250ms", "800µs".
-fn fmt_duration(d: Duration) -> String {
+pub(crate) fn fmt_duration(d: Duration) -> String {
     let (value, unit) = if d >= Duration::from_secs(1) {
         (d.as_secs_f64(), "s")
     } else if d >= Duration::from_millis(1) {
@@ -411,6 +477,7 @@ mod tests {
             p50: (requests > 0).then(|| ms(10)),
             p99: (requests > 0).then(|| ms(100)),
             window: WINDOW,
+            ..WindowStats::default()
         }
     }
 
@@ -756,6 +823,7 @@ mod tests {
             p50: Some(ms(10)),
             p99: Some(ms(100)),
             window: WINDOW,
+            ..WindowStats::default()
         }
     }
 
@@ -843,6 +911,33 @@ mod tests {
         let snap = s.snapshot(t);
         assert_eq!((snap.requests, snap.errors), (2, 1));
         assert_eq!(snap.by_class.get("unknown_command"), Some(&2));
+    }
+
+    #[test]
+    fn merged_histograms_give_the_quantiles_of_all_the_calls() {
+        let t = Instant::now();
+        let (a, b) = (RollingStats::new(WINDOW), RollingStats::new(WINDOW));
+        for i in 1..=500 {
+            a.record(t, ms(i), None);
+        }
+        for i in 501..=1000 {
+            b.record(t, ms(i), Some(ErrorClass::Internal));
+        }
+        a.record_shadow(t, true);
+        b.record_shadow(t, false);
+        let mut sum = a.snapshot(t);
+        sum.merge(&b.snapshot(t));
+        assert_eq!((sum.requests, sum.errors), (1000, 500));
+        assert_eq!((sum.shadow_matches, sum.shadow_mismatches), (1, 1));
+        assert_eq!(sum.by_class.get("internal"), Some(&500));
+        let p50 = sum.p50.unwrap();
+        let p99 = sum.p99.unwrap();
+        assert!(p50 >= ms(500) && p50 <= ms(550), "p50 {p50:?}");
+        assert!(p99 >= ms(990) && p99 <= ms(1089), "p99 {p99:?}");
+        let mut one = a.snapshot(t);
+        let before = one.clone();
+        one.merge(&WindowStats::default());
+        assert_eq!(one, before, "merging nothing changes nothing");
     }
 
     #[test]

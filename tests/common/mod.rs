@@ -395,3 +395,113 @@ pub async fn spawn(config: &Path) -> Proc {
         log,
     }
 }
+
+/// Runs `pitboss rollout ARGS` against the Admin listener `admin` (an address) with
+/// `token`, and returns its stdout; panics with its stderr when it fails.
+pub async fn rollout_cli(admin: std::net::SocketAddr, token: &str, args: &[&str]) -> String {
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_pitboss"))
+        .arg("rollout")
+        .args(args)
+        .args(["--addr", &format!("http://{admin}"), "--actor", "tester"])
+        .env("PITBOSS_ADMIN_TOKEN", token)
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "pitboss rollout {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A free TCP port on 127.0.0.1 (bound, then released for the caller to take).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A real single-member etcd (Debian's `etcd-server`) on loopback ports, its data in
+/// a temp dir; killed on drop. [`Etcd::stop`] and [`Etcd::start`] take it down and
+/// bring it back on the same ports and data, for outage tests.
+pub struct Etcd {
+    pub dir: PathBuf,
+    pub client_url: String,
+    peer_url: String,
+    child: Option<std::process::Child>,
+}
+
+impl Etcd {
+    pub async fn launch(tag: &str) -> Etcd {
+        let dir = temp_dir(&format!("etcd-{tag}"));
+        let mut e = Etcd {
+            client_url: format!("http://127.0.0.1:{}", free_port()),
+            peer_url: format!("http://127.0.0.1:{}", free_port()),
+            dir,
+            child: None,
+        };
+        e.start().await;
+        e
+    }
+
+    /// Starts etcd and waits until it answers a read.
+    pub async fn start(&mut self) {
+        let log = std::fs::File::create(self.dir.join("etcd.log")).unwrap();
+        let child = std::process::Command::new("etcd")
+            .arg("--name=test")
+            .arg(format!("--data-dir={}", self.dir.join("data").display()))
+            .arg(format!("--listen-client-urls={}", self.client_url))
+            .arg(format!("--advertise-client-urls={}", self.client_url))
+            .arg(format!("--listen-peer-urls={}", self.peer_url))
+            .arg(format!("--initial-advertise-peer-urls={}", self.peer_url))
+            .arg(format!("--initial-cluster=test={}", self.peer_url))
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("etcd (apt-get install etcd-server)");
+        self.child = Some(child);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(mut c) = etcd_client::Client::connect([self.client_url.as_str()], None).await
+            {
+                if c.get("/health-probe", None).await.is_ok() {
+                    return;
+                }
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "etcd did not answer within 30s: {}",
+                std::fs::read_to_string(self.dir.join("etcd.log")).unwrap_or_default()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Kills etcd (its data stays).
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// A `[rollout.store]` section on this etcd for rollout `name`.
+    pub fn store_section(&self, name: &str, cache_file: &Path) -> String {
+        format!(
+            "[rollout.store]\nkind = \"etcd\"\nendpoints = [\"{}\"]\nname = \"{name}\"\n\
+             lease_ttl = \"2s\"\ntimeout = \"500ms\"\ncache_file = \"{}\"\n",
+            self.client_url,
+            cache_file.display()
+        )
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        self.stop();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
