@@ -147,12 +147,12 @@ pub enum TransparentFailure<'a> {
 /// gets the status a Bridge call would ([`to_status`]: the class's code, `ErrorInfo`,
 /// `x-pitboss-*` trailers), except a method that no backend has: gRPC clients know it
 /// as UNIMPLEMENTED, which is what the service answers for a method it lacks.
-pub fn transparent_failure(
-    err: &CallError,
+pub fn transparent_failure<'a>(
+    err: &'a CallError,
     class: ErrorClass,
     include_traceback: bool,
     ctx: ErrorContext<'_>,
-) -> TransparentFailure<'_> {
+) -> TransparentFailure<'a> {
     if let CallError::Upstream(u) = err {
         return TransparentFailure::Passed(&u.status);
     }
