@@ -504,9 +504,9 @@ const PITBOSS_SERVICES: [&str; 5] = [
 /// What is wrong with a service name for `transparent.services`, if anything.
 fn bad_service_name(name: &str) -> Option<String> {
     let ok = !name.is_empty()
-        && name
-            .split('.')
-            .all(|part| !part.is_empty() && part.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'));
+        && name.split('.').all(|part| {
+            !part.is_empty() && part.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+        });
     if !ok {
         return Some(format!(
             "{name:?} is not a full service name like \"package.Service\" (as in the proto: package, a dot, the service)"
@@ -527,7 +527,11 @@ fn bad_method(pattern: &str, services: &[String], wildcard: bool) -> Option<Stri
     let Some((service, method)) = parsed else {
         return Some(format!(
             "{pattern:?} is not a method like \"/package.Service/Method\"{}",
-            if wildcard { " or \"/package.Service/*\"" } else { "" }
+            if wildcard {
+                " or \"/package.Service/*\""
+            } else {
+                ""
+            }
         ));
     };
     if method == "*" && !wildcard {
@@ -752,7 +756,10 @@ impl Config {
             ("transparent.idempotent", &t.idempotent, true),
         ];
         for (key, list, wildcard) in lists {
-            if let Some(why) = list.iter().find_map(|m| bad_method(m, &t.services, wildcard)) {
+            if let Some(why) = list
+                .iter()
+                .find_map(|m| bad_method(m, &t.services, wildcard))
+            {
                 return Err(fail(key, why));
             }
         }
@@ -792,7 +799,10 @@ impl Config {
                     .into(),
             ));
         }
-        for (role, b) in [("legacy", &self.backends.legacy), ("new", &self.backends.new)] {
+        for (role, b) in [
+            ("legacy", &self.backends.legacy),
+            ("new", &self.backends.new),
+        ] {
             if b.kind == BackendKind::GrpcProxy && t.services.is_empty() {
                 return Err(fail(
                     &format!("backends.{role}.kind"),

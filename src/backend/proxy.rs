@@ -102,12 +102,12 @@ impl Proxy {
 
     /// The request that forwards `wire`'s call with `message`, due by `deadline`.
     fn request(&self, wire: &WireCall, message: &[u8], deadline: Instant) -> http::Request<Body> {
-        let mut req = http::Request::new(Body::new(http_body_util::Full::new(frame::encode(
-            message,
-        ))));
+        let mut req =
+            http::Request::new(Body::new(http_body_util::Full::new(frame::encode(message))));
         *req.method_mut() = http::Method::POST;
-        *req.uri_mut() = http::Uri::from_maybe_shared(Bytes::copy_from_slice(wire.method.as_bytes()))
-            .unwrap_or_else(|_| http::Uri::from_static("/"));
+        *req.uri_mut() =
+            http::Uri::from_maybe_shared(Bytes::copy_from_slice(wire.method.as_bytes()))
+                .unwrap_or_else(|_| http::Uri::from_static("/"));
         let headers = req.headers_mut();
         *headers = wire.metadata.clone();
         headers.insert(
@@ -279,7 +279,11 @@ impl Answer {
                     self.body = None;
                     return Err(self.proxy.failure(
                         ErrorClass::WorkerCrashed,
-                        format!("the answer broke off: {:?}: {}", status.code(), status.message()),
+                        format!(
+                            "the answer broke off: {:?}: {}",
+                            status.code(),
+                            status.message()
+                        ),
                     ));
                 }
                 Some(Ok(f)) => match f.into_data() {
@@ -294,7 +298,12 @@ impl Answer {
                             let trailers = wire::forwarded_response(&trailers);
                             if code != tonic::Code::Ok {
                                 let headers = std::mem::take(&mut self.headers);
-                                return Err(self.proxy.status(code, message, Some(headers), trailers));
+                                return Err(self.proxy.status(
+                                    code,
+                                    message,
+                                    Some(headers),
+                                    trailers,
+                                ));
                             }
                             self.trailers = Some(trailers);
                         }
@@ -407,16 +416,16 @@ impl Target for Proxy {
             ));
         };
         let started = Instant::now();
-        let answer = match tokio::time::timeout_at(deadline, self.open(&wire, &req.payload, deadline))
-            .await
-        {
-            Ok(answer) => answer?,
-            Err(_) => {
-                return Err(CallError::DeadlineExceeded {
-                    after: started.elapsed(),
-                })
-            }
-        };
+        let answer =
+            match tokio::time::timeout_at(deadline, self.open(&wire, &req.payload, deadline)).await
+            {
+                Ok(answer) => answer?,
+                Err(_) => {
+                    return Err(CallError::DeadlineExceeded {
+                        after: started.elapsed(),
+                    })
+                }
+            };
         Ok(Box::new(ProxyChunks {
             answer,
             started,
@@ -568,9 +577,9 @@ macro_rules! reflection_client {
             channel: Channel,
             services: &[String],
         ) -> Result<BTreeMap<String, prost_types::FileDescriptorProto>, ReflectionError> {
-            use $api as api;
             use api::server_reflection_request::MessageRequest;
             use api::server_reflection_response::MessageResponse;
+            use $api as api;
             let ask = |m: MessageRequest| api::ServerReflectionRequest {
                 host: String::new(),
                 message_request: Some(m),
@@ -652,7 +661,10 @@ mod tests {
         assert_eq!(class_of_code(K::Unimplemented), ErrorClass::UnknownCommand);
         assert_eq!(class_of_code(K::Unknown), ErrorClass::PythonException);
         assert_eq!(class_of_code(K::Internal), ErrorClass::PythonException);
-        assert_eq!(class_of_code(K::DeadlineExceeded), ErrorClass::DeadlineExceeded);
+        assert_eq!(
+            class_of_code(K::DeadlineExceeded),
+            ErrorClass::DeadlineExceeded
+        );
         // The service's answers to the request are not its failures.
         for code in [
             K::InvalidArgument,

@@ -464,7 +464,11 @@ fn call_span<T>(req: &Request<T>) -> tracing::Span
 where
     T: CommandName,
 {
-    let request_id = request_id(req.metadata().get("x-request-id").and_then(|v| v.to_str().ok()));
+    let request_id = request_id(
+        req.metadata()
+            .get("x-request-id")
+            .and_then(|v| v.to_str().ok()),
+    );
     tracing::info_span!(
         "call",
         request_id = %request_id,

@@ -492,13 +492,28 @@ mod tests {
             "mode = \"full\"\ncommands = [\"/calc.Calculator/*\", \"/shop.Cart/Add\"]\n",
         )
         .unwrap();
-        assert_eq!(route(&f, "/calc.Calculator/Add", None, false, 0), Route::New);
-        assert_eq!(route(&f, "/calc.Calculator/Range", None, false, 0), Route::New);
+        assert_eq!(
+            route(&f, "/calc.Calculator/Add", None, false, 0),
+            Route::New
+        );
+        assert_eq!(
+            route(&f, "/calc.Calculator/Range", None, false, 0),
+            Route::New
+        );
         assert_eq!(route(&f, "/shop.Cart/Add", None, false, 0), Route::New);
-        assert_eq!(route(&f, "/shop.Cart/Remove", None, false, 0), Route::Legacy);
-        assert_eq!(route(&f, "/calc.CalculatorV2/Add", None, false, 0), Route::Legacy);
+        assert_eq!(
+            route(&f, "/shop.Cart/Remove", None, false, 0),
+            Route::Legacy
+        );
+        assert_eq!(
+            route(&f, "/calc.CalculatorV2/Add", None, false, 0),
+            Route::Legacy
+        );
         // A Bridge command is never a service.
-        assert_eq!(route(&f, "calc.Calculator/Add", None, false, 0), Route::Legacy);
+        assert_eq!(
+            route(&f, "calc.Calculator/Add", None, false, 0),
+            Route::Legacy
+        );
     }
 
     #[test]

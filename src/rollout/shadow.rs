@@ -235,22 +235,58 @@ mod tests {
             }
             prost::Message::encode_to_vec(&m)
         };
-        let legacy = encode(&[("sum", Value::I64(5)), ("computed_by", Value::String("legacy".into()))]);
-        let new = encode(&[("computed_by", Value::String("new".into())), ("sum", Value::I64(5))]);
-        let wrong = encode(&[("sum", Value::I64(6)), ("computed_by", Value::String("new".into()))]);
+        let legacy = encode(&[
+            ("sum", Value::I64(5)),
+            ("computed_by", Value::String("legacy".into())),
+        ]);
+        let new = encode(&[
+            ("computed_by", Value::String("new".into())),
+            ("sum", Value::I64(5)),
+        ]);
+        let wrong = encode(&[
+            ("sum", Value::I64(6)),
+            ("computed_by", Value::String("new".into())),
+        ]);
         let ignore = vec!["computed_by".to_string()];
-        assert!(same_answer(Compare::Json, &ignore, Some(&ty), &legacy, &new));
-        assert!(!same_answer(Compare::Json, &ignore, Some(&ty), &legacy, &wrong));
+        assert!(same_answer(
+            Compare::Json,
+            &ignore,
+            Some(&ty),
+            &legacy,
+            &new
+        ));
+        assert!(!same_answer(
+            Compare::Json,
+            &ignore,
+            Some(&ty),
+            &legacy,
+            &wrong
+        ));
         assert!(!same_answer(Compare::Json, &[], Some(&ty), &legacy, &new));
-        assert!(!same_answer(Compare::Bytes, &ignore, Some(&ty), &legacy, &new));
+        assert!(!same_answer(
+            Compare::Bytes,
+            &ignore,
+            Some(&ty),
+            &legacy,
+            &new
+        ));
         // A default sent explicitly is the default left out.
         let zero = encode(&[("sum", Value::I64(0))]);
         assert!(same_answer(Compare::Json, &[], Some(&ty), &zero, &[]));
         // Bytes that are not the message equal only themselves.
-        assert!(!same_answer(Compare::Json, &[], Some(&ty), &[0xff, 0xff], &[0xff]));
+        assert!(!same_answer(
+            Compare::Json,
+            &[],
+            Some(&ty),
+            &[0xff, 0xff],
+            &[0xff]
+        ));
         assert!(same_answer(Compare::Json, &[], Some(&ty), &[0xff], &[0xff]));
         let text = describe(Some(&ty), &wrong, 100);
-        assert!(text.contains(r#""sum":"6""#) && text.contains(r#""computed_by":"new""#), "{text}");
+        assert!(
+            text.contains(r#""sum":"6""#) && text.contains(r#""computed_by":"new""#),
+            "{text}"
+        );
     }
 
     #[test]

@@ -339,11 +339,7 @@ impl Split {
             let deadline = attempt.deadline;
             let command = attempt.request.routing_name().to_string();
             // A transparent call's response type, when known: compared field by field.
-            let message = attempt
-                .request
-                .wire
-                .as_ref()
-                .and_then(|w| w.output.clone());
+            let message = attempt.request.wire.as_ref().and_then(|w| w.output.clone());
             let started = Instant::now();
             let new = split.backend(Role::New);
             let new_result = match tokio::time::timeout_at(deadline, new.execute(attempt)).await {

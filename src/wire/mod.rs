@@ -145,7 +145,13 @@ pub fn relayed_response(headers: &HeaderMap) -> HeaderMap {
 /// The gRPC status in a header map (trailers, or the headers of a trailers-only
 /// answer): its code and its decoded message. `None` when there is no `grpc-status`.
 pub fn status_in(headers: &HeaderMap) -> Option<(tonic::Code, String)> {
-    let code = headers.get("grpc-status")?.to_str().ok()?.trim().parse::<i32>().ok()?;
+    let code = headers
+        .get("grpc-status")?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse::<i32>()
+        .ok()?;
     let message = headers
         .get("grpc-message")
         .map(|v| percent_decode(v.as_bytes()))
@@ -235,7 +241,13 @@ mod tests {
         let names: Vec<&str> = out.keys().map(|k| k.as_str()).collect();
         assert_eq!(
             names,
-            ["user-agent", "x-session-id", "x-tag", "authorization", "trace-bin"]
+            [
+                "user-agent",
+                "x-session-id",
+                "x-tag",
+                "authorization",
+                "trace-bin"
+            ]
         );
         assert_eq!(out.get_all("x-tag").iter().count(), 2, "repeated keys stay");
     }
@@ -263,14 +275,20 @@ mod tests {
             status_in(&t),
             Some((tonic::Code::InvalidArgument, "b must not be 0 ✗".into()))
         );
-        assert_eq!(status_in(&map(&[("grpc-status", "0")])).unwrap().0, tonic::Code::Ok);
+        assert_eq!(
+            status_in(&map(&[("grpc-status", "0")])).unwrap().0,
+            tonic::Code::Ok
+        );
         assert_eq!(status_in(&map(&[("x", "y")])), None);
         assert_eq!(percent_decode(b"100%"), "100%");
         let text = "50% off: ✗\n";
         assert_eq!(percent_decode(percent_encode(text).as_bytes()), text);
         assert_eq!(percent_encode("a b"), "a b");
         assert_eq!(percent_decode(b"%zz%4"), "%zz%4");
-        assert_eq!(code_of_http_status(http::StatusCode::NOT_FOUND), tonic::Code::Unimplemented);
+        assert_eq!(
+            code_of_http_status(http::StatusCode::NOT_FOUND),
+            tonic::Code::Unimplemented
+        );
         assert_eq!(
             code_of_http_status(http::StatusCode::BAD_GATEWAY),
             tonic::Code::Unavailable

@@ -310,8 +310,15 @@ mod tests {
             (range.kind, range.command.as_str()),
             (Kind::ServerStreaming, "/calc.Calculator/Range")
         );
-        assert_eq!(c.method("/calc.Calculator/Sum").unwrap().kind, Kind::ClientStreaming);
-        assert!(c.method("/calc.Calculator/Chat").unwrap().kind.streams_requests());
+        assert_eq!(
+            c.method("/calc.Calculator/Sum").unwrap().kind,
+            Kind::ClientStreaming
+        );
+        assert!(c
+            .method("/calc.Calculator/Chat")
+            .unwrap()
+            .kind
+            .streams_requests());
         // A method the descriptors do not have is still the service's (a newer
         // legacy may have it), just not known.
         let newer = c.method("/calc.Calculator/Pow").unwrap();
@@ -347,7 +354,9 @@ mod tests {
     #[test]
     fn a_service_the_descriptors_lack_is_an_error_naming_what_they_have() {
         let s = section("[transparent]\nservices = [\"calc.Calculatorr\"]\n");
-        let err = Catalog::new(&s, Some(calculator())).unwrap_err().to_string();
+        let err = Catalog::new(&s, Some(calculator()))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("calc.Calculatorr"), "{err}");
         assert!(err.contains("calc.pb"), "{err}");
         assert!(err.contains("calc.Calculator"), "{err}");

@@ -77,11 +77,12 @@ pub async fn load_catalog(
             path: shown.clone(),
             source,
         })?;
-        let set = <prost_types::FileDescriptorSet as prost::Message>::decode(&bytes[..])
-            .map_err(|source| TransparentError::Decode {
+        let set = <prost_types::FileDescriptorSet as prost::Message>::decode(&bytes[..]).map_err(
+            |source| TransparentError::Decode {
                 path: shown.clone(),
                 source,
-            })?;
+            },
+        )?;
         Some(Descriptors { set, source: shown })
     } else if section.descriptors_from_reflection {
         from_reflection(legacy, &section.services).await
@@ -107,7 +108,10 @@ async fn from_reflection(
     loop {
         let error = match legacy.descriptors(services).await? {
             Ok(set) => {
-                tracing::info!(files = set.file.len(), "read the transparent services' descriptors from legacy's reflection");
+                tracing::info!(
+                    files = set.file.len(),
+                    "read the transparent services' descriptors from legacy's reflection"
+                );
                 return Some(Descriptors {
                     set,
                     source: format!("the reflection of {}", legacy.describe),
@@ -315,12 +319,21 @@ impl TransparentService {
         let headers = stream.headers().unwrap_or_default();
         let (tx, rx) = mpsc::channel::<BodyFrame>(16);
         tokio::spawn(self.clone().forward(stream, record, tx));
-        respond(headers, role, Body::new(StreamBody::new(ReceiverStream::new(rx))))
+        respond(
+            headers,
+            role,
+            Body::new(StreamBody::new(ReceiverStream::new(rx))),
+        )
     }
 
     /// Sends a stream's messages to the client until it ends, fails, or the client
     /// goes away (dropping the stream then cancels the call, counted as cancelled).
-    async fn forward(self, mut stream: SplitStream, record: Arc<CallRecord>, tx: mpsc::Sender<BodyFrame>) {
+    async fn forward(
+        self,
+        mut stream: SplitStream,
+        record: Arc<CallRecord>,
+        tx: mpsc::Sender<BodyFrame>,
+    ) {
         let role = stream.role();
         loop {
             let next = tokio::select! {
@@ -329,7 +342,11 @@ impl TransparentService {
             };
             match next {
                 Some(Ok((payload, _))) => {
-                    if tx.send(Ok(Frame::data(frame::encode(&payload)))).await.is_err() {
+                    if tx
+                        .send(Ok(Frame::data(frame::encode(&payload))))
+                        .await
+                        .is_err()
+                    {
                         return;
                     }
                 }
@@ -355,7 +372,9 @@ impl TransparentService {
                 None => {
                     record.finish(role, None);
                     let trailers = stream.trailers();
-                    let _ = tx.send(Ok(Frame::trailers(ok_trailers(trailers.as_ref())))).await;
+                    let _ = tx
+                        .send(Ok(Frame::trailers(ok_trailers(trailers.as_ref()))))
+                        .await;
                     return;
                 }
             }
@@ -409,7 +428,10 @@ fn respond(headers: HeaderMap, role: Role, body: Body) -> http::Response<Body> {
 
 fn with_content_type(mut headers: HeaderMap) -> HeaderMap {
     if !headers.contains_key(CONTENT_TYPE) {
-        headers.insert(CONTENT_TYPE, HeaderValue::from_static(wire::GRPC_CONTENT_TYPE));
+        headers.insert(
+            CONTENT_TYPE,
+            HeaderValue::from_static(wire::GRPC_CONTENT_TYPE),
+        );
     }
     headers
 }
