@@ -199,9 +199,10 @@ impl Proxy {
         services: &[String],
     ) -> Result<prost_types::FileDescriptorSet, ReflectionError> {
         let files = match reflect_v1(self.channel.clone(), services).await {
-            Err(ReflectionError::Status { code, .. }) if code == tonic::Code::Unimplemented => {
-                reflect_v1alpha(self.channel.clone(), services).await?
-            }
+            Err(ReflectionError::Status {
+                code: tonic::Code::Unimplemented,
+                ..
+            }) => reflect_v1alpha(self.channel.clone(), services).await?,
             other => other?,
         };
         Ok(prost_types::FileDescriptorSet {
@@ -251,7 +252,7 @@ impl Answer {
     /// OK. Its other statuses are [`CallError::Upstream`].
     async fn message(&mut self) -> Result<Option<Bytes>, CallError> {
         loop {
-            match self.decoder.next() {
+            match self.decoder.next_message() {
                 Ok(Some(m)) => return Ok(Some(m)),
                 Ok(None) => {}
                 Err(frame::FrameError::TooLarge { len, max }) => {

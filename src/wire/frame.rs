@@ -54,7 +54,7 @@ impl Decoder {
 
     /// The next whole message, if one has arrived. A message over the limit is refused
     /// as soon as its prefix is in, before its bytes are.
-    pub fn next(&mut self) -> Result<Option<Bytes>, FrameError> {
+    pub fn next_message(&mut self) -> Result<Option<Bytes>, FrameError> {
         if self.buf.len() < PREFIX {
             return Ok(None);
         }
@@ -106,7 +106,7 @@ mod tests {
             let mut got = Vec::new();
             for chunk in wire.chunks(piece) {
                 d.push(chunk);
-                while let Some(m) = d.next().unwrap() {
+                while let Some(m) = d.next_message().unwrap() {
                     got.push(m);
                 }
             }
@@ -123,10 +123,13 @@ mod tests {
         let mut d = Decoder::new(10);
         // Only the prefix has arrived: refused already.
         d.push(&encode(&[0u8; 11])[..PREFIX]);
-        assert_eq!(d.next(), Err(FrameError::TooLarge { len: 11, max: 10 }));
+        assert_eq!(
+            d.next_message(),
+            Err(FrameError::TooLarge { len: 11, max: 10 })
+        );
         let mut d = Decoder::new(10);
         d.push(&encode(&[0u8; 10]));
-        assert_eq!(d.next().unwrap().unwrap().len(), 10);
+        assert_eq!(d.next_message().unwrap().unwrap().len(), 10);
     }
 
     #[test]
@@ -135,10 +138,10 @@ mod tests {
         let mut m = encode(b"abc").to_vec();
         m[0] = 1;
         d.push(&m);
-        assert_eq!(d.next(), Err(FrameError::Compressed));
+        assert_eq!(d.next_message(), Err(FrameError::Compressed));
         let mut d = Decoder::new(100);
         d.push(&encode(b"abcdef")[..8]);
-        assert_eq!(d.next(), Ok(None));
+        assert_eq!(d.next_message(), Ok(None));
         assert_eq!(d.finish(), Err(FrameError::Truncated { missing: 3 }));
         let mut d = Decoder::new(100);
         d.push(&[0, 0]);

@@ -142,7 +142,7 @@ impl Catalog {
             .chain(section.commands.keys())
             .filter(|p| !p.ends_with("/*"));
         for path in named {
-            let method = catalog.from_config(path, true);
+            let method = catalog.method_from_config(path, true);
             catalog.methods.insert(path.clone(), Arc::new(method));
         }
         if let Some(d) = descriptors {
@@ -168,7 +168,7 @@ impl Catalog {
                 };
                 for m in service.methods() {
                     let path = format!("/{name}/{}", m.name());
-                    let mut method = catalog.from_config(&path, true);
+                    let mut method = catalog.method_from_config(&path, true);
                     method.kind = Kind::of(m.is_client_streaming(), m.is_server_streaming());
                     method.output = Some(m.output());
                     catalog.methods.insert(path, Arc::new(method));
@@ -180,7 +180,7 @@ impl Catalog {
     }
 
     /// A method as the config alone describes it.
-    fn from_config(&self, path: &str, known: bool) -> Method {
+    fn method_from_config(&self, path: &str, known: bool) -> Method {
         let any = |list: &[Pattern]| list.iter().any(|p| p.matches(path));
         Method {
             path: path.into(),
@@ -211,7 +211,7 @@ impl Catalog {
         if name.is_empty() || !self.services.iter().any(|s| s == service) {
             return None;
         }
-        Some(Arc::new(self.from_config(path, false)))
+        Some(Arc::new(self.method_from_config(path, false)))
     }
 
     /// Every method known by name.

@@ -452,7 +452,7 @@ async fn read_message(mut body: Body, max: usize, method: &str) -> Result<Bytes,
     let mut decoder = frame::Decoder::new(max);
     let mut message = None;
     loop {
-        match decoder.next() {
+        match decoder.next_message() {
             Ok(Some(m)) => {
                 if message.is_some() {
                     return Err(Refusal::Streaming {
