@@ -20,6 +20,10 @@ use tokio::io::AsyncBufReadExt;
 
 const LONG: Duration = Duration::from_secs(30);
 
+/// During the migration: the grpcio service as legacy, pitboss workers as new.
+const PROXY_LEGACY_POOL_NEW: &str = "[backends.legacy]\nkind = \"grpc_proxy\"\n\
+     address = \"http://{legacy}\"\n[backends.new]\nkind = \"pool\"\n";
+
 fn example_dir() -> PathBuf {
     python_dir().join("examples/calculator")
 }
@@ -37,6 +41,11 @@ struct Setup {
 
 impl Setup {
     async fn start(tag: &str, flags: &str) -> Setup {
+        Setup::start_with(tag, flags, PROXY_LEGACY_POOL_NEW).await
+    }
+
+    /// With `backends` as the `[backends.*]` sections (`{legacy}`: legacy's address).
+    async fn start_with(tag: &str, flags: &str, backends: &str) -> Setup {
         let py = tokio::task::spawn_blocking(grpcio_python).await.unwrap();
         let dir = temp_dir(&format!("transparent-{tag}"));
         let gen = dir.join("gen");
@@ -82,8 +91,8 @@ impl Setup {
              {rollout}\
              [transparent]\nservices = [\"calc.Calculator\"]\n\
              descriptor_set = \"{gen}/calc.pb\"\nidempotent = [\"/calc.Calculator/*\"]\n\
-             [backends.legacy]\nkind = \"grpc_proxy\"\naddress = \"http://{legacy_addr}\"\n\
-             [backends.new]\nkind = \"pool\"\n",
+             {backends}",
+            backends = backends.replace("{legacy}", &legacy_addr),
             py = py.display(),
             example = example_dir().display(),
             gen = gen.display(),
@@ -331,5 +340,37 @@ async fn shadow_counts_planted_mismatches_and_a_failing_new_is_rolled_back() {
         assert_eq!(r["computed_by"], "legacy", "{r}");
         assert_eq!(r["value"].as_i64(), Some(a + 1));
     }
+    s.stop().await;
+}
+
+/// Reflection through pitboss lists the user's service with its methods' types (what
+/// grpcurl and Postman read), next to pitboss's own.
+#[tokio::test]
+async fn reflection_through_pitboss_lists_the_users_service() {
+    let s = Setup::start("reflect", "mode = \"off\"\n").await;
+    let r = s.client(&s.pitboss(), &["reflect"]).await;
+    let services = r["services"].to_string();
+    assert!(services.contains("calc.Calculator"), "{services}");
+    assert!(services.contains("pitboss.v1.Bridge"), "{services}");
+    assert_eq!(r["methods"]["Add"][0], "calc.AddRequest");
+    assert_eq!(r["methods"]["Range"][1], "calc.Reply");
+    s.stop().await;
+}
+
+/// The end of the migration (MIGRATING.md step 5): the pool is legacy, nothing else;
+/// the same client, unchanged, gets its answers from the workers.
+#[tokio::test]
+async fn after_the_migration_the_workers_alone_serve_the_grpc_methods() {
+    let backends = "[backends.legacy]\nkind = \"pool\"\n";
+    let s = Setup::start_with("done", "mode = \"off\"\n", backends).await;
+    let add = s.client(&s.pitboss(), &["add", "2", "3"]).await;
+    assert_eq!(add["computed_by"], "new", "{add}");
+    assert_eq!(add["value"], 5);
+    let probe = s.client(&s.pitboss(), &["probe"]).await;
+    assert_eq!(probe["range"]["code"], "OK", "{probe}");
+    assert_eq!(probe["range"]["messages"].as_array().unwrap().len(), 4);
+    assert_eq!(probe["divide_by_zero"]["code"], "INVALID_ARGUMENT");
+    assert_eq!(probe["unknown_method"]["code"], "UNIMPLEMENTED", "{probe}");
+    assert_eq!(probe["malformed"]["code"], "INVALID_ARGUMENT", "{probe}");
     s.stop().await;
 }

@@ -7,6 +7,7 @@ called the old service (only the address changes). Each command prints one JSON 
     python client.py ADDR inspect SLEEP TIMEOUT   Inspect, with a deadline and metadata
     python client.py ADDR big NBYTES         Inspect with NBYTES of padding
     python client.py ADDR raw METHOD HEX     a raw request (any bytes) to METHOD
+    python client.py ADDR reflect            the services and methods reflection lists
 
 Answers are shown as the raw response bytes (hex), the status code and message, and
 the metadata, leaving out pitboss's own x-pitboss-* headers, so that two servers'
@@ -99,6 +100,18 @@ def main():
             out = {"code": "OK"}
         except grpc.RpcError as e:
             out = {"code": e.code().name, "message": e.details()}
+    elif cmd == "reflect":
+        # What grpcurl and Postman do: list the services, then read a method's types.
+        from google.protobuf.descriptor_pool import DescriptorPool
+        from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
+            ProtoReflectionDescriptorDatabase,
+        )
+
+        db = ProtoReflectionDescriptorDatabase(channel)
+        service = DescriptorPool(db).FindServiceByName("calc.Calculator")
+        out = {"services": sorted(db.get_services()),
+               "methods": {m.name: [m.input_type.full_name, m.output_type.full_name]
+                           for m in service.methods}}
     elif cmd == "raw":
         out = raw_unary(channel, args[0], bytes.fromhex(args[1]))
     else:
