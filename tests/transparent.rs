@@ -195,6 +195,16 @@ async fn at_zero_percent_pitboss_answers_exactly_as_the_legacy_service() {
     assert_eq!(through["malformed"]["code"], direct["malformed"]["code"]);
     let add = s.client(&s.pitboss(), &["add", "2", "3", "k"]).await;
     assert_eq!(add["computed_by"], "legacy");
+    // Client-streaming: relayed whole to legacy.
+    let sum = s.client(&s.pitboss(), &["sum", "1", "2", "39"]).await;
+    assert_eq!(
+        sum,
+        s.client(&s.legacy_addr, &["sum", "1", "2", "39"]).await
+    );
+    assert_eq!(
+        (sum["code"].as_str(), sum["value"].as_i64()),
+        (Some("OK"), Some(42))
+    );
 
     // Deadline and metadata.
     let seen = s.client(&s.pitboss(), &["inspect", "0", "5"]).await;
@@ -372,5 +382,15 @@ async fn after_the_migration_the_workers_alone_serve_the_grpc_methods() {
     assert_eq!(probe["divide_by_zero"]["code"], "INVALID_ARGUMENT");
     assert_eq!(probe["unknown_method"]["code"], "UNIMPLEMENTED", "{probe}");
     assert_eq!(probe["malformed"]["code"], "INVALID_ARGUMENT", "{probe}");
+    // A client-streaming method has no grpc_proxy legacy to be relayed to.
+    let sum = s.client(&s.pitboss(), &["sum", "1", "2"]).await;
+    assert_eq!(sum["code"], "UNIMPLEMENTED", "{sum}");
+    assert!(
+        sum["message"]
+            .as_str()
+            .unwrap()
+            .contains("client-streaming"),
+        "{sum}"
+    );
     s.stop().await;
 }

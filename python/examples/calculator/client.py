@@ -7,6 +7,7 @@ called the old service (only the address changes). Each command prints one JSON 
     python client.py ADDR inspect SLEEP TIMEOUT   Inspect, with a deadline and metadata
     python client.py ADDR big NBYTES         Inspect with NBYTES of padding
     python client.py ADDR raw METHOD HEX     a raw request (any bytes) to METHOD
+    python client.py ADDR sum V1 V2 ...      Sum (client-streaming)
     python client.py ADDR reflect            the services and methods reflection lists
 
 Answers are shown as the raw response bytes (hex), the status code and message, and
@@ -98,6 +99,13 @@ def main():
         try:
             stub.Inspect(calc_pb2.InspectRequest(padding=b"x" * int(args[0])), timeout=10)
             out = {"code": "OK"}
+        except grpc.RpcError as e:
+            out = {"code": e.code().name, "message": e.details()}
+    elif cmd == "sum":
+        values = [int(v) for v in args]
+        try:
+            r = stub.Sum(iter([calc_pb2.Reply(value=v) for v in values]), timeout=10)
+            out = {"code": "OK", "value": r.value, "computed_by": r.computed_by}
         except grpc.RpcError as e:
             out = {"code": e.code().name, "message": e.details()}
     elif cmd == "reflect":

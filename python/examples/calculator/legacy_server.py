@@ -39,6 +39,9 @@ class Calculator(calc_pb2_grpc.CalculatorServicer):
         for i in range(request.n):
             yield calc_pb2.Reply(value=i, computed_by="legacy")
 
+    def Sum(self, request_iterator, context):
+        return calc_pb2.Reply(value=sum(r.value for r in request_iterator), computed_by="legacy")
+
     def Inspect(self, request, context):
         context.add_callback(lambda: event("call ended: active=%s" % context.is_active()))
         until = time.monotonic() + request.sleep_s
