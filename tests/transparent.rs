@@ -350,6 +350,16 @@ async fn shadow_counts_planted_mismatches_and_a_failing_new_is_rolled_back() {
         assert_eq!(r["computed_by"], "legacy", "{r}");
         assert_eq!(r["value"].as_i64(), Some(a + 1));
     }
+    // The metrics know each call by its method, per backend.
+    let scrape = scrape(s.server.metrics_addr).await;
+    let add = [("command", "/calc.Calculator/Add")];
+    let on = |backend: &str, outcome: &str| {
+        let mut labels = add.to_vec();
+        labels.extend([("backend", backend), ("outcome", outcome)]);
+        sum_of(&scrape, "pitboss_requests_total", &labels)
+    };
+    assert_eq!(on("new", "error"), 10.0, "{scrape}");
+    assert!(on("legacy", "ok") >= 16.0, "{scrape}");
     s.stop().await;
 }
 
