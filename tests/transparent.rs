@@ -330,6 +330,19 @@ async fn shadow_counts_planted_mismatches_and_a_failing_new_is_rolled_back() {
     );
     assert_eq!(counters.shadow_mismatch.load(Ordering::Relaxed), 3);
     assert_eq!(counters.shadow_match.load(Ordering::Relaxed), 10);
+    // The admin API shows them (what `pitboss rollout status` prints).
+    let mut admin = AdminClient::connect(format!("http://{}", s.server.admin_addr))
+        .await
+        .unwrap();
+    let r = admin
+        .get_rollout(authed(
+            pitboss::grpc::pb::GetRolloutRequest {},
+            "transparent-token",
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((r.shadow_matches, r.shadow_mismatches), (10, 3));
 
     s.write_flags(
         "mode = \"full\"\ncommands = [\"/calc.Calculator/*\"]\nfallback_to_legacy = false\n\
