@@ -423,6 +423,10 @@ pub enum BackendKind {
     Pool,
     /// An upstream server that speaks `pitboss.v1.Bridge`.
     Grpc,
+    /// The gRPC service being migrated (any proto): serves the transparent calls of
+    /// `[transparent]`, forwarded to it as they came.
+    #[serde(rename = "grpc_proxy")]
+    GrpcProxy,
 }
 
 /// One backend role (`legacy` or `new`): its kind, and the keys of the shared
@@ -431,7 +435,7 @@ pub enum BackendKind {
 #[serde(deny_unknown_fields)]
 pub struct BackendSection {
     pub kind: BackendKind,
-    /// For `kind = "grpc"`: the upstream, e.g. `http://10.0.0.5:50051`.
+    /// For `kind = "grpc"` and `"grpc_proxy"`: the upstream, e.g. `http://10.0.0.5:50051`.
     pub address: String,
     #[serde(default)]
     pub pool: toml::Table,
@@ -495,6 +499,83 @@ pub struct StoreSection {
     pub cache_file: String,
 }
 
+/// Transparent calls (`docs/MIGRATING.md`): the user's own gRPC services, served next
+/// to `pitboss.v1.Bridge` so their clients call pitboss unchanged. The edge turns it
+/// into its catalog of methods.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TransparentSection {
+    /// Full service names (`package.Service`).
+    pub services: Vec<String>,
+    /// A `FileDescriptorSet` file with the services' descriptors; relative to this file.
+    pub descriptor_set: String,
+    /// Ask legacy (a `grpc_proxy`) for the descriptors through its reflection at start.
+    pub descriptors_from_reflection: bool,
+    /// Without descriptors: methods (or `/package.Service/*`) whose answers stream.
+    pub server_streaming: Vec<String>,
+    /// Without descriptors: methods whose requests stream (client-streaming, bidi).
+    pub client_streaming: Vec<String>,
+    /// Methods (or `/package.Service/*`) that are safe to run twice.
+    pub idempotent: Vec<String>,
+    /// Metadata keys whose value is the sticky key, the first present.
+    pub routing_metadata: Vec<String>,
+    /// Method -> the command a pool runs for it (default: the method's full name).
+    pub commands: std::collections::BTreeMap<String, String>,
+}
+
+/// Services pitboss serves itself: no transparent service may take their names.
+const PITBOSS_SERVICES: [&str; 5] = [
+    "pitboss.v1.Bridge",
+    "pitboss.v1.Admin",
+    "grpc.health.v1.Health",
+    "grpc.reflection.v1.ServerReflection",
+    "grpc.reflection.v1alpha.ServerReflection",
+];
+
+/// What is wrong with a service name for `transparent.services`, if anything.
+fn bad_service_name(name: &str) -> Option<String> {
+    let ok = !name.is_empty()
+        && name.split('.').all(|part| {
+            !part.is_empty() && part.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+        });
+    if !ok {
+        return Some(format!(
+            "{name:?} is not a full service name like \"package.Service\" (as in the proto: package, a dot, the service)"
+        ));
+    }
+    PITBOSS_SERVICES
+        .contains(&name)
+        .then(|| format!("{name:?} is one of pitboss's own services"))
+}
+
+/// What is wrong with a method pattern (`/package.Service/Method`, or
+/// `/package.Service/*` when `wildcard`) of a listed service, if anything.
+fn bad_method(pattern: &str, services: &[String], wildcard: bool) -> Option<String> {
+    let parsed = pattern
+        .strip_prefix('/')
+        .and_then(|rest| rest.split_once('/'))
+        .filter(|(_, m)| !m.is_empty() && !m.contains('/'));
+    let Some((service, method)) = parsed else {
+        return Some(format!(
+            "{pattern:?} is not a method like \"/package.Service/Method\"{}",
+            if wildcard {
+                " or \"/package.Service/*\""
+            } else {
+                ""
+            }
+        ));
+    };
+    if method == "*" && !wildcard {
+        return Some(format!("{pattern:?}: name one method, not \"*\""));
+    }
+    if !services.iter().any(|s| s == service) {
+        return Some(format!(
+            "{pattern:?} is a method of {service:?}, which transparent.services does not list"
+        ));
+    }
+    None
+}
+
 /// A backend role with its effective settings, ready to start.
 #[derive(Debug, Clone)]
 pub struct BackendConfig {
@@ -518,6 +599,7 @@ pub struct Config {
     pub limits: LimitsSection,
     pub errors: ErrorsSection,
     pub rollout: RolloutSection,
+    pub transparent: TransparentSection,
     pub backends: BackendsSection,
     /// Where the file was read from, for resolving relative paths.
     #[serde(skip)]
@@ -601,6 +683,7 @@ impl Config {
             message: e.to_string(),
         })?;
         cfg.check_relations(origin, text)?;
+        cfg.check_transparent(origin, text)?;
         Ok(cfg)
     }
 
@@ -668,7 +751,7 @@ impl Config {
         if self.backends.legacy.kind == BackendKind::None {
             return Err(fail(
                 "backends.legacy.kind",
-                "legacy must be \"pool\" or \"grpc\": it serves everything new does not".into(),
+                "legacy must be \"pool\", \"grpc\" or \"grpc_proxy\": it serves everything new does not".into(),
             ));
         }
         if self.rollout.check_interval.0.is_zero() {
@@ -728,6 +811,94 @@ impl Config {
         Ok(())
     }
 
+    /// The checks of `[transparent]`, and of the backends that serve it.
+    /// (Once, on the whole file: a backend's effective config has no say in it.)
+    fn check_transparent(&self, origin: &str, text: Option<&str>) -> Result<(), ConfigError> {
+        let fail = |key: &str, message: String| {
+            let leaf = key.rsplit('.').next().unwrap_or(key);
+            ConfigError {
+                origin: origin.to_string(),
+                line: text.and_then(|t| line_of_key(t, leaf)),
+                key: Some(key.to_string()),
+                message,
+            }
+        };
+        let t = &self.transparent;
+        for name in &t.services {
+            if let Some(why) = bad_service_name(name) {
+                return Err(fail("transparent.services", why));
+            }
+        }
+        let lists = [
+            ("transparent.server_streaming", &t.server_streaming, true),
+            ("transparent.client_streaming", &t.client_streaming, true),
+            ("transparent.idempotent", &t.idempotent, true),
+        ];
+        for (key, list, wildcard) in lists {
+            if let Some(why) = list
+                .iter()
+                .find_map(|m| bad_method(m, &t.services, wildcard))
+            {
+                return Err(fail(key, why));
+            }
+        }
+        for (method, command) in &t.commands {
+            if let Some(why) = bad_method(method, &t.services, false) {
+                return Err(fail("transparent.commands", why));
+            }
+            if command.trim().is_empty() {
+                return Err(fail(
+                    "transparent.commands",
+                    format!("{method:?} maps to an empty command"),
+                ));
+            }
+        }
+        let header_ok = |k: &str| {
+            !k.is_empty()
+                && k.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-_.".contains(&b))
+        };
+        if let Some(k) = t.routing_metadata.iter().find(|k| !header_ok(k)) {
+            return Err(fail(
+                "transparent.routing_metadata",
+                format!("{k:?} is not a metadata key (lowercase letters, digits, '-', '_', '.')"),
+            ));
+        }
+        if !t.descriptor_set.is_empty() && t.descriptors_from_reflection {
+            return Err(fail(
+                "transparent.descriptors_from_reflection",
+                "give the descriptors one way: descriptor_set or descriptors_from_reflection"
+                    .into(),
+            ));
+        }
+        if t.descriptors_from_reflection && self.backends.legacy.kind != BackendKind::GrpcProxy {
+            return Err(fail(
+                "transparent.descriptors_from_reflection",
+                "needs backends.legacy.kind = \"grpc_proxy\": the descriptors are asked of legacy"
+                    .into(),
+            ));
+        }
+        for (role, b) in [
+            ("legacy", &self.backends.legacy),
+            ("new", &self.backends.new),
+        ] {
+            if b.kind == BackendKind::GrpcProxy && t.services.is_empty() {
+                return Err(fail(
+                    &format!("backends.{role}.kind"),
+                    "a grpc_proxy backend serves the methods of transparent.services, which lists none"
+                        .into(),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The descriptor set file's path, resolved against this file's directory.
+    pub fn descriptor_set_path(&self) -> Option<PathBuf> {
+        let file = &self.transparent.descriptor_set;
+        (!file.is_empty()).then(|| self.base_dir.join(file))
+    }
+
     /// A backend role's effective settings: `[pool]`, `[retry]`, `[circuit_breaker]`
     /// and `[limits]` with `[backends.<role>.*]` merged over them.
     pub fn backend(&self, role: &str) -> Result<BackendConfig, ConfigError> {
@@ -750,7 +921,7 @@ impl Config {
             key: Some(key),
             message,
         };
-        if section.kind == BackendKind::Grpc {
+        if matches!(section.kind, BackendKind::Grpc | BackendKind::GrpcProxy) {
             // This build has no TLS client: an https upstream would pass here and then
             // fail every call, so it is refused now, where the operator is looking.
             if section.address.starts_with("https://") {
@@ -922,7 +1093,10 @@ fn leaf_paths(t: &toml::Table) -> Vec<String> {
             match v {
                 // `pool.env` and `errors.rules` are maps whose keys are data (variable
                 // names, dotted exception names): each is one key, set as a whole.
-                toml::Value::Table(inner) if k != "env" && k != "rules" => walk(&path, inner, out),
+                // `transparent.commands` too (its keys are methods).
+                toml::Value::Table(inner) if k != "env" && k != "rules" && k != "commands" => {
+                    walk(&path, inner, out)
+                }
                 _ => out.push(path),
             }
         }

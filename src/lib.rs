@@ -11,7 +11,7 @@
 //!
 //! ```text
 //! server ─▶ grpc ─▶ telemetry ─▶ rollout ─▶ backend ─▶ resilience ─▶ pool ─▶ worker
-//!                        (config, proto, runtime_files: leaves every layer may use)
+//!                  (config, proto, wire, runtime_files: leaves every layer may use)
 //! ```
 //!
 //! - [`server`]: runs the listeners and the backends, and shuts them down in order
@@ -45,6 +45,9 @@
 //!   sections; each layer converts its own section into its settings.
 //! - [`proto`]: the generated `pitboss.v1` types, shared by the edge and the `grpc`
 //!   backend.
+//! - [`wire`]: a transparent call (a client's call of its own gRPC service's method,
+//!   served without decoding): its framing, the metadata that travels with it and the
+//!   status that comes back, shared by the edge, the split and the `grpc_proxy` backend.
 //!
 //! # A unary call's path
 //!
@@ -77,6 +80,7 @@ pub mod rollout;
 pub mod runtime_files;
 pub mod server;
 pub mod telemetry;
+pub mod wire;
 pub mod worker;
 
 #[cfg(test)]

@@ -47,6 +47,7 @@ pub enum ServerError {
     Config(#[from] crate::config::ConfigError),
     #[error(transparent)]
     Store(#[from] crate::rollout::store::StoreError),
+    Transparent(#[from] crate::grpc::transparent::TransparentError),
 }
 
 const BRIDGE_SERVICE: &str = "pitboss.v1.Bridge";
@@ -180,6 +181,8 @@ impl RunningServer {
             admin_token,
             commands: Default::default(),
         });
+        // The user's own services (issue 17), served next to the Bridge.
+        let catalog = crate::grpc::transparent::load_catalog(&config, edge.split.legacy()).await?;
         if crate::telemetry::prometheus().is_none() {
             tracing::warn!("another metrics recorder is installed: /metrics will be empty");
         }
@@ -223,9 +226,12 @@ impl RunningServer {
             stop.health.clone(),
         ));
 
-        let (bridge_reflection_v1, bridge_reflection_v1alpha) =
-            reflection(&["pitboss.v1.Bridge", "grpc.health.v1.Health"])?;
-        let (admin_reflection_v1, admin_reflection_v1alpha) = reflection(&["pitboss.v1.Admin"])?;
+        let (bridge_reflection_v1, bridge_reflection_v1alpha) = reflection(
+            &["pitboss.v1.Bridge", "grpc.health.v1.Health"],
+            catalog.as_deref(),
+        )?;
+        let (admin_reflection_v1, admin_reflection_v1alpha) =
+            reflection(&["pitboss.v1.Admin"], None)?;
 
         let max = config.server.max_message_bytes.0 as usize;
         let bridge = BridgeServer::new(BridgeService(edge.clone()))
@@ -235,6 +241,22 @@ impl RunningServer {
             .max_decoding_message_size(max)
             .max_encoding_message_size(max);
 
+        let mut bridge_routes = tonic::service::Routes::builder();
+        bridge_routes
+            .add_service(health_service)
+            .add_service(bridge_reflection_v1)
+            .add_service(bridge_reflection_v1alpha)
+            .add_service(bridge);
+        let mut bridge_routes = bridge_routes.routes();
+        if let Some(catalog) = &catalog {
+            bridge_routes = crate::grpc::transparent::TransparentService::new(
+                edge.clone(),
+                catalog.clone(),
+                max,
+            )
+            .mount(bridge_routes);
+        }
+
         let (e1, e2) = (edge.clone(), edge.clone());
         let s1 = stop.listeners.clone();
         let bridge_task = tokio::spawn(async move {
@@ -243,10 +265,7 @@ impl RunningServer {
                 .layer(tower::util::MapRequestLayer::new(
                     crate::grpc::deadline::stamp_arrival::<tonic::body::Body>,
                 ))
-                .add_service(health_service)
-                .add_service(bridge_reflection_v1)
-                .add_service(bridge_reflection_v1alpha)
-                .add_service(bridge)
+                .add_routes(bridge_routes.prepare())
                 .serve_with_incoming_shutdown(incoming(bridge_listener), s1.cancelled_owned())
                 .await;
             if let Err(e) = r {
@@ -514,10 +533,12 @@ fn instance_id() -> String {
 
 /// gRPC reflection for one listener, in both versions: `v1`, and `v1alpha`, which
 /// grpcio-reflection's client, older grpcurl and Postman still speak. Each port lists
-/// only the services it serves (the Bridge port does not serve Admin).
+/// only the services it serves (the Bridge port does not serve Admin), and the Bridge
+/// port the transparent services too when pitboss has their descriptors.
 #[allow(clippy::type_complexity)]
 fn reflection(
     services: &[&str],
+    transparent: Option<&crate::grpc::transparent::Catalog>,
 ) -> Result<
     (
         tonic_reflection::server::v1::ServerReflectionServer<
@@ -544,6 +565,14 @@ fn reflection(
             );
         for name in services.iter().chain(REFLECTION_SERVICES.iter()) {
             b = b.with_service_name(*name);
+        }
+        if let Some(c) = transparent {
+            if let Some(d) = c.descriptors() {
+                b = b.register_file_descriptor_set(d.set.clone());
+                for name in c.services() {
+                    b = b.with_service_name(name.as_str());
+                }
+            }
         }
         b
     };

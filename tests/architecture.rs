@@ -19,6 +19,9 @@ const LAYERS: &[(&str, i32)] = &[
     ("runtime_files", -2),
     ("proto", -1),
     ("config", -1),
+    // A transparent call on the wire (issue 17): shared by the edge, the split and
+    // the grpc_proxy backend, and it imports none of them.
+    ("wire", -1),
     ("worker", 0),
     ("pool", 1),
     ("resilience", 2),

@@ -14,6 +14,7 @@
 //! [`TryService`]: crate::resilience::TryService
 
 pub mod local;
+pub mod proxy;
 pub mod upstream;
 
 use std::collections::BTreeMap;
@@ -33,6 +34,7 @@ use crate::resilience::{
     Attempt, Breaker, BreakerLayer, BreakerSettings, CallError, ExceptionRules, Failed,
     OutlierDetector, OutlierSettings, PoolService, RetryPolicy, RetrySettings, Served,
 };
+pub use proxy::{Proxy, ProxyService, ReflectionError};
 pub use upstream::{BadAddress, Upstream, UpstreamService};
 
 /// Why a backend cannot start. Each names the backend (`backends.legacy: ...`) and
@@ -127,6 +129,24 @@ pub trait Target: Send + Sync + 'static {
 
     /// Stops it (a pool's workers); a remote backend has nothing to stop.
     async fn shutdown(&self) {}
+
+    /// Forwards a call whole, body and all (a client-streaming or bidi method, which
+    /// cannot be split): only a `grpc_proxy` can; others answer `None`.
+    async fn relay(
+        &self,
+        _req: http::Request<tonic::body::Body>,
+    ) -> Option<Result<http::Response<tonic::body::Body>, CallError>> {
+        None
+    }
+
+    /// The descriptors of `services` from the service's reflection: only a
+    /// `grpc_proxy` can ask; others answer `None`.
+    async fn descriptors(
+        &self,
+        _services: &[String],
+    ) -> Option<Result<prost_types::FileDescriptorSet, ReflectionError>> {
+        None
+    }
 }
 
 /// The chunks of one streaming call, from either kind of backend.
@@ -138,6 +158,17 @@ pub trait Chunks: Send {
 
     /// The next chunk as (payload, content type); `None` after the last one.
     async fn next(&mut self) -> Option<Result<(Bytes, String), CallError>>;
+
+    /// The response headers a `grpc_proxy`'s service sent, for the client; `None` for
+    /// other kinds.
+    fn headers(&self) -> Option<http::HeaderMap> {
+        None
+    }
+
+    /// Its trailers, once the stream has ended with OK; `None` for other kinds.
+    fn trailers(&self) -> Option<http::HeaderMap> {
+        None
+    }
 }
 
 /// One try of a unary call on whichever kind of backend: the shared adapter
@@ -243,6 +274,20 @@ impl Backend {
                     UpstreamService::new(upstream.clone(), retry_settings.per_try_timeout);
                 (
                     Arc::new(upstream),
+                    AttemptService::new(service),
+                    cfg.address.clone(),
+                )
+            }
+            BackendKind::GrpcProxy => {
+                let proxy = Proxy::new(&cfg.address, max_message).map_err(|source| {
+                    StartError::Upstream {
+                        role: cfg.role,
+                        source,
+                    }
+                })?;
+                let service = ProxyService::new(proxy.clone(), retry_settings.per_try_timeout);
+                (
+                    Arc::new(proxy),
                     AttemptService::new(service),
                     cfg.address.clone(),
                 )
@@ -389,6 +434,24 @@ impl Backend {
     pub async fn shutdown(&self) {
         self.target.shutdown().await
     }
+
+    /// Forwards a call whole (see [`Target::relay`]); `None` when this kind cannot.
+    pub async fn relay(
+        &self,
+        req: http::Request<tonic::body::Body>,
+    ) -> Option<Result<http::Response<tonic::body::Body>, Failed>> {
+        let relayed = self.target.relay(req).await?;
+        Some(relayed.map_err(|e| self.failed(e)))
+    }
+
+    /// The descriptors of `services` from the backend's reflection (see
+    /// [`Target::descriptors`]); `None` when this kind cannot ask.
+    pub async fn descriptors(
+        &self,
+        services: &[String],
+    ) -> Option<Result<prost_types::FileDescriptorSet, ReflectionError>> {
+        self.target.descriptors(services).await
+    }
 }
 
 /// A streaming call on a backend, holding its breaker permit: the outcome is recorded
@@ -404,6 +467,16 @@ impl BackendStream {
     /// The worker serving it; see [`Chunks::worker`].
     pub fn worker(&self) -> String {
         self.chunks.worker()
+    }
+
+    /// See [`Chunks::headers`].
+    pub fn headers(&self) -> Option<http::HeaderMap> {
+        self.chunks.headers()
+    }
+
+    /// See [`Chunks::trailers`].
+    pub fn trailers(&self) -> Option<http::HeaderMap> {
+        self.chunks.trailers()
     }
 
     /// The next chunk; `None` after the last one. A failure is classified here, by

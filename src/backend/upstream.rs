@@ -150,6 +150,7 @@ impl OneTry for Upstream {
                             worker: WorkerId(0),
                         },
                         remote_worker: Some(format!("{}/{}", upstream.address, resp.worker_id)),
+                        wire: None,
                     })
                 }
                 Ok(Err(status)) => Err(upstream.error(&status)),

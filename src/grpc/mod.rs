@@ -9,6 +9,7 @@ pub mod status;
 
 pub mod admin;
 pub mod record;
+pub mod transparent;
 
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -210,6 +211,7 @@ fn call_of(r: pb::ExecuteRequest, deadline: Option<Instant>) -> Call {
             session_id: (!r.session_id.is_empty()).then_some(r.session_id),
             deadline,
             avoid_worker: None,
+            wire: None,
         },
         routing_key: (!r.routing_key.is_empty()).then_some(r.routing_key),
         idempotent: r.idempotent,
@@ -462,12 +464,11 @@ fn call_span<T>(req: &Request<T>) -> tracing::Span
 where
     T: CommandName,
 {
-    let request_id = req
-        .metadata()
-        .get("x-request-id")
-        .and_then(|v| v.to_str().ok())
-        .map(|s| s.chars().take(64).collect::<String>())
-        .unwrap_or_else(|| format!("{:016x}", rand::random::<u64>()));
+    let request_id = request_id(
+        req.metadata()
+            .get("x-request-id")
+            .and_then(|v| v.to_str().ok()),
+    );
     tracing::info_span!(
         "call",
         request_id = %request_id,
@@ -476,6 +477,13 @@ where
         worker = tracing::field::Empty,
         attempts = tracing::field::Empty,
     )
+}
+
+/// A call's request id: the client's `x-request-id` (its first 64 characters), else a
+/// new one.
+fn request_id(sent: Option<&str>) -> String {
+    sent.map(|s| s.chars().take(64).collect::<String>())
+        .unwrap_or_else(|| format!("{:016x}", rand::random::<u64>()))
 }
 
 trait CommandName {

@@ -9,6 +9,7 @@ use tonic_types::{ErrorDetails, StatusExt};
 
 use crate::pool::PoolError;
 use crate::resilience::{CallError, ErrorClass};
+use crate::wire::WireStatus;
 
 /// What to add to the message so the caller knows what to do next.
 fn advice(err: &CallError) -> &'static str {
@@ -157,6 +158,113 @@ pub fn to_status(
         tracing::debug!(class = class.name(), message = %full, %traceback, "error text cut for the client");
     }
     Status::with_error_details_and_metadata(code, message, details, md)
+}
+
+/// How a transparent call's failure is answered (see [`transparent_failure`]).
+#[derive(Debug)]
+pub enum TransparentFailure<'a> {
+    /// The status the service behind a `grpc_proxy` answered, passed on unchanged.
+    Passed(&'a WireStatus),
+    /// pitboss's own status.
+    Made(Status),
+}
+
+/// Maps a transparent call's failure (a client's call of its own service's method).
+/// A status the service itself answered goes back unchanged: code, message, details
+/// and trailers, as a client calling it directly would get them. Any other failure
+/// gets the status a Bridge call would ([`to_status`]: the class's code, `ErrorInfo`,
+/// `x-pitboss-*` trailers), except a method that no backend has: gRPC clients know it
+/// as UNIMPLEMENTED, which is what the service answers for a method it lacks.
+pub fn transparent_failure<'a>(
+    err: &'a CallError,
+    class: ErrorClass,
+    include_traceback: bool,
+    ctx: ErrorContext<'_>,
+) -> TransparentFailure<'a> {
+    if let CallError::Upstream(u) = err {
+        return TransparentFailure::Passed(&u.status);
+    }
+    let status = to_status(err, class, include_traceback, ctx);
+    if class != ErrorClass::UnknownCommand {
+        return TransparentFailure::Made(status);
+    }
+    TransparentFailure::Made(Status::with_details_and_metadata(
+        tonic::Code::Unimplemented,
+        status.message(),
+        status.details().to_vec().into(),
+        status.metadata().clone(),
+    ))
+}
+
+/// Why a transparent call is refused before any backend sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    /// Its request message is over `server.max_message_bytes`.
+    TooLarge { len: usize, max: usize },
+    /// Compressed with an encoding pitboss does not take (it takes none).
+    Compressed { encoding: String },
+    /// Not gRPC's framing: a compressed flag without an encoding, a cut message.
+    Malformed(String),
+    /// The request carried no message.
+    NoMessage,
+    /// The request carried more than one message: the method streams its requests,
+    /// which pitboss cannot split, and did not know it.
+    Streaming { method: String },
+    /// A client-streaming or bidi method, with no `grpc_proxy` legacy to relay it to.
+    NotRelayed { method: String, kind: &'static str },
+}
+
+/// The status of a refused transparent call: class `invalid_request` (the caller's,
+/// never held against a backend), with the code gRPC gives each case: a message over
+/// the limit is RESOURCE_EXHAUSTED (as for Bridge calls), a compression or a method
+/// kind pitboss does not serve is UNIMPLEMENTED, broken framing is INTERNAL.
+pub fn refusal_status(refusal: &Refusal, ctx: ErrorContext<'_>) -> Status {
+    let (code, err): (tonic::Code, CallError) = match refusal {
+        Refusal::TooLarge { len, max } => {
+            let err = PoolError::RequestTooLarge {
+                len: *len,
+                max: *max,
+                limit: "server.max_message_bytes",
+            };
+            return to_status(&err.into(), ErrorClass::InvalidRequest, false, ctx);
+        }
+        Refusal::Compressed { encoding } => (
+            tonic::Code::Unimplemented,
+            PoolError::InvalidRequest(format!(
+                "the request is compressed with {encoding:?}, and pitboss takes only uncompressed messages (identity)"
+            ))
+            .into(),
+        ),
+        Refusal::Malformed(why) => (
+            tonic::Code::Internal,
+            PoolError::InvalidRequest(format!("the request is not gRPC's framing: {why}")).into(),
+        ),
+        Refusal::NoMessage => (
+            tonic::Code::Internal,
+            PoolError::InvalidRequest("the request carried no message".into()).into(),
+        ),
+        Refusal::Streaming { method } => (
+            tonic::Code::Unimplemented,
+            PoolError::InvalidRequest(format!(
+                "the request carried more than one message: {method} streams its requests (client-streaming or bidi); list it in transparent.client_streaming, or give pitboss the descriptors, so that pitboss relays it to a grpc_proxy legacy"
+            ))
+            .into(),
+        ),
+        Refusal::NotRelayed { method, kind } => (
+            tonic::Code::Unimplemented,
+            PoolError::InvalidRequest(format!(
+                "{method} is {kind}: pitboss splits only unary and server-streaming methods, and relays the others only to a grpc_proxy legacy, which this one is not"
+            ))
+            .into(),
+        ),
+    };
+    let status = to_status(&err, ErrorClass::InvalidRequest, false, ctx);
+    Status::with_details_and_metadata(
+        code,
+        status.message(),
+        status.details().to_vec().into(),
+        status.metadata().clone(),
+    )
 }
 
 /// The first `max` bytes of `s` (on a character boundary), saying how much was cut.
@@ -349,6 +457,49 @@ mod tests {
             ctx(),
         );
         assert_eq!(s.message(), "invalid request: bad n");
+    }
+
+    /// Issue 17: the service's own status goes back as it was; pitboss's failures get
+    /// its usual status, and a missing method is UNIMPLEMENTED, as gRPC names it.
+    #[test]
+    fn transparent_failures_pass_the_services_status_or_make_pitboss_own() {
+        let mut trailers = tonic::codegen::http::HeaderMap::new();
+        trailers.insert("grpc-status", "3".parse().unwrap());
+        trailers.insert("x-why", "b is 0".parse().unwrap());
+        let passed = CallError::Upstream(crate::resilience::UpstreamStatus {
+            address: "http://legacy".into(),
+            class: ErrorClass::InvalidRequest,
+            status: Box::new(WireStatus {
+                code: Code::InvalidArgument,
+                message: "division by zero".into(),
+                headers: None,
+                trailers: trailers.clone(),
+            }),
+        });
+        match transparent_failure(&passed, ErrorClass::InvalidRequest, true, ctx()) {
+            TransparentFailure::Passed(s) => assert_eq!(s.trailers, trailers),
+            other => panic!("{other:?}"),
+        }
+        let missing: CallError = PoolError::UnknownCommand {
+            command: "/calc.Calculator/Nope".into(),
+            known: vec![],
+        }
+        .into();
+        match transparent_failure(&missing, ErrorClass::UnknownCommand, true, ctx()) {
+            TransparentFailure::Made(s) => {
+                assert_eq!(s.code(), Code::Unimplemented);
+                assert_eq!(
+                    s.get_error_details().error_info().unwrap().reason,
+                    "unknown_command"
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        let crash: CallError = PoolError::ShuttingDown.into();
+        match transparent_failure(&crash, ErrorClass::ShuttingDown, true, ctx()) {
+            TransparentFailure::Made(s) => assert_eq!(s.code(), Code::Unavailable),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

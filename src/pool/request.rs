@@ -18,6 +18,10 @@ pub struct PoolRequest {
     pub deadline: Option<Instant>,
     /// Prefer another worker than this one (a retry after it failed).
     pub avoid_worker: Option<WorkerId>,
+    /// A transparent call's method and metadata: what a `grpc_proxy` backend forwards.
+    /// A pool ignores it and runs `command` (the method's command) on `payload` (the
+    /// request message's bytes).
+    pub wire: Option<std::sync::Arc<crate::wire::WireCall>>,
 }
 
 impl PoolRequest {
@@ -29,6 +33,17 @@ impl PoolRequest {
             session_id: None,
             deadline: None,
             avoid_worker: None,
+            wire: None,
+        }
+    }
+
+    /// The name the rollout and the metrics know the call by: a transparent call's
+    /// method (`/package.Service/Method`, whatever command it maps to), else the
+    /// command.
+    pub fn routing_name(&self) -> &str {
+        match &self.wire {
+            Some(w) => &w.method,
+            None => &self.command,
         }
     }
 

@@ -31,6 +31,11 @@ pub enum CallError {
     /// A remote backend (an upstream Bridge) answered with a failure.
     #[error("{0}")]
     Remote(RemoteFailure),
+    /// The service behind a `grpc_proxy` backend answered a transparent call with a
+    /// status other than OK: the client gets it unchanged (code, message, details,
+    /// trailers); the class says what it means for retry, breakers and the rollout.
+    #[error("{0}")]
+    Upstream(UpstreamStatus),
     /// A deadline passed while a backend that is not a pool (or nothing yet) had the
     /// call: a pool reports its own timeouts.
     #[error("deadline of {after:?} exceeded while the backend ran the command")]
@@ -60,6 +65,20 @@ impl std::fmt::Display for RemoteFailure {
     }
 }
 
+/// A status that the service behind a `grpc_proxy` answered, with its class.
+#[derive(Debug, Clone)]
+pub struct UpstreamStatus {
+    pub address: String,
+    pub class: ErrorClass,
+    pub status: Box<crate::wire::WireStatus>,
+}
+
+impl std::fmt::Display for UpstreamStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "upstream {}: {}", self.address, self.status)
+    }
+}
+
 impl CallError {
     /// The class of this failure: a pool error by the backend's exception rules, the
     /// others by what they are. Called once, where the failure is first understood.
@@ -69,6 +88,7 @@ impl CallError {
             CallError::CircuitOpen { .. } => ErrorClass::CircuitOpen,
             CallError::Overloaded => ErrorClass::PoolExhausted,
             CallError::Remote(r) => r.class,
+            CallError::Upstream(u) => u.class,
             CallError::DeadlineExceeded { .. } => ErrorClass::DeadlineExceeded,
             CallError::ResponseTooLarge(_) => ErrorClass::ResponseTooLarge,
             CallError::Internal(_) => ErrorClass::Internal,

@@ -33,7 +33,7 @@ impl InvalidSetting {
 
 pub use breaker::{Breaker, BreakerLayer, BreakerSettings, BreakerState};
 pub use class::{classify, ErrorClass, ExceptionRules, Retry, Severity};
-pub use error::{CallError, RemoteFailure};
+pub use error::{CallError, RemoteFailure, UpstreamStatus};
 pub use one_try::{OneTry, PoolService, PoolTry, Reply, TryService};
 pub use outlier::{OutlierDetector, OutlierSettings};
 pub use retry::{Attempt, Failed, InvalidRetrySettings, RetryPolicy, RetrySettings, Served};

@@ -26,6 +26,8 @@ pub struct Reply {
     pub response: PoolResponse,
     /// The worker as a remote backend named it.
     pub remote_worker: Option<String>,
+    /// A `grpc_proxy`'s answer metadata (see [`Served::wire`]).
+    pub wire: Option<Arc<crate::wire::WireReply>>,
 }
 
 /// Something that runs one try of a call before a deadline: a pool, an upstream.
@@ -89,6 +91,7 @@ impl<T: OneTry> Service<Attempt> for TryService<T> {
                     response: reply.response,
                     attempts: number,
                     remote_worker: reply.remote_worker,
+                    wire: reply.wire,
                 }),
                 Err(error) => Err(Failed {
                     class: class_of_try(target.classify(&error), try_deadline, deadline),
@@ -151,6 +154,7 @@ impl OneTry for PoolTry {
             Ok(Reply {
                 response,
                 remote_worker: None,
+                wire: None,
             })
         })
     }
@@ -222,6 +226,7 @@ mod tests {
                         worker: WorkerId(3),
                     },
                     remote_worker: Some("remote/w3".into()),
+                    wire: None,
                 })
             })
         }

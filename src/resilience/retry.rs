@@ -144,6 +144,9 @@ pub struct Served {
     pub attempts: u32,
     /// The worker as a `grpc` backend's upstream named it (its `worker_id`).
     pub remote_worker: Option<String>,
+    /// What a `grpc_proxy`'s service sent around the answer of a transparent call
+    /// (headers, trailers), for the client.
+    pub wire: Option<std::sync::Arc<crate::wire::WireReply>>,
 }
 
 impl Served {

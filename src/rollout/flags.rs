@@ -186,8 +186,15 @@ impl Flags {
         toml::to_string_pretty(self).unwrap_or_default()
     }
 
+    /// Whether `command` is on the allowlist: listed, or `"*"`, or, for a transparent
+    /// call's method (`/package.Service/Method`), its service as `/package.Service/*`.
     fn eligible(&self, command: &str) -> bool {
-        self.commands.contains("*") || self.commands.contains(command)
+        self.commands.contains("*")
+            || self.commands.contains(command)
+            || command
+                .rsplit_once('/')
+                .filter(|(service, _)| service.starts_with('/'))
+                .is_some_and(|(service, _)| self.commands.contains(&format!("{service}/*")))
     }
 
     /// Whether new takes any traffic now: not while paused or rolled back.
@@ -572,6 +579,39 @@ mod tests {
         // Without a key, the caller's random bucket decides.
         assert_eq!(route(&f, "echo", None, false, 10), Route::New);
         assert_eq!(route(&f, "echo", None, false, 9_999), Route::Legacy);
+    }
+
+    /// Issue 17: a transparent call's method is on the allowlist by name, or by its
+    /// service.
+    #[test]
+    fn methods_are_eligible_by_name_or_by_service() {
+        let f = Flags::parse(
+            "f",
+            "mode = \"full\"\ncommands = [\"/calc.Calculator/*\", \"/shop.Cart/Add\"]\n",
+        )
+        .unwrap();
+        assert_eq!(
+            route(&f, "/calc.Calculator/Add", None, false, 0),
+            Route::New
+        );
+        assert_eq!(
+            route(&f, "/calc.Calculator/Range", None, false, 0),
+            Route::New
+        );
+        assert_eq!(route(&f, "/shop.Cart/Add", None, false, 0), Route::New);
+        assert_eq!(
+            route(&f, "/shop.Cart/Remove", None, false, 0),
+            Route::Legacy
+        );
+        assert_eq!(
+            route(&f, "/calc.CalculatorV2/Add", None, false, 0),
+            Route::Legacy
+        );
+        // A Bridge command is never a service.
+        assert_eq!(
+            route(&f, "calc.Calculator/Add", None, false, 0),
+            Route::Legacy
+        );
     }
 
     #[test]

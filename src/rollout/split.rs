@@ -251,7 +251,7 @@ impl Split {
                 _ => Route::Legacy,
             },
             None => self.rollout.route_call(
-                &req.command,
+                req.routing_name(),
                 routing_key.filter(|k| !k.is_empty()),
                 idempotent,
             ),
@@ -337,7 +337,9 @@ impl Split {
         let split = self.clone();
         tokio::spawn(async move {
             let deadline = attempt.deadline;
-            let command = attempt.request.command.clone();
+            let command = attempt.request.routing_name().to_string();
+            // A transparent call's response type, when known: compared field by field.
+            let message = attempt.request.wire.as_ref().and_then(|w| w.output.clone());
             let started = Instant::now();
             let new = split.backend(Role::New);
             let new_result = match tokio::time::timeout_at(deadline, new.execute(attempt)).await {
@@ -351,9 +353,10 @@ impl Split {
             let flags = split.rollout.flags.get();
             let outcome = match (&legacy, &new_result) {
                 (Some(l), Ok(n)) => {
-                    if shadow::same(
+                    if shadow::same_answer(
                         flags.shadow.compare,
                         &flags.shadow.ignore_fields,
+                        message.as_ref(),
                         l,
                         &n.response.payload,
                     ) {
@@ -370,8 +373,8 @@ impl Split {
                     tracing::warn!(
                         command,
                         mismatch = nth,
-                        legacy = %shadow::excerpt(&l, 512),
-                        new = %shadow::excerpt(&n.response.payload, 512),
+                        legacy = %shadow::describe(message.as_ref(), &l, 512),
+                        new = %shadow::describe(message.as_ref(), &n.response.payload, 512),
                         "shadow mismatch"
                     );
                 }
@@ -608,6 +611,16 @@ impl SplitStream {
         self.stream.worker()
     }
 
+    /// The response headers a `grpc_proxy`'s service sent (a transparent call).
+    pub fn headers(&self) -> Option<http::HeaderMap> {
+        self.stream.headers()
+    }
+
+    /// Its trailers, once the stream has ended with OK (a transparent call).
+    pub fn trailers(&self) -> Option<http::HeaderMap> {
+        self.stream.trailers()
+    }
+
     /// The next chunk as (payload, content type); `None` after the last one. A chunk
     /// over `server.max_message_bytes` fails the stream as `response_too_large`.
     pub async fn next(&mut self) -> Option<Result<(Bytes, String), Failed>> {
@@ -694,6 +707,7 @@ mod tests {
             },
             attempts: 1,
             remote_worker: None,
+            wire: None,
         };
         assert_eq!(after_attempts(3, Ok(served)).unwrap().attempts, 4);
         let failed = Failed {

@@ -314,7 +314,8 @@ pub fn config(text: &str) -> Config {
 /// the new one (when `new` is a pool) is ready, and connects a Bridge client.
 pub async fn start(config: Config) -> (RunningServer, Client) {
     let server = RunningServer::start(config).await.unwrap();
-    for pool in std::iter::once(server.pool()).chain(server.new_pool()) {
+    let legacy = server.edge().split.legacy().pool();
+    for pool in legacy.into_iter().chain(server.new_pool()) {
         pool.wait_started(START_BOUND).await.unwrap();
         pool.wait_ready(pool.config().size, START_BOUND)
             .await
@@ -504,4 +505,47 @@ impl Drop for Etcd {
         self.stop();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// A Python virtualenv with grpcio (and its tools and reflection), made once under target/ (pip reaches PyPI).
+pub fn grpcio_python() -> std::path::PathBuf {
+    // Tests run in parallel: one of them builds the venv, the others wait for it.
+    static BUILDING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one_at_a_time = BUILDING.lock().unwrap_or_else(|e| e.into_inner());
+    let venv = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/grpcio-venv");
+    let py = venv.join("bin/python");
+    let ok = |py: &std::path::Path| {
+        std::process::Command::new(py)
+            .args(["-c", "import grpc, grpc_tools, grpc_reflection"])
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if !ok(&py) {
+        let st = std::process::Command::new("python3")
+            .args(["-m", "venv"])
+            .arg(&venv)
+            .status()
+            .unwrap();
+        assert!(
+            st.success(),
+            "cannot create a venv (is python3-venv installed?)"
+        );
+        let st = std::process::Command::new(&py)
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "grpcio",
+                "grpcio-tools",
+                "grpcio-reflection",
+            ])
+            .status()
+            .unwrap();
+        assert!(
+            st.success(),
+            "pip install grpcio grpcio-tools grpcio-reflection failed"
+        );
+    }
+    py
 }

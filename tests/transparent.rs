@@ -1,0 +1,419 @@
+//! Issue 17: pitboss in front of an existing gRPC service, with no client change.
+//!
+//! A real grpcio service with its own proto (`python/examples/calculator`: the
+//! "legacy" a team already runs), pitboss in front of it as a `grpc_proxy` legacy, a
+//! `new` pool whose adapter implements the same methods with the generated classes,
+//! and a grpcio client on the generated stubs, unchanged, calling both.
+
+mod common;
+
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use common::*;
+use pitboss::rollout::flags::RolloutState;
+use pitboss::rollout::{bucket, bucket::in_new, Percent};
+use pitboss::server::RunningServer;
+use serde_json::Value;
+use tokio::io::AsyncBufReadExt;
+
+const LONG: Duration = Duration::from_secs(30);
+
+/// During the migration: the grpcio service as legacy, pitboss workers as new.
+const PROXY_LEGACY_POOL_NEW: &str = "[backends.legacy]\nkind = \"grpc_proxy\"\n\
+     address = \"http://{legacy}\"\n[backends.new]\nkind = \"pool\"\n";
+
+fn example_dir() -> PathBuf {
+    python_dir().join("examples/calculator")
+}
+
+/// The legacy grpcio service, its generated code, pitboss in front of it.
+struct Setup {
+    py: PathBuf,
+    gen: PathBuf,
+    dir: PathBuf,
+    legacy_addr: String,
+    events: PathBuf,
+    _legacy: tokio::process::Child,
+    server: RunningServer,
+}
+
+impl Setup {
+    async fn start(tag: &str, flags: &str) -> Setup {
+        Setup::start_with(tag, flags, PROXY_LEGACY_POOL_NEW).await
+    }
+
+    /// With `backends` as the `[backends.*]` sections (`{legacy}`: legacy's address).
+    async fn start_with(tag: &str, flags: &str, backends: &str) -> Setup {
+        let py = tokio::task::spawn_blocking(grpcio_python).await.unwrap();
+        let dir = temp_dir(&format!("transparent-{tag}"));
+        let gen = dir.join("gen");
+        std::fs::create_dir_all(&gen).unwrap();
+        let st = std::process::Command::new(&py)
+            .args(["-m", "grpc_tools.protoc", "-I"])
+            .arg(example_dir())
+            .arg(format!("--python_out={}", gen.display()))
+            .arg(format!("--grpc_python_out={}", gen.display()))
+            .arg("--include_imports")
+            .arg(format!(
+                "--descriptor_set_out={}",
+                gen.join("calc.pb").display()
+            ))
+            .arg("calc.proto")
+            .status()
+            .unwrap();
+        assert!(st.success(), "protoc failed");
+        let events = dir.join("legacy-events");
+        let mut legacy = tokio::process::Command::new(&py)
+            .arg(example_dir().join("legacy_server.py"))
+            .arg("0")
+            .arg(&events)
+            .env("PYTHONPATH", &gen)
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let mut lines = tokio::io::BufReader::new(legacy.stdout.take().unwrap()).lines();
+        let line = tokio::time::timeout(LONG, lines.next_line())
+            .await
+            .expect("the legacy service did not start")
+            .unwrap()
+            .unwrap();
+        let port = line.strip_prefix("listening on ").unwrap().to_string();
+        let legacy_addr = format!("127.0.0.1:{port}");
+
+        std::fs::write(dir.join("flags.toml"), flags).unwrap();
+        std::fs::write(dir.join("token"), "transparent-token\n").unwrap();
+        let rest = format!(
+            "[pool]\nadapter = \"adapter:adapter\"\nsize = 1\nmax_frame_bytes = 65536\npython = \"{py}\"\n\
+             python_path = [\"{example}\", \"{gen}\"]\nruntime_dir = \"{runtime}\"\n\
+             {rollout}\
+             [transparent]\nservices = [\"calc.Calculator\"]\n\
+             descriptor_set = \"{gen}/calc.pb\"\nidempotent = [\"/calc.Calculator/*\"]\n\
+             {backends}",
+            backends = backends.replace("{legacy}", &legacy_addr),
+            py = py.display(),
+            example = example_dir().display(),
+            gen = gen.display(),
+            runtime = python_dir().display(),
+            rollout = rollout_section(&dir),
+        );
+        let text = on_free_ports("max_message_bytes = 65536", &rest);
+        let (server, _client) = start(config(&text)).await;
+        Setup {
+            py,
+            gen,
+            dir,
+            legacy_addr,
+            events,
+            _legacy: legacy,
+            server,
+        }
+    }
+
+    fn pitboss(&self) -> String {
+        self.server.bridge_addr.to_string()
+    }
+
+    /// Runs the example client against `addr`; its one JSON line.
+    async fn client(&self, addr: &str, args: &[&str]) -> Value {
+        let out = tokio::process::Command::new(&self.py)
+            .arg(example_dir().join("client.py"))
+            .arg(addr)
+            .args(args)
+            .env("PYTHONPATH", &self.gen)
+            .output()
+            .await
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "client {args:?}: {stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("{e}: {stdout}"))
+    }
+
+    fn flags(&self) -> std::sync::Arc<pitboss::rollout::Flags> {
+        self.server.edge().rollout().flags.get()
+    }
+
+    /// Replaces the flags file (temp file, then rename) and waits until applied.
+    async fn write_flags(&self, text: &str, applied: impl Fn(&pitboss::rollout::Flags) -> bool) {
+        let tmp = self.dir.join(".flags.toml.swp");
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, self.dir.join("flags.toml")).unwrap();
+        assert!(
+            eventually(LONG, || applied(&self.flags())).await,
+            "flags not applied: {text}"
+        );
+    }
+
+    fn legacy_events(&self) -> String {
+        std::fs::read_to_string(&self.events).unwrap_or_default()
+    }
+
+    async fn stop(self) {
+        self.server.shutdown().await;
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// At 0% every answer is legacy's, byte for byte as the service answers it directly:
+/// messages, error statuses with their trailers, UNIMPLEMENTED for an unknown method,
+/// legacy's own verdict on a malformed message. Its deadline and metadata reach
+/// legacy; a cancelled call is cancelled there; an oversized message is refused with
+/// RESOURCE_EXHAUSTED before any backend sees it.
+#[tokio::test]
+async fn at_zero_percent_pitboss_answers_exactly_as_the_legacy_service() {
+    let s = Setup::start("off", "mode = \"off\"\n").await;
+    let mut direct = s.client(&s.legacy_addr, &["probe"]).await;
+    let mut through = s.client(&s.pitboss(), &["probe"]).await;
+    // A service that transparent.services does not list is pitboss's to answer: the
+    // same code, its own (empty) message.
+    let unknown = through
+        .as_object_mut()
+        .unwrap()
+        .remove("unknown_service")
+        .unwrap();
+    direct
+        .as_object_mut()
+        .unwrap()
+        .remove("unknown_service")
+        .unwrap();
+    assert_eq!(unknown["code"], "UNIMPLEMENTED");
+    assert_eq!(direct, through, "pitboss changed an answer");
+    // What that is, so the equality above is not two identical failures.
+    assert_eq!(through["add"]["code"], "OK");
+    assert_eq!(through["divide_by_zero"]["code"], "INVALID_ARGUMENT");
+    assert_eq!(through["divide_by_zero"]["message"], "division by zero");
+    let trailers = through["divide_by_zero"]["trailers"].to_string();
+    assert!(trailers.contains(r#"["x-why","b is 0"]"#), "{trailers}");
+    assert_eq!(through["range"]["messages"].as_array().unwrap().len(), 4);
+    assert_eq!(through["unknown_method"]["code"], "UNIMPLEMENTED");
+    assert_eq!(through["malformed"]["code"], direct["malformed"]["code"]);
+    let add = s.client(&s.pitboss(), &["add", "2", "3", "k"]).await;
+    assert_eq!(add["computed_by"], "legacy");
+    // Client-streaming: relayed whole to legacy.
+    let sum = s.client(&s.pitboss(), &["sum", "1", "2", "39"]).await;
+    assert_eq!(
+        sum,
+        s.client(&s.legacy_addr, &["sum", "1", "2", "39"]).await
+    );
+    assert_eq!(
+        (sum["code"].as_str(), sum["value"].as_i64()),
+        (Some("OK"), Some(42))
+    );
+
+    // Deadline and metadata.
+    let seen = s.client(&s.pitboss(), &["inspect", "0", "5"]).await;
+    assert_eq!(seen["code"], "OK", "{seen}");
+    let left = seen["time_remaining"].as_f64().unwrap();
+    assert!(left > 0.5 && left <= 5.0, "legacy saw {left}s left");
+    let md = seen["metadata"].to_string();
+    assert!(md.contains("x-team=payments"), "{md}");
+    assert!(md.contains("x-trace-bin"), "binary metadata too: {md}");
+
+    // Cancellation: the client's deadline passes, legacy's call is cancelled.
+    let ended_before = s.legacy_events().matches("call ended").count();
+    let late = s.client(&s.pitboss(), &["inspect", "30", "1"]).await;
+    assert_eq!(late["code"], "DEADLINE_EXCEEDED", "{late}");
+    assert!(
+        eventually(LONG, || s.legacy_events().matches("call ended").count()
+            > ended_before)
+        .await,
+        "legacy's call was not ended: {}",
+        s.legacy_events()
+    );
+    assert!(
+        s.legacy_events().contains("cancelled") || s.legacy_events().contains("active=False"),
+        "{}",
+        s.legacy_events()
+    );
+
+    // Oversized: refused before legacy (which would log the Inspect call's end).
+    let ended_before = s.legacy_events().matches("call ended").count();
+    let big = s.client(&s.pitboss(), &["big", "100000"]).await;
+    assert_eq!(big["code"], "RESOURCE_EXHAUSTED", "{big}");
+    let small = s.client(&s.pitboss(), &["inspect", "0", "5"]).await;
+    assert_eq!(small["code"], "OK");
+    assert!(
+        eventually(LONG, || s.legacy_events().matches("call ended").count()
+            == ended_before + 1)
+        .await
+    );
+    assert_eq!(
+        s.legacy_events().matches("call ended").count(),
+        ended_before + 1,
+        "the oversized call reached legacy"
+    );
+    s.stop().await;
+}
+
+/// At 50% the split is sticky by `x-session-id` and both backends answer correctly;
+/// at 100% a malformed message is the adapter's to judge.
+#[tokio::test]
+async fn the_canary_split_of_a_grpc_method_is_sticky_and_both_backends_answer() {
+    let flags =
+        "mode = \"canary\"\npercent = 50.0\ncommands = [\"/calc.Calculator/*\"]\nsalt = \"s\"\n";
+    let s = Setup::start("canary", flags).await;
+    let first = s.client(&s.pitboss(), &["keys", "40"]).await;
+    let second = s.client(&s.pitboss(), &["keys", "40"]).await;
+    assert_eq!(first, second, "a key changed backend");
+    let p = Percent::from_f64(50.0).unwrap();
+    let mut seen = std::collections::BTreeSet::new();
+    for (i, answer) in first.as_array().unwrap().iter().enumerate() {
+        let key = format!("user-{i}");
+        assert_eq!(
+            answer["value"].as_i64().unwrap(),
+            i as i64 + 101,
+            "{answer}"
+        );
+        let expected = if in_new(bucket("s", &key), p) {
+            "new"
+        } else {
+            "legacy"
+        };
+        assert_eq!(answer["computed_by"], expected, "{key}");
+        seen.insert(expected);
+    }
+    assert_eq!(seen.len(), 2, "both backends answered");
+
+    s.write_flags(
+        "mode = \"full\"\ncommands = [\"/calc.Calculator/*\"]\nfallback_to_legacy = false\n",
+        |f| f.mode == pitboss::rollout::flags::Mode::Full,
+    )
+    .await;
+    let add = s.client(&s.pitboss(), &["add", "2", "3"]).await;
+    assert_eq!(add["computed_by"], "new");
+    let bad = s
+        .client(&s.pitboss(), &["raw", "/calc.Calculator/Add", "ffffff"])
+        .await;
+    assert_eq!(bad["code"], "INVALID_ARGUMENT", "{bad}");
+    assert!(
+        bad["message"].as_str().unwrap().contains("calc.AddRequest"),
+        "{bad}"
+    );
+    s.stop().await;
+}
+
+/// Shadow counts exactly the planted mismatches (field-aware, `computed_by` ignored);
+/// then `new` failing rolls back, and the client sees only legacy's answers.
+#[tokio::test]
+async fn shadow_counts_planted_mismatches_and_a_failing_new_is_rolled_back() {
+    let flags = "mode = \"shadow\"\ncommands = [\"/calc.Calculator/*\"]\n\
+                 [shadow]\ncompare = \"json\"\nignore_fields = [\"computed_by\"]\n";
+    let s = Setup::start("shadow", flags).await;
+    for a in 0..10 {
+        let r = s.client(&s.pitboss(), &["add", &a.to_string(), "1"]).await;
+        assert_eq!(r["computed_by"], "legacy");
+    }
+    for _ in 0..3 {
+        // The adapter is off by one at a = 13: a planted mismatch.
+        let r = s.client(&s.pitboss(), &["add", "13", "1"]).await;
+        assert_eq!(
+            (r["computed_by"].as_str(), r["value"].as_i64()),
+            (Some("legacy"), Some(14))
+        );
+    }
+    let counters = &s.server.edge().rollout().counters;
+    let compared = || {
+        counters.shadow_match.load(Ordering::Relaxed)
+            + counters.shadow_mismatch.load(Ordering::Relaxed)
+            + counters.shadow_error.load(Ordering::Relaxed)
+    };
+    assert!(
+        eventually(LONG, || compared() == 13).await,
+        "compared {}",
+        compared()
+    );
+    assert_eq!(counters.shadow_mismatch.load(Ordering::Relaxed), 3);
+    assert_eq!(counters.shadow_match.load(Ordering::Relaxed), 10);
+    // The admin API shows them (what `pitboss rollout status` prints).
+    let mut admin = AdminClient::connect(format!("http://{}", s.server.admin_addr))
+        .await
+        .unwrap();
+    let r = admin
+        .get_rollout(authed(
+            pitboss::grpc::pb::GetRolloutRequest {},
+            "transparent-token",
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((r.shadow_matches, r.shadow_mismatches), (10, 3));
+
+    s.write_flags(
+        "mode = \"full\"\ncommands = [\"/calc.Calculator/*\"]\nfallback_to_legacy = false\n\
+         [rollback]\nmin_requests = 10\nerror_rate_threshold = 0.2\nwindow = \"30s\"\n",
+        |f| f.mode == pitboss::rollout::flags::Mode::Full,
+    )
+    .await;
+    for _ in 0..10 {
+        let r = s.client(&s.pitboss(), &["add", "666", "1"]).await;
+        assert_ne!(r["code"], "OK", "new's planted failure: {r}");
+    }
+    assert!(
+        eventually(LONG, || s.flags().status.state == RolloutState::RolledBack).await,
+        "not rolled back"
+    );
+    for a in [1, 13, 666] {
+        let r = s.client(&s.pitboss(), &["add", &a.to_string(), "1"]).await;
+        assert_eq!(r["computed_by"], "legacy", "{r}");
+        assert_eq!(r["value"].as_i64(), Some(a + 1));
+    }
+    // The metrics know each call by its method, per backend.
+    let scrape = scrape(s.server.metrics_addr).await;
+    let add = [("command", "/calc.Calculator/Add")];
+    let on = |backend: &str, outcome: &str| {
+        let mut labels = add.to_vec();
+        labels.extend([("backend", backend), ("outcome", outcome)]);
+        sum_of(&scrape, "pitboss_requests_total", &labels)
+    };
+    assert_eq!(on("new", "error"), 10.0, "{scrape}");
+    assert!(on("legacy", "ok") >= 16.0, "{scrape}");
+    s.stop().await;
+}
+
+/// Reflection through pitboss lists the user's service with its methods' types (what
+/// grpcurl and Postman read), next to pitboss's own.
+#[tokio::test]
+async fn reflection_through_pitboss_lists_the_users_service() {
+    let s = Setup::start("reflect", "mode = \"off\"\n").await;
+    let r = s.client(&s.pitboss(), &["reflect"]).await;
+    let services = r["services"].to_string();
+    assert!(services.contains("calc.Calculator"), "{services}");
+    assert!(services.contains("pitboss.v1.Bridge"), "{services}");
+    assert_eq!(r["methods"]["Add"][0], "calc.AddRequest");
+    assert_eq!(r["methods"]["Range"][1], "calc.Reply");
+    s.stop().await;
+}
+
+/// The end of the migration (MIGRATING.md step 5): the pool is legacy, nothing else;
+/// the same client, unchanged, gets its answers from the workers.
+#[tokio::test]
+async fn after_the_migration_the_workers_alone_serve_the_grpc_methods() {
+    let backends = "[backends.legacy]\nkind = \"pool\"\n";
+    let s = Setup::start_with("done", "mode = \"off\"\n", backends).await;
+    let add = s.client(&s.pitboss(), &["add", "2", "3"]).await;
+    assert_eq!(add["computed_by"], "new", "{add}");
+    assert_eq!(add["value"], 5);
+    let probe = s.client(&s.pitboss(), &["probe"]).await;
+    assert_eq!(probe["range"]["code"], "OK", "{probe}");
+    assert_eq!(probe["range"]["messages"].as_array().unwrap().len(), 4);
+    assert_eq!(probe["divide_by_zero"]["code"], "INVALID_ARGUMENT");
+    assert_eq!(probe["unknown_method"]["code"], "UNIMPLEMENTED", "{probe}");
+    assert_eq!(probe["malformed"]["code"], "INVALID_ARGUMENT", "{probe}");
+    // A client-streaming method has no grpc_proxy legacy to be relayed to.
+    let sum = s.client(&s.pitboss(), &["sum", "1", "2"]).await;
+    assert_eq!(sum["code"], "UNIMPLEMENTED", "{sum}");
+    assert!(
+        sum["message"]
+            .as_str()
+            .unwrap()
+            .contains("client-streaming"),
+        "{sum}"
+    );
+    s.stop().await;
+}
