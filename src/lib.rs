@@ -77,6 +77,7 @@ pub mod rollout;
 pub mod runtime_files;
 pub mod server;
 pub mod telemetry;
+pub mod tls;
 pub mod worker;
 
 #[cfg(test)]
