@@ -643,6 +643,7 @@ mod tests {
             role: "legacy",
             kind: BackendKind::Grpc,
             address: "http://127.0.0.1:1".to_string(),
+            tls: Default::default(),
             effective: Config::load_default().unwrap(),
         };
         let observers = Observers {
