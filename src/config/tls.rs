@@ -153,7 +153,7 @@ impl TlsSection {
                     ));
                 }
                 for e in entries.iter() {
-                    check_identity_pattern(e).map_err(|why| (key(list), why))?;
+                    check_identity_pattern(e).map_err(|why| (key(list), why.to_string()))?;
                 }
             }
         }
@@ -233,24 +233,26 @@ fn pair(a_key: &str, a: &str, b_key: &str, b: &str) -> Result<(), (String, Strin
 /// An allowlist entry: a URI SAN (`spiffe://trust.domain/ns/x/sa/y`, any
 /// `scheme://...`) or a DNS SAN (`client.example.com`), exact, or ending in one `*`
 /// that matches any rest (`spiffe://prod/ns/payments/*`).
-pub fn check_identity_pattern(p: &str) -> Result<(), String> {
+pub fn check_identity_pattern(p: &str) -> Result<(), BadIdentity> {
+    let bad = |why: &str| Err(BadIdentity(format!("{why}, got {p:?}")));
     if p.trim().is_empty() || p.trim() != p {
-        return Err(format!(
-            "an identity must be a SAN URI or DNS name without spaces, got {p:?}"
-        ));
+        return bad("an identity must be a SAN URI or DNS name without spaces");
     }
     if let Some(i) = p.find('*') {
         if i != p.len() - 1 {
-            return Err(format!(
-                "`*` may only end an identity (a prefix match), got {p:?}"
-            ));
+            return bad("`*` may only end an identity (a prefix match)");
         }
     }
     if p.chars().any(|c| c.is_whitespace() || c.is_control()) {
-        return Err(format!("an identity has no spaces, got {p:?}"));
+        return bad("an identity has no spaces");
     }
     Ok(())
 }
+
+/// An allowlist entry that is not an identity pattern, and why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct BadIdentity(pub String);
 
 /// The line of `key = ...` inside the table `[section]` of the user's text (a
 /// listener's keys share their names with the other listeners').
