@@ -1319,14 +1319,22 @@ mod tests {
             "[backends.new]\nkind = \"grpc\"\naddress = \"http://u:1\"\n[backends.new.tls]\nca_file = \"ca.pem\"\n",
         )
         .unwrap_err();
-        assert_eq!(err.key.as_deref(), Some("backends.new.tls.ca_file"), "{err}");
+        assert_eq!(
+            err.key.as_deref(),
+            Some("backends.new.tls.ca_file"),
+            "{err}"
+        );
         assert_eq!(err.line, Some(5), "{err}");
         assert!(err.to_string().contains("https://"), "{err}");
         let err = load(
             "[backends.new]\nkind = \"grpc\"\naddress = \"https://u:1\"\n[backends.new.tls]\ncert_file = \"c.pem\"\n",
         )
         .unwrap_err();
-        assert_eq!(err.key.as_deref(), Some("backends.new.tls.key_file"), "{err}");
+        assert_eq!(
+            err.key.as_deref(),
+            Some("backends.new.tls.key_file"),
+            "{err}"
+        );
         let err = load("[backends.new]\nkind = \"pool\"\n[backends.new.tls]\nca_file = \"x\"\n")
             .unwrap_err();
         assert_eq!(err.key.as_deref(), Some("backends.new.tls"), "{err}");
@@ -1337,7 +1345,11 @@ mod tests {
         let err = load("[tls.admin]\ncert_file = \"c.pem\"\n").unwrap_err();
         assert_eq!(err.key.as_deref(), Some("tls.admin.key_file"), "{err}");
         let err = load("[tls.bridge]\nclient_ca_file = \"ca.pem\"\n").unwrap_err();
-        assert_eq!(err.key.as_deref(), Some("tls.bridge.client_ca_file"), "{err}");
+        assert_eq!(
+            err.key.as_deref(),
+            Some("tls.bridge.client_ca_file"),
+            "{err}"
+        );
         assert_eq!(err.line, Some(2), "{err}");
         let err = load(
             "[tls.bridge]\ncert_file = \"c\"\nkey_file = \"k\"\n[tls.admin]\ncert_file = \"c\"\nkey_file = \"k\"\nallow_write = [\"spiffe://x/ops\"]\n",

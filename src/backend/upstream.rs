@@ -41,11 +41,10 @@ pub struct Upstream {
 
 impl Upstream {
     pub fn new(address: &str, max_message_bytes: usize) -> Result<Upstream, BadAddress> {
-        let endpoint = Endpoint::from_shared(address.to_string())
-            .map_err(|source| BadAddress {
-                address: address.to_string(),
-                source,
-            })?;
+        let endpoint = Endpoint::from_shared(address.to_string()).map_err(|source| BadAddress {
+            address: address.to_string(),
+            source,
+        })?;
         let channel = Upstream::configure(endpoint).connect_lazy();
         Ok(Upstream::over(address, channel, max_message_bytes))
     }

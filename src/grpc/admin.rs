@@ -390,12 +390,18 @@ mod tests {
         assert!(e.message().contains("allow_write"), "{}", e.message());
         let e = authorize_call(&allow, Some(&other), t, Some("Bearer s3cret"), false).unwrap_err();
         assert_eq!(e.code(), tonic::Code::PermissionDenied);
-        assert!(e.message().contains("spiffe://prod/shop"), "{}", e.message());
+        assert!(
+            e.message().contains("spiffe://prod/shop"),
+            "{}",
+            e.message()
+        );
         // Without allowlists the token decides, certificate or not.
         let none = AdminAllowlists::default();
         assert!(authorize_call(&none, Some(&other), t, Some("Bearer s3cret"), true).is_ok());
         assert_eq!(
-            authorize_call(&none, Some(&ops), t, None, false).unwrap_err().code(),
+            authorize_call(&none, Some(&ops), t, None, false)
+                .unwrap_err()
+                .code(),
             tonic::Code::Unauthenticated
         );
     }

@@ -135,7 +135,10 @@ impl UpstreamTls {
                 let summary = material::check_validity(ca, &first[0], now).ok();
                 (roots, summary)
             }
-            None => (material::system_roots(&format!("{}.ca_file", self.label))?, None),
+            None => (
+                material::system_roots(&format!("{}.ca_file", self.label))?,
+                None,
+            ),
         };
         let builder = rustls::ClientConfig::builder_with_provider(super::provider())
             .with_protocol_versions(super::VERSIONS)

@@ -87,11 +87,13 @@ fn matches(pattern: &str, name: &str, ignore_case: bool) -> bool {
         }
     };
     match pattern.strip_suffix('*') {
-        Some(prefix) => name.len() >= prefix.len() && {
-            // Compare on a char boundary only (a prefix in the middle of a UTF-8
-            // character is no match).
-            name.is_char_boundary(prefix.len()) && eq(&name[..prefix.len()], prefix)
-        },
+        Some(prefix) => {
+            name.len() >= prefix.len() && {
+                // Compare on a char boundary only (a prefix in the middle of a UTF-8
+                // character is no match).
+                name.is_char_boundary(prefix.len()) && eq(&name[..prefix.len()], prefix)
+            }
+        }
         None => eq(pattern, name),
     }
 }

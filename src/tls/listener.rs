@@ -54,7 +54,8 @@ impl Listeners {
 
     pub fn from_section(s: &TlsSection, base_dir: &Path) -> Listeners {
         let file = |table: &str, key: &str, value: &str| {
-            (!value.is_empty()).then(|| Named::new(format!("tls.{table}.{key}"), base_dir.join(value)))
+            (!value.is_empty())
+                .then(|| Named::new(format!("tls.{table}.{key}"), base_dir.join(value)))
         };
         let listener = |name: &'static str, cert: &str, key: &str, ca: &str, protocol| {
             Some(ListenerTls {

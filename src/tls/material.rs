@@ -168,23 +168,19 @@ pub fn certified_key(
 /// The certificates of a CA file as trust anchors. A bundle may hold an expired CA
 /// next to its successor (a CA rotation); a file whose every CA has expired (or is
 /// not valid yet) is refused.
-pub fn roots(
-    file: &Named,
-    pem: &[u8],
-    now: ASN1Time,
-) -> Result<rustls::RootCertStore, TlsError> {
+pub fn roots(file: &Named, pem: &[u8], now: ASN1Time) -> Result<rustls::RootCertStore, TlsError> {
     let mut store = rustls::RootCertStore::empty();
     let certs = certificates(file, pem)?;
     let mut first_invalid = None;
-    let any_valid = certs.iter().fold(false, |ok, der| {
-        match check_validity(file, der, now) {
+    let any_valid = certs
+        .iter()
+        .fold(false, |ok, der| match check_validity(file, der, now) {
             Ok(_) => true,
             Err(e) => {
                 first_invalid.get_or_insert(e);
                 ok
             }
-        }
-    });
+        });
     if let (false, Some(e)) = (any_valid, first_invalid) {
         return Err(e);
     }

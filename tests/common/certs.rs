@@ -59,7 +59,8 @@ impl Ca {
 
     fn leaf(&self, sans: Vec<SanType>, expired: bool) -> Leaf {
         let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
-        p.distinguished_name.push(DnType::CommonName, "pitboss test");
+        p.distinguished_name
+            .push(DnType::CommonName, "pitboss test");
         p.subject_alt_names = sans;
         if expired {
             p.not_before = rcgen::date_time_ymd(2019, 1, 1);
@@ -85,7 +86,10 @@ impl Leaf {
     /// Writes `dir/<name>.crt` and `dir/<name>.key`, each replaced atomically (as
     /// cert-manager and Vault agents do).
     pub fn write(&self, dir: &Path, name: &str) -> (PathBuf, PathBuf) {
-        let (c, k) = (dir.join(format!("{name}.crt")), dir.join(format!("{name}.key")));
+        let (c, k) = (
+            dir.join(format!("{name}.crt")),
+            dir.join(format!("{name}.key")),
+        );
         for (path, text) in [(&k, &self.key), (&c, &self.cert)] {
             let tmp = path.with_extension("tmp");
             std::fs::write(&tmp, text).unwrap();
