@@ -46,8 +46,15 @@ pub enum ServerError {
     Reflection(#[source] tonic_reflection::server::Error),
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
+    /// A listener's TLS material (boxed: its variants carry several paths and names).
     #[error(transparent)]
-    Tls(#[from] crate::tls::TlsError),
+    Tls(Box<crate::tls::TlsError>),
+}
+
+impl From<crate::tls::TlsError> for ServerError {
+    fn from(e: crate::tls::TlsError) -> ServerError {
+        ServerError::Tls(Box::new(e))
+    }
 }
 
 const BRIDGE_SERVICE: &str = "pitboss.v1.Bridge";

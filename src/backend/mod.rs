@@ -59,11 +59,18 @@ pub enum StartError {
         role: &'static str,
         source: BadAddress,
     },
-    /// The upstream's TLS material (the error names the key and file).
+    /// The upstream's TLS material (the error names the key and file); boxed, as
+    /// its variants carry several paths and names.
     #[error(transparent)]
-    UpstreamTls(#[from] crate::tls::TlsError),
+    UpstreamTls(Box<crate::tls::TlsError>),
     #[error("backends.{role}: kind is \"none\"")]
     KindNone { role: &'static str },
+}
+
+impl From<crate::tls::TlsError> for StartError {
+    fn from(e: crate::tls::TlsError) -> StartError {
+        StartError::UpstreamTls(Box::new(e))
+    }
 }
 
 /// The two roles of a rollout.
