@@ -681,41 +681,11 @@ fn check_config_applies_every_env_override_and_refuses_typos_and_bad_upstream_tl
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
-/// A Python virtualenv with grpcio, made once under target/ (pip reaches PyPI).
-fn grpcio_python() -> std::path::PathBuf {
-    // Tests run in parallel: one of them builds the venv, the others wait for it.
-    static BUILDING: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    let _one_at_a_time = BUILDING.lock().unwrap_or_else(|e| e.into_inner());
-    let venv = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/grpcio-venv");
-    let py = venv.join("bin/python");
-    let ok = |py: &std::path::Path| {
-        Command::new(py)
-            .args(["-c", "import grpc, grpc_tools"])
-            .status()
-            .is_ok_and(|s| s.success())
-    };
-    if !ok(&py) {
-        let st = Command::new("python3")
-            .args(["-m", "venv"])
-            .arg(&venv)
-            .status()
-            .unwrap();
-        assert!(
-            st.success(),
-            "cannot create a venv (is python3-venv installed?)"
-        );
-        let st = Command::new(&py)
-            .args(["-m", "pip", "install", "--quiet", "grpcio", "grpcio-tools"])
-            .status()
-            .unwrap();
-        assert!(st.success(), "pip install grpcio grpcio-tools failed");
-    }
-    py
-}
-
 #[tokio::test]
 async fn a_grpcio_client_in_python_can_call_execute() {
-    let py = tokio::task::spawn_blocking(grpcio_python).await.unwrap();
+    let py = tokio::task::spawn_blocking(common::grpcio_python)
+        .await
+        .unwrap();
     let (server, _client) = start(config_with("")).await;
     let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("python/examples/client.py");
     let out = tokio::process::Command::new(py)
@@ -749,7 +719,9 @@ async fn a_grpcio_client_in_python_can_call_execute() {
 #[tokio::test]
 async fn a_grpcio_client_reads_errors_with_huge_texts() {
     use prost::Message;
-    let py = tokio::task::spawn_blocking(grpcio_python).await.unwrap();
+    let py = tokio::task::spawn_blocking(common::grpcio_python)
+        .await
+        .unwrap();
     let (server, _client) = start(config_with("[pool]\nadapter = \"faults:adapter\"\n")).await;
     let raise = |ty: &str, n: usize| {
         let payload = serde_json::json!({"type": ty, "message": "m".repeat(n)}).to_string();

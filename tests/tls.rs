@@ -465,3 +465,83 @@ async fn a_flood_of_failed_handshakes_leaves_pitboss_serving_and_its_fds_at_base
     drop(proc);
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// A stock grpcio client (Python), as a real user's would connect: TLS trusting the
+/// CA, then mTLS with a client certificate; without one it is refused.
+#[tokio::test]
+async fn a_grpcio_client_connects_with_tls_and_mtls() {
+    let py = tokio::task::spawn_blocking(common::grpcio_python)
+        .await
+        .unwrap();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("python/examples/client.py");
+    let dir = temp_dir("tls-grpcio");
+    let ca = Ca::new("grpcio ca");
+    let ca_file = ca.write(&dir, "ca.pem");
+    let run = |addr: std::net::SocketAddr, extra: Vec<String>| {
+        let (py, script, ca_file) = (py.clone(), script.clone(), ca_file.clone());
+        async move {
+            tokio::process::Command::new(py)
+                .arg(script)
+                .arg(format!("localhost:{}", addr.port()))
+                .arg("--ca")
+                .arg(ca_file)
+                .args(extra)
+                .output()
+                .await
+                .unwrap()
+        }
+    };
+
+    // TLS.
+    let tls = listener_tls("bridge", &dir, &ca.server(), None, "");
+    let server = serve(&dir, "demo:adapter", &tls).await;
+    let out = run(server.bridge_addr, vec![]).await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains(r#"echo -> {"hello": "world"} from legacy"#),
+        "{stdout}"
+    );
+    server.shutdown().await;
+
+    // mTLS.
+    let tls = listener_tls(
+        "bridge",
+        &dir,
+        &ca.server(),
+        Some(&ca),
+        "allow = [\"spiffe://test/python-client\"]\n",
+    );
+    let server = serve(&dir, "demo:adapter", &tls).await;
+    let (c, k) = ca
+        .client("spiffe://test/python-client")
+        .write(&dir, "client");
+    let with_cert = vec![
+        "--cert".to_string(),
+        c.display().to_string(),
+        "--key".to_string(),
+        k.display().to_string(),
+    ];
+    let out = run(server.bridge_addr, with_cert).await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains(r#"echo -> {"hello": "world"} from legacy"#),
+        "{stdout}"
+    );
+    let out = run(server.bridge_addr, vec![]).await;
+    assert!(
+        !out.status.success(),
+        "a grpcio client without a certificate is refused"
+    );
+    server.shutdown().await;
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -397,3 +397,35 @@ pub async fn spawn(config: &Path) -> Proc {
         log,
     }
 }
+
+/// A Python virtualenv with grpcio, made once under target/ (pip reaches PyPI).
+pub fn grpcio_python() -> std::path::PathBuf {
+    // Tests run in parallel: one of them builds the venv, the others wait for it.
+    static BUILDING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one_at_a_time = BUILDING.lock().unwrap_or_else(|e| e.into_inner());
+    let venv = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/grpcio-venv");
+    let py = venv.join("bin/python");
+    let ok = |py: &std::path::Path| {
+        std::process::Command::new(py)
+            .args(["-c", "import grpc, grpc_tools"])
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if !ok(&py) {
+        let st = std::process::Command::new("python3")
+            .args(["-m", "venv"])
+            .arg(&venv)
+            .status()
+            .unwrap();
+        assert!(
+            st.success(),
+            "cannot create a venv (is python3-venv installed?)"
+        );
+        let st = std::process::Command::new(&py)
+            .args(["-m", "pip", "install", "--quiet", "grpcio", "grpcio-tools"])
+            .status()
+            .unwrap();
+        assert!(st.success(), "pip install grpcio grpcio-tools failed");
+    }
+    py
+}
