@@ -545,3 +545,65 @@ async fn a_grpcio_client_connects_with_tls_and_mtls() {
     server.shutdown().await;
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// `[tls.metrics]`: /healthz over HTTPS (HTTP/1.1), as a kubelet with `scheme: HTTPS`.
+#[tokio::test]
+async fn the_metrics_listener_serves_https_when_tls_metrics_is_set() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = temp_dir("tls-metrics");
+    let ca = Ca::new("metrics ca");
+    let tls = listener_tls("metrics", &dir, &ca.server(), None, "");
+    let server = serve(&dir, "demo:adapter", &tls).await;
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ca.der.clone()).unwrap();
+    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(server.metrics_addr)
+        .await
+        .unwrap();
+    let mut s = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+        .connect("localhost".try_into().unwrap(), tcp)
+        .await
+        .unwrap();
+    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    // The server may close without close_notify; what arrived is what counts.
+    let _ = tokio::time::timeout(BOUND, s.read_to_end(&mut answer)).await;
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    server.shutdown().await;
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// An admin listener off loopback without TLS is warned about at start.
+#[tokio::test]
+async fn an_admin_listener_off_loopback_without_tls_is_warned_about() {
+    let dir = temp_dir("tls-admin-warning");
+    write_token(&dir);
+    let file = dir.join("pitboss.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"0.0.0.0:0\"\n\
+             metrics_listen = \"127.0.0.1:0\"\n{}{}",
+            pool_section("demo:adapter", 1),
+            rollout_section(&dir)
+        ),
+    )
+    .unwrap();
+    let proc = common::spawn(&file).await;
+    let warned =
+        proc.log.lock().unwrap().iter().any(|l| {
+            l.contains("WARN") && l.contains("not on loopback") && l.contains("tls.admin")
+        });
+    assert!(warned, "{:?}", proc.log.lock().unwrap());
+    drop(proc);
+    std::fs::remove_dir_all(&dir).unwrap();
+}

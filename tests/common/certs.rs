@@ -10,6 +10,7 @@ use rcgen::{
 /// A certificate authority that signs test certificates.
 pub struct Ca {
     pub pem: String,
+    pub der: rustls::pki_types::CertificateDer<'static>,
     issuer: Issuer<'static, KeyPair>,
 }
 
@@ -26,9 +27,10 @@ impl Ca {
         p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
         let key = KeyPair::generate().unwrap();
-        let pem = p.self_signed(&key).unwrap().pem();
+        let cert = p.self_signed(&key).unwrap();
         Ca {
-            pem,
+            pem: cert.pem(),
+            der: cert.der().clone(),
             issuer: Issuer::new(p, key),
         }
     }
