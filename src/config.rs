@@ -17,6 +17,9 @@ use std::time::Duration;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
+pub mod tls;
+pub use tls::{TlsSection, UpstreamTlsSection};
+
 /// The embedded default, used when no config file is given. It starts the demo
 /// adapter from `python/examples`, so the first command in the README just works.
 pub const DEFAULT_CONFIG: &str = include_str!("../config/pitboss.toml");
@@ -445,6 +448,10 @@ pub struct BackendSection {
     pub circuit_breaker: toml::Table,
     #[serde(default)]
     pub limits: toml::Table,
+    /// For `kind = "grpc"` with an `https://` address: the upstream's CA, a client
+    /// certificate, SNI and authority.
+    #[serde(default)]
+    pub tls: UpstreamTlsSection,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -582,6 +589,8 @@ pub struct BackendConfig {
     pub role: &'static str,
     pub kind: BackendKind,
     pub address: String,
+    /// TLS to an `https://` upstream.
+    pub tls: UpstreamTlsSection,
     /// The whole config with this backend's overrides applied.
     pub effective: Config,
 }
@@ -601,6 +610,7 @@ pub struct Config {
     pub rollout: RolloutSection,
     pub transparent: TransparentSection,
     pub backends: BackendsSection,
+    pub tls: TlsSection,
     /// Where the file was read from, for resolving relative paths.
     #[serde(skip)]
     pub base_dir: PathBuf,
@@ -805,6 +815,15 @@ impl Config {
         if st.timeout.0.is_zero() {
             return Err(fail("rollout.store.timeout", "must be positive".into()));
         }
+        self.tls.check().map_err(|(key, message)| {
+            let (table, leaf) = key.rsplit_once('.').unwrap_or(("", &key));
+            ConfigError {
+                origin: origin.to_string(),
+                line: text.and_then(|t| tls::line_in_table(t, table, leaf)),
+                key: Some(key.clone()),
+                message,
+            }
+        })?;
         for role in ["legacy", "new"] {
             self.backend_with(role, origin, text)?;
         }
@@ -922,29 +941,53 @@ impl Config {
             message,
         };
         if matches!(section.kind, BackendKind::Grpc | BackendKind::GrpcProxy) {
-            // This build has no TLS client: an https upstream would pass here and then
-            // fail every call, so it is refused now, where the operator is looking.
-            if section.address.starts_with("https://") {
+            // Only the Bridge upstream has a TLS client so far: an https grpc_proxy would
+            // pass here and then fail every call, so it is refused now.
+            if section.kind == BackendKind::GrpcProxy && section.address.starts_with("https://") {
                 return Err(err(
                     format!("backends.{role}.address"),
                     format!(
-                        "https upstreams are not supported yet (this build has no TLS client), \
-                         got {:?}; use http:// on a trusted network or a TLS-terminating proxy",
+                        "https is not supported for kind = \"grpc_proxy\" yet (only kind = \"grpc\" \
+                         has a TLS client), got {:?}; use http:// on a trusted network or a \
+                         TLS-terminating proxy",
                         section.address
                     ),
                 ));
             }
-            let ok = section.address.starts_with("http://")
-                && section.address.parse::<tonic::transport::Uri>().is_ok();
+            let ok = (section.address.starts_with("http://")
+                || section.address.starts_with("https://"))
+                && section
+                    .address
+                    .parse::<tonic::transport::Uri>()
+                    .is_ok_and(|u| u.host().is_some());
             if !ok {
                 return Err(err(
                     format!("backends.{role}.address"),
                     format!(
-                        "a grpc backend needs an address like \"http://127.0.0.1:50051\", got {:?}",
+                        "a grpc backend needs an address like \"http://127.0.0.1:50051\" (or https:// for TLS), got {:?}",
                         section.address
                     ),
                 ));
             }
+            tls::check_upstream(role, &section.address, &section.tls).map_err(
+                |(key, message)| {
+                    let (table, leaf) = key.rsplit_once('.').unwrap_or(("", &key));
+                    ConfigError {
+                        origin: origin.to_string(),
+                        line: text.and_then(|t| tls::line_in_table(t, table, leaf)),
+                        key: Some(key.clone()),
+                        message,
+                    }
+                },
+            )?;
+        } else if section.tls.is_set() {
+            return Err(err(
+                format!("backends.{role}.tls"),
+                format!(
+                    "TLS settings are for kind = \"grpc\" backends with an https:// address; backends.{role}.kind is {:?}",
+                    section.kind
+                ),
+            ));
         }
         let overrides = [
             ("pool", &section.pool),
@@ -999,6 +1042,7 @@ impl Config {
             role,
             kind: section.kind,
             address: section.address.clone(),
+            tls: section.tls.clone(),
             effective,
         })
     }
@@ -1062,6 +1106,7 @@ impl BackendSection {
             retry: Default::default(),
             circuit_breaker: Default::default(),
             limits: Default::default(),
+            tls: self.tls.clone(),
         }
     }
 }
@@ -1536,17 +1581,61 @@ mod tests {
         assert_eq!(super::edit_distance("kitten", "sitting"), 3);
     }
 
-    /// Issue 13 item 14: the build has no TLS client, so an `https://` upstream would
-    /// fail every call; it is refused when the config is read.
+    /// Issue 18: an `https://` upstream is accepted (with system roots by default);
+    /// TLS settings need an https address, and the keys that go together are checked.
     #[test]
-    fn an_https_upstream_is_refused_until_tls_exists() {
-        let err = load("[backends.new]\nkind = \"grpc\"\naddress = \"https://10.0.0.5:50051\"\n")
-            .unwrap_err();
-        let text = err.to_string();
-        assert!(text.contains("backends.new.address"), "{text}");
-        assert!(text.contains("https"), "{text}");
-        assert!(text.contains("TLS"), "{text}");
+    fn https_upstreams_and_their_tls_settings_are_checked() {
+        load("[backends.new]\nkind = \"grpc\"\naddress = \"https://10.0.0.5:50051\"\n").unwrap();
         load("[backends.new]\nkind = \"grpc\"\naddress = \"http://10.0.0.5:50051\"\n").unwrap();
+        let err = load(
+            "[backends.new]\nkind = \"grpc\"\naddress = \"http://u:1\"\n[backends.new.tls]\nca_file = \"ca.pem\"\n",
+        )
+        .unwrap_err();
+        assert_eq!(
+            err.key.as_deref(),
+            Some("backends.new.tls.ca_file"),
+            "{err}"
+        );
+        assert_eq!(err.line, Some(5), "{err}");
+        assert!(err.to_string().contains("https://"), "{err}");
+        let err = load(
+            "[backends.new]\nkind = \"grpc\"\naddress = \"https://u:1\"\n[backends.new.tls]\ncert_file = \"c.pem\"\n",
+        )
+        .unwrap_err();
+        assert_eq!(
+            err.key.as_deref(),
+            Some("backends.new.tls.key_file"),
+            "{err}"
+        );
+        let err = load("[backends.new]\nkind = \"pool\"\n[backends.new.tls]\nca_file = \"x\"\n")
+            .unwrap_err();
+        assert_eq!(err.key.as_deref(), Some("backends.new.tls"), "{err}");
+    }
+
+    #[test]
+    fn listener_tls_keys_go_together() {
+        let err = load("[tls.admin]\ncert_file = \"c.pem\"\n").unwrap_err();
+        assert_eq!(err.key.as_deref(), Some("tls.admin.key_file"), "{err}");
+        let err = load("[tls.bridge]\nclient_ca_file = \"ca.pem\"\n").unwrap_err();
+        assert_eq!(
+            err.key.as_deref(),
+            Some("tls.bridge.client_ca_file"),
+            "{err}"
+        );
+        assert_eq!(err.line, Some(2), "{err}");
+        let err = load(
+            "[tls.bridge]\ncert_file = \"c\"\nkey_file = \"k\"\n[tls.admin]\ncert_file = \"c\"\nkey_file = \"k\"\nallow_write = [\"spiffe://x/ops\"]\n",
+        )
+        .unwrap_err();
+        assert_eq!(err.key.as_deref(), Some("tls.admin.allow_write"), "{err}");
+        assert_eq!(err.line, Some(7), "{err}");
+        assert!(err.to_string().contains("client_ca_file"), "{err}");
+        let err = load(
+            "[tls.bridge]\ncert_file = \"c\"\nkey_file = \"k\"\nclient_ca_file = \"ca\"\nallow = [\"spiffe://*/x\"]\n",
+        )
+        .unwrap_err();
+        assert_eq!(err.key.as_deref(), Some("tls.bridge.allow"), "{err}");
+        load("[tls.bridge]\ncert_file = \"c\"\nkey_file = \"k\"\nclient_ca_file = \"ca\"\nallow = [\"spiffe://prod/ns/a/*\"]\n").unwrap();
     }
 
     /// Issue 13 item 8: a frame limit above the gRPC message limit is refused, for

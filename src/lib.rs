@@ -81,6 +81,7 @@ pub mod runtime_files;
 pub mod server;
 pub mod telemetry;
 pub mod wire;
+pub mod tls;
 pub mod worker;
 
 #[cfg(test)]

@@ -305,6 +305,11 @@ async fn serve(config: Option<PathBuf>, log_format: Option<String>) -> Result<()
 
 fn check_config(file: PathBuf) -> Result<(), String> {
     let cfg = Config::load_file(&file).map_err(|e| e.to_string())?;
+    // The TLS material is loaded as a start would: readable, unexpired, key matching.
+    let tls = pitboss::tls::check(&cfg).map_err(|e| e.to_string())?;
+    for line in &tls {
+        println!("# TLS {line}");
+    }
     println!("# {}: valid. Effective configuration:", file.display());
     print!("{}", cfg.to_toml());
     Ok(())

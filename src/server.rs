@@ -47,7 +47,17 @@ pub enum ServerError {
     Config(#[from] crate::config::ConfigError),
     #[error(transparent)]
     Store(#[from] crate::rollout::store::StoreError),
+    #[error(transparent)]
     Transparent(#[from] crate::grpc::transparent::TransparentError),
+    /// A listener's TLS material (boxed: its variants carry several paths and names).
+    #[error(transparent)]
+    Tls(Box<crate::tls::TlsError>),
+}
+
+impl From<crate::tls::TlsError> for ServerError {
+    fn from(e: crate::tls::TlsError) -> ServerError {
+        ServerError::Tls(Box::new(e))
+    }
 }
 
 const BRIDGE_SERVICE: &str = "pitboss.v1.Bridge";
@@ -145,6 +155,12 @@ impl RunningServer {
                 source,
             })?;
 
+        // TLS material is checked before any worker starts: a bad certificate stops
+        // the start at once, with the setting and file.
+        let tls = crate::tls::Listeners::from_config(&config);
+        let tls_live = TlsLive::start(&tls)?;
+        warn_about_exposure(&config, &tls);
+
         let observer: Arc<dyn PoolObserver> = Arc::new(crate::telemetry::RestartCounter);
         let legacy_cfg = config.backend("legacy")?;
         let new_cfg = config.backend("new")?;
@@ -179,6 +195,7 @@ impl RunningServer {
             instance_header: instance_id.parse().ok(),
             instance_id,
             admin_token,
+            admin_allow: tls.admin_allow.clone(),
             commands: Default::default(),
         });
         // The user's own services (issue 17), served next to the Bridge.
@@ -259,28 +276,64 @@ impl RunningServer {
 
         let (e1, e2) = (edge.clone(), edge.clone());
         let s1 = stop.listeners.clone();
+        let bridge_conns = Conns::new(bridge_listener, tls_live.bridge, "bridge", &tls, &s1);
+        let bridge_gate = crate::grpc::access::BridgeGateLayer::new(tls.bridge_allow.clone());
         let bridge_task = tokio::spawn(async move {
-            let r = Server::builder()
+            let router = Server::builder()
                 .layer(message_limit_layer(e1, max))
                 .layer(tower::util::MapRequestLayer::new(
                     crate::grpc::deadline::stamp_arrival::<tonic::body::Body>,
                 ))
-                .add_routes(bridge_routes.prepare())
-                .serve_with_incoming_shutdown(incoming(bridge_listener), s1.cancelled_owned())
-                .await;
+                .layer(tower::util::MapRequestLayer::new(
+                    crate::tls::accept::expose_addresses::<tonic::body::Body>,
+                ))
+                .layer(bridge_gate)
+                .add_routes(bridge_routes.prepare());
+            let r = match bridge_conns {
+                Conns::Tls(conns) => {
+                    router
+                        .serve_with_incoming_shutdown(
+                            crate::tls::accept::incoming(conns),
+                            s1.cancelled_owned(),
+                        )
+                        .await
+                }
+                Conns::Plain(l) => {
+                    router
+                        .serve_with_incoming_shutdown(incoming(l), s1.cancelled_owned())
+                        .await
+                }
+            };
             if let Err(e) = r {
                 tracing::error!("bridge listener failed: {e}");
             }
         });
         let s2 = stop.listeners.clone();
+        let admin_conns = Conns::new(admin_listener, tls_live.admin, "admin", &tls, &s2);
         let admin_task = tokio::spawn(async move {
-            let r = Server::builder()
+            let router = Server::builder()
                 .layer(message_limit_layer(e2, max))
+                .layer(tower::util::MapRequestLayer::new(
+                    crate::tls::accept::expose_addresses::<tonic::body::Body>,
+                ))
                 .add_service(admin_reflection_v1)
                 .add_service(admin_reflection_v1alpha)
-                .add_service(admin)
-                .serve_with_incoming_shutdown(incoming(admin_listener), s2.cancelled_owned())
-                .await;
+                .add_service(admin);
+            let r = match admin_conns {
+                Conns::Tls(conns) => {
+                    router
+                        .serve_with_incoming_shutdown(
+                            crate::tls::accept::incoming(conns),
+                            s2.cancelled_owned(),
+                        )
+                        .await
+                }
+                Conns::Plain(l) => {
+                    router
+                        .serve_with_incoming_shutdown(incoming(l), s2.cancelled_owned())
+                        .await
+                }
+            };
             if let Err(e) = r {
                 tracing::error!("admin listener failed: {e}");
             }
@@ -289,10 +342,21 @@ impl RunningServer {
         // says "draining" (503) while in-flight calls finish.
         let s3 = stop.http.clone();
         let http = crate::telemetry::router(edge.clone());
+        let metrics_conns = Conns::new(metrics_listener, tls_live.metrics, "metrics", &tls, &s3);
         let metrics_task = tokio::spawn(async move {
-            let r = axum::serve(metrics_listener, http)
-                .with_graceful_shutdown(s3.cancelled_owned())
-                .await;
+            let r = match metrics_conns {
+                Conns::Tls(conns) => {
+                    let l = crate::tls::accept::HttpListener::new(conns, metrics_addr);
+                    axum::serve(l, http)
+                        .with_graceful_shutdown(s3.cancelled_owned())
+                        .await
+                }
+                Conns::Plain(l) => {
+                    axum::serve(l, http)
+                        .with_graceful_shutdown(s3.cancelled_owned())
+                        .await
+                }
+            };
             if let Err(e) = r {
                 tracing::error!("metrics listener failed: {e}");
             }
@@ -449,6 +513,80 @@ fn spawn_command_refresh(edge: Arc<Edge>, stop: CancellationToken) {
             }
         }
     });
+}
+
+/// A listener's connections: plain TCP, or TLS connections whose handshake
+/// completed (accepted by [`crate::tls::accept`]).
+enum Conns {
+    Plain(TcpListener),
+    Tls(tokio::sync::mpsc::Receiver<crate::tls::TlsConn>),
+}
+
+impl Conns {
+    fn new(
+        listener: TcpListener,
+        config: Option<Arc<arc_swap::ArcSwap<rustls::ServerConfig>>>,
+        name: &str,
+        tls: &crate::tls::Listeners,
+        stop: &CancellationToken,
+    ) -> Conns {
+        match config {
+            Some(c) => Conns::Tls(crate::tls::accept::spawn(
+                listener,
+                c,
+                format!("tls.{name}"),
+                tls.handshake_timeout,
+                stop.clone(),
+            )),
+            None => Conns::Plain(listener),
+        }
+    }
+}
+
+/// The rustls configs of the listeners that have TLS, each kept current.
+#[derive(Default)]
+struct TlsLive {
+    bridge: Option<Arc<arc_swap::ArcSwap<rustls::ServerConfig>>>,
+    admin: Option<Arc<arc_swap::ArcSwap<rustls::ServerConfig>>>,
+    metrics: Option<Arc<arc_swap::ArcSwap<rustls::ServerConfig>>>,
+}
+
+impl TlsLive {
+    fn start(tls: &crate::tls::Listeners) -> Result<TlsLive, crate::tls::TlsError> {
+        let start = |l: &Option<crate::tls::ListenerTls>| {
+            l.as_ref()
+                .map(|l| {
+                    let (config, summary) = l.start(tls.reload_interval)?;
+                    tracing::info!(
+                        listener = l.name,
+                        mtls = l.client_ca.is_some(),
+                        certificate = %summary,
+                        "TLS on"
+                    );
+                    Ok::<_, crate::tls::TlsError>(config)
+                })
+                .transpose()
+        };
+        Ok(TlsLive {
+            bridge: start(&tls.bridge)?,
+            admin: start(&tls.admin)?,
+            metrics: start(&tls.metrics)?,
+        })
+    }
+}
+
+/// The admin API changes where production traffic goes: reachable from other hosts
+/// without TLS, its token travels in clear text.
+fn warn_about_exposure(config: &Config, tls: &crate::tls::Listeners) {
+    let admin = config.server.admin_listen;
+    if !admin.ip().is_loopback() && tls.admin.is_none() {
+        tracing::warn!(
+            %admin,
+            "the admin listener is not on loopback and has neither TLS nor mTLS: its token \
+             and every change travel in clear text; set tls.admin (docs/SECURITY.md) or bind \
+             server.admin_listen to 127.0.0.1"
+        );
+    }
 }
 
 /// Accepted connections with `TCP_NODELAY` set. tonic sets it only on listeners it

@@ -68,6 +68,18 @@ fn describe() {
         "Time from receiving a call to answering it, retries included."
     );
     describe_counter!(
+        "pitboss_tls_handshake_failures_total",
+        "TLS handshakes that failed or timed out on a TLS listener, by listener (tls.bridge, tls.admin, tls.metrics) and reason."
+    );
+    describe_gauge!(
+        "pitboss_tls_certificate_expiry_timestamp_seconds",
+        "When the certificate in force expires (Unix seconds), by file (tls.bridge, backends.new.tls, ...)."
+    );
+    describe_counter!(
+        "pitboss_access_denied_total",
+        "Calls refused PERMISSION_DENIED or UNAUTHENTICATED by who may call what (the mTLS allowlists, the admin token), by listener."
+    );
+    describe_counter!(
         "pitboss_retries_total",
         "Retries made, by backend and the error class of the failed attempt."
     );
@@ -676,6 +688,7 @@ mod tests {
             role: "legacy",
             kind: BackendKind::Grpc,
             address: "http://127.0.0.1:1".to_string(),
+            tls: Default::default(),
             effective: Config::load_default().unwrap(),
         };
         let observers = Observers {

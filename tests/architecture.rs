@@ -23,6 +23,11 @@ const LAYERS: &[(&str, i32)] = &[
     // the grpc_proxy backend, and it imports none of them.
     ("wire", -1),
     ("worker", 0),
+    // TLS material, reload, accepting and client identities: it uses only config, and
+    // the server (listeners), grpc (who may call) and backend (https upstreams) use
+    // it. Nothing below backend needs it, so it shares worker's layer with no edge
+    // between the two.
+    ("tls", 0),
     ("pool", 1),
     ("resilience", 2),
     ("backend", 3),

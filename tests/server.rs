@@ -633,10 +633,10 @@ async fn a_lost_session_id_can_be_created_again_at_once() {
 }
 
 /// Issue 13 items 13 and 14 with the real binary: an override of a key the file does
-/// not write takes effect, a typo is refused with the closest key, and an https
-/// upstream (no TLS in this build) is refused instead of failing every call.
+/// not write takes effect, a typo is refused with the closest key, and (issue 18) an
+/// https upstream's TLS material is loaded: a CA file that cannot be read is named.
 #[test]
-fn check_config_applies_every_env_override_and_refuses_typos_and_https() {
+fn check_config_applies_every_env_override_and_refuses_typos_and_bad_upstream_tls() {
     let dir = temp_dir("test-env");
     let file = dir.join("p.toml");
     std::fs::write(&file, "[backends.new]\nkind = \"pool\"\n").unwrap();
@@ -666,7 +666,8 @@ fn check_config_applies_every_env_override_and_refuses_typos_and_https() {
 
     std::fs::write(
         &file,
-        "[backends.new]\nkind = \"grpc\"\naddress = \"https://127.0.0.1:1\"\n",
+        "[backends.new]\nkind = \"grpc\"\naddress = \"https://127.0.0.1:1\"\n\
+         [backends.new.tls]\nca_file = \"missing-ca.pem\"\n",
     )
     .unwrap();
     let out = Command::new(bin)
@@ -675,14 +676,16 @@ fn check_config_applies_every_env_override_and_refuses_typos_and_https() {
         .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("backends.new.address"), "{err}");
-    assert!(err.contains("TLS"), "{err}");
+    assert!(err.contains("backends.new.tls.ca_file"), "{err}");
+    assert!(err.contains("missing-ca.pem"), "{err}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[tokio::test]
 async fn a_grpcio_client_in_python_can_call_execute() {
-    let py = tokio::task::spawn_blocking(grpcio_python).await.unwrap();
+    let py = tokio::task::spawn_blocking(common::grpcio_python)
+        .await
+        .unwrap();
     let (server, _client) = start(config_with("")).await;
     let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("python/examples/client.py");
     let out = tokio::process::Command::new(py)
@@ -716,7 +719,9 @@ async fn a_grpcio_client_in_python_can_call_execute() {
 #[tokio::test]
 async fn a_grpcio_client_reads_errors_with_huge_texts() {
     use prost::Message;
-    let py = tokio::task::spawn_blocking(grpcio_python).await.unwrap();
+    let py = tokio::task::spawn_blocking(common::grpcio_python)
+        .await
+        .unwrap();
     let (server, _client) = start(config_with("[pool]\nadapter = \"faults:adapter\"\n")).await;
     let raise = |ty: &str, n: usize| {
         let payload = serde_json::json!({"type": ty, "message": "m".repeat(n)}).to_string();

@@ -2,6 +2,8 @@
 
     pip install grpcio grpcio-tools
     python python/examples/client.py [HOST:PORT]
+    python python/examples/client.py HOST:PORT --ca ca.pem [--cert c.pem --key k.pem]
+        [--server-name NAME]     # TLS, and mTLS with a client certificate
 
 The stubs are generated from proto/ at start (grpcio-tools), so the example has no
 checked-in generated code. A real client would generate them once in its build.
@@ -35,9 +37,27 @@ def load_stubs():
     return bridge_pb2, bridge_pb2_grpc
 
 
-def main(addr):
+def open_channel(addr, ca=None, cert=None, key=None, server_name=None):
+    """A plaintext channel, or TLS trusting `ca` (and presenting `cert`/`key` for mTLS)."""
+    if ca is None:
+        return grpc.insecure_channel(addr)
+
+    def read(path):
+        with open(path, "rb") as f:
+            return f.read()
+
+    creds = grpc.ssl_channel_credentials(
+        root_certificates=read(ca),
+        private_key=read(key) if key else None,
+        certificate_chain=read(cert) if cert else None,
+    )
+    options = [("grpc.ssl_target_name_override", server_name)] if server_name else []
+    return grpc.secure_channel(addr, creds, options=options)
+
+
+def main(addr, **tls):
     pb, rpc = load_stubs()
-    with grpc.insecure_channel(addr) as channel:
+    with open_channel(addr, **tls) as channel:
         bridge = rpc.BridgeStub(channel)
 
         # A plain call: the payload is bytes, passed to Python untouched.
@@ -70,4 +90,13 @@ def main(addr):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "127.0.0.1:50051")
+    import argparse
+
+    p = argparse.ArgumentParser(description="Call pitboss from Python with grpcio.")
+    p.add_argument("addr", nargs="?", default="127.0.0.1:50051")
+    p.add_argument("--ca", help="TLS: the CA that signed pitboss's certificate (PEM)")
+    p.add_argument("--cert", help="mTLS: this client's certificate chain (PEM)")
+    p.add_argument("--key", help="mTLS: this client's private key (PEM)")
+    p.add_argument("--server-name", help="TLS: the name to check in pitboss's certificate")
+    a = p.parse_args()
+    main(a.addr, ca=a.ca, cert=a.cert, key=a.key, server_name=a.server_name)

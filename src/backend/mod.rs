@@ -61,8 +61,18 @@ pub enum StartError {
         role: &'static str,
         source: BadAddress,
     },
+    /// The upstream's TLS material (the error names the key and file); boxed, as
+    /// its variants carry several paths and names.
+    #[error(transparent)]
+    UpstreamTls(Box<crate::tls::TlsError>),
     #[error("backends.{role}: kind is \"none\"")]
     KindNone { role: &'static str },
+}
+
+impl From<crate::tls::TlsError> for StartError {
+    fn from(e: crate::tls::TlsError) -> StartError {
+        StartError::UpstreamTls(Box::new(e))
+    }
 }
 
 /// The two roles of a rollout.
@@ -264,12 +274,22 @@ impl Backend {
                 )
             }
             BackendKind::Grpc => {
-                let upstream = Upstream::new(&cfg.address, max_message).map_err(|source| {
-                    StartError::Upstream {
-                        role: cfg.role,
-                        source,
-                    }
-                })?;
+                let upstream = if cfg.address.starts_with("https://") {
+                    let tls = crate::tls::UpstreamTls::from_section(
+                        cfg.role,
+                        &cfg.address,
+                        &cfg.tls,
+                        &c.base_dir,
+                    )?;
+                    Upstream::new_tls(&cfg.address, max_message, &tls, c.tls.reload_interval.0)?
+                } else {
+                    Upstream::new(&cfg.address, max_message).map_err(|source| {
+                        StartError::Upstream {
+                            role: cfg.role,
+                            source,
+                        }
+                    })?
+                };
                 let service =
                     UpstreamService::new(upstream.clone(), retry_settings.per_try_timeout);
                 (

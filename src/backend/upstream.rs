@@ -41,20 +41,41 @@ pub struct Upstream {
 
 impl Upstream {
     pub fn new(address: &str, max_message_bytes: usize) -> Result<Upstream, BadAddress> {
-        let endpoint = Endpoint::from_shared(address.to_string())
-            .map_err(|source| BadAddress {
-                address: address.to_string(),
-                source,
-            })?
+        let endpoint = Endpoint::from_shared(address.to_string()).map_err(|source| BadAddress {
+            address: address.to_string(),
+            source,
+        })?;
+        let channel = Upstream::configure(endpoint).connect_lazy();
+        Ok(Upstream::over(address, channel, max_message_bytes))
+    }
+
+    /// An `https://` upstream: the channel's connector runs TLS with `tls`, its
+    /// files reloaded every `reload_interval` and on change.
+    pub fn new_tls(
+        address: &str,
+        max_message_bytes: usize,
+        tls: &crate::tls::UpstreamTls,
+        reload_interval: Duration,
+    ) -> Result<Upstream, crate::tls::TlsError> {
+        let channel = tls.channel(address, reload_interval, Upstream::configure)?;
+        Ok(Upstream::over(address, channel, max_message_bytes))
+    }
+
+    /// The endpoint options every upstream channel has.
+    fn configure(endpoint: Endpoint) -> Endpoint {
+        endpoint
             .connect_timeout(Duration::from_secs(5))
-            .tcp_nodelay(true);
-        let client = BridgeClient::new(endpoint.connect_lazy())
+            .tcp_nodelay(true)
+    }
+
+    fn over(address: &str, channel: Channel, max_message_bytes: usize) -> Upstream {
+        let client = BridgeClient::new(channel)
             .max_decoding_message_size(max_message_bytes)
             .max_encoding_message_size(max_message_bytes);
-        Ok(Upstream {
+        Upstream {
             address: address.into(),
             client,
-        })
+        }
     }
 
     /// A request carrying the remaining time as `grpc-timeout`, and the session id as

@@ -4,6 +4,10 @@
 //! a missing token is `UNAUTHENTICATED`, a wrong one `PERMISSION_DENIED`. Without one,
 //! only the read-only calls are served, so a fresh install can be inspected but not
 //! changed by anyone who can reach the (loopback) admin port.
+//!
+//! Under mTLS with `tls.admin.allow_read` or `allow_write` set, the client's identity
+//! decides instead of the token ([`authorize_call`]): a writer may make every call, a
+//! reader only the read-only ones, anyone else nothing (PERMISSION_DENIED).
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -14,6 +18,12 @@ use super::pb::admin_server::Admin;
 use super::{duration, pb, Edge};
 use crate::rollout::flags::{Action, Change, Mode, UnknownAction, UnknownMode};
 use crate::rollout::{InvalidPercent, Percent};
+use crate::tls::{AdminAllowlists, AdminGrant, ClientIdentity, PeerInfo};
+
+/// The verified client identity of a call that came over mTLS.
+fn identity_of<T>(req: &Request<T>) -> Option<&ClientIdentity> {
+    PeerInfo::of(req.extensions()).and_then(|p| p.identity.as_deref())
+}
 
 /// Compares in constant time for equal lengths, so the time taken does not tell an
 /// attacker how much of a guess was right.
@@ -52,6 +62,35 @@ pub fn authorize(token: Option<&str>, header: Option<&str>, mutating: bool) -> R
     }
 }
 
+/// The decision for one call, pure: the identity when admin allowlists are set,
+/// else the token ([`authorize`]).
+pub fn authorize_call(
+    allow: &AdminAllowlists,
+    identity: Option<&ClientIdentity>,
+    token: Option<&str>,
+    header: Option<&str>,
+    mutating: bool,
+) -> Result<(), Status> {
+    let who = || {
+        identity
+            .map(|i| format!("client identity {i}"))
+            .unwrap_or_else(|| "a client without a certificate".into())
+    };
+    match allow.grant(identity) {
+        AdminGrant::TokenDecides => authorize(token, header, mutating),
+        AdminGrant::Write => Ok(()),
+        AdminGrant::Read if !mutating => Ok(()),
+        AdminGrant::Read => Err(Status::permission_denied(format!(
+            "{} may only read: changes need an identity in tls.admin.allow_write",
+            who()
+        ))),
+        AdminGrant::Nothing => Err(Status::permission_denied(format!(
+            "{} is not in tls.admin.allow_read or tls.admin.allow_write",
+            who()
+        ))),
+    }
+}
+
 /// The Admin service.
 #[derive(Clone)]
 pub struct AdminService(pub Arc<Edge>);
@@ -62,7 +101,18 @@ impl AdminService {
             .metadata()
             .get("authorization")
             .and_then(|v| v.to_str().ok());
-        authorize(self.0.admin_token.as_deref(), header, mutating)
+        let identity = identity_of(req);
+        let r = authorize_call(
+            &self.0.admin_allow,
+            identity,
+            self.0.admin_token.as_deref(),
+            header,
+            mutating,
+        );
+        if r.is_err() {
+            super::access::count_denied("admin");
+        }
+        r
     }
 
     fn rollout_msg(&self) -> pb::Rollout {
@@ -278,6 +328,11 @@ impl Admin for AdminService {
             .remote_addr()
             .map(|a| a.to_string())
             .unwrap_or_else(|| "unknown".into());
+        // The audit trail names the certificate's identity too, under mTLS.
+        let peer = match identity_of(&req) {
+            Some(id) => format!("{peer} [{id}]"),
+            None => peer,
+        };
         let r = req.into_inner();
         let change = parse_change(&r).map_err(|e| Status::invalid_argument(e.to_string()))?;
         if self.0.split.new_backend().is_none() && change.action != Some(Action::Rollback) {
@@ -362,6 +417,46 @@ mod tests {
         assert_eq!(
             authorize(None, Some("Bearer x"), true).unwrap_err().code(),
             tonic::Code::FailedPrecondition
+        );
+    }
+
+    #[test]
+    fn under_admin_allowlists_the_identity_replaces_the_token() {
+        let list = |p: &str| crate::tls::Allowlist::new(&[p.to_string()]);
+        let allow = AdminAllowlists {
+            read: list("spiffe://prod/monitoring/*"),
+            write: list("spiffe://prod/ops"),
+        };
+        let id = |u: &str| ClientIdentity {
+            uris: vec![u.into()],
+            dns: vec![],
+        };
+        let (ops, mon, other) = (
+            id("spiffe://prod/ops"),
+            id("spiffe://prod/monitoring/x"),
+            id("spiffe://prod/shop"),
+        );
+        let t = Some("s3cret");
+        assert!(authorize_call(&allow, Some(&ops), t, None, true).is_ok());
+        assert!(authorize_call(&allow, Some(&mon), t, None, false).is_ok());
+        let e = authorize_call(&allow, Some(&mon), t, Some("Bearer s3cret"), true).unwrap_err();
+        assert_eq!(e.code(), tonic::Code::PermissionDenied);
+        assert!(e.message().contains("allow_write"), "{}", e.message());
+        let e = authorize_call(&allow, Some(&other), t, Some("Bearer s3cret"), false).unwrap_err();
+        assert_eq!(e.code(), tonic::Code::PermissionDenied);
+        assert!(
+            e.message().contains("spiffe://prod/shop"),
+            "{}",
+            e.message()
+        );
+        // Without allowlists the token decides, certificate or not.
+        let none = AdminAllowlists::default();
+        assert!(authorize_call(&none, Some(&other), t, Some("Bearer s3cret"), true).is_ok());
+        assert_eq!(
+            authorize_call(&none, Some(&ops), t, None, false)
+                .unwrap_err()
+                .code(),
+            tonic::Code::Unauthenticated
         );
     }
 

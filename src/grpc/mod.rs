@@ -7,6 +7,7 @@
 pub mod deadline;
 pub mod status;
 
+pub mod access;
 pub mod admin;
 pub mod record;
 pub mod transparent;
@@ -48,6 +49,9 @@ pub struct Edge {
     pub instance_header: Option<MetadataValue<tonic::metadata::Ascii>>,
     /// The admin bearer token; `None`: read-only admin calls only.
     pub admin_token: Option<String>,
+    /// Under mTLS: the identities that may read or change through the admin API
+    /// (empty: the token decides).
+    pub admin_allow: crate::tls::AdminAllowlists,
     /// Commands the backends registered: the only values of the `command` label.
     pub commands: crate::telemetry::KnownCommands,
 }

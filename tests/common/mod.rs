@@ -16,6 +16,8 @@ use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tonic::transport::Channel;
 
+pub mod certs;
+
 /// A client of `pitboss.v1.Bridge`.
 pub type Client = pb::bridge_client::BridgeClient<Channel>;
 /// A client of `pitboss.v1.Admin`.
