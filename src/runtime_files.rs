@@ -149,6 +149,7 @@ fn choose() -> (PathBuf, Source) {
     match write_embedded(&candidates) {
         Ok((dir, fresh)) => (dir, Source::Embedded { fresh }),
         Err(why) => {
+            let why = why.to_string();
             let dir = candidates
                 .first()
                 .map(|c| c.root.join(versioned_name()))
@@ -238,7 +239,7 @@ pub fn cache_roots(env: &Env) -> Vec<CacheRoot> {
 
 /// Writes the embedded runtime under the first root that takes it; returns its
 /// directory and whether it was written now. The error lists every root tried.
-pub fn write_embedded(roots: &[CacheRoot]) -> Result<(PathBuf, bool), String> {
+pub fn write_embedded(roots: &[CacheRoot]) -> Result<(PathBuf, bool), RuntimeError> {
     let mut tried = Vec::new();
     for root in roots {
         match install_under(root, FILES) {
@@ -246,13 +247,13 @@ pub fn write_embedded(roots: &[CacheRoot]) -> Result<(PathBuf, bool), String> {
             Err(e) => tried.push(format!("{}: {e}", root.root.display())),
         }
     }
-    Err(format!(
+    Err(RuntimeError::Unwritable(format!(
         "cannot write the worker runtime embedded in pitboss anywhere (tried {}); \
          set $PITBOSS_CACHE_DIR to a writable directory (on a read-only root file system: \
          mount one, e.g. an emptyDir at /tmp), or set pool.runtime_dir / $PITBOSS_RUNTIME_DIR \
          to a directory holding pitboss_worker",
         tried.join("; ")
-    ))
+    )))
 }
 
 /// Writes `files` to `<root>/runtime-<version>-<digest>` unless it already holds
@@ -462,7 +463,9 @@ mod tests {
         use std::os::unix::fs::PermissionsExt;
         let mode = std::fs::metadata(&private.root).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o700);
-        let err = write_embedded(std::slice::from_ref(&blocked)).unwrap_err();
+        let err = write_embedded(std::slice::from_ref(&blocked))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains(&blocked.root.display().to_string()), "{err}");
         assert!(err.contains("PITBOSS_CACHE_DIR"), "{err}");
         let _ = std::fs::remove_dir_all(dir);

@@ -149,7 +149,7 @@ class Request(object):
 
     def _context(self) -> Tuple[str, Optional[str], Optional[str], int, Optional[str]]:
         ctx = self._ctx
-        if type(ctx) is tuple:
+        if isinstance(ctx, tuple):
             return ctx
         if ctx is None:
             decoded: Tuple[str, Optional[str], Optional[str], int, Optional[str]] = ("", None, None, 1, None)
@@ -239,7 +239,7 @@ def _code_flags(func: Any) -> int:
     for _ in range(32):
         code = getattr(func, "__code__", None)
         if code is not None and code.co_flags & _KIND_FLAGS:
-            return code.co_flags
+            return int(code.co_flags)
         nxt = getattr(func, "__wrapped__", None)
         if nxt is None:
             nxt = getattr(func, "func", None)  # functools.partial
@@ -332,7 +332,7 @@ class Adapter(object):
             is_async: Optional[bool] = None,
         ) -> Callable[[F], F]: ...
 
-    def command(  # type: ignore[misc]
+    def command(
         self,
         func: Optional[F] = None,
         name: Optional[str] = None,

@@ -1,3 +1,6 @@
+# mypy: allow-untyped-defs, allow-untyped-calls, allow-incomplete-defs
+# The wire code is internal (not part of the adapter API that mypy --strict checks);
+# only what adapter.py calls into is annotated.
 """Wire format of the pitboss worker protocol, version 1 (see docs/PROTOCOL.md).
 
 Every frame is a 16-byte header, ``struct ">IBBHQ"`` (length, version, kind, flags,
@@ -190,7 +193,7 @@ def split_frames(data, offset, max_frame_bytes):
     allowed depends on the direction.
     """
     n = len(data)
-    frames = []
+    frames = []  # type: list[tuple[int, int, int, int, int]]
     append = frames.append
     while n - offset >= PREFIX_LEN:
         length = _LENGTH_UNPACK_FROM(data, offset)[0]
@@ -258,7 +261,7 @@ def decode_request_at(data, start, end, flags=0):
     return command, session_id, content_type, timeout_ms, payload_start, bytes(data[c + 2 : payload_start])
 
 
-def decode_context(block):
+def decode_context(block: bytes) -> "tuple[str, str | None, str | None, int, str | None]":
     """``(request_id, traceparent, tracestate, attempt, backend)`` of a context block
     as :func:`decode_request_at` returns it (checked there). Strings are decoded with
     replacement characters, never an error; absent ones are "" / None."""
