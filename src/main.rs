@@ -39,6 +39,10 @@ enum Command {
     CheckConfig { file: PathBuf },
     /// Validate a rollout flags file and print the flags it sets (all keys).
     CheckFlags { file: PathBuf },
+    /// Print the directory of the Python worker runtime (writing the one embedded in
+    /// this binary out first, if need be): `pip install "$(pitboss runtime)"` installs
+    /// the matching pitboss_worker package for your editor and your tests.
+    Runtime,
     /// Print the Admin status as a table.
     Status {
         #[arg(long, default_value = "http://127.0.0.1:50052")]
@@ -205,6 +209,15 @@ enum RolloutCommand {
     Rollback,
 }
 
+/// `pitboss runtime`: the runtime directory on stdout, how it was found on stderr.
+fn print_runtime() -> Result<(), String> {
+    let location = pitboss::runtime_files::location();
+    pitboss::runtime_files::check(&location.dir).map_err(|e| e.to_string())?;
+    println!("{}", location.dir.display());
+    eprintln!("pitboss runtime: {}", location.describe());
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let rt = match tokio::runtime::Runtime::new() {
@@ -219,6 +232,7 @@ fn main() -> ExitCode {
             Command::Serve => serve(cli.config, cli.log_format).await,
             Command::CheckConfig { file } => check_config(file),
             Command::CheckFlags { file } => check_flags(file),
+            Command::Runtime => print_runtime(),
             Command::Bench { what } => bench(cli.config, what).await,
             Command::Status { addr, token } => status(addr, token).await,
             Command::Rollout {

@@ -461,7 +461,10 @@ mod tests {
         let (target, _) = write_embedded(&[blocked.clone(), private.clone()]).unwrap();
         assert!(target.starts_with(&private.root), "{target:?}");
         use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::metadata(&private.root).unwrap().permissions().mode();
+        let mode = std::fs::metadata(&private.root)
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o700);
         let err = write_embedded(std::slice::from_ref(&blocked))
             .unwrap_err()

@@ -103,23 +103,31 @@ async fn an_installed_binary_serves_a_user_adapter_from_its_embedded_runtime() {
     let prefix_before = tree(&dir.join("prefix"));
 
     let mut c = command(&exe, &cwd);
-    c.env("XDG_CACHE_HOME", &cache).env("HOME", dir.join("home"));
+    c.env("XDG_CACHE_HOME", &cache)
+        .env("HOME", dir.join("home"));
     let p = spawn_exe(c, &config).await;
     assert_eq!(call_hello(&p).await, serde_json::json!({"hello": "world"}));
     let line = runtime_line(&p);
     assert!(line.contains("embedded in the binary"), "{line}");
 
-    let runtime = cache.join("pitboss").join(pitboss::runtime_files::versioned_name());
+    let runtime = cache
+        .join("pitboss")
+        .join(pitboss::runtime_files::versioned_name());
     assert!(line.contains(&runtime.display().to_string()), "{line}");
     for (rel, bytes) in pitboss::runtime_files::FILES {
         assert_eq!(std::fs::read(runtime.join(rel)).unwrap(), *bytes, "{rel}");
     }
-    assert_eq!(tree(&dir.join("prefix")), prefix_before, "wrote into the prefix");
+    assert_eq!(
+        tree(&dir.join("prefix")),
+        prefix_before,
+        "wrote into the prefix"
+    );
     drop(p);
 
     // A second start finds the runtime written and uses it as it is.
     let mut c = command(&exe, &cwd);
-    c.env("XDG_CACHE_HOME", &cache).env("HOME", dir.join("home"));
+    c.env("XDG_CACHE_HOME", &cache)
+        .env("HOME", dir.join("home"));
     let p = spawn_exe(c, &config).await;
     assert_eq!(call_hello(&p).await, serde_json::json!({"hello": "world"}));
     drop(p);
@@ -152,7 +160,11 @@ async fn with_only_the_temp_dir_writable_the_runtime_goes_to_a_private_dir_there
     use std::os::unix::fs::PermissionsExt;
     let mode = std::fs::metadata(&private).unwrap().permissions().mode();
     assert_eq!(mode & 0o777, 0o700);
-    assert_eq!(tree(&dir.join("prefix")), prefix_before, "wrote into the prefix");
+    assert_eq!(
+        tree(&dir.join("prefix")),
+        prefix_before,
+        "wrote into the prefix"
+    );
     drop(p);
 
     // Nothing writable at all: a clear error naming what was tried and the fix.
@@ -172,5 +184,74 @@ async fn with_only_the_temp_dir_writable_the_runtime_goes_to_a_private_dir_there
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("cannot write the worker runtime"), "{err}");
     assert!(err.contains("PITBOSS_CACHE_DIR"), "{err}");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// A copy of the runtime whose protocol version is not pitboss's, in `dir`.
+fn runtime_of_protocol(dir: &Path, version: u32) -> PathBuf {
+    let rt = dir.join("runtime");
+    for (rel, bytes) in pitboss::runtime_files::FILES {
+        let path = rt.join(rel);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        let mut text = String::from_utf8(bytes.to_vec()).unwrap();
+        if *rel == "pitboss_worker/protocol.py" {
+            assert!(text.contains("\nPROTOCOL_VERSION = 1\n"));
+            text = text.replace(
+                "\nPROTOCOL_VERSION = 1\n",
+                &format!("\nPROTOCOL_VERSION = {version}\n"),
+            );
+        }
+        std::fs::write(path, text).unwrap();
+    }
+    rt
+}
+
+#[tokio::test]
+async fn a_runtime_of_another_protocol_is_refused_at_ready_with_both_versions() {
+    let dir = temp_dir("install-proto");
+    let rt = runtime_of_protocol(&dir, 2);
+    let spec = pitboss::worker::WorkerCommand::demo(rt.clone())
+        .resolve(1 << 20, 1)
+        .await
+        .unwrap();
+    let err =
+        match pitboss::worker::start(&spec, pitboss::worker::WorkerId(1), Duration::from_secs(30))
+            .await
+        {
+            Ok(_) => panic!("a protocol 2 worker was accepted"),
+            Err(e) => e.to_string(),
+        };
+    assert!(err.contains("speaks protocol 2"), "{err}");
+    assert!(err.contains(&rt.display().to_string()), "{err}");
+    assert!(
+        err.contains(&format!(
+            "this pitboss ({}) speaks 1",
+            pitboss::runtime_files::VERSION
+        )),
+        "{err}"
+    );
+    assert!(err.contains("pool.runtime_dir"), "{err}");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[tokio::test]
+async fn pitboss_runtime_prints_a_pip_installable_directory() {
+    let dir = temp_dir("install-cmd");
+    let (exe, _) = install(&dir);
+    let cache = dir.join("cache");
+    let mut c = command(&exe, &dir);
+    c.env("PITBOSS_CACHE_DIR", &cache).arg("runtime");
+    let out = tokio::time::timeout(Duration::from_secs(60), c.output())
+        .await
+        .expect("exits")
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let printed = PathBuf::from(String::from_utf8(out.stdout).unwrap().trim());
+    assert_eq!(
+        printed,
+        cache.join(pitboss::runtime_files::versioned_name())
+    );
+    assert!(printed.join("pyproject.toml").is_file());
+    assert!(printed.join("pitboss_worker/py.typed").is_file());
     let _ = std::fs::remove_dir_all(dir);
 }
