@@ -255,3 +255,85 @@ async fn pitboss_runtime_prints_a_pip_installable_directory() {
     assert!(printed.join("pitboss_worker/py.typed").is_file());
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[tokio::test]
+async fn pitboss_init_scaffolds_a_project_that_serves_and_whose_test_passes() {
+    let dir = temp_dir("install-init");
+    let (exe, _) = install(&dir);
+    let project = dir.join("myapp");
+    let cache = dir.join("cache");
+    let run = |args: &[&str]| {
+        let mut c = std::process::Command::new(&exe);
+        c.current_dir(&dir)
+            .env_remove("PITBOSS_RUNTIME_DIR")
+            .env("PITBOSS_CACHE_DIR", &cache)
+            .args(args);
+        c.output().unwrap()
+    };
+    let out = run(&["init", project.to_str().unwrap()]);
+    assert!(out.status.success(), "{out:?}");
+    for f in ["app.py", "test_app.py", "pitboss.toml", "flags.toml"] {
+        assert!(project.join(f).is_file(), "{f}");
+    }
+    // A second init refuses to overwrite, and says which files are in the way.
+    let again = run(&["init", project.to_str().unwrap()]);
+    assert!(!again.status.success());
+    let err = String::from_utf8_lossy(&again.stderr);
+    assert!(err.contains("not overwriting") && err.contains("app.py"), "{err}");
+    // The config and the flags file are valid as written.
+    let config = project.join("pitboss.toml");
+    assert!(run(&["check-config", config.to_str().unwrap()]).status.success());
+    let flags = project.join("flags.toml");
+    assert!(run(&["check-flags", flags.to_str().unwrap()]).status.success());
+
+    // The adapter's own test passes against the runtime the binary carries.
+    let runtime = String::from_utf8(run(&["runtime"]).stdout).unwrap();
+    let test = std::process::Command::new("python3")
+        .current_dir(&project)
+        .env("PYTHONPATH", runtime.trim())
+        .args(["-m", "unittest", "test_app"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&test.stderr);
+    assert!(test.status.success(), "{stderr}");
+    assert!(stderr.contains("Ran 4 tests"), "{stderr}");
+
+    // Served as written (on free ports instead of the default ones).
+    let text = std::fs::read_to_string(&config).unwrap();
+    let text = text
+        .replace("127.0.0.1:50051", "127.0.0.1:0")
+        .replace("127.0.0.1:50052", "127.0.0.1:0")
+        .replace("127.0.0.1:9100", "127.0.0.1:0");
+    std::fs::write(&config, text).unwrap();
+    let mut c = command(&exe, &dir);
+    c.env("PITBOSS_CACHE_DIR", &cache);
+    let p = spawn_exe(c, &config).await;
+    let mut client = Client::connect(p.bridge.clone()).await.unwrap();
+    let mut reply = None;
+    for _ in 0..300 {
+        if let Ok(r) = client.execute(exec("hello", r#"{"name": "ada"}"#)).await {
+            reply = Some(r.into_inner());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let reply = reply.expect("hello answered");
+    let v: serde_json::Value = serde_json::from_slice(&reply.payload).unwrap();
+    assert_eq!(v, serde_json::json!({"hello": "ada"}));
+    let chunks = collect(
+        client
+            .execute_stream(exec("words", r#""one two""#))
+            .await
+            .unwrap()
+            .into_inner(),
+    )
+    .await;
+    let words: Vec<String> = chunks
+        .iter()
+        .filter(|c| !(c.last && c.payload.is_empty()))
+        .map(|c| String::from_utf8(c.payload.to_vec()).unwrap())
+        .collect();
+    assert_eq!(words, ["one", "two"]);
+    drop(p);
+    let _ = std::fs::remove_dir_all(dir);
+}
