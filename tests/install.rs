@@ -279,12 +279,17 @@ async fn pitboss_init_scaffolds_a_project_that_serves_and_whose_test_passes() {
     let again = run(&["init", project.to_str().unwrap()]);
     assert!(!again.status.success());
     let err = String::from_utf8_lossy(&again.stderr);
-    assert!(err.contains("not overwriting") && err.contains("app.py"), "{err}");
+    assert!(
+        err.contains("not overwriting") && err.contains("app.py"),
+        "{err}"
+    );
     // The config and the flags file are valid as written.
     let config = project.join("pitboss.toml");
-    assert!(run(&["check-config", config.to_str().unwrap()]).status.success());
+    let checked = run(&["check-config", config.to_str().unwrap()]);
+    assert!(checked.status.success(), "{checked:?}");
     let flags = project.join("flags.toml");
-    assert!(run(&["check-flags", flags.to_str().unwrap()]).status.success());
+    let checked = run(&["check-flags", flags.to_str().unwrap()]);
+    assert!(checked.status.success(), "{checked:?}");
 
     // The adapter's own test passes against the runtime the binary carries.
     let runtime = String::from_utf8(run(&["runtime"]).stdout).unwrap();
