@@ -308,7 +308,7 @@ async fn pitboss_init_scaffolds_a_project_that_serves_and_whose_test_passes() {
     let text = text
         .replace("127.0.0.1:50051", "127.0.0.1:0")
         .replace("127.0.0.1:50052", "127.0.0.1:0")
-        .replace("127.0.0.1:9100", "127.0.0.1:0");
+        .replace("127.0.0.1:9464", "127.0.0.1:0");
     std::fs::write(&config, text).unwrap();
     let mut c = command(&exe, &dir);
     c.env("PITBOSS_CACHE_DIR", &cache);
