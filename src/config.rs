@@ -1153,11 +1153,18 @@ fn leaf_paths(t: &toml::Table) -> Vec<String> {
 }
 
 /// `PITBOSS_*` variables that are not config keys: read by pitboss itself
-/// (`PITBOSS_ADMIN_TOKEN`, `PITBOSS_INSTANCE_ID`, `PITBOSS_RUNTIME_DIR`), by the example
+/// (`PITBOSS_ADMIN_TOKEN`, `PITBOSS_INSTANCE_ID`, `PITBOSS_RUNTIME_DIR`,
+/// `PITBOSS_CACHE_DIR`: where the embedded worker runtime is written), by the example
 /// client (`PITBOSS_ADDR`), by the fault-injection adapter (`PITBOSS_FAULT_*`) and by the
 /// test suite (`PITBOSS_REQUIRE_*`, `PITBOSS_TEST_*`). Any other `PITBOSS_` variable
 /// must name a config key: a typo is an error, not a silently ignored override.
-const NON_CONFIG_VARS: [&str; 4] = ["ADMIN_TOKEN", "INSTANCE_ID", "RUNTIME_DIR", "ADDR"];
+const NON_CONFIG_VARS: [&str; 5] = [
+    "ADMIN_TOKEN",
+    "INSTANCE_ID",
+    "RUNTIME_DIR",
+    "CACHE_DIR",
+    "ADDR",
+];
 const NON_CONFIG_PREFIXES: [&str; 3] = ["FAULT_", "REQUIRE_", "TEST_"];
 
 fn is_non_config_var(rest: &str) -> bool {
@@ -1560,6 +1567,7 @@ mod tests {
             ("PITBOSS_ADMIN_TOKEN".to_string(), "t".to_string()),
             ("PITBOSS_INSTANCE_ID".to_string(), "i".to_string()),
             ("PITBOSS_RUNTIME_DIR".to_string(), "/r".to_string()),
+            ("PITBOSS_CACHE_DIR".to_string(), "/c".to_string()),
             ("PITBOSS_FAULT_COUNT_FILE".to_string(), "/f".to_string()),
             ("PITBOSS_REQUIRE_NGINX".to_string(), "1".to_string()),
             ("PITBOSS_TEST_HOLD_POOL".to_string(), "1".to_string()),

@@ -12,6 +12,7 @@ use pitboss::server::RunningServer;
 /// measures pitboss from outside, through its public API and its gRPC surface.
 mod cli {
     pub mod bench;
+    pub mod init;
 }
 
 #[derive(Parser)]
@@ -39,6 +40,13 @@ enum Command {
     CheckConfig { file: PathBuf },
     /// Validate a rollout flags file and print the flags it sets (all keys).
     CheckFlags { file: PathBuf },
+    /// Write a new adapter project into DIR: app.py, test_app.py, pitboss.toml and
+    /// flags.toml (never overwriting a file); then `pitboss --config DIR/pitboss.toml`.
+    Init { dir: PathBuf },
+    /// Print the directory of the Python worker runtime (writing the one embedded in
+    /// this binary out first, if need be): `pip install "$(pitboss runtime)"` installs
+    /// the matching pitboss_worker package for your editor and your tests.
+    Runtime,
     /// Print the Admin status as a table.
     Status {
         #[arg(long, default_value = "http://127.0.0.1:50052")]
@@ -217,6 +225,29 @@ enum RolloutCommand {
     },
 }
 
+/// `pitboss init DIR`: the scaffold, then what to do next.
+fn init(dir: PathBuf) -> Result<(), String> {
+    for path in cli::init::init(&dir)? {
+        println!("wrote {}", path.display());
+    }
+    let d = dir.display();
+    println!(
+        "\nnext:\n  pitboss --config {d}/pitboss.toml          # serve it\n  \
+         pitboss call hello --payload '{{\"name\": \"you\"}}' # call it\n  \
+         (cd {d} && PYTHONPATH=\"$(pitboss runtime)\" python3 -m unittest test_app)  # test it"
+    );
+    Ok(())
+}
+
+/// `pitboss runtime`: the runtime directory on stdout, how it was found on stderr.
+fn print_runtime() -> Result<(), String> {
+    let location = pitboss::runtime_files::location();
+    pitboss::runtime_files::check(&location.dir).map_err(|e| e.to_string())?;
+    println!("{}", location.dir.display());
+    eprintln!("pitboss runtime: {}", location.describe());
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let rt = match tokio::runtime::Runtime::new() {
@@ -231,6 +262,8 @@ fn main() -> ExitCode {
             Command::Serve => serve(cli.config, cli.log_format).await,
             Command::CheckConfig { file } => check_config(file),
             Command::CheckFlags { file } => check_flags(file),
+            Command::Runtime => print_runtime(),
+            Command::Init { dir } => init(dir),
             Command::Bench { what } => bench(cli.config, what).await,
             Command::Status { addr, token } => status(addr, token).await,
             Command::Rollout {

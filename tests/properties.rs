@@ -66,8 +66,10 @@ prop_compose! {
         adapter in text(16),
         commands in prop::collection::vec(command_info(), 0..4),
         python in text(8),
+        runtime in text(8),
+        revision in any::<u32>(),
     ) -> ReadyInfo {
-        ReadyInfo { protocol, pid, adapter, commands, python }
+        ReadyInfo { protocol, pid, adapter, commands, python, runtime, revision }
     }
 }
 

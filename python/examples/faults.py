@@ -119,7 +119,7 @@ def print_(req):
 @adapter.command
 def garbage(req):
     """Write an invalid frame (protocol version 99) to the real channel, then return."""
-    hooks.unsafe_write_raw(P.HEADER.pack(P.HEADER_LEN, 99, P.RESPONSE, 0, req.request_id))
+    hooks.unsafe_write_raw(P.HEADER.pack(P.HEADER_LEN, 99, P.RESPONSE, 0, req.frame_id))
     return "sent garbage"
 
 
@@ -127,7 +127,7 @@ def garbage(req):
 def oversized(req):
     """Write a frame header announcing more than --max-frame-bytes to the real channel."""
     too_big = hooks.max_frame_bytes() + 1
-    hooks.unsafe_write_raw(P.HEADER.pack(too_big, P.PROTOCOL_VERSION, P.RESPONSE, 0, req.request_id))
+    hooks.unsafe_write_raw(P.HEADER.pack(too_big, P.PROTOCOL_VERSION, P.RESPONSE, 0, req.frame_id))
     return "sent oversized"
 
 

@@ -15,6 +15,20 @@ See python/README.md for the whole API.
 """
 
 from .adapter import Adapter, Cancelled, InvalidRequest, Request, Response, ResultError
+from .context import current_request
+from .protocol import PROTOCOL_REVISION, PROTOCOL_VERSION
 
-__all__ = ["Adapter", "Cancelled", "InvalidRequest", "Request", "Response", "ResultError"]
+__all__ = [
+    "Adapter",
+    "Cancelled",
+    "InvalidRequest",
+    "Request",
+    "Response",
+    "ResultError",
+    "current_request",
+    "PROTOCOL_VERSION",
+    "PROTOCOL_REVISION",
+]
+#: pitboss's version (Cargo.toml), which this runtime ships with; pitboss checks the
+#: protocol (PROTOCOL_VERSION, announced in READY with this) when a worker starts.
 __version__ = "0.1.0"

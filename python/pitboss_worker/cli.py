@@ -137,6 +137,12 @@ def main(argv=None):
         sys.stderr.write("pitboss_worker: adapter start-up failed:\n%s" % _traceback_text(e))
         sys.stderr.flush()
         os._exit(1)
+    if "logging" in sys.modules:
+        # The adapter uses logging: its records reach pitboss's logs with the
+        # request's id (log.py). Not imported otherwise (it costs start-up time).
+        from . import log
+
+        log.install()
     runtime.write(runtime.ready_frame())
     if any(c.is_async for c in adapter.commands.values()):
         runtime.start_loop(wait=False)

@@ -1,3 +1,6 @@
+# mypy: allow-untyped-defs, allow-untyped-calls, allow-incomplete-defs
+# The wire code is internal (not part of the adapter API that mypy --strict checks);
+# only what adapter.py calls into is annotated.
 """Wire format of the pitboss worker protocol, version 1 (see docs/PROTOCOL.md).
 
 Every frame is a 16-byte header, ``struct ">IBBHQ"`` (length, version, kind, flags,
@@ -8,7 +11,17 @@ the tests (which play the host) use it.
 
 import struct
 
+#: The protocol's version: the ``version`` byte of every frame and ``protocol`` in
+#: READY. pitboss refuses a worker of another version at READY.
 PROTOCOL_VERSION = 1
+#: Compatible additions to version 1, announced as ``revision`` in READY. 2: a REQUEST
+#: may carry a context block (flag :data:`FLAG_CONTEXT`). pitboss sends what the
+#: worker's revision knows, so old runtimes keep working with a newer pitboss.
+PROTOCOL_REVISION = 2
+
+#: REQUEST flag: a context block follows the request's strings (see
+#: :data:`CONTEXT_HEAD`). The only flag; every other bit must be 0.
+FLAG_CONTEXT = 0x0001
 
 #: Bytes after the 4-byte length prefix that every frame has.
 HEADER_LEN = 12
@@ -57,6 +70,17 @@ LENGTH_PREFIX = struct.Struct(">I")
 REQUEST_HEAD = struct.Struct(">HHHI")
 #: content_type_len, at the start of a RESPONSE or STREAM_CHUNK body.
 PAYLOAD_HEAD = struct.Struct(">H")
+#: The context block of a REQUEST with :data:`FLAG_CONTEXT`, after its strings:
+#: context_len (bytes after this field), attempt, backend (0 unknown, 1 legacy,
+#: 2 new), request_id_len, traceparent_len, tracestate_len; then the three strings,
+#: then whatever a later revision adds (skipped: context_len says where it ends).
+CONTEXT_HEAD = struct.Struct(">HBBHHH")
+CONTEXT_HEAD_LEN = CONTEXT_HEAD.size  # 10
+#: The same fields without context_len: the start of the block
+#: :func:`decode_request_at` returns.
+CONTEXT_FIELDS = struct.Struct(">BBHHH")
+#: The ``backend`` byte of a context block.
+BACKENDS = (None, "legacy", "new")
 #: The frame header followed by a payload body's content_type_len (18 bytes): a
 #: RESPONSE or STREAM_CHUNK header in one ``pack`` (the runtime's fast path).
 PAYLOAD_FRAME_HEADER = struct.Struct(">IBBHQH")
@@ -77,6 +101,8 @@ _HEADER_UNPACK_FROM = HEADER.unpack_from
 _LENGTH_UNPACK_FROM = LENGTH_PREFIX.unpack_from
 _REQUEST_HEAD_UNPACK_FROM = REQUEST_HEAD.unpack_from
 _PAYLOAD_HEAD_UNPACK_FROM = PAYLOAD_HEAD.unpack_from
+_CONTEXT_HEAD_UNPACK_FROM = CONTEXT_HEAD.unpack_from
+_CONTEXT_FIELDS_UNPACK_FROM = CONTEXT_FIELDS.unpack_from
 
 
 class ProtocolError(Exception):
@@ -109,10 +135,33 @@ def encode_payload(kind, request_id, content_type, payload):
     )
 
 
-def encode_request(request_id, command, session_id, content_type, timeout_ms, payload):
+def encode_context(request_id="", traceparent=None, tracestate=None, attempt=1, backend=None):
+    """A REQUEST's context block (:data:`CONTEXT_HEAD` and its strings)."""
+    r = request_id.encode("utf-8")
+    p = (traceparent or "").encode("utf-8")
+    t = (tracestate or "").encode("utf-8")
+    for what, value in (("request id", r), ("traceparent", p), ("tracestate", t)):
+        if len(value) > MAX_STRING_BYTES:
+            raise ValueError(
+                "%s is %d bytes, the limit is %d" % (what, len(value), MAX_STRING_BYTES)
+            )
+    strings = r + p + t
+    head = CONTEXT_HEAD.pack(
+        CONTEXT_HEAD_LEN - 2 + len(strings),
+        min(max(attempt, 0), 255),
+        BACKENDS.index(backend),
+        len(r),
+        len(p),
+        len(t),
+    )
+    return head + strings
+
+
+def encode_request(request_id, command, session_id, content_type, timeout_ms, payload, context=None):
     """A ``REQUEST`` frame (the host's side; used by tests and tools).
 
-    ``session_id`` may be None (no session), ``payload`` any bytes-like object.
+    ``session_id`` may be None (no session), ``payload`` any bytes-like object,
+    ``context`` a block from :func:`encode_context` (sets :data:`FLAG_CONTEXT`).
     """
     c = command.encode("utf-8")
     s = (session_id or "").encode("utf-8")
@@ -122,8 +171,11 @@ def encode_request(request_id, command, session_id, content_type, timeout_ms, pa
             raise ValueError(
                 "%s is %d bytes, the limit is %d" % (what, len(value), MAX_STRING_BYTES)
             )
-    body = REQUEST_HEAD.pack(len(c), len(s), len(t), timeout_ms) + c + s + t + bytes(payload)
-    return encode(REQUEST, request_id, body)
+    head = REQUEST_HEAD.pack(len(c), len(s), len(t), timeout_ms) + c + s + t
+    if context is None:
+        return encode(REQUEST, request_id, head + bytes(payload))
+    body = head + context + bytes(payload)
+    return _HEADER_PACK(HEADER_LEN + len(body), PROTOCOL_VERSION, REQUEST, FLAG_CONTEXT, request_id) + body
 
 
 # --------------------------------------------------------------------------- decoding
@@ -133,14 +185,15 @@ def split_frames(data, offset, max_frame_bytes):
     """Finds the complete frames in ``data[offset:]``.
 
     Returns ``(frames, new_offset)`` where each frame is a tuple
-    ``(kind, request_id, body_start, body_end)`` indexing into ``data`` and
+    ``(kind, request_id, body_start, body_end, flags)`` indexing into ``data`` and
     ``new_offset`` is where the first incomplete frame (if any) starts. Raises
     :class:`ProtocolError` for a length out of bounds (checked as soon as the 4-byte
-    prefix is there, before waiting for the rest), a wrong version or non-zero flags.
-    Kinds are not checked: which kinds are allowed depends on the direction.
+    prefix is there, before waiting for the rest), a wrong version, or flags other
+    than :data:`FLAG_CONTEXT` on a REQUEST. Kinds are not checked: which kinds are
+    allowed depends on the direction.
     """
     n = len(data)
-    frames = []
+    frames = []  # type: list[tuple[int, int, int, int, int]]
     append = frames.append
     while n - offset >= PREFIX_LEN:
         length = _LENGTH_UNPACK_FROM(data, offset)[0]
@@ -161,21 +214,23 @@ def split_frames(data, offset, max_frame_bytes):
                 "unsupported protocol version %d (this worker speaks %d)"
                 % (version, PROTOCOL_VERSION)
             )
-        if flags:
+        if flags and (flags != FLAG_CONTEXT or kind != REQUEST):
             raise ProtocolError("non-zero reserved flags 0x%04x" % flags)
-        append((kind, request_id, offset + FRAME_HEADER_LEN, end))
+        append((kind, request_id, offset + FRAME_HEADER_LEN, end, flags))
         offset = end
     return frames, offset
 
 
-def decode_request_at(data, start, end):
+def decode_request_at(data, start, end, flags=0):
     """Decodes the REQUEST body ``data[start:end]`` in place, without copying it.
 
-    Returns ``(command, session_id, content_type, timeout_ms, payload_start)``: the
-    payload is ``data[payload_start:end]``. ``session_id`` is None when empty (no
-    session). ``data`` is ``bytes`` or ``bytearray``. This is the runtime's fast path
-    (one call per request, on the buffer the frames were read into) and the one
-    implementation of the REQUEST layout; :func:`decode_request` wraps it.
+    Returns ``(command, session_id, content_type, timeout_ms, payload_start,
+    context)``: the payload is ``data[payload_start:end]``; ``context`` is the context
+    block's bytes after its length field (decode it with :func:`decode_context`), or
+    None without :data:`FLAG_CONTEXT`. ``session_id`` is None when empty (no session).
+    ``data`` is ``bytes`` or ``bytearray``. This is the runtime's fast path (one call
+    per request, on the buffer the frames were read into) and the one implementation
+    of the REQUEST layout; :func:`decode_request` wraps it.
     """
     if end - start < REQUEST_HEAD_LEN:
         raise ProtocolError(
@@ -195,7 +250,31 @@ def decode_request_at(data, start, end):
         content_type = data[b:c].decode("utf-8") if tlen else ""
     except UnicodeDecodeError as e:
         raise ProtocolError("request string is not valid UTF-8: %s" % e)
-    return command, session_id, content_type, timeout_ms, c
+    if not flags:
+        return command, session_id, content_type, timeout_ms, c, None
+    if c + CONTEXT_HEAD_LEN > end:
+        raise ProtocolError("request context needs %d bytes, got %d" % (CONTEXT_HEAD_LEN, end - c))
+    clen, _, backend, rlen, plen, tlen = _CONTEXT_HEAD_UNPACK_FROM(data, c)
+    payload_start = c + 2 + clen
+    if CONTEXT_HEAD_LEN - 2 + rlen + plen + tlen > clen or payload_start > end or backend > 2:
+        raise ProtocolError("malformed request context (%d bytes announced, %d remain)" % (clen, end - c - 2))
+    return command, session_id, content_type, timeout_ms, payload_start, bytes(data[c + 2 : payload_start])
+
+
+def decode_context(block: bytes) -> "tuple[str, str | None, str | None, int, str | None]":
+    """``(request_id, traceparent, tracestate, attempt, backend)`` of a context block
+    as :func:`decode_request_at` returns it (checked there). Strings are decoded with
+    replacement characters, never an error; absent ones are "" / None."""
+    attempt, backend, rlen, plen, tlen = _CONTEXT_FIELDS_UNPACK_FROM(block, 0)
+    a = 8 + rlen
+    b = a + plen
+    return (
+        block[8:a].decode("utf-8", "replace"),
+        block[a:b].decode("utf-8", "replace") if plen else None,
+        block[b : b + tlen].decode("utf-8", "replace") if tlen else None,
+        attempt,
+        BACKENDS[backend],
+    )
 
 
 def decode_request(body):
@@ -206,8 +285,18 @@ def decode_request(body):
     """
     if type(body) is not bytes:
         body = bytes(body)
-    command, session_id, content_type, timeout_ms, c = decode_request_at(body, 0, len(body))
+    command, session_id, content_type, timeout_ms, c, _ = decode_request_at(body, 0, len(body))
     return command, session_id, content_type, timeout_ms, body[c:]
+
+
+def decode_request_with_context(body, flags):
+    """:func:`decode_request`'s fields, then the decoded context
+    (:func:`decode_context`) or None."""
+    if type(body) is not bytes:
+        body = bytes(body)
+    command, session_id, content_type, timeout_ms, c, ctx = decode_request_at(body, 0, len(body), flags)
+    context = decode_context(ctx) if ctx is not None else None
+    return command, session_id, content_type, timeout_ms, body[c:], context
 
 
 def decode_payload(body):
@@ -233,12 +322,13 @@ def decode_payload(body):
 class Frame(object):
     """A decoded frame, for tests and tools (the runtime does not allocate these)."""
 
-    __slots__ = ("kind", "request_id", "body")
+    __slots__ = ("kind", "request_id", "body", "flags")
 
-    def __init__(self, kind, request_id, body):
+    def __init__(self, kind, request_id, body, flags=0):
         self.kind = kind
         self.request_id = request_id
         self.body = body
+        self.flags = flags
 
     @property
     def name(self):
@@ -274,8 +364,8 @@ class FrameDecoder(object):
         self._buf += data
         found, offset = split_frames(self._buf, 0, self.max_frame_bytes)
         frames = []
-        for kind, rid, start, end in found:
-            frame = Frame(kind, rid, bytes(self._buf[start:end]))
+        for kind, rid, start, end, flags in found:
+            frame = Frame(kind, rid, bytes(self._buf[start:end]), flags)
             check_frame(frame, self.allowed_kinds)
             frames.append(frame)
         del self._buf[:offset]
@@ -299,7 +389,7 @@ class FrameReader(object):
         buf = self._buf
         buf += data
         found, offset = split_frames(buf, 0, self.max_frame_bytes)
-        frames = [(kind, rid, bytes(buf[start:end])) for kind, rid, start, end in found]
+        frames = [(kind, rid, bytes(buf[start:end])) for kind, rid, start, end, _ in found]
         if offset:
             del buf[:offset]
         return frames
@@ -320,7 +410,7 @@ def check_frame(frame, allowed_kinds=None):
                 % (KIND_NAMES[kind], len(body))
             )
     elif kind == REQUEST:
-        decode_request(body)
+        decode_request_with_context(body, frame.flags)
     elif kind in (RESPONSE, STREAM_CHUNK):
         decode_payload(body)
     elif kind == SESSION_CLOSE:

@@ -38,6 +38,7 @@ import sys
 import threading
 import time
 
+from . import context as _context
 from . import protocol as P
 from .adapter import Cancelled, InvalidRequest, Request, Response, ResultError
 from .protocol import (
@@ -90,6 +91,9 @@ _TEXT = b"text/plain; charset=utf-8"
 _JSON = b"application/json"
 
 _monotonic = time.monotonic
+_get_ident = threading.get_ident
+#: Thread id -> the Request its synchronous command serves (context.py).
+_serving = _context.serving
 _write = os.write
 _read = os.read
 _split_frames = P.split_frames
@@ -327,15 +331,15 @@ class Runtime(object):
             )
         if len(ct) > MAX_STRING_BYTES:
             raise ResultError("the content type of the result of %r is longer than 65535 bytes" % req.command)
-        return _pack_payload_header(length, PROTOCOL_VERSION, kind, 0, req.request_id, len(ct)) + ct + payload
+        return _pack_payload_header(length, PROTOCOL_VERSION, kind, 0, req.frame_id, len(ct)) + ct + payload
 
     def _failure_frame(self, req, exc):
         """The ERROR frame for an exception raised while serving ``req``."""
         if isinstance(exc, _TooLarge):
-            return self.error_frame(req.request_id, "response_too_large", "", str(exc))
+            return self.error_frame(req.frame_id, "response_too_large", "", str(exc))
         if req._cancelled or isinstance(exc, Cancelled):
-            return self._cancelled_frame(req.request_id)
-        return self._exception_frame(req.request_id, exc)
+            return self._cancelled_frame(req.frame_id)
+        return self._exception_frame(req.frame_id, exc)
 
     # ------------------------------------------------------------------ reading
 
@@ -461,10 +465,10 @@ class Runtime(object):
         dropped = []
         pending = self._pending
         with self._lock:
-            for kind, rid, s, e in frames:
+            for kind, rid, s, e, flags in frames:
                 if kind == REQUEST:
                     try:
-                        command, session_id, content_type, timeout_ms, c = _decode_request_at(data, s, e)
+                        command, session_id, content_type, timeout_ms, c, ctx = _decode_request_at(data, s, e, flags)
                     except P.ProtocolError as error:
                         _bad_frame("malformed REQUEST body: %s" % error)
                     if rid in pending:
@@ -481,6 +485,7 @@ class Runtime(object):
                         content_type,
                         data[c:e],
                         now + timeout_ms / 1000.0 if timeout_ms else None,
+                        ctx,
                     )
                     pending[rid] = req
                     work.append(req)
@@ -614,7 +619,7 @@ class Runtime(object):
         return False
 
     def _run_request(self, req):
-        rid = req.request_id
+        rid = req.frame_id
         cmd = self.commands.get(req.command)
         if cmd is not None and cmd.is_async and self._loop is None:
             try:
@@ -656,23 +661,27 @@ class Runtime(object):
         if cmd.streaming:
             self._stream_sync(cmd, req)
             return
+        serving = _serving
+        serving[_get_ident()] = req
         try:
             frame = self._result_frame(req, cmd.func(req), RESPONSE)
             if req._cancelled:
                 frame = self._cancelled_frame(rid)
         except BaseException as e:
             frame = self._failure_frame(req, e)
+        serving[_get_ident()] = None
         self._finish(req, frame)
 
     def _finish(self, req, frame):
         with self._lock:
             req._state = _DONE
-            self._pending.pop(req.request_id, None)
+            self._pending.pop(req.frame_id, None)
         self._out.append(frame)
 
     def _stream_sync(self, cmd, req):
         out = self._out
         it = None
+        _serving[_get_ident()] = req
         try:
             it = iter(cmd.func(req))
             for item in it:
@@ -681,9 +690,9 @@ class Runtime(object):
                 out.append(self._result_frame(req, item, STREAM_CHUNK))
                 self._flush()  # a stream's chunks go out as they come
             if req._cancelled:
-                frame = self._cancelled_frame(req.request_id)
+                frame = self._cancelled_frame(req.frame_id)
             else:
-                frame = _pack_header(HEADER_LEN, PROTOCOL_VERSION, STREAM_END, 0, req.request_id)
+                frame = _pack_header(HEADER_LEN, PROTOCOL_VERSION, STREAM_END, 0, req.frame_id)
         except BaseException as e:
             frame = self._failure_frame(req, e)
         close = getattr(it, "close", None)
@@ -692,6 +701,7 @@ class Runtime(object):
                 close()
             except BaseException as e:
                 os.write(2, ("pitboss_worker: closing the generator of %r raised %s: %s\n" % (req.command, _type_name(e), _message(e))).encode("utf-8", "replace"))
+        _serving[_get_ident()] = None
         self._finish(req, frame)
 
     # ------------------------------------------------------------------ sessions
@@ -738,6 +748,7 @@ class Runtime(object):
             self._asyncio = asyncio
             loop = asyncio.new_event_loop()
             asyncio.set_event_loop(loop)
+            _context.enable_tasks()
             self._loop = loop
         except BaseException as e:
             self._loop_error = e
@@ -749,7 +760,7 @@ class Runtime(object):
     def _start_task(self, cmd, req):
         # loop thread
         if req._cancelled:
-            self._async_reply(req, self._cancelled_frame(req.request_id, "cancelled before it started"))
+            self._async_reply(req, self._cancelled_frame(req.frame_id, "cancelled before it started"))
             return
         task = self._loop.create_task(self._run_async(cmd, req))
         req._task = task
@@ -770,14 +781,16 @@ class Runtime(object):
             exc = task.exception()
         if not req._replied:
             if exc is None:
-                frame = self._cancelled_frame(req.request_id)
+                frame = self._cancelled_frame(req.frame_id)
             else:
                 frame = self._failure_frame(req, exc)
             self._async_reply(req, frame)
 
     async def _run_async(self, cmd, req):
-        rid = req.request_id
+        rid = req.frame_id
         it = None
+        # This task's own context (a copy): its log records name its request.
+        _context.task_request.set(req)
         try:
             obj = cmd.func(req)
             if cmd.streaming:
@@ -837,7 +850,7 @@ class Runtime(object):
             with self._lock:
                 for req in done:
                     req._state = _DONE
-                    self._pending.pop(req.request_id, None)
+                    self._pending.pop(req.frame_id, None)
 
     # ------------------------------------------------------------------ exit
 
@@ -856,8 +869,12 @@ class Runtime(object):
     # ------------------------------------------------------------------ handshake
 
     def ready_frame(self):
+        from . import __version__
+
         info = {
             "protocol": P.PROTOCOL_VERSION,
+            "revision": P.PROTOCOL_REVISION,
+            "runtime": __version__,
             "pid": os.getpid(),
             "adapter": self.adapter.name,
             "commands": [c.describe() for c in self.commands.values()],

@@ -92,13 +92,14 @@ class WorkerProcess(object):
         self._next_id += 1
         return rid
 
-    def request(self, command, payload=b"", content_type="", session_id="", timeout_ms=0, rid=None):
-        """Sends one REQUEST; returns its id."""
+    def request(self, command, payload=b"", content_type="", session_id="", timeout_ms=0, rid=None, context=None):
+        """Sends one REQUEST; returns its id. ``context``: a block from
+        ``protocol.encode_context``."""
         if rid is None:
             rid = self.new_id()
         if isinstance(payload, str):
             payload = payload.encode("utf-8")
-        self.send(req_frame(rid, command, payload, content_type, session_id, timeout_ms))
+        self.send(req_frame(rid, command, payload, content_type, session_id, timeout_ms, context))
         return rid
 
     def _fill(self, deadline):
@@ -202,9 +203,9 @@ class WorkerProcess(object):
             pass
 
 
-def req_frame(rid, command, payload=b"", content_type="", session_id=None, timeout_ms=0):
+def req_frame(rid, command, payload=b"", content_type="", session_id=None, timeout_ms=0, context=None):
     """A REQUEST frame, with keyword defaults."""
-    return P.encode_request(rid, command, session_id, content_type, timeout_ms, payload)
+    return P.encode_request(rid, command, session_id, content_type, timeout_ms, payload, context)
 
 
 def payload_of(frame):

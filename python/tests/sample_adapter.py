@@ -3,12 +3,14 @@ reach. Loaded as ``sample_adapter`` (the module form: its ``adapter`` attribute)
 
 import asyncio
 import functools
+import logging
 import sys
 import threading
 
 from pitboss_worker import Adapter, Cancelled, Response
 
 adapter = Adapter("sample")
+log = logging.getLogger("sample.log")
 
 # Set by the tests' `block` command, released by `release`.
 _gate = threading.Event()
@@ -56,7 +58,13 @@ def info(req):
         "timeout": req.timeout,
         "session_id": req.session_id,
         "command": req.command,
+        "frame_id": req.frame_id,
         "request_id": req.request_id,
+        "traceparent": req.traceparent,
+        "tracestate": req.tracestate,
+        "trace_id": req.trace_id,
+        "attempt": req.attempt,
+        "backend": req.backend,
         "content_type": req.content_type,
         "cancelled": req.cancelled,
     }
@@ -199,3 +207,26 @@ def where(req):
     """The thread this synchronous command runs on."""
     t = threading.current_thread()
     return {"main": t is threading.main_thread(), "name": t.name}
+
+
+@adapter.command
+def log_it(req):
+    """Logs the payload as text at INFO, with an exception's traceback at ERROR too."""
+    log.info("sync says %s", req.text())
+    try:
+        raise KeyError("boom")
+    except KeyError:
+        log.exception("and a traceback")
+    return "logged"
+
+
+@adapter.command
+async def alog(req):
+    await asyncio.sleep(0.01)
+    log.warning("async says %s", req.text())
+    return "logged"
+
+
+@adapter.command
+def echo(req):
+    return req.payload

@@ -90,8 +90,10 @@ class RoundTripTest(unittest.TestCase):
         )
         frames, offset = P.split_frames(data, 0, 1 << 20)
         self.assertEqual(offset, len(data))
-        for kind, rid, start, end in frames[1:]:
-            command, session_id, content_type, timeout_ms, payload_start = P.decode_request_at(data, start, end)
+        for kind, rid, start, end, flags in frames[1:]:
+            self.assertEqual(flags, 0)
+            command, session_id, content_type, timeout_ms, payload_start, ctx = P.decode_request_at(data, start, end)
+            self.assertIsNone(ctx)
             self.assertEqual(
                 (command, session_id, content_type, timeout_ms, data[payload_start:end]),
                 P.decode_request(data[start:end]),
@@ -101,7 +103,7 @@ class RoundTripTest(unittest.TestCase):
                 ("c%d" % rid, "s" if rid % 2 else None, "t" * rid, rid, b"p" * rid),
             )
         # A body is bounded by its own end, not by the buffer's.
-        kind, rid, start, end = frames[1]
+        kind, rid, start, end, _ = frames[1]
         with self.assertRaises(P.ProtocolError):
             P.decode_request_at(data, start, end - len(b"p" * rid) - 1)
         with self.assertRaises(P.ProtocolError):
@@ -135,7 +137,7 @@ class RoundTripTest(unittest.TestCase):
         a, b = samples()[7], samples()[1]
         data = a + b[:5]
         frames, offset = P.split_frames(data, 0, 1 << 20)
-        self.assertEqual(frames, [(P.PING, 5, 16, 16)])
+        self.assertEqual(frames, [(P.PING, 5, 16, 16, 0)])
         self.assertEqual(offset, len(a))
 
     def test_too_long_strings_are_refused(self):

@@ -27,10 +27,71 @@ class SampleTest(unittest.TestCase):
         del info["timeout"]
         self.assertEqual(
             info,
-            {"session_id": "s9", "command": "info", "request_id": rid,
-             "content_type": "application/json", "cancelled": False},
+            {"session_id": "s9", "command": "info", "frame_id": rid, "request_id": "",
+             "traceparent": None, "tracestate": None, "trace_id": None, "attempt": 1,
+             "backend": None, "content_type": "application/json", "cancelled": False},
         )
         self.assertIsNone(json_of(self.w.call("info"))["timeout"])
+
+    def test_request_context(self):
+        ctx = P.encode_context(
+            "req-42", "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01", "k=v", 2, "new"
+        )
+        rid = self.w.request("info", b"{}", session_id="s9", context=ctx)
+        info = json_of(self.w.replies([rid])[rid][0])
+        self.assertEqual(
+            (info["request_id"], info["traceparent"], info["tracestate"], info["attempt"], info["backend"]),
+            ("req-42", "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01", "k=v", 2, "new"),
+        )
+        self.assertEqual(info["trace_id"], "0af7651916cd43dd8448eb211c80319c")
+        self.assertEqual((info["frame_id"], info["session_id"]), (rid, "s9"))
+        # The payload starts after the context block.
+        rid = self.w.request("echo", b"after the context", context=P.encode_context("x"))
+        self.assertEqual(payload_of(self.w.replies([rid])[rid][0])[1], b"after the context")
+
+    def test_ready_announces_the_revision_and_the_runtime_version(self):
+        import pitboss_worker
+
+        ready = self.w.ready.json()
+        self.assertEqual(ready["protocol"], P.PROTOCOL_VERSION)
+        self.assertEqual(ready["revision"], P.PROTOCOL_REVISION)
+        self.assertEqual(ready["runtime"], pitboss_worker.__version__)
+
+    def test_log_records_are_structured_lines_with_the_request_id(self):
+        tp = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+        a = self.w.request("log_it", b"one", context=P.encode_context("rid-sync", tp))
+        b = self.w.request("alog", b"two", context=P.encode_context("rid-async"))
+        self.w.replies([a, b])
+        text = self.w.stderr_text("async says two")
+        records = [json.loads(l[1:]) for l in text.split("\n") if l.startswith("\x1e")]
+        by_message = {r["message"].splitlines()[0]: r for r in records}
+        self.assertEqual(
+            by_message["sync says one"],
+            {"level": "INFO", "logger": "sample.log", "message": "sync says one",
+             "request_id": "rid-sync", "trace_id": "0af7651916cd43dd8448eb211c80319c"},
+        )
+        self.assertIn("KeyError: 'boom'", by_message["and a traceback"]["message"])
+        self.assertEqual(by_message["and a traceback"]["level"], "ERROR")
+        self.assertEqual(
+            by_message["async says two"],
+            {"level": "WARNING", "logger": "sample.log", "message": "async says two",
+             "request_id": "rid-async"},
+        )
+
+    def test_malformed_contexts_and_stray_flags_are_protocol_errors(self):
+        good = req_frame(1, "echo", b"x", context=P.encode_context("r"))
+        # context_len pointing past the end of the body
+        bad = bytearray(good)
+        at = 16 + P.REQUEST_HEAD_LEN + len(b"echo")
+        bad[at : at + 2] = b"\xff\xff"
+        self.w.send(bytes(bad))
+        self.assertNotEqual(self.w.wait(), 0)
+        self.assertIn("malformed request context", self.w.stderr_text("malformed request context"))
+        w = WorkerProcess("sample_adapter", [])
+        self.addCleanup(w.kill)
+        w.send(P.HEADER.pack(P.HEADER_LEN, P.PROTOCOL_VERSION, P.PING, P.FLAG_CONTEXT, 1))
+        self.assertNotEqual(w.wait(), 0)
+        self.assertIn("reserved flags", w.stderr_text("reserved flags"))
 
     def test_session_state_factory_and_close(self):
         def remember(sid, text):

@@ -462,6 +462,8 @@ mod tests {
             adapter: String::new(),
             commands: vec![],
             python: String::new(),
+            runtime: String::new(),
+            revision: 0,
         };
         let conn = Connection::start(
             WorkerId(id),

@@ -118,7 +118,7 @@ impl Pool {
             .resolve(config.max_frame_bytes, config.worker_concurrency)
             .await
             .map_err(|e| PoolError::Unavailable(format!("pool {}: {e}", config.name)))?;
-        tracing::info!(pool = %config.name, python = %spec.python.display(), size = config.size, adapter = %spec.command.adapter, "starting pool");
+        tracing::info!(pool = %config.name, python = %spec.python.display(), size = config.size, adapter = %spec.command.adapter, runtime = %spec.command.runtime_dir.display(), "starting pool");
         let slots = (0..config.size)
             .map(|_| {
                 Mutex::new(SlotInfo {

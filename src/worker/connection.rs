@@ -635,6 +635,8 @@ mod tests {
             adapter: "fake".into(),
             commands: vec![],
             python: String::new(),
+            runtime: String::new(),
+            revision: 0,
         }
     }
 

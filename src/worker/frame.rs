@@ -76,6 +76,13 @@ pub struct ReadyInfo {
     pub commands: Vec<CommandInfo>,
     #[serde(default)]
     pub python: String,
+    /// The `pitboss_worker` version (`__version__`); empty from runtimes before it
+    /// was announced.
+    #[serde(default)]
+    pub runtime: String,
+    /// Compatible additions to the protocol the runtime knows (0 when not announced).
+    #[serde(default)]
+    pub revision: u32,
 }
 
 /// The body of an `ERROR` frame: what went wrong inside the worker.
@@ -544,6 +551,8 @@ mod tests {
                     doc: "d".into(),
                 }],
                 python: "3.11".into(),
+                runtime: "0.1.0".into(),
+                revision: 2,
             }),
             Frame::Request(RequestFrame {
                 id: 7,

@@ -56,8 +56,23 @@ pub enum StartError {
 pub enum BadHandshake {
     #[error(transparent)]
     Frame(#[from] frame::FrameError),
-    #[error("worker speaks protocol {0}, pitboss speaks {PROTOCOL_VERSION}")]
-    Protocol(u32),
+    /// A runtime of another protocol version: the Python package and the binary do
+    /// not belong together (named here, before any request could fail on it).
+    #[error(
+        "the worker runtime in {} (pitboss_worker {}) speaks protocol {got}, this pitboss ({}) speaks {PROTOCOL_VERSION}: \
+         the runtime and the binary must come from the same release; leave pool.runtime_dir and \
+         $PITBOSS_RUNTIME_DIR unset to use the runtime embedded in pitboss, or install \
+         pitboss-worker=={} (check PYTHONPATH / pool.python_path for another copy of pitboss_worker)",
+        dir.display(),
+        if runtime.is_empty() { "of unknown version" } else { runtime.as_str() },
+        crate::runtime_files::VERSION,
+        crate::runtime_files::VERSION
+    )]
+    Protocol {
+        got: u32,
+        runtime: String,
+        dir: std::path::PathBuf,
+    },
     #[error("READY says pid {said}, but the child is {child}")]
     Pid { said: u32, child: u32 },
     #[error("expected READY first, got {0:?}")]
@@ -156,10 +171,20 @@ pub async fn start(
             let tail = process.stderr_tail().await;
             return Err(StartError::Exited { status, tail });
         }
+        // A runtime of another protocol version frames its READY with that version.
+        Ok(Some(Err(frame::FrameError::Version(got)))) => Err(BadHandshake::Protocol {
+            got: u32::from(got),
+            runtime: String::new(),
+            dir: spec.command.runtime_dir.clone(),
+        }),
         Ok(Some(Err(e))) => Err(BadHandshake::from(e)),
         Ok(Some(Ok(Frame::Ready(info)))) => {
             if info.protocol != u32::from(PROTOCOL_VERSION) {
-                Err(BadHandshake::Protocol(info.protocol))
+                Err(BadHandshake::Protocol {
+                    got: info.protocol,
+                    runtime: info.runtime.clone(),
+                    dir: spec.command.runtime_dir.clone(),
+                })
             } else if info.pid != pid {
                 Err(BadHandshake::Pid {
                     said: info.pid,

@@ -107,7 +107,10 @@ impl WorkerCommand {
     /// The spec to spawn workers from: this command with its interpreter resolved
     /// ([`resolve_python`], once per pool: a pyenv shim costs 70-100 ms on every
     /// spawn) and the protocol limits the worker is started with.
+    /// Also checks that the runtime directory holds `pitboss_worker`, so a wrong
+    /// `runtime_dir` is one clear error here, not every worker failing to import.
     pub async fn resolve(self, max_frame_bytes: usize, concurrency: u32) -> io::Result<WorkerSpec> {
+        crate::runtime_files::check(&self.runtime_dir).map_err(io::Error::other)?;
         let python = resolve_python(&self.python, self.working_dir.as_deref()).await?;
         Ok(WorkerSpec {
             command: self,

@@ -362,7 +362,17 @@ pub struct Proc {
 /// listening addresses from the log. Its stderr is drained into [`Proc::log`] for as
 /// long as it runs, so it never blocks on a full pipe.
 pub async fn spawn(config: &Path) -> Proc {
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_pitboss"))
+    spawn_exe(
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_pitboss")),
+        config,
+    )
+    .await
+}
+
+/// [`spawn`] with a command set up by the caller: another copy of the binary, its
+/// environment, its working directory.
+pub async fn spawn_exe(mut command: tokio::process::Command, config: &Path) -> Proc {
+    let mut child = command
         .args(["--log-format", "json", "--config"])
         .arg(config)
         .env("RUST_LOG", "info")
