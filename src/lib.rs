@@ -80,8 +80,8 @@ pub mod rollout;
 pub mod runtime_files;
 pub mod server;
 pub mod telemetry;
-pub mod wire;
 pub mod tls;
+pub mod wire;
 pub mod worker;
 
 #[cfg(test)]
