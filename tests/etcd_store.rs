@@ -43,16 +43,21 @@ async fn instance(etcd: &Etcd, name: &str, i: usize) -> (Instance, PathBuf) {
 async fn instance_with(etcd: &Etcd, name: &str, i: usize, new_env: &str) -> (Instance, PathBuf) {
     let dir = temp_dir(&format!("etcd-{name}-{i}"));
     std::fs::write(dir.join("token"), format!("{TOKEN}\n")).unwrap();
+    (instance_in(etcd, name, &dir, new_env).await, dir)
+}
+
+/// An instance whose token and store cache are in `dir` (kept as it is).
+async fn instance_in(etcd: &Etcd, name: &str, dir: &std::path::Path, new_env: &str) -> Instance {
     let rest = format!(
         "{pool}{rollout}{store}[backends.new]\nkind = \"pool\"\n[backends.new.pool]\n\
          adapter = \"demo_v2:adapter\"\nsize = 1\nenv = {{ {new_env} }}\n",
         pool = pool_section("demo:adapter", 1),
-        rollout = rollout_section(&dir),
+        rollout = rollout_section(dir),
         store = etcd.store_section(name, &dir.join("cache.toml")),
     );
     let text = on_free_ports("shutdown_grace = \"10s\"", &rest);
     let (server, client) = common::start(config(&text)).await;
-    (Instance { server, client }, dir)
+    Instance { server, client }
 }
 
 fn set(percent: f64, expected_revision: u64) -> pb::SetRolloutRequest {
@@ -466,4 +471,49 @@ async fn when_the_analyser_is_killed_another_takes_over_within_the_lease_ttl() {
     for d in dirs {
         let _ = std::fs::remove_dir_all(d);
     }
+}
+
+#[tokio::test]
+async fn a_restart_during_an_outage_keeps_the_cached_flags_and_one_with_none_starts_on_legacy() {
+    let mut etcd = Etcd::launch("restart").await;
+    let (a, dir_a) = instance(&etcd, "restart", 0).await;
+    let mut admin = a.admin().await;
+    admin
+        .set_rollout(authed(set(35.0, 0), TOKEN))
+        .await
+        .unwrap();
+    assert!(
+        eventually(Duration::from_secs(5), || dir_a.join("cache.toml").exists()).await,
+        "no cache written"
+    );
+    a.server.shutdown().await;
+    etcd.stop();
+
+    // The same instance again (same cache file), with etcd down: the cached flags.
+    let again = instance_in(&etcd, "restart", &dir_a, "").await;
+    assert_eq!(again.flags().mode, Mode::Canary);
+    assert_eq!(again.flags().percent.0.as_f64(), 35.0);
+    assert!(!again.server.edge().rollout().store.up());
+    // A new instance without a cache: everything on legacy, and ready.
+    let (fresh, dir_fresh) = instance(&etcd, "restart", 1).await;
+    assert_eq!(fresh.flags().mode, Mode::Off);
+    let (status, body) = http_get(fresh.server.metrics_addr, "/readyz").await;
+    assert_eq!(status, 200, "{body}");
+
+    // etcd answers again: both apply its flags.
+    etcd.start().await;
+    for inst in [&again, &fresh] {
+        assert!(
+            eventually(Duration::from_secs(20), || inst.flags().percent.0.as_f64()
+                == 35.0
+                && inst.flags().mode == Mode::Canary
+                && inst.server.edge().rollout().store.up())
+            .await,
+            "etcd's flags not applied after it came back"
+        );
+    }
+    again.server.shutdown().await;
+    fresh.server.shutdown().await;
+    let _ = std::fs::remove_dir_all(dir_a);
+    let _ = std::fs::remove_dir_all(dir_fresh);
 }
