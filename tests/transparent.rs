@@ -46,6 +46,12 @@ impl Setup {
 
     /// With `backends` as the `[backends.*]` sections (`{legacy}`: legacy's address).
     async fn start_with(tag: &str, flags: &str, backends: &str) -> Setup {
+        Setup::start_full(tag, flags, backends, "descriptor_set = \"{gen}/calc.pb\"\n").await
+    }
+
+    /// And `descriptors` as the `[transparent]` keys that give the descriptors
+    /// (`{gen}`: the generated code's directory).
+    async fn start_full(tag: &str, flags: &str, backends: &str, descriptors: &str) -> Setup {
         let py = tokio::task::spawn_blocking(grpcio_python).await.unwrap();
         let dir = temp_dir(&format!("transparent-{tag}"));
         let gen = dir.join("gen");
@@ -90,8 +96,9 @@ impl Setup {
              python_path = [\"{example}\", \"{gen}\"]\nruntime_dir = \"{runtime}\"\n\
              {rollout}\
              [transparent]\nservices = [\"calc.Calculator\"]\n\
-             descriptor_set = \"{gen}/calc.pb\"\nidempotent = [\"/calc.Calculator/*\"]\n\
+             {descriptors}idempotent = [\"/calc.Calculator/*\"]\n\
              {backends}",
+            descriptors = descriptors.replace("{gen}", &gen.display().to_string()),
             backends = backends.replace("{legacy}", &legacy_addr),
             py = py.display(),
             example = example_dir().display(),
@@ -363,16 +370,27 @@ async fn shadow_counts_planted_mismatches_and_a_failing_new_is_rolled_back() {
         assert_eq!(r["computed_by"], "legacy", "{r}");
         assert_eq!(r["value"].as_i64(), Some(a + 1));
     }
-    // The metrics know each call by its method, per backend.
+    // The metrics know each call by its method, per backend. (The recorder is the
+    // process's: the other tests' calls are in it too, but only this one makes new
+    // raise on Add.)
     let scrape = scrape(s.server.metrics_addr).await;
-    let add = [("command", "/calc.Calculator/Add")];
-    let on = |backend: &str, outcome: &str| {
-        let mut labels = add.to_vec();
-        labels.extend([("backend", backend), ("outcome", outcome)]);
+    let on = |backend: &str, outcome: &str, class: &str| {
+        let mut labels = vec![
+            ("command", "/calc.Calculator/Add"),
+            ("backend", backend),
+            ("outcome", outcome),
+        ];
+        if !class.is_empty() {
+            labels.push(("error_class", class));
+        }
         sum_of(&scrape, "pitboss_requests_total", &labels)
     };
-    assert_eq!(on("new", "error"), 10.0, "{scrape}");
-    assert!(on("legacy", "ok") >= 16.0, "{scrape}");
+    let lines: Vec<&str> = scrape
+        .lines()
+        .filter(|l| l.starts_with("pitboss_requests_total") && l.contains("Calculator/Add"))
+        .collect();
+    assert_eq!(on("new", "error", "python_exception"), 10.0, "{lines:#?}");
+    assert!(on("legacy", "ok", "") >= 16.0, "{lines:#?}");
     s.stop().await;
 }
 
@@ -415,5 +433,30 @@ async fn after_the_migration_the_workers_alone_serve_the_grpc_methods() {
             .contains("client-streaming"),
         "{sum}"
     );
+    s.stop().await;
+}
+
+/// Without a descriptor file, pitboss reads the descriptors from legacy's reflection
+/// at start: it then knows Range streams and Sum streams its requests, and lists the
+/// service in its own reflection.
+#[tokio::test]
+async fn descriptors_can_come_from_the_legacy_services_reflection() {
+    let s = Setup::start_full(
+        "from-reflection",
+        "mode = \"off\"\n",
+        PROXY_LEGACY_POOL_NEW,
+        "descriptors_from_reflection = true\n",
+    )
+    .await;
+    let mut direct = s.client(&s.legacy_addr, &["probe"]).await;
+    let mut through = s.client(&s.pitboss(), &["probe"]).await;
+    direct.as_object_mut().unwrap().remove("unknown_service");
+    through.as_object_mut().unwrap().remove("unknown_service");
+    assert_eq!(direct, through);
+    assert_eq!(through["range"]["messages"].as_array().unwrap().len(), 4);
+    let sum = s.client(&s.pitboss(), &["sum", "40", "2"]).await;
+    assert_eq!(sum["value"], 42, "{sum}");
+    let r = s.client(&s.pitboss(), &["reflect"]).await;
+    assert_eq!(r["methods"]["Sum"][0], "calc.Reply", "{r}");
     s.stop().await;
 }

@@ -125,7 +125,15 @@ impl Proxy {
 
     /// Sends a request; a failure to reach the service is `worker_crashed`.
     async fn send(&self, req: http::Request<Body>) -> Result<http::Response<Body>, CallError> {
+        let started = Instant::now();
         self.channel.clone().oneshot(req).await.map_err(|e| {
+            // The channel enforces the grpc-timeout it sends: the call's deadline
+            // passed, which is no fault of the service.
+            if timed_out(&e) {
+                return CallError::DeadlineExceeded {
+                    after: started.elapsed(),
+                };
+            }
             let mut msg = e.to_string();
             let mut source = std::error::Error::source(&e);
             while let Some(s) = source {
@@ -313,6 +321,18 @@ impl Answer {
             }
         }
     }
+}
+
+/// Whether a channel's error is its timeout (the `grpc-timeout` of the request).
+fn timed_out(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut source = Some(e);
+    while let Some(s) = source {
+        if s.is::<tonic::TimeoutExpired>() {
+            return true;
+        }
+        source = s.source();
+    }
+    false
 }
 
 // === impl OneTry for Proxy ===
@@ -654,6 +674,19 @@ reflection_client!(reflect_v1alpha, tonic_reflection::pb::v1alpha);
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The channel's own timeout (it enforces the grpc-timeout pitboss sends) is the
+    /// call's deadline passing, however deep in the error's sources it sits.
+    #[test]
+    fn the_channels_timeout_is_the_deadline_passing() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("transport error")]
+        struct Wrapped(#[source] tonic::TimeoutExpired);
+        assert!(timed_out(&tonic::TimeoutExpired(())));
+        assert!(timed_out(&Wrapped(tonic::TimeoutExpired(()))));
+        let refused = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused");
+        assert!(!timed_out(&refused));
+    }
 
     #[test]
     fn the_services_statuses_are_classified_by_what_they_mean() {
