@@ -166,3 +166,76 @@ fn watcher(
     }
     Ok(w)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn summary() -> Summary {
+        Summary {
+            subject: "test".into(),
+            names: vec![],
+            not_after: "-".into(),
+            not_after_unix: 0,
+        }
+    }
+
+    /// Polls (real time: the watch is on real files) until `check` holds.
+    async fn until(mut check: impl FnMut() -> bool) -> bool {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while tokio::time::Instant::now() < deadline {
+            if check() {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        false
+    }
+
+    /// A change is swapped in; a change that does not build is refused and the value
+    /// in force stays until a good one replaces it.
+    #[tokio::test]
+    async fn a_good_change_is_swapped_in_and_a_bad_one_leaves_the_old_in_force() {
+        let dir = std::env::temp_dir().join(format!("pitboss-reload-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("material.pem");
+        std::fs::write(&path, "one").unwrap();
+        let build: Build<String> = Box::new(|c: &[Vec<u8>]| {
+            let text = String::from_utf8_lossy(&c[0]).into_owned();
+            if text.starts_with("bad") {
+                return Err(TlsError::Setup {
+                    key: "test".into(),
+                    what: "bad material".into(),
+                });
+            }
+            Ok((Arc::new(text), summary()))
+        });
+        let (live, _) = start(
+            "tls.test".into(),
+            vec![Named::new("tls.test.cert_file", &path)],
+            build,
+            Duration::from_millis(200),
+        )
+        .unwrap();
+        assert_eq!(**live.load(), "one");
+
+        std::fs::write(&path, "two").unwrap();
+        assert!(
+            until(|| **live.load() == "two").await,
+            "the change was swapped in"
+        );
+
+        std::fs::write(&path, "bad three").unwrap();
+        // Past the settle and retry delays and a few re-reads: still "two".
+        tokio::time::sleep(RETRY_AFTER + Duration::from_millis(800)).await;
+        assert_eq!(**live.load(), "two", "a bad change is refused");
+
+        std::fs::write(&path, "four").unwrap();
+        assert!(
+            until(|| **live.load() == "four").await,
+            "a good change after it is taken"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
