@@ -17,7 +17,7 @@ use std::time::Duration;
 use super::bucket::Percent;
 pub use super::flags::position;
 use super::flags::{Flags, Mode, RolloutState};
-use super::stats::{fmt_duration, pct, relative_regression, WindowStats};
+use super::stats::{first_breach, fmt_duration, pct, Thresholds, WindowStats};
 pub use super::steps::{Gates, InvalidPromotion, InvalidStep, Position, Promotion, Step, StepAt};
 
 /// The step index the `pitboss_rollout_step` gauge shows: 1-based, 0 when the rollout
@@ -135,30 +135,18 @@ pub fn failing_gate(
     new: &WindowStats,
     legacy: &WindowStats,
 ) -> Option<String> {
+    if new.requests == 0 {
+        return None; // no data, no verdict
+    }
     let over = format!("over {} calls", new.requests);
-    let rate = new.error_rate()?;
-    if rate > g.max_error_rate {
-        return Some(format!(
-            "gate: error rate {} > {} {over}",
-            pct(rate),
-            pct(g.max_error_rate)
-        ));
-    }
-    if !g.max_p99.is_zero() {
-        if let Some(p99) = new.p99 {
-            if p99 > g.max_p99 {
-                return Some(format!(
-                    "gate: p99 latency {} > {} {over}",
-                    fmt_duration(p99),
-                    fmt_duration(g.max_p99)
-                ));
-            }
-        }
-    }
-    if g.max_relative_error_rate > 0.0 && legacy.requests >= g.min_requests {
-        if let Some(why) = relative_regression(g.max_relative_error_rate, new, legacy) {
-            return Some(format!("gate: {why}"));
-        }
+    let limits = Thresholds {
+        max_error_rate: g.max_error_rate,
+        max_p99: g.max_p99,
+        max_relative_error_rate: g.max_relative_error_rate,
+        min_requests: g.min_requests,
+    };
+    if let Some(why) = first_breach(&limits, &over, new, legacy) {
+        return Some(format!("gate: {why}"));
     }
     if mode == Mode::Shadow {
         let compared = new.shadow_matches + new.shadow_mismatches;

@@ -361,32 +361,63 @@ pub fn rollback_reason(
     if new.requests < rules.min_requests {
         return None;
     }
-    let rate = new.error_rate()?;
     let over = format!(
         "over {} requests in {}",
         new.requests,
         fmt_duration(new.window)
     );
-    if rate > rules.error_rate_threshold {
+    let limits = Thresholds {
+        max_error_rate: rules.error_rate_threshold,
+        max_p99: rules.latency_p99_threshold,
+        max_relative_error_rate: rules.relative_error_rate,
+        min_requests: rules.min_requests,
+    };
+    first_breach(&limits, &over, new, legacy)
+}
+
+/// The limits a window of `new` is held to: by the rollback rules, and by each
+/// promotion step's gates (one reading of "too many errors, too slow", so the two
+/// cannot drift apart).
+pub struct Thresholds {
+    pub max_error_rate: f64,
+    /// Zero: no latency limit.
+    pub max_p99: Duration,
+    /// Zero: no relative rule.
+    pub max_relative_error_rate: f64,
+    /// Legacy needs this many requests before the relative rule compares with it.
+    pub min_requests: u64,
+}
+
+/// The first limit `new` breaks, in order: the absolute error rate, the p99 latency
+/// and the relative rule ([`relative_regression`]); `over` ends the first two
+/// reasons. `None` without data, or when all hold.
+pub fn first_breach(
+    t: &Thresholds,
+    over: &str,
+    new: &WindowStats,
+    legacy: &WindowStats,
+) -> Option<String> {
+    let rate = new.error_rate()?;
+    if rate > t.max_error_rate {
         return Some(format!(
             "error rate {} > {} {over}",
             pct(rate),
-            pct(rules.error_rate_threshold)
+            pct(t.max_error_rate)
         ));
     }
-    if !rules.latency_p99_threshold.is_zero() {
+    if !t.max_p99.is_zero() {
         if let Some(p99) = new.p99 {
-            if p99 > rules.latency_p99_threshold {
+            if p99 > t.max_p99 {
                 return Some(format!(
                     "p99 latency {} > {} {over}",
                     fmt_duration(p99),
-                    fmt_duration(rules.latency_p99_threshold)
+                    fmt_duration(t.max_p99)
                 ));
             }
         }
     }
-    if rules.relative_error_rate > 0.0 && legacy.requests >= rules.min_requests {
-        return relative_regression(rules.relative_error_rate, new, legacy);
+    if t.max_relative_error_rate > 0.0 && legacy.requests >= t.min_requests {
+        return relative_regression(t.max_relative_error_rate, new, legacy);
     }
     None
 }
