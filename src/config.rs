@@ -700,15 +700,7 @@ impl Config {
     /// Checks that involve more than one key.
     fn check_relations(&self, origin: &str, text: Option<&str>) -> Result<(), ConfigError> {
         let p = &self.pool;
-        let fail = |key: &str, message: String| {
-            let leaf = key.rsplit('.').next().unwrap_or(key);
-            ConfigError {
-                origin: origin.to_string(),
-                line: text.and_then(|t| line_of_key(t, leaf)),
-                key: Some(key.to_string()),
-                message,
-            }
-        };
+        let fail = |key: &str, message: String| key_error(origin, text, key, message);
         if p.heartbeat_timeout <= p.heartbeat_interval {
             return Err(fail(
                 "pool.heartbeat_timeout",
@@ -833,15 +825,7 @@ impl Config {
     /// The checks of `[transparent]`, and of the backends that serve it.
     /// (Once, on the whole file: a backend's effective config has no say in it.)
     fn check_transparent(&self, origin: &str, text: Option<&str>) -> Result<(), ConfigError> {
-        let fail = |key: &str, message: String| {
-            let leaf = key.rsplit('.').next().unwrap_or(key);
-            ConfigError {
-                origin: origin.to_string(),
-                line: text.and_then(|t| line_of_key(t, leaf)),
-                key: Some(key.to_string()),
-                message,
-            }
-        };
+        let fail = |key: &str, message: String| key_error(origin, text, key, message);
         let t = &self.transparent;
         for name in &t.services {
             if let Some(why) = bad_service_name(name) {
@@ -934,12 +918,7 @@ impl Config {
             "new" => ("new", &self.backends.new),
             _ => ("legacy", &self.backends.legacy),
         };
-        let err = |key: String, message: String| ConfigError {
-            origin: origin.to_string(),
-            line: text.and_then(|t| line_of_key(t, key.rsplit('.').next().unwrap_or(&key))),
-            key: Some(key),
-            message,
-        };
+        let err = |key: String, message: String| key_error(origin, text, &key, message);
         if matches!(section.kind, BackendKind::Grpc | BackendKind::GrpcProxy) {
             // Only the Bridge upstream has a TLS client so far: an https grpc_proxy would
             // pass here and then fail every call, so it is refused now.
@@ -1320,6 +1299,17 @@ pub(crate) fn locate(origin: &str, text: &str, message: &str) -> ConfigError {
 
 fn line_at(text: &str, offset: usize) -> usize {
     text[..offset.min(text.len())].matches('\n').count() + 1
+}
+
+/// A config error at `key` (a dotted path), with the line of its last part in `text`.
+fn key_error(origin: &str, text: Option<&str>, key: &str, message: String) -> ConfigError {
+    let leaf = key.rsplit('.').next().unwrap_or(key);
+    ConfigError {
+        origin: origin.to_string(),
+        line: text.and_then(|t| line_of_key(t, leaf)),
+        key: Some(key.to_string()),
+        message,
+    }
 }
 
 /// The line of `key = ...` in the text (first match), ignoring comments.
