@@ -83,6 +83,14 @@ pub enum Role {
 }
 
 impl Role {
+    /// The `backend` byte a worker's context block carries.
+    pub fn context_backend(self) -> crate::worker::ContextBackend {
+        match self {
+            Role::Legacy => crate::worker::ContextBackend::Legacy,
+            Role::New => crate::worker::ContextBackend::New,
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Role::Legacy => "legacy",
@@ -370,13 +378,22 @@ impl Backend {
         }
     }
 
+    /// Marks a request's context with this backend's role (the adapter's
+    /// `request.backend`).
+    fn tag(&self, req: &mut PoolRequest) {
+        if let Some(c) = &mut req.context {
+            c.backend = self.role.context_backend();
+        }
+    }
+
     /// The deadline of a call that arrived without one.
     pub fn deadline_from_now(&self) -> Instant {
         Instant::now() + self.default_timeout
     }
 
     /// Runs one call through the backend's whole stack.
-    pub async fn execute(&self, attempt: Attempt) -> Result<Served, Failed> {
+    pub async fn execute(&self, mut attempt: Attempt) -> Result<Served, Failed> {
+        self.tag(&mut attempt.request);
         let result = self.stack.clone().oneshot(attempt).await;
         result.map_err(|e| match e.downcast::<Failed>() {
             Ok(failed) => *failed,
@@ -397,7 +414,8 @@ impl Backend {
     /// Starts a streaming call behind the backend's breaker. Streams are not retried
     /// (chunks may already be out); the returned stream records its outcome on the
     /// breaker when it ends.
-    pub async fn open_stream(&self, req: PoolRequest) -> Result<BackendStream, Failed> {
+    pub async fn open_stream(&self, mut req: PoolRequest) -> Result<BackendStream, Failed> {
+        self.tag(&mut req);
         let permit = self
             .breaker
             .try_acquire()

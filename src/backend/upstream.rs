@@ -21,7 +21,7 @@ use crate::pool::{PoolRequest, PoolResponse};
 use crate::proto as pb;
 use crate::proto::bridge_client::BridgeClient;
 use crate::resilience::{Attempt, CallError, ErrorClass, OneTry, RemoteFailure, Reply, TryService};
-use crate::worker::WorkerId;
+use crate::worker::{RequestContext, WorkerId};
 
 /// An upstream address that is not a URI tonic can connect to.
 #[derive(Debug, thiserror::Error)]
@@ -78,20 +78,36 @@ impl Upstream {
         }
     }
 
-    /// A request carrying the remaining time as `grpc-timeout`, and the session id as
-    /// `x-session-id` (so a load balancer in front of the upstream keeps affinity).
+    /// A request carrying the remaining time as `grpc-timeout`, the session id as
+    /// `x-session-id` (so a load balancer in front of the upstream keeps affinity),
+    /// and the call's `x-request-id`, `traceparent` and `tracestate`, so the upstream
+    /// (a pitboss or not) logs and traces the call under the same ids.
     pub fn request<T>(
         &self,
         msg: T,
         deadline: Option<Instant>,
         session: Option<&str>,
+        context: Option<&RequestContext>,
     ) -> tonic::Request<T> {
         let mut req = tonic::Request::new(msg);
         if let Some(d) = deadline {
             req.set_timeout(d.saturating_duration_since(Instant::now()));
         }
+        let md = req.metadata_mut();
         if let Some(v) = session.and_then(|s| s.parse().ok()) {
-            req.metadata_mut().insert("x-session-id", v);
+            md.insert("x-session-id", v);
+        }
+        if let Some(ids) = context.map(|c| &c.ids) {
+            let headers = [
+                ("x-request-id", Some(ids.request_id.as_str())),
+                ("traceparent", ids.traceparent.as_deref()),
+                ("tracestate", ids.tracestate.as_deref()),
+            ];
+            for (name, value) in headers {
+                if let Some(v) = value.and_then(|v| v.parse().ok()) {
+                    md.insert(name, v);
+                }
+            }
         }
         req
     }
@@ -158,7 +174,12 @@ impl OneTry for Upstream {
                 idempotent: attempt.idempotent,
                 routing_key: String::new(),
             };
-            let req = upstream.request(msg, Some(try_deadline), r.session_id.as_deref());
+            let req = upstream.request(
+                msg,
+                Some(try_deadline),
+                r.session_id.as_deref(),
+                r.context.as_ref(),
+            );
             let mut client = upstream.client.clone();
             let started = Instant::now();
             match tokio::time::timeout_at(try_deadline, client.execute(req)).await {
@@ -221,7 +242,12 @@ impl Target for Upstream {
             idempotent: false,
             routing_key: String::new(),
         };
-        let r = self.request(msg, Some(deadline), req.session_id.as_deref());
+        let r = self.request(
+            msg,
+            Some(deadline),
+            req.session_id.as_deref(),
+            req.context.as_ref(),
+        );
         let stream = self
             .client
             .clone()
@@ -248,7 +274,7 @@ impl Target for Upstream {
             metadata: metadata.into_iter().collect(),
             routing_key: String::new(),
         };
-        let r = self.request(msg, Some(deadline), Some(&id));
+        let r = self.request(msg, Some(deadline), Some(&id), None);
         let mut s = self
             .client
             .clone()
@@ -269,7 +295,7 @@ impl Target for Upstream {
         let msg = pb::GetSessionRequest {
             session_id: id.into(),
         };
-        let r = self.request(msg, Some(deadline), Some(id));
+        let r = self.request(msg, Some(deadline), Some(id), None);
         let mut s = self
             .client
             .clone()
@@ -285,7 +311,7 @@ impl Target for Upstream {
         let msg = pb::CloseSessionRequest {
             session_id: id.into(),
         };
-        let r = self.request(msg, Some(deadline), Some(id));
+        let r = self.request(msg, Some(deadline), Some(id), None);
         self.client
             .clone()
             .close_session(r)
@@ -298,6 +324,7 @@ impl Target for Upstream {
         let r = self.request(
             pb::ListCommandsRequest {},
             Some(Instant::now() + Duration::from_secs(5)),
+            None,
             None,
         );
         match self.client.clone().list_commands(r).await {

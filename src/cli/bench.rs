@@ -429,6 +429,7 @@ impl Floor {
             session_id: session.unwrap_or_default().to_string(),
             content_type: "application/json".into(),
             timeout_ms: 0,
+            context: None,
             payload,
         });
         let _ = stream; // the worker decides: a generator command streams

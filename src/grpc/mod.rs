@@ -29,6 +29,7 @@ use crate::pool::{PoolError, PoolRequest};
 use crate::resilience::{CallError, ErrorClass, Failed, Served};
 use crate::rollout::controller::Rollout;
 use crate::rollout::split::{Answer, Call, Split, SplitStream};
+use crate::worker::{CallIds, ContextBackend, RequestContext};
 
 /// The generated `pitboss.v1` types, under the name the edge has always used.
 pub use crate::proto as pb;
@@ -202,7 +203,7 @@ impl crate::telemetry::Observed for Edge {
 
 /// A call of `Execute` or `ExecuteStream`, as the split takes it; its deadline is the
 /// one the call record computed from `grpc-timeout` and the arrival (parsed once).
-fn call_of(r: pb::ExecuteRequest, deadline: Option<Instant>) -> Call {
+fn call_of(r: pb::ExecuteRequest, deadline: Option<Instant>, ids: &Arc<CallIds>) -> Call {
     Call {
         request: PoolRequest {
             command: r.command,
@@ -216,6 +217,7 @@ fn call_of(r: pb::ExecuteRequest, deadline: Option<Instant>) -> Call {
             deadline,
             avoid_worker: None,
             wire: None,
+            context: first_try(ids),
         },
         routing_key: (!r.routing_key.is_empty()).then_some(r.routing_key),
         idempotent: r.idempotent,
@@ -253,10 +255,11 @@ impl BridgeService {
         &self,
         req: Request<pb::ExecuteRequest>,
         record: &record::CallRecord,
+        ids: &Arc<CallIds>,
     ) -> Result<Response<pb::ExecuteResponse>, Status> {
         let edge = &self.0;
         edge.refuse_if_draining(record)?;
-        let call = call_of(req.into_inner(), record.deadline());
+        let call = call_of(req.into_inner(), record.deadline(), ids);
         let answer = edge.split.execute(call, record).await;
         trace_answer(&answer);
         let role = answer.role;
@@ -297,10 +300,11 @@ impl BridgeService {
         &self,
         req: Request<pb::ExecuteRequest>,
         record: Arc<record::CallRecord>,
+        ids: &Arc<CallIds>,
     ) -> Result<Response<ChunkStream>, Status> {
         let edge = &self.0;
         edge.refuse_if_draining(&record)?;
-        let call = call_of(req.into_inner(), record.deadline());
+        let call = call_of(req.into_inner(), record.deadline(), ids);
         let stream = edge
             .split
             .open_stream(call, &*record)
@@ -384,15 +388,17 @@ impl Bridge for BridgeService {
         req: Request<pb::ExecuteRequest>,
     ) -> Result<Response<pb::ExecuteResponse>, Status> {
         use tracing::Instrument;
-        let span = call_span(&req);
+        let ids = call_ids(req.metadata().as_ref());
+        let span = call_span(&ids, &req.get_ref().command);
         let label = self.0.command_label(&req.get_ref().command);
         let record = self.0.call_record(&req, label);
-        deadline::answer_by(
+        let answer = deadline::answer_by(
             record.deadline(),
-            self.execute_call(req, &record).instrument(span),
+            self.execute_call(req, &record, &ids).instrument(span),
             || Err(self.0.expired(&record)),
         )
-        .await
+        .await;
+        with_request_id(answer, &ids)
     }
 
     type ExecuteStreamStream = ChunkStream;
@@ -402,31 +408,35 @@ impl Bridge for BridgeService {
         req: Request<pb::ExecuteRequest>,
     ) -> Result<Response<Self::ExecuteStreamStream>, Status> {
         use tracing::Instrument;
-        let span = call_span(&req);
+        let ids = call_ids(req.metadata().as_ref());
+        let span = call_span(&ids, &req.get_ref().command);
         let label = self.0.command_label(&req.get_ref().command);
         let record = Arc::new(self.0.call_record(&req, label));
         // The backstop covers the start; once streaming, the pool's deadline applies
         // (tonic's timer covers only the start too).
-        deadline::answer_by(
+        let answer = deadline::answer_by(
             record.deadline(),
-            self.execute_stream_call(req, record.clone())
+            self.execute_stream_call(req, record.clone(), &ids)
                 .instrument(span),
             || Err(self.0.expired(&record)),
         )
-        .await
+        .await;
+        with_request_id(answer, &ids)
     }
 
     async fn create_session(
         &self,
         req: Request<pb::CreateSessionRequest>,
     ) -> Result<Response<pb::Session>, Status> {
+        let ids = call_ids(req.metadata().as_ref());
         let record = self.0.call_record(&req, record::CREATE_SESSION.into());
-        deadline::answer_by(
+        let answer = deadline::answer_by(
             record.deadline(),
             self.create_session_call(req, &record),
             || Err(self.0.expired(&record)),
         )
-        .await
+        .await;
+        with_request_id(answer, &ids)
     }
 
     async fn get_session(
@@ -462,41 +472,67 @@ impl Bridge for BridgeService {
     }
 }
 
-/// One span per call: its request id (the client's `x-request-id`, else a new one),
+/// The ids of a call from its headers: the client's `x-request-id` (else a new one),
+/// `traceparent` and `tracestate` (see [`CallIds::from_client`]). Made once per call
+/// and shared by its tries, its shadow copy and its span.
+pub(crate) fn call_ids(headers: &http::HeaderMap) -> Arc<CallIds> {
+    let get = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    Arc::new(CallIds::from_client(
+        get("x-request-id"),
+        get("traceparent"),
+        get("tracestate"),
+        || format!("{:016x}", rand::random::<u64>()),
+    ))
+}
+
+/// A call's context for its first try (the backend marks its role, the retry layer
+/// counts the attempts).
+pub(crate) fn first_try(ids: &Arc<CallIds>) -> Option<RequestContext> {
+    Some(RequestContext {
+        ids: ids.clone(),
+        attempt: 1,
+        backend: ContextBackend::Unknown,
+    })
+}
+
+/// One span per call: its request id, trace id (when the client sent a trace),
 /// command, and, once known, the backend, worker and attempts.
-fn call_span<T>(req: &Request<T>) -> tracing::Span
-where
-    T: CommandName,
-{
-    let request_id = request_id(
-        req.metadata()
-            .get("x-request-id")
-            .and_then(|v| v.to_str().ok()),
-    );
+pub(crate) fn call_span(ids: &CallIds, command: &str) -> tracing::Span {
+    let trace_id = ids
+        .traceparent
+        .as_deref()
+        .and_then(|t| t.split('-').nth(1))
+        .unwrap_or("");
     tracing::info_span!(
         "call",
-        request_id = %request_id,
-        command = %req.get_ref().command_name(),
+        request_id = %ids.request_id,
+        trace_id = %trace_id,
+        command = %command,
         backend = tracing::field::Empty,
         worker = tracing::field::Empty,
         attempts = tracing::field::Empty,
     )
 }
 
-/// A call's request id: the client's `x-request-id` (its first 64 characters), else a
-/// new one.
-fn request_id(sent: Option<&str>) -> String {
-    sent.map(|s| s.chars().take(64).collect::<String>())
-        .unwrap_or_else(|| format!("{:016x}", rand::random::<u64>()))
-}
-
-trait CommandName {
-    fn command_name(&self) -> &str;
-}
-
-impl CommandName for pb::ExecuteRequest {
-    fn command_name(&self) -> &str {
-        &self.command
+/// Returns the call's request id to the client (`x-request-id` in the response's
+/// headers or the status's trailers), the one it sent or the one pitboss made, so a
+/// client can quote it when it reports a failure.
+fn with_request_id<T>(
+    answer: Result<Response<T>, Status>,
+    ids: &CallIds,
+) -> Result<Response<T>, Status> {
+    let Ok(value) = MetadataValue::try_from(ids.request_id.as_str()) else {
+        return answer;
+    };
+    match answer {
+        Ok(mut resp) => {
+            resp.metadata_mut().insert("x-request-id", value);
+            Ok(resp)
+        }
+        Err(mut status) => {
+            status.metadata_mut().insert("x-request-id", value);
+            Err(status)
+        }
     }
 }
 

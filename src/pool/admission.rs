@@ -55,6 +55,7 @@ impl Pool {
                     session_id: req.session_id.clone(),
                     content_type: req.content_type,
                     timeout: Some(deadline.saturating_duration_since(Instant::now())),
+                    context: req.context,
                     payload: req.payload,
                 },
                 mode,
@@ -190,6 +191,7 @@ fn check_request(
         &req.command,
         req.session_id.as_deref().unwrap_or(""),
         &req.content_type,
+        req.context.as_ref(),
         req.payload.len(),
     );
     if frame_len > max_frame_bytes {
@@ -275,7 +277,7 @@ mod tests {
     #[test]
     fn the_frame_limit_counts_the_whole_request_frame() {
         let req = PoolRequest::new("echo", vec![0u8; 100]).session("s1");
-        let len = frame::request_frame_len("echo", "s1", "application/json", 100);
+        let len = frame::request_frame_len("echo", "s1", "application/json", None, 100);
         assert!(check_request(&req, &Commands::default(), ReplyMode::Unary, len).is_ok());
         match check_request(&req, &Commands::default(), ReplyMode::Unary, len - 1) {
             Err(PoolError::RequestTooLarge { len: l, max, limit }) => {

@@ -5,7 +5,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio::time::Instant;
 
-use crate::worker::WorkerId;
+use crate::worker::{RequestContext, WorkerId};
 
 /// One request to the pool.
 #[derive(Debug, Clone)]
@@ -22,6 +22,10 @@ pub struct PoolRequest {
     /// A pool ignores it and runs `command` (the method's command) on `payload` (the
     /// request message's bytes).
     pub wire: Option<std::sync::Arc<crate::wire::WireCall>>,
+    /// The call's request id and trace, this try's attempt and backend: what the
+    /// adapter's `Request` shows and what a `grpc` upstream receives as metadata.
+    /// `None` for calls pitboss makes itself (e.g. warm-up).
+    pub context: Option<RequestContext>,
 }
 
 impl PoolRequest {
@@ -34,6 +38,7 @@ impl PoolRequest {
             deadline: None,
             avoid_worker: None,
             wire: None,
+            context: None,
         }
     }
 

@@ -319,6 +319,11 @@ impl Policy<Attempt, Served, Failed> for RetryPolicy {
         self.observer.retried(failed.class);
         req.number += 1;
         req.request.avoid_worker = failed.error.worker();
+        if let Some(c) = &mut req.request.context {
+            // Counted over the whole call: after a fallback the first try on legacy
+            // already follows new's.
+            c.attempt += 1;
+        }
         Some(sleep)
     }
 

@@ -211,9 +211,12 @@ impl Split {
         let shadow = (route == Route::Shadow).then(|| self.spawn_shadow(attempt.clone()));
         let answer = match route {
             Route::New => {
-                let retry_copy = attempt.clone();
+                let mut retry_copy = attempt.clone();
                 match self.run(Role::New, attempt).await {
                     Err(failed) if self.may_fall_back(&failed, &retry_copy) => {
+                        if let Some(c) = &mut retry_copy.request.context {
+                            c.attempt += failed.attempts;
+                        }
                         self.rollout.fallback();
                         progress.answering(Role::Legacy);
                         tracing::info!(
@@ -422,6 +425,9 @@ impl Split {
                 attempts = 2;
                 started = Instant::now();
                 request.deadline = Some(deadline);
+                if let Some(c) = &mut request.context {
+                    c.attempt = 2;
+                }
                 opened = self.start_stream(role, request).await;
             }
         }

@@ -25,7 +25,9 @@ use tokio::time::Instant;
 use tokio_util::codec::FramedRead;
 
 use super::error::WorkerError;
-use super::frame::{ErrorBody, Frame, FrameCodec, ReadyInfo, RequestFrame};
+use super::frame::{
+    ErrorBody, Frame, FrameCodec, ReadyInfo, RequestContext, RequestFrame, CONTEXT_REVISION,
+};
 use super::id::WorkerId;
 
 /// Why the supervisor should kill a worker that is still running.
@@ -289,6 +291,9 @@ pub struct CallRequest {
     pub content_type: String,
     /// Time left before the deadline, forwarded to Python as advice.
     pub timeout: Option<Duration>,
+    /// The call's ids and this try's attempt and backend; sent only to a runtime that
+    /// reads context blocks (READY's `revision`), so an older one keeps working.
+    pub context: Option<RequestContext>,
     pub payload: Bytes,
 }
 
@@ -392,6 +397,9 @@ impl Connection {
             session_id: request.session_id.unwrap_or_default(),
             content_type: request.content_type,
             timeout_ms,
+            context: request
+                .context
+                .filter(|_| self.ready.revision >= CONTEXT_REVISION),
             payload: request.payload,
         });
         if let Err(e) = self.outbox.send(&frame) {
@@ -667,6 +675,7 @@ mod tests {
             session_id: None,
             content_type: "application/json".into(),
             timeout: None,
+            context: None,
             payload: Bytes::from_static(b"{}"),
         }
     }

@@ -109,8 +109,128 @@ pub struct RequestFrame {
     pub content_type: String,
     /// Milliseconds left before the deadline when sent; 0 means none.
     pub timeout_ms: u32,
+    /// Who the call is (its request id and trace) and which try this is: sent as the
+    /// context block (flag [`FLAG_CONTEXT`]) to a runtime of revision 2 or later, so
+    /// the adapter's `Request` and its log lines carry them.
+    pub context: Option<RequestContext>,
     pub payload: Bytes,
 }
+
+/// `REQUEST` flag: a context block follows the request's strings.
+pub const FLAG_CONTEXT: u16 = 0x0001;
+
+/// The runtime revision (READY's `revision`) from which a worker reads context blocks.
+pub const CONTEXT_REVISION: u32 = 2;
+
+/// The ids a call keeps across its tries and backends: made once at the edge and
+/// shared (an `Arc`), so a retry or a shadow copy costs no allocation.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct CallIds {
+    /// The client's `x-request-id`, else one pitboss made (returned to the client).
+    pub request_id: String,
+    /// The client's W3C `traceparent`, when it sent a well-formed one.
+    pub traceparent: Option<String>,
+    /// The client's W3C `tracestate`, kept only with a `traceparent`.
+    pub tracestate: Option<String>,
+}
+
+/// Longest `x-request-id` kept (longer ones are cut, on a character boundary).
+pub const MAX_REQUEST_ID_CHARS: usize = 64;
+/// Longest `tracestate` kept (the W3C limit is 512 characters); a longer one is dropped.
+pub const MAX_TRACESTATE_BYTES: usize = 512;
+
+impl CallIds {
+    /// The ids of a call from what the client sent: its `x-request-id` (cut to
+    /// [`MAX_REQUEST_ID_CHARS`]) or `made` when it sent none (or an empty one); its
+    /// `traceparent` when well formed (else dropped: a malformed one would poison
+    /// every trace downstream), and `tracestate` with it.
+    pub fn from_client(
+        request_id: Option<&str>,
+        traceparent: Option<&str>,
+        tracestate: Option<&str>,
+        made: impl FnOnce() -> String,
+    ) -> CallIds {
+        let request_id = match request_id.map(str::trim).filter(|s| !s.is_empty()) {
+            Some(s) => s.chars().take(MAX_REQUEST_ID_CHARS).collect(),
+            None => made(),
+        };
+        let traceparent = traceparent
+            .map(str::trim)
+            .filter(|t| valid_traceparent(t))
+            .map(str::to_string);
+        let tracestate = traceparent
+            .as_ref()
+            .and(tracestate)
+            .map(str::trim)
+            .filter(|t| !t.is_empty() && t.len() <= MAX_TRACESTATE_BYTES)
+            .map(str::to_string);
+        CallIds {
+            request_id,
+            traceparent,
+            tracestate,
+        }
+    }
+}
+
+/// Whether `t` is a W3C `traceparent` this build understands: `version-traceid-
+/// parentid-flags` in lowercase hex (2-32-16-2), the version not `ff`, the trace and
+/// parent ids not all zeros. A later version may append fields after the flags.
+pub fn valid_traceparent(t: &str) -> bool {
+    let hex = |s: &str, n: usize| {
+        s.len() == n
+            && s.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    };
+    let mut parts = t.split('-');
+    let (Some(version), Some(trace), Some(parent), Some(flags)) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return false;
+    };
+    let rest_ok = version != "00" || parts.next().is_none();
+    hex(version, 2)
+        && version != "ff"
+        && hex(trace, 32)
+        && trace.bytes().any(|b| b != b'0')
+        && hex(parent, 16)
+        && parent.bytes().any(|b| b != b'0')
+        && hex(flags, 2)
+        && rest_ok
+        && t.len() <= 256
+}
+
+/// Which backend a try runs on, as the context block's `backend` byte says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[repr(u8)]
+pub enum ContextBackend {
+    #[default]
+    Unknown = 0,
+    Legacy = 1,
+    New = 2,
+}
+
+/// The context block of one try: the call's ids, the attempt (1 for the first try)
+/// and the backend it runs on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequestContext {
+    pub ids: std::sync::Arc<CallIds>,
+    pub attempt: u32,
+    pub backend: ContextBackend,
+}
+
+impl RequestContext {
+    /// Bytes the block takes after the request's strings (its length field included).
+    pub fn encoded_len(&self) -> usize {
+        CONTEXT_HEAD_LEN
+            + self.ids.request_id.len()
+            + self.ids.traceparent.as_deref().map_or(0, str::len)
+            + self.ids.tracestate.as_deref().map_or(0, str::len)
+    }
+}
+
+/// The fixed part of a context block: context_len (u16: the bytes after it), attempt
+/// (u8), backend (u8), then the lengths (u16) of request id, traceparent, tracestate.
+pub const CONTEXT_HEAD_LEN: usize = 10;
 
 /// Every message of protocol version 1.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -292,7 +412,7 @@ pub fn decode_frame(mut buf: Bytes) -> Result<Frame, FrameError> {
     let raw_kind = buf.get_u8();
     let kind = Kind::from_u8(raw_kind).ok_or(FrameError::UnknownKind(raw_kind))?;
     let flags = buf.get_u16();
-    if flags != 0 {
+    if flags != 0 && !(kind == Kind::Request && flags == FLAG_CONTEXT) {
         return Err(FrameError::Flags(flags));
     }
     let id = buf.get_u64();
@@ -310,7 +430,7 @@ pub fn decode_frame(mut buf: Bytes) -> Result<Frame, FrameError> {
             let info: ReadyInfo = serde_json::from_slice(&body).map_err(|e| malformed(e.into()))?;
             Frame::Ready(info)
         }
-        Kind::Request => Frame::Request(decode_request(id, body).map_err(malformed)?),
+        Kind::Request => Frame::Request(decode_request(id, body, flags).map_err(malformed)?),
         Kind::Response | Kind::StreamChunk => {
             let (content_type, payload) = decode_payload_body(body).map_err(malformed)?;
             if kind == Kind::Response {
@@ -372,7 +492,7 @@ fn take_str(body: &mut Bytes, len: usize, what: &'static str) -> Result<String, 
     utf8(body.split_to(len).to_vec(), what)
 }
 
-fn decode_request(id: u64, mut body: Bytes) -> Result<RequestFrame, BodyError> {
+fn decode_request(id: u64, mut body: Bytes, flags: u16) -> Result<RequestFrame, BodyError> {
     if body.len() < 10 {
         return Err(BodyError::ShortHeader {
             what: "request",
@@ -387,13 +507,62 @@ fn decode_request(id: u64, mut body: Bytes) -> Result<RequestFrame, BodyError> {
     let command = take_str(&mut body, command_len, "command")?;
     let session_id = take_str(&mut body, session_len, "session id")?;
     let content_type = take_str(&mut body, ctype_len, "content type")?;
+    let context = if flags & FLAG_CONTEXT != 0 {
+        Some(decode_context(&mut body)?)
+    } else {
+        None
+    };
     Ok(RequestFrame {
         id,
         command,
         session_id,
         content_type,
         timeout_ms,
+        context,
         payload: body,
+    })
+}
+
+fn decode_context(body: &mut Bytes) -> Result<RequestContext, BodyError> {
+    if body.len() < CONTEXT_HEAD_LEN {
+        return Err(BodyError::ShortHeader {
+            what: "request context",
+            needs: CONTEXT_HEAD_LEN,
+            got: body.len(),
+        });
+    }
+    let block_len = body.get_u16() as usize;
+    if body.len() < block_len || block_len < CONTEXT_HEAD_LEN - 2 {
+        return Err(BodyError::Truncated {
+            what: "request context",
+            needs: block_len,
+            remain: body.len(),
+        });
+    }
+    let mut block = body.split_to(block_len);
+    let attempt = u32::from(block.get_u8());
+    let backend = match block.get_u8() {
+        1 => ContextBackend::Legacy,
+        2 => ContextBackend::New,
+        _ => ContextBackend::Unknown,
+    };
+    let (rlen, plen, tlen) = (
+        block.get_u16() as usize,
+        block.get_u16() as usize,
+        block.get_u16() as usize,
+    );
+    let request_id = take_str(&mut block, rlen, "request id")?;
+    let traceparent = take_str(&mut block, plen, "traceparent")?;
+    let tracestate = take_str(&mut block, tlen, "tracestate")?;
+    // Whatever a later revision appends to the block is skipped with it.
+    Ok(RequestContext {
+        ids: std::sync::Arc::new(CallIds {
+            request_id,
+            traceparent: (!traceparent.is_empty()).then_some(traceparent),
+            tracestate: (!tracestate.is_empty()).then_some(tracestate),
+        }),
+        attempt,
+        backend,
     })
 }
 
@@ -417,9 +586,16 @@ pub fn request_frame_len(
     command: &str,
     session_id: &str,
     content_type: &str,
+    context: Option<&RequestContext>,
     payload_len: usize,
 ) -> usize {
-    HEADER_LEN + 10 + command.len() + session_id.len() + content_type.len() + payload_len
+    HEADER_LEN
+        + 10
+        + command.len()
+        + session_id.len()
+        + content_type.len()
+        + context.map_or(0, RequestContext::encoded_len)
+        + payload_len
 }
 
 fn short_len(s: &str, what: &'static str) -> Result<u16, FrameError> {
@@ -457,7 +633,13 @@ impl FrameCodec {
         dst.put_u32(0); // length, patched below
         dst.put_u8(PROTOCOL_VERSION);
         dst.put_u8(frame.kind() as u8);
-        dst.put_u16(0);
+        let flags = match frame {
+            Frame::Request(RequestFrame {
+                context: Some(_), ..
+            }) => FLAG_CONTEXT,
+            _ => 0,
+        };
+        dst.put_u16(flags);
         dst.put_u64(frame.request_id());
         match frame {
             Frame::Ready(info) => put_json(info, dst),
@@ -469,6 +651,9 @@ impl FrameCodec {
                 dst.put_slice(r.command.as_bytes());
                 dst.put_slice(r.session_id.as_bytes());
                 dst.put_slice(r.content_type.as_bytes());
+                if let Some(c) = &r.context {
+                    put_context(c, dst)?;
+                }
                 dst.put_slice(&r.payload);
             }
             Frame::Response {
@@ -505,6 +690,30 @@ impl FrameCodec {
     }
 }
 
+/// Writes a context block (see [`CONTEXT_HEAD_LEN`]). The attempt saturates at 255.
+fn put_context(c: &RequestContext, dst: &mut BytesMut) -> Result<(), FrameError> {
+    let ids = &c.ids;
+    let traceparent = ids.traceparent.as_deref().unwrap_or("");
+    let tracestate = ids.tracestate.as_deref().unwrap_or("");
+    let block_len = c.encoded_len() - 2;
+    dst.put_u16(u16::try_from(block_len).map_err(|_| FrameError::Body {
+        kind: Kind::Request,
+        detail: BodyError::TooLong {
+            what: "request context",
+            len: block_len,
+        },
+    })?);
+    dst.put_u8(c.attempt.min(255) as u8);
+    dst.put_u8(c.backend as u8);
+    dst.put_u16(short_len(&ids.request_id, "request id")?);
+    dst.put_u16(short_len(traceparent, "traceparent")?);
+    dst.put_u16(short_len(tracestate, "tracestate")?);
+    dst.put_slice(ids.request_id.as_bytes());
+    dst.put_slice(traceparent.as_bytes());
+    dst.put_slice(tracestate.as_bytes());
+    Ok(())
+}
+
 /// Writes a JSON body (the rare `READY` and `ERROR` frames).
 fn put_json<T: Serialize>(value: &T, dst: &mut BytesMut) {
     // Serialising plain structs of strings and numbers into memory cannot fail.
@@ -532,6 +741,7 @@ mod tests {
             session_id: String::new(),
             content_type: "x".repeat(70_000),
             timeout_ms: 0,
+            context: None,
             payload: Bytes::new(),
         });
         assert!(codec.encode(&frame, &mut buf).is_err());
@@ -560,6 +770,7 @@ mod tests {
                 session_id: "s-1".into(),
                 content_type: "application/json".into(),
                 timeout_ms: 1500,
+                context: None,
                 payload: Bytes::from_static(b"{\"a\":1}"),
             }),
             Frame::Response {
@@ -669,12 +880,13 @@ mod tests {
             session_id: "s-1".into(),
             content_type: "application/json".into(),
             timeout_ms: 5,
+            context: None,
             payload: Bytes::from(vec![7u8; 333]),
         });
         let mut buf = BytesMut::new();
         FrameCodec::default().encode(&frame, &mut buf).unwrap();
         assert_eq!(
-            request_frame_len("echo", "s-1", "application/json", 333),
+            request_frame_len("echo", "s-1", "application/json", None, 333),
             buf.len() - 4
         );
     }
@@ -727,5 +939,106 @@ mod tests {
             c.decode(&mut raw(1, 10, 0, &[0xff, 0xfe])),
             Err(FrameError::Body { .. })
         ));
+    }
+
+    fn context(attempt: u32, tp: Option<&str>, ts: Option<&str>) -> RequestContext {
+        RequestContext {
+            ids: std::sync::Arc::new(CallIds {
+                request_id: "req-7".into(),
+                traceparent: tp.map(str::to_string),
+                tracestate: ts.map(str::to_string),
+            }),
+            attempt,
+            backend: ContextBackend::New,
+        }
+    }
+
+    /// A request with a context block sets the flag, and decodes to the same frame;
+    /// its length is what `request_frame_len` predicts.
+    #[test]
+    fn a_context_block_round_trips() {
+        let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        for ctx in [
+            context(1, Some(tp), Some("congo=t61rcWkgMzE")),
+            context(3, None, None),
+            context(300, Some(tp), None),
+        ] {
+            let frame = Frame::Request(RequestFrame {
+                id: 9,
+                command: "echo".into(),
+                session_id: "s".into(),
+                content_type: "application/json".into(),
+                timeout_ms: 50,
+                context: Some(ctx.clone()),
+                payload: Bytes::from_static(b"{}"),
+            });
+            let mut buf = BytesMut::new();
+            FrameCodec::default().encode(&frame, &mut buf).unwrap();
+            assert_eq!(u16::from_be_bytes([buf[6], buf[7]]), FLAG_CONTEXT);
+            assert_eq!(
+                buf.len() - 4,
+                request_frame_len("echo", "s", "application/json", Some(&ctx), 2)
+            );
+            let Some(Frame::Request(back)) = FrameCodec::default().decode(&mut buf).unwrap() else {
+                panic!("not a request");
+            };
+            let mut want = ctx;
+            want.attempt = want.attempt.min(255);
+            assert_eq!(back.context, Some(want));
+            assert_eq!(&back.payload[..], b"{}");
+        }
+    }
+
+    /// The flag is allowed on a REQUEST only; a worker's frame with it is refused.
+    #[test]
+    fn the_context_flag_is_refused_on_other_kinds() {
+        let mut buf = BytesMut::new();
+        FrameCodec::default()
+            .encode(&Frame::Pong { seq: 1 }, &mut buf)
+            .unwrap();
+        buf[7] = FLAG_CONTEXT as u8;
+        assert!(matches!(
+            FrameCodec::default().decode(&mut buf),
+            Err(FrameError::Flags(1))
+        ));
+    }
+
+    #[test]
+    fn traceparents_are_checked_as_w3c_says() {
+        let good = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        assert!(valid_traceparent(good));
+        assert!(valid_traceparent(
+            "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-later"
+        ));
+        for bad in [
+            "",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7",
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+            "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra",
+            "00-4bf92f3577b34da6a3ce929d0e0e473-00f067aa0ba902b7-01",
+        ] {
+            assert!(!valid_traceparent(bad), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn call_ids_keep_what_the_client_sent_and_make_the_rest() {
+        let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let ids = CallIds::from_client(Some("abc"), Some(tp), Some("k=v"), || "made".into());
+        assert_eq!(ids.request_id, "abc");
+        assert_eq!(ids.traceparent.as_deref(), Some(tp));
+        assert_eq!(ids.tracestate.as_deref(), Some("k=v"));
+        let ids = CallIds::from_client(Some("  "), Some("garbage"), Some("k=v"), || "made".into());
+        assert_eq!(ids.request_id, "made", "an empty id is none");
+        assert_eq!(ids.traceparent, None, "a malformed traceparent is dropped");
+        assert_eq!(ids.tracestate, None, "no tracestate without a traceparent");
+        let long = "é".repeat(100);
+        let ids = CallIds::from_client(Some(&long), None, None, || unreachable!());
+        assert_eq!(ids.request_id.chars().count(), MAX_REQUEST_ID_CHARS);
+        let ids = CallIds::from_client(None, Some(tp), Some(&"x".repeat(513)), || "m".into());
+        assert_eq!(ids.tracestate, None, "over the W3C limit");
     }
 }

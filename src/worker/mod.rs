@@ -21,7 +21,8 @@ use tokio_util::codec::FramedRead;
 pub use connection::{Call, CallRequest, Connection, KillReason, Reply, ReplyMode, SlotGuard};
 pub use error::WorkerError;
 pub use frame::{
-    BodyError, CommandInfo, Frame, FrameCodec, FrameError, ReadyInfo, PROTOCOL_VERSION,
+    BodyError, CallIds, CommandInfo, ContextBackend, Frame, FrameCodec, FrameError, ReadyInfo,
+    RequestContext, PROTOCOL_VERSION,
 };
 pub use id::WorkerId;
 pub use process::{resolve_python, rss_bytes, signal_group, WorkerCommand, WorkerSpec};
@@ -231,6 +232,8 @@ pub fn describe_exit(status: &std::process::ExitStatus) -> String {
 }
 
 /// Logs each stderr line with the worker id and keeps the last few for error messages.
+/// A structured line (an adapter's `logging` record, see [`AdapterRecord`]) is logged
+/// at its level under the target `pitboss::adapter`, with its request and trace ids.
 async fn forward_stderr(
     mut stderr: ChildStderr,
     id: WorkerId,
@@ -240,8 +243,17 @@ async fn forward_stderr(
     let mut buf = Vec::with_capacity(4096);
     let mut chunk = [0u8; 4096];
     let emit = |line: &[u8]| {
-        let text = String::from_utf8_lossy(line).trim_end().to_string();
-        tracing::info!(target: "pitboss::worker::stderr", worker = %id, pid, "{text}");
+        let text = match AdapterRecord::parse(line) {
+            Some(record) => {
+                record.log(id, pid);
+                format!("{}: {}", record.logger, record.message)
+            }
+            None => {
+                let text = String::from_utf8_lossy(line).trim_end().to_string();
+                tracing::info!(target: "pitboss::worker::stderr", worker = %id, pid, "{text}");
+                text
+            }
+        };
         let mut tail = tail.lock().unwrap_or_else(|e| e.into_inner());
         if tail.len() == STDERR_TAIL_LINES {
             tail.pop_front();
@@ -265,5 +277,87 @@ async fn forward_stderr(
     }
     if !buf.is_empty() {
         emit(&buf);
+    }
+}
+
+/// The first byte of a structured stderr line (ASCII record separator), as
+/// `pitboss_worker.log` writes it; any other line is plain text.
+const RECORD_MARK: u8 = 0x1e;
+
+/// One `logging` record an adapter wrote, as `pitboss_worker.log.PitbossHandler`
+/// sends it: the mark, then a JSON object on one line.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+struct AdapterRecord {
+    #[serde(default)]
+    level: String,
+    #[serde(default)]
+    logger: String,
+    #[serde(default)]
+    message: String,
+    #[serde(default)]
+    request_id: Option<String>,
+    #[serde(default)]
+    trace_id: Option<String>,
+}
+
+impl AdapterRecord {
+    /// The record of a structured line; `None` for a plain line or one whose JSON
+    /// does not parse (then it is logged as the text it is: nothing is lost).
+    fn parse(line: &[u8]) -> Option<AdapterRecord> {
+        let rest = line.strip_prefix(&[RECORD_MARK])?;
+        serde_json::from_slice(rest).ok()
+    }
+
+    fn log(&self, worker: WorkerId, pid: u32) {
+        let request_id = self.request_id.as_deref().unwrap_or("");
+        let trace_id = self.trace_id.as_deref().unwrap_or("");
+        let logger = self.logger.as_str();
+        let message = self.message.as_str();
+        macro_rules! at {
+            ($level:ident) => {
+                tracing::$level!(
+                    target: "pitboss::adapter",
+                    worker = %worker,
+                    pid,
+                    logger,
+                    request_id,
+                    trace_id,
+                    "{message}"
+                )
+            };
+        }
+        match self.level.as_str() {
+            "CRITICAL" | "ERROR" => at!(error),
+            "WARNING" => at!(warn),
+            "DEBUG" | "NOTSET" => at!(debug),
+            _ => at!(info),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_adapter_record_is_parsed_and_anything_else_is_text() {
+        let line = b"\x1e{\"level\":\"WARNING\",\"logger\":\"calc\",\"message\":\"hi\",\"request_id\":\"r1\",\"trace_id\":\"t1\"}";
+        assert_eq!(
+            AdapterRecord::parse(line),
+            Some(AdapterRecord {
+                level: "WARNING".into(),
+                logger: "calc".into(),
+                message: "hi".into(),
+                request_id: Some("r1".into()),
+                trace_id: Some("t1".into()),
+            })
+        );
+        assert_eq!(AdapterRecord::parse(b"plain text"), None);
+        assert_eq!(AdapterRecord::parse(b"\x1e{not json"), None);
+        assert_eq!(
+            AdapterRecord::parse(b"\x1e{\"message\":\"m\"}").map(|r| r.message),
+            Some("m".into()),
+            "fields the handler may leave out"
+        );
     }
 }

@@ -286,6 +286,7 @@ mod tests {
             session_id: String::new(),
             content_type: "application/json".into(),
             timeout_ms: 0,
+            context: None,
             payload: vec![b'x'; payload_len].into(),
         })
     }

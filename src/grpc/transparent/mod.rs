@@ -189,7 +189,8 @@ impl TransparentService {
             .and_then(deadline::parse_grpc_timeout)
             .map(|d| arrived + d);
         let record = Arc::new(CallRecord::new(self.label(&method), arrived, due));
-        let span = call_span(req.headers(), &path);
+        let ids = super::call_ids(req.headers());
+        let span = super::call_span(&ids, &path);
         if let Err(status) = self.edge.refuse_if_draining(&record) {
             return status.into_http();
         }
@@ -226,6 +227,7 @@ impl TransparentService {
                         metadata: wire::forwarded_request(&parts.headers),
                         output: method.output.clone(),
                     })),
+                    context: super::first_try(&ids),
                 },
                 routing_key: self.catalog.routing_key(&parts.headers),
                 idempotent: method.idempotent,
@@ -487,19 +489,6 @@ async fn read_message(mut body: Body, max: usize, method: &str) -> Result<Bytes,
         .finish()
         .map_err(|e| Refusal::Malformed(e.to_string()))?;
     message.ok_or(Refusal::NoMessage)
-}
-
-/// One span per call, as for Bridge calls: its request id and method.
-fn call_span(headers: &HeaderMap, method: &str) -> tracing::Span {
-    let request_id = super::request_id(headers.get("x-request-id").and_then(|v| v.to_str().ok()));
-    tracing::info_span!(
-        "call",
-        request_id = %request_id,
-        command = %method,
-        backend = tracing::field::Empty,
-        worker = tracing::field::Empty,
-        attempts = tracing::field::Empty,
-    )
 }
 
 impl tower::Service<http::Request<axum::body::Body>> for TransparentService {
