@@ -21,3 +21,20 @@ def stream(req: Request) -> Iterator[bytes]:
 @adapter.session_state
 def new(session_id: str) -> "dict[str, int]":
     return {}
+
+# The testing helper is typed too: a user's adapter tests pass mypy --strict.
+from typing import List
+from pitboss_worker.testing import AdapterTester, Call, CommandError, Reply
+
+def check_with_the_tester() -> None:
+    with AdapterTester(adapter) as t:
+        r: Reply = t.call("hello", {"a": 1}, session_id="s", timeout=1.5, attempt=2)
+        body: bytes = r.payload
+        chunks: List[Reply] = t.stream("s", b"x")
+        pending: Call = t.start("hello")
+        pending.cancel()
+        try:
+            pending.result()
+        except CommandError as e:
+            kind: str = e.kind
+            print(body, chunks, kind)
