@@ -12,6 +12,7 @@ use pitboss::server::RunningServer;
 /// measures pitboss from outside, through its public API and its gRPC surface.
 mod cli {
     pub mod bench;
+    pub mod doctor;
     pub mod init;
 }
 
@@ -47,6 +48,9 @@ enum Command {
     /// this binary out first, if need be): `pip install "$(pitboss runtime)"` installs
     /// the matching pitboss_worker package for your editor and your tests.
     Runtime,
+    /// Check what a start needs (the interpreter, the adapter, the ports, the flags
+    /// file, the runtime), one line each with the fix; exits 1 if something fails.
+    Doctor,
     /// Print the Admin status as a table.
     Status {
         #[arg(long, default_value = "http://127.0.0.1:50052")]
@@ -264,6 +268,7 @@ fn main() -> ExitCode {
             Command::CheckFlags { file } => check_flags(file),
             Command::Runtime => print_runtime(),
             Command::Init { dir } => init(dir),
+            Command::Doctor => doctor(cli.config).await,
             Command::Bench { what } => bench(cli.config, what).await,
             Command::Status { addr, token } => status(addr, token).await,
             Command::Rollout {
@@ -334,6 +339,25 @@ async fn serve(config: Option<PathBuf>, log_format: Option<String>) -> Result<()
     let server = RunningServer::start(cfg).await.map_err(|e| e.to_string())?;
     server.run_until_signal().await;
     Ok(())
+}
+
+async fn doctor(config: Option<PathBuf>) -> Result<(), String> {
+    let origin = config
+        .as_ref()
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|| "the embedded default config".into());
+    let cfg = load(config)?;
+    let findings = cli::doctor::run(&cfg, &origin).await;
+    for f in &findings {
+        println!("{f}");
+    }
+    let worst = findings.iter().map(|f| f.verdict).max();
+    match worst {
+        Some(cli::doctor::Verdict::Fail) => {
+            Err("doctor: something above would stop pitboss (FAIL)".into())
+        }
+        _ => Ok(()),
+    }
 }
 
 fn check_config(file: PathBuf) -> Result<(), String> {
