@@ -19,7 +19,9 @@ use pitboss::pool::{PoolError, SessionTable};
 use pitboss::resilience::{classify, ErrorClass, ExceptionRules};
 use pitboss::rollout::flags::session_route;
 use pitboss::rollout::{bucket, route, Flags};
-use pitboss::worker::frame::{decode_frame, Frame, FrameCodec, RequestFrame};
+use pitboss::worker::frame::{
+    decode_frame, CallIds, ContextBackend, Frame, FrameCodec, RequestContext, RequestFrame,
+};
 use pitboss::worker::WorkerId;
 
 /// Payload sizes for the codec benchmarks, with their labels.
@@ -50,6 +52,15 @@ fn frame_encode(c: &mut Criterion) {
             session_id: String::new(),
             content_type: "application/json".into(),
             timeout_ms: 1000,
+            // What every Bridge call carries: a 16-hex-digit request id, no trace.
+            context: Some(RequestContext {
+                ids: std::sync::Arc::new(CallIds {
+                    request_id: "0123456789abcdef".into(),
+                    ..CallIds::default()
+                }),
+                attempt: 1,
+                backend: ContextBackend::Legacy,
+            }),
             payload: payload(size),
         });
         let mut codec = FrameCodec::default();

@@ -23,8 +23,9 @@ use pitboss::resilience::{BreakerSettings, ExceptionRules, OutlierSettings, Retr
 use pitboss::rollout::flags::DEFAULT_FLAGS;
 use pitboss::rollout::{bucket, in_new, Flags, Percent, BUCKETS};
 use pitboss::worker::frame::{
-    decode_frame, CommandInfo, ErrorBody, Frame, FrameCodec, FrameError, Kind, ReadyInfo,
-    RequestFrame, DEFAULT_MAX_FRAME_BYTES, HEADER_LEN, PROTOCOL_VERSION,
+    decode_frame, CallIds, CommandInfo, ContextBackend, ErrorBody, Frame, FrameCodec, FrameError,
+    Kind, ReadyInfo, RequestContext, RequestFrame, DEFAULT_MAX_FRAME_BYTES, FLAG_CONTEXT,
+    HEADER_LEN, PROTOCOL_VERSION,
 };
 
 /// 256 cases (proptest's default), without a regressions file next to this source.
@@ -91,9 +92,37 @@ prop_compose! {
         session_id in text(24),
         content_type in text(24),
         timeout_ms in any::<u32>(),
+        context in proptest::option::of(request_context()),
         payload in payload(),
     ) -> RequestFrame {
-        RequestFrame { id, command, session_id, content_type, timeout_ms, payload }
+        RequestFrame { id, command, session_id, content_type, timeout_ms, context, payload }
+    }
+}
+
+prop_compose! {
+    /// A context block as pitboss sends it: an empty trace string is no trace (it
+    /// decodes to `None`), and the attempt fits its byte.
+    fn request_context()(
+        request_id in text(64),
+        traceparent in text(60),
+        tracestate in text(60),
+        attempt in 1u32..=255,
+        backend in prop_oneof![
+            Just(ContextBackend::Unknown),
+            Just(ContextBackend::Legacy),
+            Just(ContextBackend::New),
+        ],
+    ) -> RequestContext {
+        let some = |s: String| (!s.is_empty()).then_some(s);
+        RequestContext {
+            ids: std::sync::Arc::new(CallIds {
+                request_id,
+                traceparent: some(traceparent),
+                tracestate: some(tracestate),
+            }),
+            attempt,
+            backend,
+        }
     }
 }
 
@@ -441,7 +470,12 @@ proptest! {
         prop_assert_eq!(announced(&bytes), bytes.len() - 4);
         prop_assert_eq!(bytes[4], PROTOCOL_VERSION);
         prop_assert_eq!(bytes[5], frame.kind() as u8);
-        prop_assert_eq!(&bytes[6..8], &[0u8, 0][..]);
+        // Flags: 0, except a request's context block.
+        let flags = match &frame {
+            Frame::Request(RequestFrame { context: Some(_), .. }) => FLAG_CONTEXT,
+            _ => 0,
+        };
+        prop_assert_eq!(&bytes[6..8], &flags.to_be_bytes()[..]);
 
         let mut buf = bytes.clone();
         let decoded = FrameCodec::default().decode(&mut buf).unwrap();
