@@ -4,9 +4,10 @@
 //! writing into its install prefix; and with no writable cache but the temp dir (a
 //! read-only root file system) it falls back to a private directory there.
 //!
-//! A copy of the built binary stands in for `cargo install --path . --root <tmp>`: what
-//! matters to the runtime's lookup is that the executable is outside the checkout
-//! (a release build in the test suite would cost minutes).
+//! The binary under test is the one `cargo install --path . --root <tmp>` made when
+//! `$PITBOSS_TEST_INSTALLED_BIN` names it (`.ci/run` runs this file a second time that way,
+//! after the suite), else the one this test build made; either is copied into a
+//! prefix outside the checkout, which is what the runtime's lookup sees.
 
 mod common;
 
@@ -15,13 +16,16 @@ use std::time::Duration;
 
 use common::*;
 
-/// `<dir>/prefix/bin/pitboss` (a copy of the built binary), a user adapter in
+/// `<dir>/prefix/bin/pitboss` (a copy of the binary under test), a user adapter in
 /// `<dir>/app` and its config; returns the binary and the config.
 fn install(dir: &Path) -> (PathBuf, PathBuf) {
     let bin = dir.join("prefix/bin");
     std::fs::create_dir_all(&bin).unwrap();
     let exe = bin.join("pitboss");
-    std::fs::copy(env!("CARGO_BIN_EXE_pitboss"), &exe).unwrap();
+    let built = std::env::var_os("PITBOSS_TEST_INSTALLED_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_pitboss")));
+    std::fs::copy(&built, &exe).unwrap_or_else(|e| panic!("{}: {e}", built.display()));
     let app = dir.join("app");
     std::fs::create_dir_all(&app).unwrap();
     std::fs::write(
