@@ -61,14 +61,16 @@ fn a_fresh_project_is_healthy_and_each_problem_is_named_with_its_fix() {
         assert!(report.contains(want), "{want:?} not in:\n{report}");
     }
 
-    // Broken three ways: a port another process holds, an adapter that does not
-    // import, an interpreter that is not there (on new, so legacy's check still runs).
+    // Broken four ways: a port another process holds, an adapter that does not
+    // import, an interpreter that is not there (on new, so legacy's check still runs),
+    // a TLS certificate that is not there.
     let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = held.local_addr().unwrap();
     std::fs::write(dir.join("app.py"), "import no_such_module_here\n").unwrap();
     write_config(&dir, &port.to_string(), "");
     let cfg = std::fs::read_to_string(dir.join("pitboss.toml")).unwrap()
-        + "[backends.new]\nkind = \"pool\"\n[backends.new.pool]\npython = \"/nonexistent/python3\"\n";
+        + "[backends.new]\nkind = \"pool\"\n[backends.new.pool]\npython = \"/nonexistent/python3\"\n"
+        + "[tls.bridge]\ncert_file = \"missing.pem\"\nkey_file = \"missing.key\"\n";
     std::fs::write(dir.join("pitboss.toml"), cfg).unwrap();
     let out = pitboss(&["doctor", "--config", "pitboss.toml"], &dir);
     let report = text(&out);
@@ -112,6 +114,15 @@ fn a_fresh_project_is_healthy_and_each_problem_is_named_with_its_fix() {
     assert!(found.contains("/nonexistent/python3"), "{found}");
     assert!(
         fix.starts_with("fix: install Python 3.9+ or set pool.python"),
+        "{fix}"
+    );
+    let (found, fix) = finding("FAIL tls");
+    assert!(
+        found.contains("tls.bridge.cert_file") && found.contains("missing.pem"),
+        "{found}"
+    );
+    assert!(
+        fix.starts_with("fix: fix the files the [tls] settings name"),
         "{fix}"
     );
     drop(held);

@@ -1,7 +1,7 @@
 //! `pitboss doctor [--config FILE]`: checks what a start needs, one line per finding,
 //! each with its fix. It runs what a start would run (the interpreter, the adapter's
 //! import through a real worker and its `READY`, the listeners' binds, the flags
-//! file's permissions) without serving, so a new user learns why pitboss would not
+//! file's permissions, the TLS material) without serving, so a new user learns why pitboss would not
 //! start, or would start slowly or unable to roll back, before it does.
 
 use std::fmt;
@@ -195,6 +195,16 @@ pub async fn run(cfg: &Config, origin: &str) -> Vec<Finding> {
         out.push(check_port(key, addr));
     }
     out.push(check_flags(cfg));
+    // TLS material, loaded as a start would: readable, unexpired, the key matching.
+    match pitboss::tls::check(cfg) {
+        Ok(lines) => out.extend(lines.into_iter().map(|l| Finding::ok("tls", l))),
+        Err(e) => out.push(Finding::bad(
+            Verdict::Fail,
+            "tls",
+            e.to_string(),
+            "fix the files the [tls] settings name (docs/SECURITY.md); `pitboss check-config` shows the same check",
+        )),
+    }
     out
 }
 
