@@ -66,18 +66,43 @@ pub fn class_of_code(code: tonic::Code) -> ErrorClass {
 
 impl Proxy {
     pub fn new(address: &str, max_message_bytes: usize) -> Result<Proxy, BadAddress> {
-        let endpoint = Endpoint::from_shared(address.to_string())
-            .map_err(|source| BadAddress {
-                address: address.to_string(),
-                source,
-            })?
-            .connect_timeout(Duration::from_secs(5))
-            .tcp_nodelay(true);
-        Ok(Proxy {
-            address: address.into(),
-            channel: endpoint.connect_lazy(),
+        let endpoint = Endpoint::from_shared(address.to_string()).map_err(|source| BadAddress {
+            address: address.to_string(),
+            source,
+        })?;
+        Ok(Proxy::over(
+            address,
+            Proxy::configure(endpoint).connect_lazy(),
             max_message_bytes,
-        })
+        ))
+    }
+
+    /// An `https://` service: the same TLS client as a `grpc` upstream's
+    /// ([`crate::tls::UpstreamTls`]: CA, client certificate, SNI and `:authority`,
+    /// its files reloaded every `reload_interval` and on change).
+    pub fn new_tls(
+        address: &str,
+        max_message_bytes: usize,
+        tls: &crate::tls::UpstreamTls,
+        reload_interval: Duration,
+    ) -> Result<Proxy, crate::tls::TlsError> {
+        let channel = tls.channel(address, reload_interval, Proxy::configure)?;
+        Ok(Proxy::over(address, channel, max_message_bytes))
+    }
+
+    /// The endpoint options of the channel to the service.
+    fn configure(endpoint: Endpoint) -> Endpoint {
+        endpoint
+            .connect_timeout(Duration::from_secs(5))
+            .tcp_nodelay(true)
+    }
+
+    fn over(address: &str, channel: Channel, max_message_bytes: usize) -> Proxy {
+        Proxy {
+            address: address.into(),
+            channel,
+            max_message_bytes,
+        }
     }
 
     /// A failure of this hop (no status from the service), of class `class`.

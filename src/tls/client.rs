@@ -1,6 +1,6 @@
-//! TLS to an `https://` upstream (a grpc backend, or the command line's clients):
-//! the system's roots or a CA file, an optional client certificate for mTLS, the
-//! name sent as SNI and checked in the server's certificate, and the `:authority`.
+//! TLS to an `https://` upstream (a grpc or grpc_proxy backend, or the command line's
+//! clients): the system's roots or a CA file, an optional client certificate for mTLS,
+//! the name sent as SNI and checked in the server's certificate, and the `:authority`.
 //!
 //! tonic's own client TLS is fixed when the channel is built; a client certificate
 //! from cert-manager rotates under a running pod. So the channel's connector is
