@@ -87,17 +87,32 @@ mod tests {
             framed.extend_from_slice(payload);
             Body::new(http_body_util::Full::new(Bytes::from(framed)))
         };
-        let ok = read_compressed(body(&compressed, 1), CompressionEncoding::Gzip, 200_000, "/m")
-            .await
-            .unwrap();
+        let ok = read_compressed(
+            body(&compressed, 1),
+            CompressionEncoding::Gzip,
+            200_000,
+            "/m",
+        )
+        .await
+        .unwrap();
         assert_eq!(ok.len(), 100_000);
-        let big = read_compressed(body(&compressed, 1), CompressionEncoding::Gzip, 65_536, "/m")
-            .await
-            .unwrap_err();
+        let big = read_compressed(
+            body(&compressed, 1),
+            CompressionEncoding::Gzip,
+            65_536,
+            "/m",
+        )
+        .await
+        .unwrap_err();
         assert_eq!(big, Refusal::Inflated { max: 65_536 });
-        let junk = read_compressed(body(b"not gzip", 1), CompressionEncoding::Gzip, 65_536, "/m")
-            .await
-            .unwrap_err();
+        let junk = read_compressed(
+            body(b"not gzip", 1),
+            CompressionEncoding::Gzip,
+            65_536,
+            "/m",
+        )
+        .await
+        .unwrap_err();
         assert!(matches!(junk, Refusal::Malformed(_)), "{junk:?}");
         // An uncompressed message in a compressed call is fine (the flag says so).
         let plain = read_compressed(body(b"abc", 0), CompressionEncoding::Gzip, 65_536, "/m")
