@@ -13,6 +13,7 @@
 //!
 //! [`TryService`]: crate::resilience::TryService
 
+pub mod direct;
 pub mod local;
 pub mod proxy;
 pub mod upstream;
