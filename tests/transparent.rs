@@ -7,7 +7,7 @@
 
 mod common;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
@@ -26,6 +26,34 @@ const PROXY_LEGACY_POOL_NEW: &str = "[backends.legacy]\nkind = \"grpc_proxy\"\n\
 
 fn example_dir() -> PathBuf {
     python_dir().join("examples/calculator")
+}
+
+/// Starts the legacy grpcio service on `port` ("0": a free one); its port.
+async fn spawn_legacy(
+    py: &Path,
+    gen: &Path,
+    events: &Path,
+    env: &[(String, String)],
+    port: &str,
+) -> (tokio::process::Child, String) {
+    let mut legacy = tokio::process::Command::new(py)
+        .arg(example_dir().join("legacy_server.py"))
+        .arg(port)
+        .arg(events)
+        .env("PYTHONPATH", gen)
+        .envs(env.iter().cloned())
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(legacy.stdout.take().unwrap()).lines();
+    let line = tokio::time::timeout(LONG, lines.next_line())
+        .await
+        .expect("the legacy service did not start")
+        .unwrap()
+        .unwrap();
+    let port = line.strip_prefix("listening on ").unwrap().to_string();
+    (legacy, port)
 }
 
 /// How a [`Setup`] differs from the plain one.
@@ -64,7 +92,7 @@ struct Setup {
     events: PathBuf,
     /// pitboss's config (its listeners on port 0: another pitboss can start on it).
     text: String,
-    _legacy: tokio::process::Child,
+    legacy: tokio::process::Child,
     server: RunningServer,
 }
 
@@ -116,23 +144,7 @@ impl Setup {
             .unwrap();
         assert!(st.success(), "protoc failed");
         let events = dir.join("legacy-events");
-        let mut legacy = tokio::process::Command::new(&py)
-            .arg(example_dir().join("legacy_server.py"))
-            .arg("0")
-            .arg(&events)
-            .env("PYTHONPATH", &gen)
-            .envs(legacy_env.iter().cloned())
-            .stdout(std::process::Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap();
-        let mut lines = tokio::io::BufReader::new(legacy.stdout.take().unwrap()).lines();
-        let line = tokio::time::timeout(LONG, lines.next_line())
-            .await
-            .expect("the legacy service did not start")
-            .unwrap()
-            .unwrap();
-        let port = line.strip_prefix("listening on ").unwrap().to_string();
+        let (legacy, port) = spawn_legacy(&py, &gen, &events, &legacy_env, "0").await;
         let legacy_addr = format!("127.0.0.1:{port}");
 
         std::fs::write(dir.join("flags.toml"), flags).unwrap();
@@ -171,7 +183,7 @@ impl Setup {
             legacy_addr,
             events,
             text,
-            _legacy: legacy,
+            legacy,
             server,
         }
     }
@@ -753,4 +765,26 @@ async fn an_https_legacy_with_mtls_and_a_server_name_is_proxied() {
     }
     s.stop().await;
     let _ = std::fs::remove_dir_all(&certs);
+}
+
+/// Legacy going away and coming back on its address: the calls in between fail as
+/// UNAVAILABLE (nothing ran), and pitboss reconnects by itself once it is back.
+#[tokio::test]
+async fn pitboss_reconnects_when_the_legacy_service_comes_back() {
+    let mut s = Setup::start("reconnect", "mode = \"off\"\n").await;
+    let add = s.client(&s.pitboss(), &["add", "2", "3"]).await;
+    assert_eq!(add["value"], 5, "{add}");
+    s.legacy.kill().await.unwrap();
+    let down = s.client(&s.pitboss(), &["add", "2", "3"]).await;
+    assert_eq!(down["code"], "UNAVAILABLE", "{down}");
+    let port = s.legacy_addr.rsplit(':').next().unwrap().to_string();
+    let (legacy, _) = spawn_legacy(&s.py, &s.gen, &s.events, &[], &port).await;
+    s.legacy = legacy;
+    let add = s.client(&s.pitboss(), &["add", "2", "3"]).await;
+    assert_eq!(
+        (add["code"].as_str(), add["value"].as_i64()),
+        (Some("OK"), Some(5)),
+        "{add}"
+    );
+    s.stop().await;
 }
