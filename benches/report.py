@@ -30,7 +30,7 @@ def med(rs, key):
 def main(out):
     runs = load(out)
     scenarios = sorted({s for s, _ in runs}, key=lambda s: (s.split("-")[0], s))
-    targets = ["floor", "pitboss", "ceiling", "peer"]
+    targets = ["floor", "pitboss", "ceiling", "peer", "direct"]
     print("## Throughput and latency (median of rounds)\n")
     print("| scenario | target | req/s | p50 µs | p90 µs | p99 µs | p99.9 µs | errors |")
     print("|---|---|---:|---:|---:|---:|---:|---:|")
@@ -113,6 +113,13 @@ def main(out):
     pb, fl = get("compute-c8", "pitboss", "rps"), get("compute-c8", "floor", "rps")
     r = pb / fl if pb and fl else None
     row("CPU-bound command throughput / floor", ">= 0.93", r, r is not None and r >= 0.93)
+
+    # Issue 17: the grpc_proxy passthrough, against the service called directly.
+    pb, di = (get("transparent-add-c1", t, "p50_us") for t in ("pitboss", "direct"))
+    r = pb / di if pb and di else None
+    row("transparent passthrough p50 / the service directly, c=1", "<= 1.10", r, r is not None and r <= 1.1)
+    r = pb - di if pb and di else None
+    row("transparent passthrough added p50, c=1 (µs)", "-", r, True, "{:+.0f}")
 
     starts = sorted(glob.glob(os.path.join(out, "startup.*.json")))
     if starts:

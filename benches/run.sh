@@ -9,6 +9,7 @@
 #   SKIP_PEER=1 benches/run.sh     # without the grpcio peer (no PyPI access)
 #   SCENARIOS="echo-64B-c1 echo-64B-c8" benches/run.sh   # only these scenarios
 #   SKIP_STARTUP=1 benches/run.sh  # without the startup and memory runs
+#   SKIP_TRANSPARENT=1 benches/run.sh  # without the grpc_proxy passthrough (needs grpcio)
 #   BIN=path/to/pitboss benches/run.sh   # a binary already built (no cargo build)
 #
 # Results: benches/results/<timestamp>/*.json and report.md.
@@ -95,6 +96,46 @@ for round in $(seq 1 "$ROUNDS"); do
     done
   done
 done
+
+# Issue 17: the transparent passthrough at c=1. The grpcio calculator of
+# python/examples/calculator called directly ("direct") and through a pitboss whose
+# legacy is a grpc_proxy in front of it ("pitboss"), with the same raw Add request,
+# alternating, by the same Rust load generator (a grpcio client would measure mostly
+# Python). SKIP_TRANSPARENT=1 leaves it out.
+T_NAME=transparent-add-c1
+if [ -z "${SKIP_TRANSPARENT:-}" ] && { [ -z "${SCENARIOS:-}" ] || [[ " $SCENARIOS " == *" $T_NAME "* ]]; }; then
+  TPY=${PY:-$(bash benches/peers/setup.sh | tail -1)}
+  GEN=benches/results/calc-gen
+  mkdir -p "$GEN"
+  "$TPY" -m grpc_tools.protoc -I python/examples/calculator --python_out="$GEN" \
+    --grpc_python_out="$GEN" --include_imports --descriptor_set_out="$GEN/calc.pb" calc.proto
+  PYTHONPATH="$GEN" "$TPY" python/examples/calculator/legacy_server.py 50201 >"$OUT/calc-legacy.log" 2>&1 &
+  CALC_PID=$!; pids+=($CALC_PID)
+  "$BIN" --config benches/pitboss-transparent.toml >"$OUT/pitboss-transparent.log" 2>&1 &
+  PT_PID=$!; pids+=($PT_PID)
+  # AddRequest{a: 2, b: 3}.
+  add=(--method /calc.Calculator/Add --payload-hex 08021003 --concurrency 1)
+  for addr in http://127.0.0.1:50201 http://127.0.0.1:50211; do
+    up=""
+    for _ in $(seq 1 100); do
+      if "$BIN" bench load --addr "$addr" "${add[@]}" --requests 1 --warmup-s 0 2>&1 | grep -q " 0 errors"; then up=1; break; fi
+      sleep 0.2
+    done
+    [ -n "$up" ] || { echo "no answer from $addr (see $OUT/calc-legacy.log, $OUT/pitboss-transparent.log)" >&2; exit 1; }
+  done
+  for round in $(seq 1 "$ROUNDS"); do
+    order=(direct pitboss)
+    if [ $((round % 2)) -eq 0 ]; then order=(pitboss direct); fi
+    for t in "${order[@]}"; do
+      case $t in
+        direct)  where=(--addr http://127.0.0.1:50201 --cpu-pid "$CALC_PID") ;;
+        pitboss) where=(--addr http://127.0.0.1:50211 --cpu-pid "$PT_PID") ;;
+      esac
+      "$BIN" bench load "${where[@]}" "${add[@]}" --duration-s "$SECS" --warmup-s "$WARMUP" \
+        --name "$t" --json "$OUT/$T_NAME.$t.$round.json" | sed "s/^/[$T_NAME r$round] /"
+    done
+  done
+fi
 
 # Startup and memory.
 if [ -z "${SKIP_STARTUP:-}" ]; then

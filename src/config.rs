@@ -448,8 +448,8 @@ pub struct BackendSection {
     pub circuit_breaker: toml::Table,
     #[serde(default)]
     pub limits: toml::Table,
-    /// For `kind = "grpc"` with an `https://` address: the upstream's CA, a client
-    /// certificate, SNI and authority.
+    /// For `kind = "grpc"` and `"grpc_proxy"` with an `https://` address: the
+    /// upstream's CA, a client certificate, SNI and authority.
     #[serde(default)]
     pub tls: UpstreamTlsSection,
 }
@@ -920,19 +920,6 @@ impl Config {
         };
         let err = |key: String, message: String| key_error(origin, text, &key, message);
         if matches!(section.kind, BackendKind::Grpc | BackendKind::GrpcProxy) {
-            // Only the Bridge upstream has a TLS client so far: an https grpc_proxy would
-            // pass here and then fail every call, so it is refused now.
-            if section.kind == BackendKind::GrpcProxy && section.address.starts_with("https://") {
-                return Err(err(
-                    format!("backends.{role}.address"),
-                    format!(
-                        "https is not supported for kind = \"grpc_proxy\" yet (only kind = \"grpc\" \
-                         has a TLS client), got {:?}; use http:// on a trusted network or a \
-                         TLS-terminating proxy",
-                        section.address
-                    ),
-                ));
-            }
             let ok = (section.address.starts_with("http://")
                 || section.address.starts_with("https://"))
                 && section
@@ -963,7 +950,7 @@ impl Config {
             return Err(err(
                 format!("backends.{role}.tls"),
                 format!(
-                    "TLS settings are for kind = \"grpc\" backends with an https:// address; backends.{role}.kind is {:?}",
+                    "TLS settings are for kind = \"grpc\" and \"grpc_proxy\" backends with an https:// address; backends.{role}.kind is {:?}",
                     section.kind
                 ),
             ));
@@ -1608,6 +1595,44 @@ mod tests {
         let err = load("[backends.new]\nkind = \"pool\"\n[backends.new.tls]\nca_file = \"x\"\n")
             .unwrap_err();
         assert_eq!(err.key.as_deref(), Some("backends.new.tls"), "{err}");
+    }
+
+    /// Issue 17: a `grpc_proxy` reaches an `https://` service with the same TLS
+    /// settings as a `grpc` upstream, checked the same way.
+    #[test]
+    fn a_grpc_proxy_takes_https_and_the_same_tls_settings() {
+        let proxy = |rest: &str| {
+            format!(
+                "[transparent]\nservices = [\"calc.Calculator\"]\n[backends.legacy]\n\
+                 kind = \"grpc_proxy\"\n{rest}"
+            )
+        };
+        let c = load(&proxy(
+            "address = \"https://10.0.0.5:50051\"\n[backends.legacy.tls]\nca_file = \"ca.pem\"\n\
+             cert_file = \"c.pem\"\nkey_file = \"k.pem\"\nserver_name = \"calc.internal\"\n",
+        ))
+        .unwrap();
+        let b = c.backend("legacy").unwrap();
+        assert_eq!(b.tls.server_name, "calc.internal");
+        let err = load(&proxy(
+            "address = \"https://u:1\"\n[backends.legacy.tls]\ncert_file = \"c.pem\"\n",
+        ))
+        .unwrap_err();
+        assert_eq!(
+            err.key.as_deref(),
+            Some("backends.legacy.tls.key_file"),
+            "{err}"
+        );
+        let err = load(&proxy(
+            "address = \"http://u:1\"\n[backends.legacy.tls]\nca_file = \"ca.pem\"\n",
+        ))
+        .unwrap_err();
+        assert_eq!(
+            err.key.as_deref(),
+            Some("backends.legacy.tls.ca_file"),
+            "{err}"
+        );
+        assert_eq!(err.line, Some(7), "{err}");
     }
 
     #[test]

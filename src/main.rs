@@ -184,6 +184,14 @@ struct LoadArgs {
     /// ... or this exact payload.
     #[arg(long)]
     payload: Option<String>,
+    /// Call this method of any gRPC service (`/package.Service/Method`, e.g. a
+    /// transparent one) with the payload as its raw request message, instead of
+    /// Bridge `Execute`.
+    #[arg(long, requires = "addr")]
+    method: Option<String>,
+    /// The payload as hex (the request message's protobuf bytes, for --method).
+    #[arg(long, conflicts_with = "payload")]
+    payload_hex: Option<String>,
     /// Spread calls over this many sessions (0: none).
     #[arg(long, default_value_t = 0)]
     sessions: usize,
@@ -641,11 +649,15 @@ async fn bench(config: Option<PathBuf>, what: BenchCommand) -> Result<(), String
                     .addr
                     .clone()
                     .unwrap_or_else(|| "http://127.0.0.1:50051".into());
-                (bench::Target::grpc(&addr).await?, addr)
+                match &a.method {
+                    Some(m) => (bench::Target::raw(&addr, m).await?, addr),
+                    None => (bench::Target::grpc(&addr).await?, addr),
+                }
             };
-            let payload = match &a.payload {
-                Some(p) => p.clone().into_bytes().into(),
-                None => bench::payload_of_size(a.payload_size),
+            let payload = match (&a.payload, &a.payload_hex) {
+                (Some(p), _) => p.clone().into_bytes().into(),
+                (None, Some(h)) => bench::payload_of_hex(h)?,
+                (None, None) => bench::payload_of_size(a.payload_size),
             };
             let spec = bench::LoadSpec {
                 concurrency: a.concurrency,
@@ -656,7 +668,7 @@ async fn bench(config: Option<PathBuf>, what: BenchCommand) -> Result<(), String
                 }),
                 duration: a.duration_s.map(std::time::Duration::from_secs_f64),
                 warmup: std::time::Duration::from_secs_f64(a.warmup_s),
-                command: a.command.clone(),
+                command: a.method.clone().unwrap_or_else(|| a.command.clone()),
                 payload,
                 sessions: a.sessions,
                 stream: a.stream,

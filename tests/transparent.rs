@@ -7,7 +7,7 @@
 
 mod common;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
@@ -28,6 +28,61 @@ fn example_dir() -> PathBuf {
     python_dir().join("examples/calculator")
 }
 
+/// Starts the legacy grpcio service on `port` ("0": a free one); its port.
+async fn spawn_legacy(
+    py: &Path,
+    gen: &Path,
+    events: &Path,
+    env: &[(String, String)],
+    port: &str,
+) -> (tokio::process::Child, String) {
+    let mut legacy = tokio::process::Command::new(py)
+        .arg(example_dir().join("legacy_server.py"))
+        .arg(port)
+        .arg(events)
+        .env("PYTHONPATH", gen)
+        .envs(env.iter().cloned())
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(legacy.stdout.take().unwrap()).lines();
+    let line = tokio::time::timeout(LONG, lines.next_line())
+        .await
+        .expect("the legacy service did not start")
+        .unwrap()
+        .unwrap();
+    let port = line.strip_prefix("listening on ").unwrap().to_string();
+    (legacy, port)
+}
+
+/// How a [`Setup`] differs from the plain one.
+struct Opts<'a> {
+    /// The `[backends.*]` sections (`{legacy}`: legacy's address).
+    backends: &'a str,
+    /// The `[transparent]` keys that give the descriptors (`{gen}`: the generated
+    /// code's directory).
+    descriptors: &'a str,
+    /// More `[transparent]` keys.
+    transparent: &'a str,
+    /// The pool's adapter instead of the example's: (module name, its source).
+    adapter: Option<(&'a str, &'a str)>,
+    /// The legacy service's environment (its TLS files).
+    legacy_env: Vec<(String, String)>,
+}
+
+impl Default for Opts<'_> {
+    fn default() -> Self {
+        Opts {
+            backends: PROXY_LEGACY_POOL_NEW,
+            descriptors: "descriptor_set = \"{gen}/calc.pb\"\n",
+            transparent: "",
+            adapter: None,
+            legacy_env: vec![],
+        }
+    }
+}
+
 /// The legacy grpcio service, its generated code, pitboss in front of it.
 struct Setup {
     py: PathBuf,
@@ -35,7 +90,9 @@ struct Setup {
     dir: PathBuf,
     legacy_addr: String,
     events: PathBuf,
-    _legacy: tokio::process::Child,
+    /// pitboss's config (its listeners on port 0: another pitboss can start on it).
+    text: String,
+    legacy: tokio::process::Child,
     server: RunningServer,
 }
 
@@ -52,6 +109,22 @@ impl Setup {
     /// And `descriptors` as the `[transparent]` keys that give the descriptors
     /// (`{gen}`: the generated code's directory).
     async fn start_full(tag: &str, flags: &str, backends: &str, descriptors: &str) -> Setup {
+        let opts = Opts {
+            backends,
+            descriptors,
+            ..Opts::default()
+        };
+        Setup::start_opts(tag, flags, opts).await
+    }
+
+    async fn start_opts(tag: &str, flags: &str, opts: Opts<'_>) -> Setup {
+        let Opts {
+            backends,
+            descriptors,
+            transparent,
+            adapter,
+            legacy_env,
+        } = opts;
         let py = tokio::task::spawn_blocking(grpcio_python).await.unwrap();
         let dir = temp_dir(&format!("transparent-{tag}"));
         let gen = dir.join("gen");
@@ -71,32 +144,27 @@ impl Setup {
             .unwrap();
         assert!(st.success(), "protoc failed");
         let events = dir.join("legacy-events");
-        let mut legacy = tokio::process::Command::new(&py)
-            .arg(example_dir().join("legacy_server.py"))
-            .arg("0")
-            .arg(&events)
-            .env("PYTHONPATH", &gen)
-            .stdout(std::process::Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap();
-        let mut lines = tokio::io::BufReader::new(legacy.stdout.take().unwrap()).lines();
-        let line = tokio::time::timeout(LONG, lines.next_line())
-            .await
-            .expect("the legacy service did not start")
-            .unwrap()
-            .unwrap();
-        let port = line.strip_prefix("listening on ").unwrap().to_string();
+        let (legacy, port) = spawn_legacy(&py, &gen, &events, &legacy_env, "0").await;
         let legacy_addr = format!("127.0.0.1:{port}");
 
         std::fs::write(dir.join("flags.toml"), flags).unwrap();
         std::fs::write(dir.join("token"), "transparent-token\n").unwrap();
+        let (adapter, adapter_dir) = match adapter {
+            Some((module, text)) => {
+                std::fs::write(dir.join(format!("{module}.py")), text).unwrap();
+                (
+                    format!("{module}:adapter"),
+                    format!(", \"{}\"", dir.display()),
+                )
+            }
+            None => ("adapter:adapter".to_string(), String::new()),
+        };
         let rest = format!(
-            "[pool]\nadapter = \"adapter:adapter\"\nsize = 1\nmax_frame_bytes = 65536\npython = \"{py}\"\n\
-             python_path = [\"{example}\", \"{gen}\"]\nruntime_dir = \"{runtime}\"\n\
+            "[pool]\nadapter = \"{adapter}\"\nsize = 1\nmax_frame_bytes = 65536\npython = \"{py}\"\n\
+             python_path = [\"{example}\", \"{gen}\"{adapter_dir}]\nruntime_dir = \"{runtime}\"\n\
              {rollout}\
              [transparent]\nservices = [\"calc.Calculator\"]\n\
-             {descriptors}idempotent = [\"/calc.Calculator/*\"]\n\
+             {descriptors}idempotent = [\"/calc.Calculator/*\"]\n{transparent}\
              {backends}",
             descriptors = descriptors.replace("{gen}", &gen.display().to_string()),
             backends = backends.replace("{legacy}", &legacy_addr),
@@ -114,7 +182,8 @@ impl Setup {
             dir,
             legacy_addr,
             events,
-            _legacy: legacy,
+            text,
+            legacy,
             server,
         }
     }
@@ -458,5 +527,264 @@ async fn descriptors_can_come_from_the_legacy_services_reflection() {
     assert_eq!(sum["value"], 42, "{sum}");
     let r = s.client(&s.pitboss(), &["reflect"]).await;
     assert_eq!(r["methods"]["Sum"][0], "calc.Reply", "{r}");
+    s.stop().await;
+}
+
+/// A grpcio client that compresses its request (gzip) gets the same answer through
+/// pitboss as directly, from legacy at 0% and from the workers at 100%; a client's
+/// own cancel reaches legacy's handler, which sees its call end inactive.
+#[tokio::test]
+async fn a_gzip_request_reaches_both_backends_and_a_client_cancel_reaches_legacy() {
+    let s = Setup::start("gzip", "mode = \"off\"\n").await;
+    let direct = s.client(&s.legacy_addr, &["gzip-add", "20", "22"]).await;
+    let through = s.client(&s.pitboss(), &["gzip-add", "20", "22"]).await;
+    assert_eq!(direct, through);
+    assert_eq!(
+        (through["code"].as_str(), through["value"].as_i64()),
+        (Some("OK"), Some(42)),
+        "{through}"
+    );
+    assert_eq!(through["computed_by"], "legacy");
+
+    // The client cancels once legacy's handler is running.
+    let events = s.events.display().to_string();
+    let ended_before = s.legacy_events().matches("call ended").count();
+    let cancel = s.client(&s.pitboss(), &["cancel", &events]).await;
+    assert_eq!(cancel["started"], true, "{cancel}");
+    assert_eq!(cancel["code"], "CANCELLED", "{cancel}");
+    assert!(
+        eventually(LONG, || s.legacy_events().matches("call ended").count()
+            > ended_before)
+        .await,
+        "legacy's call did not end: {}",
+        s.legacy_events()
+    );
+    assert!(
+        s.legacy_events().contains("cancelled")
+            || s.legacy_events().contains("call ended: active=False"),
+        "legacy did not see the cancel: {}",
+        s.legacy_events()
+    );
+
+    s.write_flags(
+        "mode = \"full\"\ncommands = [\"/calc.Calculator/*\"]\nfallback_to_legacy = false\n",
+        |f| f.mode == pitboss::rollout::flags::Mode::Full,
+    )
+    .await;
+    let new = s.client(&s.pitboss(), &["gzip-add", "20", "22"]).await;
+    assert_eq!(
+        (new["code"].as_str(), new["value"].as_i64()),
+        (Some("OK"), Some(42)),
+        "{new}"
+    );
+    assert_eq!(new["computed_by"], "new");
+    s.stop().await;
+}
+
+/// `transparent.commands` renames: the pool runs the mapped command for a method; a
+/// method without an entry runs its full name, which this adapter lacks, so that
+/// call falls back to legacy.
+#[tokio::test]
+async fn transparent_commands_map_a_method_to_the_command_a_pool_runs() {
+    const RENAMED: &str = r#"
+from pitboss_worker import Adapter
+from pitboss_worker.protobuf import grpc_method
+import calc_pb2
+
+adapter = Adapter("renamed")
+
+
+@adapter.command(name="calc.add")
+@grpc_method(calc_pb2.AddRequest, calc_pb2.Reply)
+def add(msg, req):
+    return calc_pb2.Reply(value=msg.a + msg.b, computed_by="new:calc.add")
+"#;
+    let opts = Opts {
+        transparent: "commands = { \"/calc.Calculator/Add\" = \"calc.add\" }\n",
+        adapter: Some(("renamed_adapter", RENAMED)),
+        ..Opts::default()
+    };
+    let flags = "mode = \"full\"\ncommands = [\"/calc.Calculator/*\"]\n";
+    let s = Setup::start_opts("renamed", flags, opts).await;
+    let add = s.client(&s.pitboss(), &["add", "2", "3"]).await;
+    assert_eq!(
+        (add["code"].as_str(), add["value"].as_i64()),
+        (Some("OK"), Some(5)),
+        "{add}"
+    );
+    assert_eq!(add["computed_by"], "new:calc.add", "{add}");
+    // Divide has no entry: the pool is asked for "/calc.Calculator/Divide", which it
+    // does not serve, and legacy answers.
+    let probe = s.client(&s.pitboss(), &["probe"]).await;
+    assert_eq!(
+        probe["divide_by_zero"]["code"], "INVALID_ARGUMENT",
+        "{probe}"
+    );
+    let trailers = probe["divide_by_zero"]["trailers"].to_string();
+    assert!(
+        trailers.contains(r#"["x-why","b is 0"]"#),
+        "legacy's: {trailers}"
+    );
+    s.stop().await;
+}
+
+/// The runbook's commands drive a transparent rollout: `pitboss rollout commands`,
+/// `mode`, `set`, `status`, `rollback`, against a running pitboss in front of the
+/// grpcio service; the same client follows each step.
+#[tokio::test]
+async fn the_admin_cli_drives_a_transparent_rollout() {
+    let s = Setup::start("cli", "mode = \"off\"\n").await;
+    let admin = s.server.admin_addr;
+    let token = "transparent-token";
+    let by = |v: &Value| v["computed_by"].as_str().unwrap_or_default().to_string();
+    assert_eq!(
+        by(&s.client(&s.pitboss(), &["add", "1", "1", "k"]).await),
+        "legacy"
+    );
+
+    rollout_cli(admin, token, &["commands", "/calc.Calculator/*"]).await;
+    rollout_cli(admin, token, &["mode", "canary"]).await;
+    rollout_cli(admin, token, &["set", "100"]).await;
+    assert!(
+        eventually(LONG, || {
+            s.flags().mode == pitboss::rollout::flags::Mode::Canary
+        })
+        .await
+    );
+    let add = s.client(&s.pitboss(), &["add", "1", "1", "k"]).await;
+    assert_eq!((by(&add), add["value"].as_i64()), ("new".into(), Some(2)));
+    let status = rollout_cli(admin, token, &["status"]).await;
+    assert!(status.contains("mode canary  percent 100"), "{status}");
+    assert!(status.contains("commands /calc.Calculator/*"), "{status}");
+
+    rollout_cli(admin, token, &["rollback"]).await;
+    assert!(
+        eventually(LONG, || s.flags().status.state == RolloutState::RolledBack).await,
+        "not rolled back"
+    );
+    let add = s.client(&s.pitboss(), &["add", "1", "1", "k"]).await;
+    assert_eq!(by(&add), "legacy", "{add}");
+    let status = rollout_cli(admin, token, &["status"]).await;
+    assert!(status.contains("state rolled_back"), "{status}");
+    s.stop().await;
+}
+
+/// An `https://` legacy that wants a client certificate (mTLS) and whose certificate
+/// names only `calc.internal`: reached with `[backends.legacy.tls]` (its CA, pitboss's
+/// client certificate, `server_name`), reflection included; `check-config` loads the
+/// same material. Without the client certificate, or without the server name, no
+/// call gets through, and each says the legacy service is unavailable.
+#[tokio::test]
+async fn an_https_legacy_with_mtls_and_a_server_name_is_proxied() {
+    let certs = temp_dir("transparent-tls-certs");
+    let ca = certs::Ca::new("calc test CA");
+    let ca_file = ca.write(&certs, "ca.pem");
+    let (server_cert, server_key) = ca.server_named("calc.internal").write(&certs, "legacy");
+    let (client_cert, client_key) = ca.client("spiffe://calc/pitboss").write(&certs, "pitboss");
+    let path = |p: &PathBuf| p.display().to_string();
+    let backends = format!(
+        "[backends.legacy]\nkind = \"grpc_proxy\"\naddress = \"https://{{legacy}}\"\n\
+         [backends.legacy.tls]\nca_file = \"{ca}\"\ncert_file = \"{cert}\"\nkey_file = \"{key}\"\n\
+         server_name = \"calc.internal\"\n[backends.new]\nkind = \"pool\"\n",
+        ca = path(&ca_file),
+        cert = path(&client_cert),
+        key = path(&client_key),
+    );
+    let opts = Opts {
+        backends: &backends,
+        descriptors: "descriptors_from_reflection = true\n",
+        legacy_env: vec![
+            ("CALC_TLS_CERT".into(), path(&server_cert)),
+            ("CALC_TLS_KEY".into(), path(&server_key)),
+            ("CALC_TLS_CLIENT_CA".into(), path(&ca_file)),
+        ],
+        ..Opts::default()
+    };
+    let s = Setup::start_opts("tls", "mode = \"off\"\n", opts).await;
+    let probe = s.client(&s.pitboss(), &["probe"]).await;
+    assert_eq!(probe["add"]["code"], "OK", "{probe}");
+    assert_eq!(probe["divide_by_zero"]["message"], "division by zero");
+    let trailers = probe["divide_by_zero"]["trailers"].to_string();
+    assert!(trailers.contains(r#"["x-why","b is 0"]"#), "{trailers}");
+    assert_eq!(probe["range"]["messages"].as_array().unwrap().len(), 4);
+    let add = s.client(&s.pitboss(), &["add", "2", "3"]).await;
+    assert_eq!(
+        (add["computed_by"].as_str(), add["value"].as_i64()),
+        (Some("legacy"), Some(5))
+    );
+    // The descriptors came from legacy's reflection, over TLS.
+    let r = s.client(&s.pitboss(), &["reflect"]).await;
+    assert_eq!(r["methods"]["Sum"][0], "calc.Reply", "{r}");
+    let sum = s.client(&s.pitboss(), &["sum", "40", "2"]).await;
+    assert_eq!(sum["value"], 42, "{sum}");
+
+    // check-config loads the same material, and names what is missing.
+    let file = s.dir.join("pitboss.toml");
+    std::fs::write(&file, &s.text).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_pitboss"))
+        .args(["check-config", file.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{said}");
+    assert!(said.contains("backends.legacy.tls"), "{said}");
+    let no_key = s
+        .text
+        .replace(&format!("key_file = \"{}\"\n", path(&client_key)), "");
+    std::fs::write(&file, &no_key).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_pitboss"))
+        .args(["check-config", file.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("backends.legacy.tls.key_file"), "{err}");
+
+    // Without pitboss's client certificate, then without the server name: refused
+    // by the service, then by pitboss's own check of the certificate.
+    let no_client_cert = s
+        .text
+        .replace(&format!("cert_file = \"{}\"\n", path(&client_cert)), "")
+        .replace(&format!("key_file = \"{}\"\n", path(&client_key)), "")
+        .replace("descriptors_from_reflection = true\n", "");
+    let no_server_name = s
+        .text
+        .replace("server_name = \"calc.internal\"\n", "")
+        .replace("descriptors_from_reflection = true\n", "");
+    for text in [no_client_cert, no_server_name] {
+        let (other, _client) = start(config(&text)).await;
+        let add = s
+            .client(&other.bridge_addr.to_string(), &["add", "2", "3"])
+            .await;
+        assert_eq!(add["code"], "UNAVAILABLE", "{add}");
+        other.shutdown().await;
+    }
+    s.stop().await;
+    let _ = std::fs::remove_dir_all(&certs);
+}
+
+/// Legacy going away and coming back on its address: the calls in between fail as
+/// UNAVAILABLE (nothing ran), and pitboss reconnects by itself once it is back.
+#[tokio::test]
+async fn pitboss_reconnects_when_the_legacy_service_comes_back() {
+    let mut s = Setup::start("reconnect", "mode = \"off\"\n").await;
+    let add = s.client(&s.pitboss(), &["add", "2", "3"]).await;
+    assert_eq!(add["value"], 5, "{add}");
+    s.legacy.kill().await.unwrap();
+    let down = s.client(&s.pitboss(), &["add", "2", "3"]).await;
+    assert_eq!(down["code"], "UNAVAILABLE", "{down}");
+    let port = s.legacy_addr.rsplit(':').next().unwrap().to_string();
+    let (legacy, _) = spawn_legacy(&s.py, &s.gen, &s.events, &[], &port).await;
+    s.legacy = legacy;
+    let add = s.client(&s.pitboss(), &["add", "2", "3"]).await;
+    assert_eq!(
+        (add["code"].as_str(), add["value"].as_i64()),
+        (Some("OK"), Some(5)),
+        "{add}"
+    );
     s.stop().await;
 }

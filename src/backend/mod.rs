@@ -13,6 +13,7 @@
 //!
 //! [`TryService`]: crate::resilience::TryService
 
+pub mod direct;
 pub mod local;
 pub mod proxy;
 pub mod upstream;
@@ -307,12 +308,22 @@ impl Backend {
                 )
             }
             BackendKind::GrpcProxy => {
-                let proxy = Proxy::new(&cfg.address, max_message).map_err(|source| {
-                    StartError::Upstream {
-                        role: cfg.role,
-                        source,
-                    }
-                })?;
+                let proxy = if cfg.address.starts_with("https://") {
+                    let tls = crate::tls::UpstreamTls::from_section(
+                        cfg.role,
+                        &cfg.address,
+                        &cfg.tls,
+                        &c.base_dir,
+                    )?;
+                    Proxy::new_tls(&cfg.address, max_message, &tls, c.tls.reload_interval.0)?
+                } else {
+                    Proxy::new(&cfg.address, max_message).map_err(|source| {
+                        StartError::Upstream {
+                            role: cfg.role,
+                            source,
+                        }
+                    })?
+                };
                 let service = ProxyService::new(proxy.clone(), retry_settings.per_try_timeout);
                 (
                     Arc::new(proxy),

@@ -27,6 +27,7 @@ use tonic::body::Body;
 use tonic::transport::{Channel, Endpoint};
 use tower::ServiceExt;
 
+use super::direct::{self, Direct};
 use super::{BadAddress, Chunks, Role, Target};
 use crate::pool::{PoolRequest, PoolResponse};
 use crate::proto as pb;
@@ -41,7 +42,10 @@ use crate::worker::WorkerId;
 #[derive(Clone)]
 pub struct Proxy {
     pub address: Arc<str>,
+    /// For the relayed calls (client-streaming, bidi) and reflection.
     channel: Channel,
+    /// For the calls pitboss splits: no task between the caller and the connection.
+    direct: Direct,
     /// The largest response message taken from the service (`server.max_message_bytes`).
     max_message_bytes: usize,
 }
@@ -64,20 +68,88 @@ pub fn class_of_code(code: tonic::Code) -> ErrorClass {
     }
 }
 
+/// How long a connection to the service may take to open.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
 impl Proxy {
     pub fn new(address: &str, max_message_bytes: usize) -> Result<Proxy, BadAddress> {
-        let endpoint = Endpoint::from_shared(address.to_string())
-            .map_err(|source| BadAddress {
-                address: address.to_string(),
-                source,
-            })?
-            .connect_timeout(Duration::from_secs(5))
-            .tcp_nodelay(true);
-        Ok(Proxy {
-            address: address.into(),
-            channel: endpoint.connect_lazy(),
+        let endpoint = Endpoint::from_shared(address.to_string()).map_err(|source| BadAddress {
+            address: address.to_string(),
+            source,
+        })?;
+        // The config check refuses an address without a host; here one would fail
+        // each call as a connection error naming the address.
+        let uri = endpoint.uri().clone();
+        let authority = uri
+            .authority()
+            .cloned()
+            .unwrap_or_else(|| http::uri::Authority::from_static("localhost"));
+        let host = uri
+            .host()
+            .unwrap_or_default()
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_string();
+        let direct = Direct::new(
+            http::uri::Scheme::HTTP,
+            authority,
+            Direct::tcp(host, uri.port_u16().unwrap_or(80)),
+            CONNECT_TIMEOUT,
+        );
+        Ok(Proxy::over(
+            address,
+            Proxy::configure(endpoint).connect_lazy(),
+            direct,
             max_message_bytes,
-        })
+        ))
+    }
+
+    /// An `https://` service: the same TLS client as a `grpc` upstream's
+    /// ([`crate::tls::UpstreamTls`]: CA, client certificate, SNI and `:authority`,
+    /// its files reloaded every `reload_interval` and on change).
+    pub fn new_tls(
+        address: &str,
+        max_message_bytes: usize,
+        tls: &crate::tls::UpstreamTls,
+        reload_interval: Duration,
+    ) -> Result<Proxy, crate::tls::TlsError> {
+        let (endpoint, connector) = tls.parts(address, reload_interval)?;
+        let authority = tls.authority.parse::<http::uri::Authority>().map_err(|e| {
+            crate::tls::TlsError::Setup {
+                key: tls.label.clone(),
+                what: format!("bad authority {:?}: {e}", tls.authority),
+            }
+        })?;
+        let plain = endpoint.uri().clone();
+        let opener = connector.clone();
+        let connect: direct::Connect = Arc::new(move || {
+            let open = opener.open(plain.clone());
+            Box::pin(async move { Ok(Box::new(open.await?) as Box<dyn direct::Io>) })
+        });
+        let direct = Direct::new(
+            http::uri::Scheme::HTTPS,
+            authority,
+            connect,
+            CONNECT_TIMEOUT,
+        );
+        let channel = Proxy::configure(endpoint).connect_with_connector_lazy(connector);
+        Ok(Proxy::over(address, channel, direct, max_message_bytes))
+    }
+
+    /// The endpoint options of the channel to the service.
+    fn configure(endpoint: Endpoint) -> Endpoint {
+        endpoint
+            .connect_timeout(Duration::from_secs(5))
+            .tcp_nodelay(true)
+    }
+
+    fn over(address: &str, channel: Channel, direct: Direct, max_message_bytes: usize) -> Proxy {
+        Proxy {
+            address: address.into(),
+            channel,
+            direct,
+            max_message_bytes,
+        }
     }
 
     /// A failure of this hop (no status from the service), of class `class`.
@@ -134,13 +206,10 @@ impl Proxy {
                     after: started.elapsed(),
                 };
             }
-            let mut msg = e.to_string();
-            let mut source = std::error::Error::source(&e);
-            while let Some(s) = source {
-                msg.push_str(&format!(": {s}"));
-                source = s.source();
-            }
-            self.failure(ErrorClass::WorkerCrashed, format!("Unavailable: {msg}"))
+            self.failure(
+                ErrorClass::WorkerCrashed,
+                format!("Unavailable: {}", with_sources(&e)),
+            )
         })
     }
 
@@ -152,7 +221,16 @@ impl Proxy {
         message: &[u8],
         deadline: Instant,
     ) -> Result<Answer, CallError> {
-        let resp = self.send(self.request(wire, message, deadline)).await?;
+        let resp = self
+            .direct
+            .send(self.request(wire, message, deadline))
+            .await
+            .map_err(|e| {
+                self.failure(
+                    ErrorClass::WorkerCrashed,
+                    format!("Unavailable: {}", with_sources(&e)),
+                )
+            })?;
         let (parts, body) = resp.into_parts();
         if let Some((code, message)) = wire::status_in(&parts.headers) {
             // Trailers-only: the status is in the headers, the body is empty.
@@ -217,6 +295,17 @@ impl Proxy {
             file: in_dependency_order(files),
         })
     }
+}
+
+/// An error and its sources, as one line.
+fn with_sources(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut msg = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        msg.push_str(&format!(": {s}"));
+        source = s.source();
+    }
+    msg
 }
 
 /// `grpc-timeout` for what is left: the gRPC spec allows at most 8 digits.

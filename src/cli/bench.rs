@@ -54,6 +54,23 @@ pub struct LoadSpec {
     pub idempotent: bool,
 }
 
+/// The bytes that `hex` spells (`--payload-hex 08021003`).
+pub fn payload_of_hex(hex: &str) -> Result<Bytes, String> {
+    let bad = || format!("--payload-hex {hex:?}: not an even count of hex digits");
+    if hex.len() % 2 != 0 {
+        return Err(bad());
+    }
+    (0..hex.len())
+        .step_by(2)
+        .map(|i| {
+            hex.get(i..i + 2)
+                .and_then(|d| u8::from_str_radix(d, 16).ok())
+                .ok_or_else(bad)
+        })
+        .collect::<Result<Vec<u8>, String>>()
+        .map(Bytes::from)
+}
+
 /// A JSON payload of about `size` bytes: `{"p":"xxx..."}`.
 pub fn payload_of_size(size: usize) -> Bytes {
     let pad = size.saturating_sub(8);
@@ -170,9 +187,88 @@ pub fn descendants(root: u32) -> Vec<u32> {
 pub enum Target {
     Grpc(BridgeClient<Channel>),
     Floor(Arc<Floor>),
+    /// One method of any gRPC service, its request the payload's bytes as they are
+    /// (a transparent call: the service directly, or pitboss in front of it).
+    Raw(RawMethod),
+}
+
+/// A unary gRPC method called with raw bytes: no message types, so the load
+/// generator costs the same whichever server it calls.
+#[derive(Clone)]
+pub struct RawMethod {
+    grpc: tonic::client::Grpc<Channel>,
+    path: http::uri::PathAndQuery,
+}
+
+/// The bytes of a message, as they go (no protobuf decoding on either side).
+#[derive(Default, Clone, Copy)]
+struct RawCodec;
+
+impl tonic::codec::Codec for RawCodec {
+    type Encode = Bytes;
+    type Decode = Bytes;
+    type Encoder = RawCodec;
+    type Decoder = RawCodec;
+
+    fn encoder(&mut self) -> RawCodec {
+        RawCodec
+    }
+
+    fn decoder(&mut self) -> RawCodec {
+        RawCodec
+    }
+}
+
+impl tonic::codec::Encoder for RawCodec {
+    type Item = Bytes;
+    type Error = tonic::Status;
+
+    fn encode(
+        &mut self,
+        item: Bytes,
+        dst: &mut tonic::codec::EncodeBuf<'_>,
+    ) -> Result<(), tonic::Status> {
+        use bytes::BufMut;
+        dst.put_slice(&item);
+        Ok(())
+    }
+}
+
+impl tonic::codec::Decoder for RawCodec {
+    type Item = Bytes;
+    type Error = tonic::Status;
+
+    fn decode(
+        &mut self,
+        src: &mut tonic::codec::DecodeBuf<'_>,
+    ) -> Result<Option<Bytes>, tonic::Status> {
+        use bytes::Buf;
+        Ok(Some(src.copy_to_bytes(src.remaining())))
+    }
 }
 
 impl Target {
+    /// `method` (`/package.Service/Method`) of the server at `addr`, called with raw
+    /// request bytes.
+    pub async fn raw(addr: &str, method: &str) -> Result<Target, String> {
+        let path = http::uri::PathAndQuery::try_from(method)
+            .ok()
+            .filter(|p| p.path().starts_with('/') && p.path()[1..].contains('/'))
+            .ok_or(format!(
+                "bad method {method:?}: give it as /package.Service/Method"
+            ))?;
+        let channel = tonic::transport::Endpoint::from_shared(addr.to_string())
+            .map_err(|e| format!("bad address {addr}: {e}"))?
+            .tcp_nodelay(true)
+            .connect()
+            .await
+            .map_err(|e| format!("cannot connect to {addr}: {e}"))?;
+        Ok(Target::Raw(RawMethod {
+            grpc: tonic::client::Grpc::new(channel),
+            path,
+        }))
+    }
+
     pub async fn grpc(addr: &str) -> Result<Target, String> {
         let channel = tonic::transport::Endpoint::from_shared(addr.to_string())
             .map_err(|e| format!("bad address {addr}: {e}"))?
@@ -246,6 +342,15 @@ impl Target {
                 .call(&spec.command, spec.payload.clone(), session, spec.stream)
                 .await
                 .map(|_| ()),
+            Target::Raw(m) => {
+                let mut grpc = m.grpc.clone();
+                grpc.ready().await.map_err(|e| format!("not ready: {e}"))?;
+                let req = tonic::Request::new(spec.payload.clone());
+                grpc.unary::<Bytes, Bytes, _>(req, m.path.clone(), RawCodec)
+                    .await
+                    .map(|_| ())
+                    .map_err(|s| format!("{:?}: {}", s.code(), s.message()))
+            }
         }
     }
 }

@@ -201,8 +201,10 @@ pub fn transparent_failure<'a>(
 pub enum Refusal {
     /// Its request message is over `server.max_message_bytes`.
     TooLarge { len: usize, max: usize },
-    /// Compressed with an encoding pitboss does not take (it takes none).
+    /// Compressed with an encoding pitboss does not take (it takes gzip and deflate).
     Compressed { encoding: String },
+    /// A compressed request message that inflates past `server.max_message_bytes`.
+    Inflated { max: usize },
     /// Not gRPC's framing: a compressed flag without an encoding, a cut message.
     Malformed(String),
     /// The request carried no message.
@@ -217,7 +219,8 @@ pub enum Refusal {
 /// The status of a refused transparent call: class `invalid_request` (the caller's,
 /// never held against a backend), with the code gRPC gives each case: a message over
 /// the limit is RESOURCE_EXHAUSTED (as for Bridge calls), a compression or a method
-/// kind pitboss does not serve is UNIMPLEMENTED, broken framing is INTERNAL.
+/// kind pitboss does not serve is UNIMPLEMENTED, broken framing is INTERNAL. (A
+/// compressed message that inflates past the limit is RESOURCE_EXHAUSTED too.)
 pub fn refusal_status(refusal: &Refusal, ctx: ErrorContext<'_>) -> Status {
     let (code, err): (tonic::Code, CallError) = match refusal {
         Refusal::TooLarge { len, max } => {
@@ -231,7 +234,14 @@ pub fn refusal_status(refusal: &Refusal, ctx: ErrorContext<'_>) -> Status {
         Refusal::Compressed { encoding } => (
             tonic::Code::Unimplemented,
             PoolError::InvalidRequest(format!(
-                "the request is compressed with {encoding:?}, and pitboss takes only uncompressed messages (identity)"
+                "the request is compressed with {encoding:?}, and pitboss takes only gzip, deflate or identity"
+            ))
+            .into(),
+        ),
+        Refusal::Inflated { max } => (
+            tonic::Code::ResourceExhausted,
+            PoolError::InvalidRequest(format!(
+                "the request message inflates to more than server.max_message_bytes ({max} bytes)"
             ))
             .into(),
         ),

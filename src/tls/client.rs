@@ -1,6 +1,6 @@
-//! TLS to an `https://` upstream (a grpc backend, or the command line's clients):
-//! the system's roots or a CA file, an optional client certificate for mTLS, the
-//! name sent as SNI and checked in the server's certificate, and the `:authority`.
+//! TLS to an `https://` upstream (a grpc or grpc_proxy backend, or the command line's
+//! clients): the system's roots or a CA file, an optional client certificate for mTLS,
+//! the name sent as SNI and checked in the server's certificate, and the `:authority`.
 //!
 //! tonic's own client TLS is fixed when the channel is built; a client certificate
 //! from cert-manager rotates under a running pod. So the channel's connector is
@@ -228,7 +228,10 @@ impl UpstreamTls {
         Ok(endpoint)
     }
 
-    fn parts(
+    /// The endpoint (`http://host:port`, its origin `https://authority`) and the
+    /// TLS connector of a channel to `address`, the client config kept current in
+    /// the background: for a client that runs its own connection over the connector.
+    pub fn parts(
         &self,
         address: &str,
         reload_interval: Duration,
@@ -253,9 +256,20 @@ impl UpstreamTls {
 
 /// TCP, then TLS with the client config in force.
 #[derive(Clone)]
-struct Connector {
+pub struct Connector {
     config: Arc<ArcSwap<rustls::ClientConfig>>,
     server_name: ServerName<'static>,
+}
+
+impl Connector {
+    /// A TLS connection to `uri`'s host and port (443 if it has none).
+    pub fn open(
+        &self,
+        uri: Uri,
+    ) -> impl Future<Output = std::io::Result<TokioIo<tokio_rustls::client::TlsStream<TcpStream>>>>
+    {
+        tower::Service::call(&mut self.clone(), uri)
+    }
 }
 
 impl tower::Service<Uri> for Connector {

@@ -19,7 +19,7 @@
 //! rustls speaks TLS 1.2 and 1.3 only; the listeners name both explicitly.
 //!
 //! This is a leaf over `config`: the server (listeners), the edge (who may call) and
-//! the grpc backend (upstreams) use it.
+//! the grpc and grpc_proxy backends (upstreams) use it.
 
 pub mod accept;
 pub mod client;
@@ -128,7 +128,11 @@ pub fn check(config: &crate::config::Config) -> Result<Vec<String>, TlsError> {
         let Ok(b) = config.backend(role) else {
             continue;
         };
-        if b.kind != crate::config::BackendKind::Grpc || !b.address.starts_with("https://") {
+        let remote = matches!(
+            b.kind,
+            crate::config::BackendKind::Grpc | crate::config::BackendKind::GrpcProxy
+        );
+        if !remote || !b.address.starts_with("https://") {
             continue;
         }
         let tls = UpstreamTls::from_section(role, &b.address, &b.tls, &config.base_dir)?;

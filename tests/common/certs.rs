@@ -46,6 +46,12 @@ impl Ca {
         )
     }
 
+    /// A server certificate for the DNS name `name` only (not for the address it is
+    /// reached at: a client must send `name` as SNI).
+    pub fn server_named(&self, name: &str) -> Leaf {
+        self.leaf(vec![SanType::DnsName(name.try_into().unwrap())], false)
+    }
+
     /// A client certificate whose identity is the URI SAN `uri` (e.g. a SPIFFE ID).
     pub fn client(&self, uri: &str) -> Leaf {
         self.leaf(vec![SanType::URI(uri.try_into().unwrap())], false)

@@ -3,6 +3,9 @@ called the old service (only the address changes). Each command prints one JSON 
 
     python client.py ADDR probe              answers to a fixed set of calls, as bytes
     python client.py ADDR add A B [KEY]      Add, with x-session-id KEY
+    python client.py ADDR gzip-add A B       Add, its request compressed with gzip
+    python client.py ADDR cancel EVENTS      Inspect, cancelled by the client once the
+                                             service logged its start in EVENTS
     python client.py ADDR keys N             Add(100 + i, 1) for keys user-i, i < N
     python client.py ADDR inspect SLEEP TIMEOUT   Inspect, with a deadline and metadata
     python client.py ADDR big NBYTES         Inspect with NBYTES of padding
@@ -17,6 +20,7 @@ answers can be compared byte for byte.
 
 import json
 import sys
+import time
 
 import grpc
 
@@ -81,6 +85,33 @@ def main():
             out = {"code": "OK", "value": r.value, "computed_by": r.computed_by}
         except grpc.RpcError as e:
             out = {"code": e.code().name, "message": e.details()}
+    elif cmd == "gzip-add":
+        try:
+            r = stub.Add(calc_pb2.AddRequest(a=int(args[0]), b=int(args[1])), timeout=10,
+                         compression=grpc.Compression.Gzip)
+            out = {"code": "OK", "value": r.value, "computed_by": r.computed_by}
+        except grpc.RpcError as e:
+            out = {"code": e.code().name, "message": e.details()}
+    elif cmd == "cancel":
+        def started():
+            try:
+                with open(args[0]) as f:
+                    return f.read().count("call started")
+            except FileNotFoundError:
+                return 0
+        before = started()
+        call = stub.Inspect.future(calc_pb2.InspectRequest(sleep_s=60), timeout=120)
+        until = time.monotonic() + 60
+        while started() == before and time.monotonic() < until:
+            time.sleep(0.02)
+        out = {"started": started() > before, "cancelled": call.cancel()}
+        try:
+            call.result()
+            out["code"] = "OK"
+        except grpc.FutureCancelledError:
+            out["code"] = "CANCELLED"
+        except grpc.RpcError as e:
+            out["code"] = e.code().name
     elif cmd == "keys":
         out = []
         for i in range(int(args[0])):

@@ -3,10 +3,16 @@
     python legacy_server.py PORT [EVENTS_FILE]
 
 Serves calc.Calculator on 127.0.0.1:PORT (0: a free one), with reflection, and prints
-"listening on PORT". Each cancelled call appends a line to EVENTS_FILE, if given.
-Needs grpcio and the classes `protoc` generates from calc.proto on sys.path.
+"listening on PORT". Each Inspect call appends lines to EVENTS_FILE, if given (started,
+cancelled, ended). Needs grpcio and the classes `protoc` generates from calc.proto on
+sys.path.
+
+TLS, for a service that already serves it: CALC_TLS_CERT and CALC_TLS_KEY (PEM files)
+serve TLS; CALC_TLS_CLIENT_CA also requires a client certificate signed by that CA
+(mTLS).
 """
 
+import os
 import sys
 import time
 from concurrent import futures
@@ -44,6 +50,7 @@ class Calculator(calc_pb2_grpc.CalculatorServicer):
 
     def Inspect(self, request, context):
         context.add_callback(lambda: event("call ended: active=%s" % context.is_active()))
+        event("call started")
         until = time.monotonic() + request.sleep_s
         while time.monotonic() < until:
             if not context.is_active():
@@ -64,7 +71,18 @@ def main():
         reflection.enable_server_reflection(names, server)
     except ImportError:
         pass  # pip install grpcio-reflection to serve it
-    port = server.add_insecure_port("127.0.0.1:%s" % (sys.argv[1] if len(sys.argv) > 1 else "0"))
+    addr = "127.0.0.1:%s" % (sys.argv[1] if len(sys.argv) > 1 else "0")
+    if os.environ.get("CALC_TLS_CERT"):
+        read = lambda var: open(os.environ[var], "rb").read()
+        ca = read("CALC_TLS_CLIENT_CA") if os.environ.get("CALC_TLS_CLIENT_CA") else None
+        creds = grpc.ssl_server_credentials(
+            [(read("CALC_TLS_KEY"), read("CALC_TLS_CERT"))],
+            root_certificates=ca,
+            require_client_auth=ca is not None,
+        )
+        port = server.add_secure_port(addr, creds)
+    else:
+        port = server.add_insecure_port(addr)
     server.start()
     print("listening on %d" % port, flush=True)
     server.wait_for_termination()

@@ -15,6 +15,7 @@
 //! whole to a `grpc_proxy` legacy (no split) or refused with UNIMPLEMENTED.
 
 pub mod catalog;
+pub mod inflate;
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -199,18 +200,30 @@ impl TransparentService {
         }
         let answer = async {
             let (parts, body) = req.into_parts();
-            if let Some(encoding) = parts
+            let compressed = match parts
                 .headers
                 .get("grpc-encoding")
-                .and_then(|v| v.to_str().ok())
+                .map(|v| v.to_str().unwrap_or_default())
                 .filter(|e| *e != "identity")
             {
-                let refusal = Refusal::Compressed {
-                    encoding: encoding.to_string(),
-                };
-                return self.refuse(&record, &refusal);
-            }
-            let message = match read_message(body, self.max_message_bytes, &path).await {
+                None => None,
+                Some(name) => match inflate::encoding(name) {
+                    Some(encoding) => Some(encoding),
+                    None => {
+                        let refusal = Refusal::Compressed {
+                            encoding: name.to_string(),
+                        };
+                        return self.refuse(&record, &refusal);
+                    }
+                },
+            };
+            let read = match compressed {
+                None => read_message(body, self.max_message_bytes, &path).await,
+                Some(encoding) => {
+                    inflate::read_compressed(body, encoding, self.max_message_bytes, &path).await
+                }
+            };
+            let message = match read {
                 Ok(m) => m,
                 Err(refusal) => return self.refuse(&record, &refusal),
             };
