@@ -290,6 +290,8 @@ async fn at_zero_percent_pitboss_answers_exactly_as_the_legacy_service() {
     let md = seen["metadata"].to_string();
     assert!(md.contains("x-team=payments"), "{md}");
     assert!(md.contains("x-trace-bin"), "binary metadata too: {md}");
+    // The client sent no x-request-id: legacy gets the one pitboss made for the call.
+    assert!(md.contains("x-request-id="), "{md}");
 
     // Cancellation: the client's deadline passes, legacy's call is cancelled.
     let ended_before = s.legacy_events().matches("call ended").count();

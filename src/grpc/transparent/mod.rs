@@ -237,7 +237,7 @@ impl TransparentService {
                     avoid_worker: None,
                     wire: Some(Arc::new(WireCall {
                         method: method.path.clone(),
-                        metadata: wire::forwarded_request(&parts.headers),
+                        metadata: with_request_id(wire::forwarded_request(&parts.headers), &ids),
                         output: method.output.clone(),
                     })),
                     context: super::first_try(&ids),
@@ -502,6 +502,18 @@ async fn read_message(mut body: Body, max: usize, method: &str) -> Result<Bytes,
         .finish()
         .map_err(|e| Refusal::Malformed(e.to_string()))?;
     message.ok_or(Refusal::NoMessage)
+}
+
+/// The forwarded metadata with the call's `x-request-id`: the client's is already
+/// there; one pitboss made is added, so the service logs the call under the id the
+/// adapter (on new) and pitboss's own logs use.
+fn with_request_id(mut md: HeaderMap, ids: &crate::worker::CallIds) -> HeaderMap {
+    if !md.contains_key("x-request-id") {
+        if let Ok(v) = http::HeaderValue::from_str(&ids.request_id) {
+            md.insert("x-request-id", v);
+        }
+    }
+    md
 }
 
 impl tower::Service<http::Request<axum::body::Body>> for TransparentService {
