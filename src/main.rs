@@ -12,6 +12,7 @@ use pitboss::server::RunningServer;
 /// measures pitboss from outside, through its public API and its gRPC surface.
 mod cli {
     pub mod bench;
+    pub mod connect;
     pub mod init;
 }
 
@@ -49,21 +50,26 @@ enum Command {
     Runtime,
     /// Print the Admin status as a table.
     Status {
+        /// The admin listener: http://HOST:PORT, or https://HOST:PORT for TLS.
         #[arg(long, default_value = "http://127.0.0.1:50052")]
         addr: String,
         /// The admin token; default: $PITBOSS_ADMIN_TOKEN.
         #[arg(long, env = "PITBOSS_ADMIN_TOKEN", hide_env_values = true)]
         token: Option<String>,
+        #[command(flatten)]
+        tls: cli::connect::TlsArgs,
     },
     /// Benchmarks: load generator and baselines (see BENCHMARKS.md).
     Bench {
         #[command(subcommand)]
         what: BenchCommand,
     },
-    /// Drive the rollout from legacy to new (see docs/ROLLOUT.md).
+    /// Drive the rollout from legacy to new (see docs/ROLLOUT.md). Over TLS: an
+    /// https:// --addr with --ca; with mTLS, --cert and --key (docs/SECURITY.md).
     Rollout {
         #[command(subcommand)]
         action: RolloutCommand,
+        /// The admin listener: http://HOST:PORT, or https://HOST:PORT for TLS.
         #[arg(long, global = true, default_value = "http://127.0.0.1:50052")]
         addr: String,
         /// The admin token; default: $PITBOSS_ADMIN_TOKEN.
@@ -81,6 +87,8 @@ enum Command {
         /// `rollout status`); otherwise nothing changes and the command fails.
         #[arg(long, global = true, default_value_t = 0)]
         expected_revision: u64,
+        #[command(flatten)]
+        tls: cli::connect::TlsArgs,
     },
     /// Check grpc.health.v1: prints SERVING or NOT_SERVING; exits 0 only when serving.
     Health {
@@ -89,6 +97,8 @@ enum Command {
         /// The service to check; empty for the server as a whole.
         #[arg(long, default_value = "")]
         service: String,
+        #[command(flatten)]
+        tls: cli::connect::TlsArgs,
     },
     /// Call a command, print its result.
     Call {
@@ -113,6 +123,8 @@ enum Command {
         /// Deadline in milliseconds.
         #[arg(long)]
         timeout_ms: Option<u64>,
+        #[command(flatten)]
+        tls: cli::connect::TlsArgs,
     },
 }
 
@@ -197,6 +209,9 @@ struct LoadArgs {
     /// (its workers), from /proc. The load generator's own is always measured.
     #[arg(long)]
     cpu_pid: Option<u32>,
+    /// For an https:// --addr (benches/run.sh measures TLS against plaintext).
+    #[command(flatten)]
+    tls: cli::connect::TlsArgs,
 }
 
 #[derive(Subcommand)]
@@ -265,15 +280,19 @@ fn main() -> ExitCode {
             Command::Runtime => print_runtime(),
             Command::Init { dir } => init(dir),
             Command::Bench { what } => bench(cli.config, what).await,
-            Command::Status { addr, token } => status(addr, token).await,
+            Command::Status { addr, token, tls } => status(addr, token, tls).await,
             Command::Rollout {
                 action,
                 addr,
                 token,
                 actor,
                 expected_revision,
-            } => rollout(addr, token, actor, expected_revision, action).await,
-            Command::Health { addr, service } => health(addr, service).await,
+                tls,
+            } => {
+                let client = admin_client(&addr, &tls).await?;
+                rollout(client, token, actor, expected_revision, action).await
+            }
+            Command::Health { addr, service, tls } => health(addr, service, tls).await,
             Command::Call {
                 command,
                 payload,
@@ -283,7 +302,9 @@ fn main() -> ExitCode {
                 stream,
                 addr,
                 timeout_ms,
+                tls,
             } => {
+                let channel = cli::connect::channel(&addr, &tls, "the bridge listener").await?;
                 let opts = CallOptions {
                     session,
                     routing_key,
@@ -291,7 +312,7 @@ fn main() -> ExitCode {
                     stream,
                     timeout_ms,
                 };
-                call(addr, command, payload, opts).await
+                call(channel, command, payload, opts).await
             }
         }
     });
@@ -360,26 +381,26 @@ fn admin_request<T>(msg: T, token: &Option<String>) -> Result<tonic::Request<T>,
     Ok(req)
 }
 
+/// The Admin service at `addr`: plaintext, TLS or mTLS (see [`cli::connect`]).
 async fn admin_client(
     addr: &str,
+    tls: &cli::connect::TlsArgs,
 ) -> Result<pb::admin_client::AdminClient<tonic::transport::Channel>, String> {
-    pb::admin_client::AdminClient::connect(addr.to_string())
-        .await
-        .map_err(|e| format!("cannot connect to the admin listener {addr}: {e}"))
+    let channel = cli::connect::channel(addr, tls, "the admin listener").await?;
+    Ok(pb::admin_client::AdminClient::new(channel))
 }
 
 fn show_status(s: tonic::Status) -> String {
-    format!("{:?}: {}", s.code(), s.message())
+    cli::connect::show_status(&s)
 }
 
 async fn rollout(
-    addr: String,
+    mut client: pb::admin_client::AdminClient<tonic::transport::Channel>,
     token: Option<String>,
     actor: Option<String>,
     expected_revision: u64,
     action: RolloutCommand,
 ) -> Result<(), String> {
-    let mut client = admin_client(&addr).await?;
     let set = |mode: &str, percent: f64, action: &str| pb::SetRolloutRequest {
         mode: mode.into(),
         percent,
@@ -617,7 +638,7 @@ async fn bench(config: Option<PathBuf>, what: BenchCommand) -> Result<(), String
                     .addr
                     .clone()
                     .unwrap_or_else(|| "http://127.0.0.1:50051".into());
-                (bench::Target::grpc(&addr).await?, addr)
+                (bench::Target::grpc(&addr, &a.tls).await?, addr)
             };
             let payload = match &a.payload {
                 Some(p) => p.clone().into_bytes().into(),
@@ -723,7 +744,7 @@ async fn bench(config: Option<PathBuf>, what: BenchCommand) -> Result<(), String
             json,
         } => {
             let before = bench::rss_of(pid).ok_or(format!("no process {pid}"))?;
-            let target = bench::Target::grpc(&addr).await?;
+            let target = bench::Target::grpc(&addr, &Default::default()).await?;
             let bench::Target::Grpc(client) = target else {
                 unreachable!()
             };
@@ -778,12 +799,16 @@ fn check_flags(file: PathBuf) -> Result<(), String> {
     Ok(())
 }
 
-async fn status(addr: String, token: Option<String>) -> Result<(), String> {
-    let mut client = admin_client(&addr).await?;
+async fn status(
+    addr: String,
+    token: Option<String>,
+    tls: cli::connect::TlsArgs,
+) -> Result<(), String> {
+    let mut client = admin_client(&addr, &tls).await?;
     let st = client
         .get_status(admin_request(pb::GetStatusRequest {}, &token)?)
         .await
-        .map_err(|s| format!("{}: {}", s.code(), s.message()))?
+        .map_err(show_status)?
         .into_inner();
     let uptime = st.uptime.map(|d| d.seconds).unwrap_or(0);
     println!(
@@ -834,19 +859,19 @@ async fn status(addr: String, token: Option<String>) -> Result<(), String> {
     Ok(())
 }
 
-async fn health(addr: String, service: String) -> Result<(), String> {
+async fn health(
+    addr: String,
+    service: String,
+    tls: cli::connect::TlsArgs,
+) -> Result<(), String> {
     use tonic_health::pb::health_client::HealthClient;
     use tonic_health::pb::HealthCheckRequest;
-    let channel = tonic::transport::Endpoint::from_shared(addr.clone())
-        .map_err(|e| format!("bad address {addr}: {e}"))?
-        .connect()
-        .await
-        .map_err(|e| format!("cannot connect to {addr}: {e}"))?;
+    let channel = cli::connect::channel(&addr, &tls, "the bridge listener").await?;
     let mut client = HealthClient::new(channel);
     let resp = client
         .check(HealthCheckRequest { service })
         .await
-        .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?
+        .map_err(show_status)?
         .into_inner();
     let status = resp.status().as_str_name();
     println!("{status}");
@@ -866,7 +891,7 @@ struct CallOptions {
 }
 
 async fn call(
-    addr: String,
+    channel: tonic::transport::Channel,
     command: String,
     payload: String,
     opts: CallOptions,
@@ -878,9 +903,7 @@ async fn call(
         stream,
         timeout_ms,
     } = opts;
-    let mut client = pb::bridge_client::BridgeClient::connect(addr.clone())
-        .await
-        .map_err(|e| format!("cannot connect to {addr}: {e}"))?;
+    let mut client = pb::bridge_client::BridgeClient::new(channel);
     let mut req = tonic::Request::new(pb::ExecuteRequest {
         command,
         payload: payload.into_bytes().into(),

@@ -173,13 +173,9 @@ pub enum Target {
 }
 
 impl Target {
-    pub async fn grpc(addr: &str) -> Result<Target, String> {
-        let channel = tonic::transport::Endpoint::from_shared(addr.to_string())
-            .map_err(|e| format!("bad address {addr}: {e}"))?
-            .tcp_nodelay(true)
-            .connect()
-            .await
-            .map_err(|e| format!("cannot connect to {addr}: {e}"))?;
+    /// A Bridge at `addr`: plaintext, or TLS for an `https://` address.
+    pub async fn grpc(addr: &str, tls: &super::connect::TlsArgs) -> Result<Target, String> {
+        let channel = super::connect::channel(addr, tls, "the bridge listener").await?;
         Ok(Target::Grpc(
             BridgeClient::new(channel)
                 .max_decoding_message_size(64 << 20)
