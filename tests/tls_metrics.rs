@@ -9,7 +9,7 @@
 mod common;
 
 use common::certs::{unix_midnight, Ca};
-use common::tls::{channel, echo, listener_tls, serve, until, BOUND};
+use common::tls::{channel, echo, listener_tls, serve, BOUND};
 use common::{exec, sample, scrape, temp_dir};
 use tokio::io::AsyncWriteExt;
 
@@ -65,11 +65,9 @@ async fn tls_metrics_follow_handshakes_rotations_and_refusals() {
     }
     echo(bridge, &ca.pem, None).await.unwrap_err();
     let silent = tokio::net::TcpStream::connect(bridge).await.unwrap();
-    let mut after = String::new();
-    let counted = until(|| async {
-        after = scrape(metrics).await;
-        failures(&after, "error") >= failures(&before, "error") + 4.0
-            && failures(&after, "timeout") >= failures(&before, "timeout") + 1.0
+    let (counted, after) = scrape_until(metrics, |after| {
+        failures(after, "error") >= failures(&before, "error") + 4.0
+            && failures(after, "timeout") >= failures(&before, "timeout") + 1.0
     })
     .await;
     assert!(
@@ -97,10 +95,8 @@ async fn tls_metrics_follow_handshakes_rotations_and_refusals() {
     // A rotation: the reload counts as ok and the gauge shows the new expiry.
     let ok_before = reloads(&body, "ok");
     ca.server_until(second).write(&dir, "bridge");
-    let mut now = String::new();
-    let rotated = until(|| async {
-        now = scrape(metrics).await;
-        sample(&now, EXPIRY, &[("file", "tls.bridge")]) == Some(unix_midnight(second) as f64)
+    let (rotated, now) = scrape_until(metrics, |now| {
+        sample(now, EXPIRY, &[("file", "tls.bridge")]) == Some(unix_midnight(second) as f64)
     })
     .await;
     assert!(rotated, "the gauge shows the second certificate's expiry");
@@ -110,11 +106,8 @@ async fn tls_metrics_follow_handshakes_rotations_and_refusals() {
     // certificate in force stay.
     let error_before = reloads(&now, "error");
     std::fs::write(dir.join("bridge.crt"), "not a certificate\n").unwrap();
-    let refused = until(|| async {
-        now = scrape(metrics).await;
-        reloads(&now, "error") >= error_before + 1.0
-    })
-    .await;
+    let (refused, now) =
+        scrape_until(metrics, |now| reloads(now, "error") >= error_before + 1.0).await;
     assert!(refused, "the refused reload counted within {BOUND:?}");
     assert_eq!(
         sample(&now, EXPIRY, &[("file", "tls.bridge")]),
@@ -128,4 +121,23 @@ async fn tls_metrics_follow_handshakes_rotations_and_refusals() {
         .unwrap();
     server.shutdown().await;
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Scrapes every 100 ms until `holds` is true of the scrape or [`BOUND`] passes:
+/// whether it held, and the last scrape.
+async fn scrape_until(
+    metrics: std::net::SocketAddr,
+    holds: impl Fn(&str) -> bool,
+) -> (bool, String) {
+    let deadline = tokio::time::Instant::now() + BOUND;
+    loop {
+        let body = scrape(metrics).await;
+        if holds(&body) {
+            return (true, body);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return (false, body);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
 }
