@@ -288,10 +288,7 @@ fn main() -> ExitCode {
                 actor,
                 expected_revision,
                 tls,
-            } => {
-                let client = admin_client(&addr, &tls).await?;
-                rollout(client, token, actor, expected_revision, action).await
-            }
+            } => rollout(addr, tls, token, actor, expected_revision, action).await,
             Command::Health { addr, service, tls } => health(addr, service, tls).await,
             Command::Call {
                 command,
@@ -390,17 +387,21 @@ async fn admin_client(
     Ok(pb::admin_client::AdminClient::new(channel))
 }
 
-fn show_status(s: tonic::Status) -> String {
-    cli::connect::show_status(&s)
+/// Prints a failed call to `addr` (see [`cli::connect::call_failed`]).
+fn failed_at(addr: &str) -> impl Fn(tonic::Status) -> String + '_ {
+    move |s| cli::connect::call_failed(addr, &s)
 }
 
 async fn rollout(
-    mut client: pb::admin_client::AdminClient<tonic::transport::Channel>,
+    addr: String,
+    tls: cli::connect::TlsArgs,
     token: Option<String>,
     actor: Option<String>,
     expected_revision: u64,
     action: RolloutCommand,
 ) -> Result<(), String> {
+    let mut client = admin_client(&addr, &tls).await?;
+    let show_status = failed_at(&addr);
     let set = |mode: &str, percent: f64, action: &str| pb::SetRolloutRequest {
         mode: mode.into(),
         percent,
@@ -805,6 +806,7 @@ async fn status(
     tls: cli::connect::TlsArgs,
 ) -> Result<(), String> {
     let mut client = admin_client(&addr, &tls).await?;
+    let show_status = failed_at(&addr);
     let st = client
         .get_status(admin_request(pb::GetStatusRequest {}, &token)?)
         .await
@@ -868,6 +870,7 @@ async fn health(
     use tonic_health::pb::HealthCheckRequest;
     let channel = cli::connect::channel(&addr, &tls, "the bridge listener").await?;
     let mut client = HealthClient::new(channel);
+    let show_status = failed_at(&addr);
     let resp = client
         .check(HealthCheckRequest { service })
         .await

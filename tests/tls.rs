@@ -697,7 +697,7 @@ async fn the_rollout_cli_reaches_a_tls_admin_listener_with_the_token() {
     assert!(err.contains("use https://"), "{err}");
     let (ok, _, err) = rollout_cli(&["status", "--addr", &http], token).await;
     assert!(!ok, "plaintext to a TLS admin listener must fail");
-    assert!(err.contains("pitboss:"), "{err}");
+    assert!(err.contains("use an https:// address"), "{err}");
     // --cert without --key is refused by the parser.
     let (ok, _, err) = rollout_cli(&["status", "--addr", &https, "--cert", ca_file], token).await;
     assert!(!ok);

@@ -140,6 +140,11 @@ pub fn hint(message: &str) -> Option<&'static str> {
 pub fn show_status(s: &tonic::Status) -> String {
     let name = code_name(s.code());
     let mut out = format!("{name}: {}", s.message());
+    // A connection the server closed (a refused client certificate shows only after
+    // the TLS 1.3 handshake, on the first call) carries its cause.
+    if let Some(cause) = std::error::Error::source(s) {
+        out = explain(&out, cause);
+    }
     match s.code() {
         tonic::Code::PermissionDenied => out.push_str(
             "\n  (the listener refused this caller: with [tls.admin] allow_read / allow_write, \
@@ -150,6 +155,35 @@ pub fn show_status(s: &tonic::Status) -> String {
              identity the listener lists)",
         ),
         _ => {}
+    }
+    out
+}
+
+/// A failed call to `addr`, as [`show_status`] prints it, with what to check when
+/// the connection itself broke: a plaintext client on a TLS port sees only a broken
+/// HTTP/2 connection; a client certificate refused after a TLS 1.3 handshake shows
+/// only as a closed connection on the first call.
+pub fn call_failed(addr: &str, s: &tonic::Status) -> String {
+    let mut out = show_status(s);
+    let broken = matches!(
+        s.code(),
+        tonic::Code::Unknown
+            | tonic::Code::Internal
+            | tonic::Code::Unavailable
+            | tonic::Code::Cancelled
+    );
+    if broken && hint(&out).is_none() {
+        if addr.starts_with("https://") {
+            out.push_str(
+                "\n  (the listener closed the connection: if it requires a client certificate \
+                 (mTLS), pass --cert and --key, signed by its client_ca_file)",
+            );
+        } else {
+            out.push_str(
+                "\n  (if the listener has TLS ([tls.admin] or [tls.bridge]), use an https:// \
+                 address and --ca)",
+            );
+        }
     }
     out
 }
@@ -184,6 +218,15 @@ mod tests {
         assert!(h("received fatal alert: CertificateRequired").contains("--cert"));
         assert!(h("invalid peer certificate: NotValidForName").contains("--tls-server-name"));
         assert!(hint("connection refused").is_none());
+    }
+
+    #[test]
+    fn a_broken_connection_says_what_to_check() {
+        let closed = tonic::Status::cancelled("operation was canceled");
+        assert!(call_failed("https://h:1", &closed).contains("--cert and --key"));
+        assert!(call_failed("http://h:1", &closed).contains("use an https://"));
+        let denied = tonic::Status::permission_denied("no");
+        assert!(!call_failed("https://h:1", &denied).contains("--cert and --key"));
     }
 
     #[test]
