@@ -861,11 +861,7 @@ async fn status(
     Ok(())
 }
 
-async fn health(
-    addr: String,
-    service: String,
-    tls: cli::connect::TlsArgs,
-) -> Result<(), String> {
+async fn health(addr: String, service: String, tls: cli::connect::TlsArgs) -> Result<(), String> {
     use tonic_health::pb::health_client::HealthClient;
     use tonic_health::pb::HealthCheckRequest;
     let channel = cli::connect::channel(&addr, &tls, "the bridge listener").await?;

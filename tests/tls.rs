@@ -543,8 +543,14 @@ async fn the_admin_listener_rotates_its_certificate_without_a_failed_call() {
         .unwrap_err();
     stop.store(true, Ordering::SeqCst);
     let (ok, failed) = calls.await.unwrap();
-    assert!(failed.is_empty(), "calls failed during the rotation: {failed:?}");
-    assert!(ok > 0, "calls ran on the old connection during the rotation");
+    assert!(
+        failed.is_empty(),
+        "calls failed during the rotation: {failed:?}"
+    );
+    assert!(
+        ok > 0,
+        "calls ran on the old connection during the rotation"
+    );
     // And the old connection still serves after it.
     common::AdminClient::new(old)
         .get_rollout(common::authed(pb::GetRolloutRequest {}, "admin-token"))
@@ -576,7 +582,10 @@ async fn the_metrics_listener_rotates_its_certificate_without_a_restart() {
         }
     })
     .await;
-    assert!(rotated, "new connections got the new certificate within {BOUND:?}");
+    assert!(
+        rotated,
+        "new connections got the new certificate within {BOUND:?}"
+    );
     assert!(common::tls::Https::connect(addr, &old_ca).await.is_err());
     // The connection made before the rotation still answers.
     let (status, body) = kept.get("/healthz").await.unwrap();
@@ -647,11 +656,17 @@ async fn the_rollout_cli_reaches_a_tls_admin_listener_with_the_token() {
     // Without the token: UNAUTHENTICATED, said so.
     let (ok, _, err) = rollout_cli(&["pause", "--addr", &https, "--ca", ca_file], None).await;
     assert!(!ok);
-    assert!(err.contains("UNAUTHENTICATED") && err.contains("--token"), "{err}");
+    assert!(
+        err.contains("UNAUTHENTICATED") && err.contains("--token"),
+        "{err}"
+    );
     // Without --ca the system's roots do not know the test CA.
     let (ok, _, err) = rollout_cli(&["status", "--addr", &https], token).await;
     assert!(!ok);
-    assert!(err.contains("UnknownIssuer") && err.contains("--ca"), "{err}");
+    assert!(
+        err.contains("UnknownIssuer") && err.contains("--ca"),
+        "{err}"
+    );
     // A name the certificate does not carry.
     let (ok, _, err) = rollout_cli(
         &[
@@ -671,7 +686,13 @@ async fn the_rollout_cli_reaches_a_tls_admin_listener_with_the_token() {
     // An unreadable CA file is named by its flag.
     let missing = dir.join("no-such-ca.pem");
     let (ok, _, err) = rollout_cli(
-        &["status", "--addr", &https, "--ca", missing.to_str().unwrap()],
+        &[
+            "status",
+            "--addr",
+            &https,
+            "--ca",
+            missing.to_str().unwrap(),
+        ],
         token,
     )
     .await;
@@ -689,7 +710,10 @@ async fn the_rollout_cli_reaches_a_tls_admin_listener_with_the_token() {
     )
     .await;
     assert!(!ok);
-    assert!(err.contains("--ca") && err.contains("no PEM certificate"), "{err}");
+    assert!(
+        err.contains("--ca") && err.contains("no PEM certificate"),
+        "{err}"
+    );
     // TLS flags with a plaintext address, and plaintext to the TLS port.
     let http = format!("http://{}", server.admin_addr);
     let (ok, _, err) = rollout_cli(&["status", "--addr", &http, "--ca", ca_file], token).await;
@@ -724,7 +748,9 @@ async fn the_rollout_cli_uses_an_mtls_identity_instead_of_the_token() {
     let ca_file = ca.write(&dir, "ca.pem").display().to_string();
     let https = format!("https://{}", server.admin_addr);
     let (ops_c, ops_k) = ca.client("spiffe://test/ops").write(&dir, "ops");
-    let (mon_c, mon_k) = ca.client("spiffe://test/monitoring").write(&dir, "monitoring");
+    let (mon_c, mon_k) = ca
+        .client("spiffe://test/monitoring")
+        .write(&dir, "monitoring");
     let with = |cert: &Path, key: &Path, action: &str| {
         vec![
             action.to_string(),
@@ -776,7 +802,10 @@ async fn the_rollout_cli_uses_an_mtls_identity_instead_of_the_token() {
     // A key that is not the certificate's.
     let (ok, _, err) = run(with(&ops_c, &mon_k, "status")).await;
     assert!(!ok);
-    assert!(err.contains("--key") && err.contains("does not match"), "{err}");
+    assert!(
+        err.contains("--key") && err.contains("does not match"),
+        "{err}"
+    );
     server.shutdown().await;
     std::fs::remove_dir_all(&dir).unwrap();
 }

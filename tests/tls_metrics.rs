@@ -35,9 +35,8 @@ async fn tls_metrics_follow_handshakes_rotations_and_refusals() {
     let allowed = ca.client("spiffe://test/allowed");
     echo(bridge, &ca.pem, Some(&allowed)).await.unwrap();
 
-    let value = |body: &str, name: &str, labels: &[(&str, &str)]| {
-        sample(body, name, labels).unwrap_or(0.0)
-    };
+    let value =
+        |body: &str, name: &str, labels: &[(&str, &str)]| sample(body, name, labels).unwrap_or(0.0);
     let failures = |body: &str, reason: &str| {
         value(
             body,

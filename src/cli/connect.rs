@@ -126,8 +126,7 @@ pub fn hint(message: &str) -> Option<&'static str> {
         Some("the listener requires a client certificate (mTLS): pass --cert and --key")
     } else if m.contains("corrupt message") || m.contains("invalidcontenttype") {
         Some("the listener does not speak TLS: use an http:// address")
-    } else if m.contains("unknownca") || m.contains("unknown ca") || m.contains("bad certificate")
-    {
+    } else if m.contains("unknownca") || m.contains("unknown ca") || m.contains("bad certificate") {
         Some("the listener does not accept this client certificate: is it signed by the listener's client_ca_file?")
     } else {
         None
@@ -206,9 +205,15 @@ mod tests {
 
     #[test]
     fn codes_read_as_grpc_names_them() {
-        assert_eq!(code_name(tonic::Code::PermissionDenied), "PERMISSION_DENIED");
+        assert_eq!(
+            code_name(tonic::Code::PermissionDenied),
+            "PERMISSION_DENIED"
+        );
         assert_eq!(code_name(tonic::Code::Ok), "OK");
-        assert_eq!(code_name(tonic::Code::DeadlineExceeded), "DEADLINE_EXCEEDED");
+        assert_eq!(
+            code_name(tonic::Code::DeadlineExceeded),
+            "DEADLINE_EXCEEDED"
+        );
     }
 
     #[test]

@@ -82,11 +82,7 @@ impl Ca {
 
     /// A leaf for `sans`, valid over `validity` (not before, not after) when given,
     /// else rcgen's default (from 1975 to 4096).
-    fn leaf(
-        &self,
-        sans: Vec<SanType>,
-        validity: Option<(Ymd, Ymd)>,
-    ) -> Leaf {
+    fn leaf(&self, sans: Vec<SanType>, validity: Option<(Ymd, Ymd)>) -> Leaf {
         let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
         p.distinguished_name
             .push(DnType::CommonName, "pitboss test");
