@@ -132,7 +132,7 @@ enum Command {
 enum BenchCommand {
     /// Drive load at a Bridge server (`--addr`) or at the floor (`--floor`), report
     /// requests/s and latency percentiles, optionally as JSON.
-    Load(LoadArgs),
+    Load(Box<LoadArgs>),
     /// Worker pool startup: the floor's (spawn N workers, wait for READY) and
     /// pitboss's pool, alternating, `--runs` times each.
     Startup {
