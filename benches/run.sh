@@ -54,7 +54,8 @@ fi
 # the same rounds: report.py gives the TLS / plaintext ratios.
 TLS=""
 if [ -z "${SKIP_TLS:-}" ] && command -v openssl >/dev/null; then
-  TLS_DIR="$OUT/tls"; mkdir -p "$TLS_DIR"
+  # Absolute: paths in the config (and its overrides) are relative to the config file.
+  mkdir -p "$OUT/tls"; TLS_DIR=$(cd "$OUT/tls" && pwd)
   ec=(-newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes)
   openssl req -x509 "${ec[@]}" -days 2 -subj "/CN=pitboss bench ca" \
     -keyout "$TLS_DIR/ca.key" -out "$TLS_DIR/ca.crt" 2>/dev/null
