@@ -30,7 +30,7 @@ def med(rs, key):
 def main(out):
     runs = load(out)
     scenarios = sorted({s for s, _ in runs}, key=lambda s: (s.split("-")[0], s))
-    targets = ["floor", "pitboss", "ceiling", "peer", "direct"]
+    targets = ["floor", "pitboss", "ceiling", "peer", "direct", "pitboss-tls"]
     print("## Throughput and latency (median of rounds)\n")
     print("| scenario | target | req/s | p50 µs | p90 µs | p99 µs | p99.9 µs | errors |")
     print("|---|---|---:|---:|---:|---:|---:|---:|")
@@ -120,6 +120,22 @@ def main(out):
     row("transparent passthrough p50 / the service directly, c=1", "<= 1.10", r, r is not None and r <= 1.1)
     r = pb - di if pb and di else None
     row("transparent passthrough added p50, c=1 (µs)", "-", r, True, "{:+.0f}")
+
+    # Issue 18: the Bridge over TLS (pitboss-tls) against plaintext (pitboss), same run.
+    tls = [s for s in scenarios if (s, "pitboss-tls") in runs and (s, "pitboss") in runs]
+    if tls:
+        print("\n## TLS on the Bridge vs plaintext (pitboss-tls / pitboss, same run)\n")
+        print("A ratio above 1 is TLS costing more (latency, CPU) or serving more (req/s).\n")
+        print("| scenario | req/s TLS | req/s plain | req/s ratio | p50 ratio | p99 ratio | server CPU/req ratio |")
+        print("|---|---:|---:|---:|---:|---:|---:|")
+        for s in tls:
+            def ratio(k):
+                a, b = get(s, "pitboss-tls", k), get(s, "pitboss", k)
+                return f"{a / b:.2f}" if a and b else "n/a"
+            print(
+                f"| {s} | {get(s, 'pitboss-tls', 'rps'):,.0f} | {get(s, 'pitboss', 'rps'):,.0f} | "
+                f"{ratio('rps')} | {ratio('p50_us')} | {ratio('p99_us')} | {ratio('cpu_server_us_per_req')} |"
+            )
 
     starts = sorted(glob.glob(os.path.join(out, "startup.*.json")))
     if starts:

@@ -10,6 +10,7 @@
 #   SCENARIOS="echo-64B-c1 echo-64B-c8" benches/run.sh   # only these scenarios
 #   SKIP_STARTUP=1 benches/run.sh  # without the startup and memory runs
 #   SKIP_TRANSPARENT=1 benches/run.sh  # without the grpc_proxy passthrough (needs grpcio)
+#   SKIP_TLS=1 benches/run.sh      # without pitboss-tls (the Bridge over TLS; needs openssl)
 #   BIN=path/to/pitboss benches/run.sh   # a binary already built (no cargo build)
 #
 # Results: benches/results/<timestamp>/*.json and report.md.
@@ -49,16 +50,39 @@ if [ -z "${SKIP_PEER:-}" ]; then
   PEER=http://127.0.0.1:50171
 fi
 
-wait_serving() { # addr
+# pitboss-tls: the same pitboss with TLS on the Bridge ([tls.bridge], a CA and a
+# server certificate made here with openssl), measured against the plaintext one in
+# the same rounds: report.py gives the TLS / plaintext ratios.
+TLS=""
+if [ -z "${SKIP_TLS:-}" ] && command -v openssl >/dev/null; then
+  # Absolute: paths in the config (and its overrides) are relative to the config file.
+  mkdir -p "$OUT/tls"; TLS_DIR=$(cd "$OUT/tls" && pwd)
+  ec=(-newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes)
+  openssl req -x509 "${ec[@]}" -days 2 -subj "/CN=pitboss bench ca" \
+    -keyout "$TLS_DIR/ca.key" -out "$TLS_DIR/ca.crt" 2>/dev/null
+  openssl req "${ec[@]}" -subj "/CN=localhost" -keyout "$TLS_DIR/tls.key" -out "$TLS_DIR/tls.csr" 2>/dev/null
+  printf 'subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n' >"$TLS_DIR/ext"
+  openssl x509 -req -in "$TLS_DIR/tls.csr" -CA "$TLS_DIR/ca.crt" -CAkey "$TLS_DIR/ca.key" \
+    -CAcreateserial -days 2 -extfile "$TLS_DIR/ext" -out "$TLS_DIR/tls.crt" 2>/dev/null
+  PITBOSS_POOL_SIZE=$WORKERS PITBOSS_SERVER_LISTEN=127.0.0.1:50181 \
+    PITBOSS_SERVER_ADMIN_LISTEN=127.0.0.1:50182 PITBOSS_SERVER_METRICS_LISTEN=127.0.0.1:50183 \
+    PITBOSS_TLS_BRIDGE_CERT_FILE="$TLS_DIR/tls.crt" PITBOSS_TLS_BRIDGE_KEY_FILE="$TLS_DIR/tls.key" \
+    "$BIN" --config benches/pitboss-bench.toml >"$OUT/pitboss-tls.log" 2>&1 &
+  TLS_PID=$!; pids+=($TLS_PID)
+  TLS=(--addr https://127.0.0.1:50181 --ca "$TLS_DIR/ca.crt")
+fi
+
+wait_serving() { # load arguments that name the server
   for _ in $(seq 1 100); do
-    if "$BIN" bench load --addr "$1" --requests 1 --warmup-s 0 --concurrency 1 >/dev/null 2>&1; then return 0; fi
+    if "$BIN" bench load "$@" --requests 1 --warmup-s 0 --concurrency 1 >/dev/null 2>&1; then return 0; fi
     sleep 0.2
   done
-  echo "no answer from $1" >&2; return 1
+  echo "no answer from $*" >&2; return 1
 }
-wait_serving http://127.0.0.1:50151
-wait_serving http://127.0.0.1:50161
-[ -n "$PEER" ] && wait_serving "$PEER"
+wait_serving --addr http://127.0.0.1:50151
+wait_serving --addr http://127.0.0.1:50161
+[ -n "$PEER" ] && wait_serving --addr "$PEER"
+[ -n "$TLS" ] && wait_serving "${TLS[@]}"
 
 # scenario name | load arguments
 scenarios=(
@@ -72,6 +96,7 @@ scenarios=(
 
 targets=(floor pitboss ceiling)
 [ -n "$PEER" ] && targets+=(peer)
+[ -n "$TLS" ] && targets+=(pitboss-tls)
 
 for round in $(seq 1 "$ROUNDS"); do
   for sc in "${scenarios[@]}"; do
@@ -87,9 +112,12 @@ for round in $(seq 1 "$ROUNDS"); do
         pitboss) where=(--addr http://127.0.0.1:50151 --cpu-pid "$PB_PID") ;;
         ceiling) where=(--addr http://127.0.0.1:50161 --cpu-pid "$CEILING_PID") ;;
         peer)    where=(--addr "$PEER" --cpu-pid "$PEER_PID") ;;
+        pitboss-tls) where=("${TLS[@]}" --cpu-pid "$TLS_PID") ;;
       esac
       # The ceiling has no Python: it only makes sense for echo-like scenarios.
       if [ "$t" = ceiling ] && [[ $name == compute* ]]; then continue; fi
+      # TLS costs per byte and per call: the echo scenarios show both.
+      if [ "$t" = pitboss-tls ] && [[ $name != echo* ]]; then continue; fi
       # shellcheck disable=SC2086
       "$BIN" bench load "${where[@]}" $args --duration-s "$SECS" --warmup-s "$WARMUP" \
         --name "$t" --json "$OUT/$name.$t.$round.json" | sed "s/^/[$name r$round] /"

@@ -12,6 +12,7 @@ use pitboss::server::RunningServer;
 /// measures pitboss from outside, through its public API and its gRPC surface.
 mod cli {
     pub mod bench;
+    pub mod connect;
     pub mod doctor;
     pub mod init;
 }
@@ -53,21 +54,26 @@ enum Command {
     Doctor,
     /// Print the Admin status as a table.
     Status {
+        /// The admin listener: http://HOST:PORT, or https://HOST:PORT for TLS.
         #[arg(long, default_value = "http://127.0.0.1:50052")]
         addr: String,
         /// The admin token; default: $PITBOSS_ADMIN_TOKEN.
         #[arg(long, env = "PITBOSS_ADMIN_TOKEN", hide_env_values = true)]
         token: Option<String>,
+        #[command(flatten)]
+        tls: cli::connect::TlsArgs,
     },
     /// Benchmarks: load generator and baselines (see BENCHMARKS.md).
     Bench {
         #[command(subcommand)]
         what: BenchCommand,
     },
-    /// Drive the rollout from legacy to new (see docs/ROLLOUT.md).
+    /// Drive the rollout from legacy to new (see docs/ROLLOUT.md). Over TLS: an
+    /// https:// --addr with --ca; with mTLS, --cert and --key (docs/SECURITY.md).
     Rollout {
         #[command(subcommand)]
         action: RolloutCommand,
+        /// The admin listener: http://HOST:PORT, or https://HOST:PORT for TLS.
         #[arg(long, global = true, default_value = "http://127.0.0.1:50052")]
         addr: String,
         /// The admin token; default: $PITBOSS_ADMIN_TOKEN.
@@ -85,6 +91,8 @@ enum Command {
         /// `rollout status`); otherwise nothing changes and the command fails.
         #[arg(long, global = true, default_value_t = 0)]
         expected_revision: u64,
+        #[command(flatten)]
+        tls: cli::connect::TlsArgs,
     },
     /// Check grpc.health.v1: prints SERVING or NOT_SERVING; exits 0 only when serving.
     Health {
@@ -93,6 +101,8 @@ enum Command {
         /// The service to check; empty for the server as a whole.
         #[arg(long, default_value = "")]
         service: String,
+        #[command(flatten)]
+        tls: cli::connect::TlsArgs,
     },
     /// Call a command, print its result.
     Call {
@@ -117,6 +127,8 @@ enum Command {
         /// Deadline in milliseconds.
         #[arg(long)]
         timeout_ms: Option<u64>,
+        #[command(flatten)]
+        tls: cli::connect::TlsArgs,
     },
 }
 
@@ -124,7 +136,7 @@ enum Command {
 enum BenchCommand {
     /// Drive load at a Bridge server (`--addr`) or at the floor (`--floor`), report
     /// requests/s and latency percentiles, optionally as JSON.
-    Load(LoadArgs),
+    Load(Box<LoadArgs>),
     /// Worker pool startup: the floor's (spawn N workers, wait for READY) and
     /// pitboss's pool, alternating, `--runs` times each.
     Startup {
@@ -209,6 +221,9 @@ struct LoadArgs {
     /// (its workers), from /proc. The load generator's own is always measured.
     #[arg(long)]
     cpu_pid: Option<u32>,
+    /// For an https:// --addr (benches/run.sh measures TLS against plaintext).
+    #[command(flatten)]
+    tls: cli::connect::TlsArgs,
 }
 
 #[derive(Subcommand)]
@@ -278,15 +293,16 @@ fn main() -> ExitCode {
             Command::Init { dir } => init(dir),
             Command::Doctor => doctor(cli.config).await,
             Command::Bench { what } => bench(cli.config, what).await,
-            Command::Status { addr, token } => status(addr, token).await,
+            Command::Status { addr, token, tls } => status(addr, token, tls).await,
             Command::Rollout {
                 action,
                 addr,
                 token,
                 actor,
                 expected_revision,
-            } => rollout(addr, token, actor, expected_revision, action).await,
-            Command::Health { addr, service } => health(addr, service).await,
+                tls,
+            } => rollout(addr, tls, token, actor, expected_revision, action).await,
+            Command::Health { addr, service, tls } => health(addr, service, tls).await,
             Command::Call {
                 command,
                 payload,
@@ -296,7 +312,9 @@ fn main() -> ExitCode {
                 stream,
                 addr,
                 timeout_ms,
+                tls,
             } => {
+                let channel = cli::connect::channel(&addr, &tls, "the bridge listener").await?;
                 let opts = CallOptions {
                     session,
                     routing_key,
@@ -304,7 +322,7 @@ fn main() -> ExitCode {
                     stream,
                     timeout_ms,
                 };
-                call(addr, command, payload, opts).await
+                call(channel, command, payload, opts).await
             }
         }
     });
@@ -392,26 +410,30 @@ fn admin_request<T>(msg: T, token: &Option<String>) -> Result<tonic::Request<T>,
     Ok(req)
 }
 
+/// The Admin service at `addr`: plaintext, TLS or mTLS (see [`cli::connect`]).
 async fn admin_client(
     addr: &str,
+    tls: &cli::connect::TlsArgs,
 ) -> Result<pb::admin_client::AdminClient<tonic::transport::Channel>, String> {
-    pb::admin_client::AdminClient::connect(addr.to_string())
-        .await
-        .map_err(|e| format!("cannot connect to the admin listener {addr}: {e}"))
+    let channel = cli::connect::channel(addr, tls, "the admin listener").await?;
+    Ok(pb::admin_client::AdminClient::new(channel))
 }
 
-fn show_status(s: tonic::Status) -> String {
-    format!("{:?}: {}", s.code(), s.message())
+/// Prints a failed call to `addr` (see [`cli::connect::call_failed`]).
+fn failed_at(addr: &str) -> impl Fn(tonic::Status) -> String + '_ {
+    move |s| cli::connect::call_failed(addr, &s)
 }
 
 async fn rollout(
     addr: String,
+    tls: cli::connect::TlsArgs,
     token: Option<String>,
     actor: Option<String>,
     expected_revision: u64,
     action: RolloutCommand,
 ) -> Result<(), String> {
-    let mut client = admin_client(&addr).await?;
+    let mut client = admin_client(&addr, &tls).await?;
+    let show_status = failed_at(&addr);
     let set = |mode: &str, percent: f64, action: &str| pb::SetRolloutRequest {
         mode: mode.into(),
         percent,
@@ -650,8 +672,8 @@ async fn bench(config: Option<PathBuf>, what: BenchCommand) -> Result<(), String
                     .clone()
                     .unwrap_or_else(|| "http://127.0.0.1:50051".into());
                 match &a.method {
-                    Some(m) => (bench::Target::raw(&addr, m).await?, addr),
-                    None => (bench::Target::grpc(&addr).await?, addr),
+                    Some(m) => (bench::Target::raw(&addr, m, &a.tls).await?, addr),
+                    None => (bench::Target::grpc(&addr, &a.tls).await?, addr),
                 }
             };
             let payload = match (&a.payload, &a.payload_hex) {
@@ -759,7 +781,7 @@ async fn bench(config: Option<PathBuf>, what: BenchCommand) -> Result<(), String
             json,
         } => {
             let before = bench::rss_of(pid).ok_or(format!("no process {pid}"))?;
-            let target = bench::Target::grpc(&addr).await?;
+            let target = bench::Target::grpc(&addr, &Default::default()).await?;
             let bench::Target::Grpc(client) = target else {
                 unreachable!()
             };
@@ -814,12 +836,17 @@ fn check_flags(file: PathBuf) -> Result<(), String> {
     Ok(())
 }
 
-async fn status(addr: String, token: Option<String>) -> Result<(), String> {
-    let mut client = admin_client(&addr).await?;
+async fn status(
+    addr: String,
+    token: Option<String>,
+    tls: cli::connect::TlsArgs,
+) -> Result<(), String> {
+    let mut client = admin_client(&addr, &tls).await?;
+    let show_status = failed_at(&addr);
     let st = client
         .get_status(admin_request(pb::GetStatusRequest {}, &token)?)
         .await
-        .map_err(|s| format!("{}: {}", s.code(), s.message()))?
+        .map_err(show_status)?
         .into_inner();
     let uptime = st.uptime.map(|d| d.seconds).unwrap_or(0);
     println!(
@@ -870,19 +897,16 @@ async fn status(addr: String, token: Option<String>) -> Result<(), String> {
     Ok(())
 }
 
-async fn health(addr: String, service: String) -> Result<(), String> {
+async fn health(addr: String, service: String, tls: cli::connect::TlsArgs) -> Result<(), String> {
     use tonic_health::pb::health_client::HealthClient;
     use tonic_health::pb::HealthCheckRequest;
-    let channel = tonic::transport::Endpoint::from_shared(addr.clone())
-        .map_err(|e| format!("bad address {addr}: {e}"))?
-        .connect()
-        .await
-        .map_err(|e| format!("cannot connect to {addr}: {e}"))?;
+    let channel = cli::connect::channel(&addr, &tls, "the bridge listener").await?;
     let mut client = HealthClient::new(channel);
+    let show_status = failed_at(&addr);
     let resp = client
         .check(HealthCheckRequest { service })
         .await
-        .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?
+        .map_err(show_status)?
         .into_inner();
     let status = resp.status().as_str_name();
     println!("{status}");
@@ -902,7 +926,7 @@ struct CallOptions {
 }
 
 async fn call(
-    addr: String,
+    channel: tonic::transport::Channel,
     command: String,
     payload: String,
     opts: CallOptions,
@@ -914,9 +938,7 @@ async fn call(
         stream,
         timeout_ms,
     } = opts;
-    let mut client = pb::bridge_client::BridgeClient::connect(addr.clone())
-        .await
-        .map_err(|e| format!("cannot connect to {addr}: {e}"))?;
+    let mut client = pb::bridge_client::BridgeClient::new(channel);
     let mut req = tonic::Request::new(pb::ExecuteRequest {
         command,
         payload: payload.into_bytes().into(),

@@ -155,6 +155,11 @@ impl RunningServer {
                 source,
             })?;
 
+        // The recorder first: what the start records (the TLS expiry gauges, the
+        // upstreams' TLS, the pools' first events) is lost if it comes later.
+        if crate::telemetry::prometheus().is_none() {
+            tracing::warn!("another metrics recorder is installed: /metrics will be empty");
+        }
         // TLS material is checked before any worker starts: a bad certificate stops
         // the start at once, with the setting and file.
         let tls = crate::tls::Listeners::from_config(&config);
@@ -200,9 +205,6 @@ impl RunningServer {
         });
         // The user's own services (issue 17), served next to the Bridge.
         let catalog = crate::grpc::transparent::load_catalog(&config, edge.split.legacy()).await?;
-        if crate::telemetry::prometheus().is_none() {
-            tracing::warn!("another metrics recorder is installed: /metrics will be empty");
-        }
         metrics::gauge!(
             "pitboss_build_info",
             "version" => env!("CARGO_PKG_VERSION"),

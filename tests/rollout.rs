@@ -453,7 +453,7 @@ async fn a_failing_new_backend_is_rolled_back_and_the_file_keeps_it() {
         .unwrap();
     assert!(!out.status.success());
     assert!(
-        String::from_utf8_lossy(&out.stderr).contains("Unauthenticated"),
+        String::from_utf8_lossy(&out.stderr).contains("UNAUTHENTICATED"),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );

@@ -4,95 +4,13 @@
 mod common;
 
 use std::path::Path;
-use std::time::Duration;
 
 use common::certs::{Ca, Leaf};
+use common::tls::{channel, echo, listener_tls, serve, write_token, BOUND};
 use common::{config, eventually, exec, on_free_ports, pool_section, rollout_section, temp_dir};
 use pitboss::grpc::pb;
 use pitboss::server::RunningServer;
-use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
 use tonic::Code;
-
-const BOUND: Duration = Duration::from_secs(30);
-
-/// A server on `adapter` with `tls` (TOML text) after the pool section, started and
-/// ready.
-async fn serve(dir: &Path, adapter: &str, tls: &str) -> RunningServer {
-    write_token(dir);
-    let text = on_free_ports(
-        "shutdown_grace = \"5s\"",
-        &format!("{}{}{tls}", pool_section(adapter, 1), rollout_section(dir)),
-    );
-    let server = RunningServer::start(config(&text)).await.unwrap();
-    server.pool().wait_ready(1, BOUND).await.unwrap();
-    server
-}
-
-/// The admin token file [`rollout_section`] names, unless the test wrote its own.
-fn write_token(dir: &Path) {
-    if !dir.join("token").exists() {
-        std::fs::write(dir.join("token"), "admin-token\n").unwrap();
-    }
-}
-
-/// A channel to `addr` over TLS trusting `ca`, presenting `id` when given.
-async fn channel(
-    addr: std::net::SocketAddr,
-    ca: &str,
-    id: Option<&Leaf>,
-) -> Result<tonic::transport::Channel, tonic::transport::Error> {
-    let mut tls = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(ca))
-        .domain_name("localhost");
-    if let Some(id) = id {
-        tls = tls.identity(id.identity());
-    }
-    Endpoint::from_shared(format!("https://{addr}"))?
-        .tls_config(tls)?
-        .connect_timeout(Duration::from_secs(10))
-        .connect()
-        .await
-}
-
-/// One `echo` call on a fresh TLS connection: its payload, or the status (a failed
-/// connection reads as UNAVAILABLE).
-async fn echo(
-    addr: std::net::SocketAddr,
-    ca: &str,
-    id: Option<&Leaf>,
-) -> Result<String, tonic::Status> {
-    let ch = channel(addr, ca, id)
-        .await
-        .map_err(|e| tonic::Status::unavailable(format!("connect: {e:?}")))?;
-    let r = common::Client::new(ch)
-        .execute(exec("echo", r#"{"hi":1}"#))
-        .await?
-        .into_inner();
-    Ok(String::from_utf8_lossy(&r.payload).into_owned())
-}
-
-fn listener_tls(
-    name: &str,
-    dir: &Path,
-    server: &Leaf,
-    client_ca: Option<&Ca>,
-    extra: &str,
-) -> String {
-    let (c, k) = server.write(dir, name);
-    let ca = client_ca
-        .map(|ca| {
-            format!(
-                "client_ca_file = \"{}\"\n",
-                ca.write(dir, &format!("{name}-client-ca.pem")).display()
-            )
-        })
-        .unwrap_or_default();
-    format!(
-        "[tls.{name}]\ncert_file = \"{}\"\nkey_file = \"{}\"\n{ca}{extra}",
-        c.display(),
-        k.display()
-    )
-}
 
 #[tokio::test]
 async fn tls_on_the_bridge_serves_tls_clients_and_refuses_plaintext_and_the_wrong_ca() {
@@ -266,17 +184,8 @@ async fn rotated_files_serve_new_connections_without_a_restart_or_a_failed_call(
     echo(addr, &new_ca.pem, None).await.unwrap_err();
 
     new_ca.server().write(&dir, "bridge");
-    let mut rotated = false;
-    let deadline = tokio::time::Instant::now() + BOUND;
-    while tokio::time::Instant::now() < deadline {
-        if echo(addr, &new_ca.pem, None).await.is_ok() {
-            rotated = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
     assert!(
-        rotated,
+        common::tls::until(|| async { echo(addr, &new_ca.pem, None).await.is_ok() }).await,
         "new connections got the new certificate within {BOUND:?}"
     );
     // New connections no longer get the old one.
@@ -426,15 +335,10 @@ async fn a_flood_of_failed_handshakes_leaves_pitboss_serving_and_its_fds_at_base
     let proc = common::spawn(&file).await;
     let pid = proc.child.id().unwrap();
     let addr: std::net::SocketAddr = proc.bridge.trim_start_matches("http://").parse().unwrap();
-    let mut ok = false;
-    let deadline = tokio::time::Instant::now() + BOUND;
-    while !ok && tokio::time::Instant::now() < deadline {
-        ok = echo(addr, &ca.pem, None).await.is_ok();
-        if !ok {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-    assert!(ok, "serving over TLS within {BOUND:?}");
+    assert!(
+        common::tls::until(|| async { echo(addr, &ca.pem, None).await.is_ok() }).await,
+        "serving over TLS within {BOUND:?}"
+    );
     let baseline = open_fds(pid);
 
     // 1,000 failed handshakes, 50 at a time: plaintext HTTP, or the start of a TLS
@@ -549,35 +453,15 @@ async fn a_grpcio_client_connects_with_tls_and_mtls() {
 /// `[tls.metrics]`: /healthz over HTTPS (HTTP/1.1), as a kubelet with `scheme: HTTPS`.
 #[tokio::test]
 async fn the_metrics_listener_serves_https_when_tls_metrics_is_set() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let dir = temp_dir("tls-metrics");
     let ca = Ca::new("metrics ca");
     let tls = listener_tls("metrics", &dir, &ca.server(), None, "");
     let server = serve(&dir, "demo:adapter", &tls).await;
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(ca.der.clone()).unwrap();
-    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    let tcp = tokio::net::TcpStream::connect(server.metrics_addr)
+    let mut https = common::tls::Https::connect(server.metrics_addr, &ca)
         .await
         .unwrap();
-    let mut s = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
-        .connect("localhost".try_into().unwrap(), tcp)
-        .await
-        .unwrap();
-    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let mut answer = Vec::new();
-    // The server may close without close_notify; what arrived is what counts.
-    let _ = tokio::time::timeout(BOUND, s.read_to_end(&mut answer)).await;
-    let answer = String::from_utf8_lossy(&answer);
-    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let (status, body) = https.get("/healthz").await.unwrap();
+    assert_eq!(status, 200, "{body}");
     server.shutdown().await;
     std::fs::remove_dir_all(&dir).unwrap();
 }
@@ -605,5 +489,323 @@ async fn an_admin_listener_off_loopback_without_tls_is_warned_about() {
         });
     assert!(warned, "{:?}", proc.log.lock().unwrap());
     drop(proc);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// The admin listener rotates like the Bridge: replace the files, and new
+/// connections get the new certificate, while calls keep going on a connection made
+/// with the old one, none failing.
+#[tokio::test]
+async fn the_admin_listener_rotates_its_certificate_without_a_failed_call() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let dir = temp_dir("tls-rotate-admin");
+    let (old_ca, new_ca) = (Ca::new("old admin ca"), Ca::new("new admin ca"));
+    let tls = listener_tls("admin", &dir, &old_ca.server(), None, "")
+        + "[tls]\nreload_interval = \"200ms\"\n";
+    let server = serve(&dir, "demo:adapter", &tls).await;
+    let addr = server.admin_addr;
+    common::tls::get_rollout(addr, &old_ca.pem).await.unwrap();
+    common::tls::get_rollout(addr, &new_ca.pem)
+        .await
+        .unwrap_err();
+
+    // Calls one after the other on a connection made with the old certificate, for
+    // as long as the rotation takes.
+    let old = channel(addr, &old_ca.pem, None).await.unwrap();
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    let calls = tokio::spawn({
+        let (old, stop) = (old.clone(), stop.clone());
+        async move {
+            let mut client = common::AdminClient::new(old);
+            let (mut ok, mut failed) = (0u32, Vec::new());
+            while !stop.load(Ordering::SeqCst) {
+                match client
+                    .get_rollout(common::authed(pb::GetRolloutRequest {}, "admin-token"))
+                    .await
+                {
+                    Ok(_) => ok += 1,
+                    Err(e) => failed.push(e),
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+            (ok, failed)
+        }
+    });
+
+    new_ca.server().write(&dir, "admin");
+    assert!(
+        common::tls::until(|| async { common::tls::get_rollout(addr, &new_ca.pem).await.is_ok() })
+            .await,
+        "new admin connections got the new certificate within {BOUND:?}"
+    );
+    common::tls::get_rollout(addr, &old_ca.pem)
+        .await
+        .unwrap_err();
+    stop.store(true, Ordering::SeqCst);
+    let (ok, failed) = calls.await.unwrap();
+    assert!(
+        failed.is_empty(),
+        "calls failed during the rotation: {failed:?}"
+    );
+    assert!(
+        ok > 0,
+        "calls ran on the old connection during the rotation"
+    );
+    // And the old connection still serves after it.
+    common::AdminClient::new(old)
+        .get_rollout(common::authed(pb::GetRolloutRequest {}, "admin-token"))
+        .await
+        .unwrap();
+    server.shutdown().await;
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// `[tls.metrics]` rotates too: a scraper's keep-alive connection keeps its session,
+/// new connections get the new certificate.
+#[tokio::test]
+async fn the_metrics_listener_rotates_its_certificate_without_a_restart() {
+    let dir = temp_dir("tls-rotate-metrics");
+    let (old_ca, new_ca) = (Ca::new("old metrics ca"), Ca::new("new metrics ca"));
+    let tls = listener_tls("metrics", &dir, &old_ca.server(), None, "")
+        + "[tls]\nreload_interval = \"200ms\"\n";
+    let server = serve(&dir, "demo:adapter", &tls).await;
+    let addr = server.metrics_addr;
+    let mut kept = common::tls::Https::connect(addr, &old_ca).await.unwrap();
+    assert_eq!(kept.get("/healthz").await.unwrap().0, 200);
+    assert!(common::tls::Https::connect(addr, &new_ca).await.is_err());
+
+    new_ca.server().write(&dir, "metrics");
+    let rotated = common::tls::until(|| async {
+        match common::tls::Https::connect(addr, &new_ca).await {
+            Ok(mut c) => c.get("/healthz").await.is_ok_and(|(s, _)| s == 200),
+            Err(_) => false,
+        }
+    })
+    .await;
+    assert!(
+        rotated,
+        "new connections got the new certificate within {BOUND:?}"
+    );
+    assert!(common::tls::Https::connect(addr, &old_ca).await.is_err());
+    // The connection made before the rotation still answers.
+    let (status, body) = kept.get("/healthz").await.unwrap();
+    assert_eq!(status, 200, "{body}");
+    server.shutdown().await;
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// `pitboss rollout --addr https://...`, on its stdout and stderr.
+async fn rollout_cli(args: &[&str], token: Option<&str>) -> (bool, String, String) {
+    let mut all = vec!["rollout"];
+    all.extend_from_slice(args);
+    all.extend_from_slice(&["--actor", "tester"]);
+    let out = common::tls::pitboss_cli(&all, token).await;
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// The real `pitboss rollout` and `pitboss status` against a TLS admin listener,
+/// with the token; and the mistakes a user makes get an error that says what to do.
+#[tokio::test]
+async fn the_rollout_cli_reaches_a_tls_admin_listener_with_the_token() {
+    let dir = temp_dir("tls-cli-token");
+    let ca = Ca::new("cli ca");
+    let tls = listener_tls("admin", &dir, &ca.server(), None, "");
+    let server = serve(&dir, "demo:adapter", &tls).await;
+    let ca_file = ca.write(&dir, "ca.pem");
+    let ca_file = ca_file.to_str().unwrap();
+    let https = format!("https://{}", server.admin_addr);
+    let by_name = format!("https://localhost:{}", server.admin_addr.port());
+    let token = Some("admin-token");
+
+    let (ok, out, err) = rollout_cli(&["status", "--addr", &https, "--ca", ca_file], token).await;
+    assert!(ok, "{err}");
+    assert!(out.contains("mode"), "{out}");
+    // A write, with the token, over TLS; `--tls-server-name` for an address the
+    // certificate does not carry as a name (an IP it does carry works as well).
+    let (ok, out, err) = rollout_cli(
+        &[
+            "pause",
+            "--addr",
+            &https,
+            "--ca",
+            ca_file,
+            "--tls-server-name",
+            "localhost",
+        ],
+        token,
+    )
+    .await;
+    assert!(ok, "{err}");
+    assert!(out.contains("state paused"), "{out}");
+    let (ok, out, err) = rollout_cli(&["resume", "--addr", &by_name, "--ca", ca_file], token).await;
+    assert!(ok, "{err}");
+    assert!(out.contains("state active"), "{out}");
+    // `pitboss status` takes the same flags.
+    let out = common::tls::pitboss_cli(&["status", "--addr", &https, "--ca", ca_file], token).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("pool"));
+
+    // Without the token: UNAUTHENTICATED, said so.
+    let (ok, _, err) = rollout_cli(&["pause", "--addr", &https, "--ca", ca_file], None).await;
+    assert!(!ok);
+    assert!(
+        err.contains("UNAUTHENTICATED") && err.contains("--token"),
+        "{err}"
+    );
+    // Without --ca the system's roots do not know the test CA.
+    let (ok, _, err) = rollout_cli(&["status", "--addr", &https], token).await;
+    assert!(!ok);
+    assert!(
+        err.contains("UnknownIssuer") && err.contains("--ca"),
+        "{err}"
+    );
+    // A name the certificate does not carry.
+    let (ok, _, err) = rollout_cli(
+        &[
+            "status",
+            "--addr",
+            &https,
+            "--ca",
+            ca_file,
+            "--tls-server-name",
+            "elsewhere.example",
+        ],
+        token,
+    )
+    .await;
+    assert!(!ok);
+    assert!(err.contains("--tls-server-name"), "{err}");
+    // An unreadable CA file is named by its flag.
+    let missing = dir.join("no-such-ca.pem");
+    let (ok, _, err) = rollout_cli(
+        &[
+            "status",
+            "--addr",
+            &https,
+            "--ca",
+            missing.to_str().unwrap(),
+        ],
+        token,
+    )
+    .await;
+    assert!(!ok);
+    assert!(
+        err.contains(&format!("--ca = {}: cannot read", missing.display())),
+        "{err}"
+    );
+    // A file that is not a certificate.
+    let junk = dir.join("junk.pem");
+    std::fs::write(&junk, "not a certificate\n").unwrap();
+    let (ok, _, err) = rollout_cli(
+        &["status", "--addr", &https, "--ca", junk.to_str().unwrap()],
+        token,
+    )
+    .await;
+    assert!(!ok);
+    assert!(
+        err.contains("--ca") && err.contains("no PEM certificate"),
+        "{err}"
+    );
+    // TLS flags with a plaintext address, and plaintext to the TLS port.
+    let http = format!("http://{}", server.admin_addr);
+    let (ok, _, err) = rollout_cli(&["status", "--addr", &http, "--ca", ca_file], token).await;
+    assert!(!ok);
+    assert!(err.contains("use https://"), "{err}");
+    let (ok, _, err) = rollout_cli(&["status", "--addr", &http], token).await;
+    assert!(!ok, "plaintext to a TLS admin listener must fail");
+    assert!(err.contains("use an https:// address"), "{err}");
+    // --cert without --key is refused by the parser.
+    let (ok, _, err) = rollout_cli(&["status", "--addr", &https, "--cert", ca_file], token).await;
+    assert!(!ok);
+    assert!(err.contains("--key"), "{err}");
+    server.shutdown().await;
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// With mTLS and admin allowlists, the CLI's client certificate replaces the token:
+/// a writer changes the rollout, a reader reads and is refused PERMISSION_DENIED on a
+/// change, and no certificate is refused at the handshake.
+#[tokio::test]
+async fn the_rollout_cli_uses_an_mtls_identity_instead_of_the_token() {
+    let dir = temp_dir("tls-cli-mtls");
+    let ca = Ca::new("cli ops ca");
+    let tls = listener_tls(
+        "admin",
+        &dir,
+        &ca.server(),
+        Some(&ca),
+        "allow_read = [\"spiffe://test/monitoring\"]\nallow_write = [\"spiffe://test/ops\"]\n",
+    );
+    let server = serve(&dir, "demo:adapter", &tls).await;
+    let ca_file = ca.write(&dir, "ca.pem").display().to_string();
+    let https = format!("https://{}", server.admin_addr);
+    let (ops_c, ops_k) = ca.client("spiffe://test/ops").write(&dir, "ops");
+    let (mon_c, mon_k) = ca
+        .client("spiffe://test/monitoring")
+        .write(&dir, "monitoring");
+    let with = |cert: &Path, key: &Path, action: &str| {
+        vec![
+            action.to_string(),
+            "--addr".into(),
+            https.clone(),
+            "--ca".into(),
+            ca_file.clone(),
+            "--cert".into(),
+            cert.display().to_string(),
+            "--key".into(),
+            key.display().to_string(),
+        ]
+    };
+    let run = |args: Vec<String>| async move {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        rollout_cli(&args, None).await
+    };
+
+    // The writer: no token, its identity is enough.
+    let (ok, out, err) = run(with(&ops_c, &ops_k, "pause")).await;
+    assert!(ok, "{err}");
+    assert!(out.contains("state paused"), "{out}");
+    let (ok, _, err) = run(with(&ops_c, &ops_k, "history")).await;
+    assert!(ok, "{err}");
+
+    // The reader reads, and may not write: PERMISSION_DENIED, clearly.
+    let (ok, out, err) = run(with(&mon_c, &mon_k, "status")).await;
+    assert!(ok, "{err}");
+    assert!(out.contains("state paused"), "{out}");
+    let (ok, _, err) = run(with(&mon_c, &mon_k, "resume")).await;
+    assert!(!ok, "a read-only identity must not change the rollout");
+    assert!(err.contains("PERMISSION_DENIED"), "{err}");
+    assert!(err.contains("allow_write"), "{err}");
+    // Not even with the token: the identity decides.
+    let mut args = with(&mon_c, &mon_k, "resume");
+    args.extend(["--token".to_string(), "admin-token".to_string()]);
+    let (ok, _, err) = run(args).await;
+    assert!(!ok);
+    assert!(err.contains("PERMISSION_DENIED"), "{err}");
+    // Nothing changed.
+    let (ok, out, err) = run(with(&ops_c, &ops_k, "status")).await;
+    assert!(ok, "{err}");
+    assert!(out.contains("state paused"), "{out}");
+
+    // No client certificate: refused at the handshake, with the hint.
+    let (ok, _, err) = rollout_cli(&["status", "--addr", &https, "--ca", &ca_file], None).await;
+    assert!(!ok);
+    assert!(err.contains("--cert"), "{err}");
+    // A key that is not the certificate's.
+    let (ok, _, err) = run(with(&ops_c, &mon_k, "status")).await;
+    assert!(!ok);
+    assert!(
+        err.contains("--key") && err.contains("does not match"),
+        "{err}"
+    );
+    server.shutdown().await;
     std::fs::remove_dir_all(&dir).unwrap();
 }

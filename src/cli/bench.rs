@@ -250,32 +250,27 @@ impl tonic::codec::Decoder for RawCodec {
 impl Target {
     /// `method` (`/package.Service/Method`) of the server at `addr`, called with raw
     /// request bytes.
-    pub async fn raw(addr: &str, method: &str) -> Result<Target, String> {
+    pub async fn raw(
+        addr: &str,
+        method: &str,
+        tls: &super::connect::TlsArgs,
+    ) -> Result<Target, String> {
         let path = http::uri::PathAndQuery::try_from(method)
             .ok()
             .filter(|p| p.path().starts_with('/') && p.path()[1..].contains('/'))
             .ok_or(format!(
                 "bad method {method:?}: give it as /package.Service/Method"
             ))?;
-        let channel = tonic::transport::Endpoint::from_shared(addr.to_string())
-            .map_err(|e| format!("bad address {addr}: {e}"))?
-            .tcp_nodelay(true)
-            .connect()
-            .await
-            .map_err(|e| format!("cannot connect to {addr}: {e}"))?;
+        let channel = super::connect::channel(addr, tls, "the service").await?;
         Ok(Target::Raw(RawMethod {
             grpc: tonic::client::Grpc::new(channel),
             path,
         }))
     }
 
-    pub async fn grpc(addr: &str) -> Result<Target, String> {
-        let channel = tonic::transport::Endpoint::from_shared(addr.to_string())
-            .map_err(|e| format!("bad address {addr}: {e}"))?
-            .tcp_nodelay(true)
-            .connect()
-            .await
-            .map_err(|e| format!("cannot connect to {addr}: {e}"))?;
+    /// A Bridge at `addr`: plaintext, or TLS for an `https://` address.
+    pub async fn grpc(addr: &str, tls: &super::connect::TlsArgs) -> Result<Target, String> {
+        let channel = super::connect::channel(addr, tls, "the bridge listener").await?;
         Ok(Target::Grpc(
             BridgeClient::new(channel)
                 .max_decoding_message_size(64 << 20)

@@ -7,6 +7,14 @@ use rcgen::{
     BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
 };
 
+/// A date: year, month, day.
+pub type Ymd = (i32, u8, u8);
+
+/// Midnight UTC of `day`, in Unix seconds.
+pub fn unix_midnight(day: Ymd) -> i64 {
+    rcgen::date_time_ymd(day.0, day.1, day.2).unix_timestamp()
+}
+
 /// A certificate authority that signs test certificates.
 pub struct Ca {
     pub pem: String,
@@ -42,7 +50,20 @@ impl Ca {
                 SanType::DnsName("localhost".try_into().unwrap()),
                 SanType::IpAddress("127.0.0.1".parse().unwrap()),
             ],
-            false,
+            None,
+        )
+    }
+
+    /// A server certificate for `localhost` and 127.0.0.1 that expires at midnight
+    /// UTC of `not_after` (year, month, day): [`unix_midnight`] is the value the
+    /// expiry gauge must show.
+    pub fn server_until(&self, not_after: Ymd) -> Leaf {
+        self.leaf(
+            vec![
+                SanType::DnsName("localhost".try_into().unwrap()),
+                SanType::IpAddress("127.0.0.1".parse().unwrap()),
+            ],
+            Some(((2020, 1, 1), not_after)),
         )
     }
 
@@ -54,25 +75,27 @@ impl Ca {
 
     /// A client certificate whose identity is the URI SAN `uri` (e.g. a SPIFFE ID).
     pub fn client(&self, uri: &str) -> Leaf {
-        self.leaf(vec![SanType::URI(uri.try_into().unwrap())], false)
+        self.leaf(vec![SanType::URI(uri.try_into().unwrap())], None)
     }
 
     /// A server certificate that expired in 2020.
     pub fn expired_server(&self) -> Leaf {
         self.leaf(
             vec![SanType::DnsName("localhost".try_into().unwrap())],
-            true,
+            Some(((2019, 1, 1), (2020, 1, 1))),
         )
     }
 
-    fn leaf(&self, sans: Vec<SanType>, expired: bool) -> Leaf {
+    /// A leaf for `sans`, valid over `validity` (not before, not after) when given,
+    /// else rcgen's default (from 1975 to 4096).
+    fn leaf(&self, sans: Vec<SanType>, validity: Option<(Ymd, Ymd)>) -> Leaf {
         let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
         p.distinguished_name
             .push(DnType::CommonName, "pitboss test");
         p.subject_alt_names = sans;
-        if expired {
-            p.not_before = rcgen::date_time_ymd(2019, 1, 1);
-            p.not_after = rcgen::date_time_ymd(2020, 1, 1);
+        if let Some((not_before, not_after)) = validity {
+            p.not_before = rcgen::date_time_ymd(not_before.0, not_before.1, not_before.2);
+            p.not_after = rcgen::date_time_ymd(not_after.0, not_after.1, not_after.2);
         }
         let key = KeyPair::generate().unwrap();
         let cert = p.signed_by(&key, &self.issuer).unwrap().pem();

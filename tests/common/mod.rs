@@ -17,6 +17,7 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tonic::transport::Channel;
 
 pub mod certs;
+pub mod tls;
 
 /// A client of `pitboss.v1.Bridge`.
 pub type Client = pb::bridge_client::BridgeClient<Channel>;
