@@ -70,7 +70,7 @@ impl Ca {
     /// A server certificate for the DNS name `name` only (not for the address it is
     /// reached at: a client must send `name` as SNI).
     pub fn server_named(&self, name: &str) -> Leaf {
-        self.leaf(vec![SanType::DnsName(name.try_into().unwrap())], false)
+        self.leaf(vec![SanType::DnsName(name.try_into().unwrap())], None)
     }
 
     /// A client certificate whose identity is the URI SAN `uri` (e.g. a SPIFFE ID).
