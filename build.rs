@@ -54,12 +54,18 @@ fn fnv1a(hash: &mut u64, bytes: &[u8]) {
 
 /// Writes `$OUT_DIR/runtime_files.rs`: `FILES` (path, contents) and `DIGEST`.
 ///
-/// Each file is watched on its own (`rerun-if-changed` on the directory would also
-/// fire for the `__pycache__` Python writes there). A file added to the package is
-/// picked up once `build.rs` runs again; `runtime_files`'s tests fail until then.
+/// Each file is watched, and the package's directory too, so a file added to the
+/// package is embedded at the next build (before, a checkout whose build predated the
+/// file kept embedding the old list, and `runtime_files`'s tests failed until a clean
+/// build). Workers and the test suite's Python run with `PYTHONDONTWRITEBYTECODE=1`,
+/// so no `__pycache__` there triggers rebuilds; one written by hand costs one rebuild.
 fn embed_runtime(out: &Path) -> Result<(), Box<dyn std::error::Error>> {
     let manifest = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR")?);
     let python = manifest.join("python");
+    println!(
+        "cargo:rerun-if-changed={}",
+        python.join("pitboss_worker").display()
+    );
     let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
     let mut entries = String::new();
     for rel in runtime_files(&python)? {

@@ -8,6 +8,8 @@ fn python_unit_tests_pass() {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("python");
     let out = Command::new("python3")
         .args(["-m", "unittest", "discover", "-s", "tests"])
+        // No __pycache__ in the package: build.rs watches its directory.
+        .env("PYTHONDONTWRITEBYTECODE", "1")
         .current_dir(&dir)
         .output()
         .expect("python3 must be installed to run the worker runtime's tests");
