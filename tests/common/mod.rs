@@ -539,10 +539,10 @@ impl Load {
     }
 
     /// Stops the callers and waits for their last calls.
-    pub async fn stop(self) -> LoadReport {
+    pub async fn stop(mut self) -> LoadReport {
         self.stop
             .store(true, std::sync::atomic::Ordering::Release);
-        for t in self.tasks {
+        for t in std::mem::take(&mut self.tasks) {
             t.await.unwrap();
         }
         LoadReport {
