@@ -581,7 +581,9 @@ async fn losing_the_etcd_quorum_fails_no_call_and_the_tier_resyncs_when_it_retur
         assert!(!r.store_up);
         assert_eq!(r.percent, 50.0, "{}: fail static", m.id);
     }
-    // A write without quorum is refused with a clear error; nothing changes.
+    // A write without quorum fails with a clear error, and nothing changes now. If
+    // the member left had taken it (it was the leader when the others went), etcd
+    // commits it when the quorum returns: pitboss says it may still be applied.
     let e = tier[0]
         .admin
         .clone()
@@ -595,6 +597,18 @@ async fn losing_the_etcd_quorum_fails_no_call_and_the_tier_resyncs_when_it_retur
         ))
         .await
         .unwrap_err();
+    let unconfirmed = match e.code() {
+        tonic::Code::Unavailable => false,
+        tonic::Code::DeadlineExceeded => {
+            assert!(
+                e.message().contains("it may still apply it when it recovers")
+                    && e.message().contains("pitboss rollout history"),
+                "{e:?}"
+            );
+            true
+        }
+        _ => panic!("unexpected refusal: {e:?}"),
+    };
     assert!(e.message().contains("unreachable"), "{e:?}");
     // Calls go on being served without the store.
     let during = total(&loads);
@@ -614,9 +628,18 @@ async fn losing_the_etcd_quorum_fails_no_call_and_the_tier_resyncs_when_it_retur
         .await
         .unwrap();
     let text = String::from_utf8(c.get(key, None).await.unwrap().kvs()[0].value().to_vec())
-        .unwrap()
-        .replace("percent = 50.0", "percent = 30.0");
-    c.put(key, text, None).await.unwrap();
+        .unwrap();
+    let text: Vec<&str> = text
+        .lines()
+        .map(|l| {
+            if l.starts_with("percent = ") {
+                "percent = 30.0"
+            } else {
+                l
+            }
+        })
+        .collect();
+    c.put(key, text.join("\n"), None).await.unwrap();
     all_reach(&tier, "the change written when quorum returned", |r| {
         r.store_up && r.percent == 30.0
     })
@@ -651,6 +674,13 @@ async fn losing_the_etcd_quorum_fails_no_call_and_the_tier_resyncs_when_it_retur
         .await
         .unwrap();
     all_reach(&tier, "40% set through quorum-b", |r| r.percent == 40.0).await;
+    // The audit log: the write refused without quorum is there only if pitboss said
+    // it was unconfirmed (then etcd may have committed it when the quorum returned).
+    let history = tier[0].history().await;
+    let late = history.iter().any(|c| c.after == "canary 10% active");
+    assert!(unconfirmed || !late, "a refused write was applied: {history:#?}");
+    assert_eq!(history[0].after, "canary 40% active", "{history:#?}");
+    assert_eq!(history[0].instance, "quorum-b");
 
     let mut calls = 0;
     for load in loads {
@@ -664,7 +694,13 @@ async fn losing_the_etcd_quorum_fails_no_call_and_the_tier_resyncs_when_it_retur
     }
     eprintln!(
         "quorum loss: store_up 0 after {noticed:?}; {outage_calls} calls while it was out; \
-         resynced {resynced:?} after quorum returned; {calls} calls in all, 0 failed"
+         resynced {resynced:?} after quorum returned; {calls} calls in all, 0 failed; the \
+         write without quorum was {}",
+        match (unconfirmed, late) {
+            (false, _) => "refused (UNAVAILABLE)",
+            (true, true) => "unconfirmed (DEADLINE_EXCEEDED), then committed by etcd",
+            (true, false) => "unconfirmed (DEADLINE_EXCEEDED), and never committed",
+        }
     );
     for m in tier {
         m.stop();

@@ -186,6 +186,13 @@ impl EtcdStore {
         }
     }
 
+    fn unconfirmed(&self, e: impl std::fmt::Display) -> StoreError {
+        StoreError::Unconfirmed {
+            store: self.describe(),
+            message: e.to_string(),
+        }
+    }
+
     /// Runs one request with the store's timeout (a balanced channel with no endpoint
     /// up would otherwise wait).
     async fn timed<T>(
@@ -597,6 +604,15 @@ impl EtcdStore {
     }
 }
 
+/// Whether etcd's refusal of a write leaves it possibly proposed, so that it may
+/// still be committed: its "request timed out" family and "leader changed". A
+/// transport failure (nothing sent) or "no leader" (refused before proposing,
+/// `require_leader`) leaves nothing behind.
+fn maybe_proposed(e: &etcd_client::Error) -> bool {
+    let text = e.to_string();
+    text.contains("timed out") || text.contains("leader changed")
+}
+
 fn describe(s: &EtcdSettings) -> String {
     format!(
         "etcd {} key {}/{}/flags",
@@ -667,12 +683,26 @@ impl FlagStore for EtcdStore {
             ])
             .or_else([TxnOp::get(key, None)]);
         let mut kv = self.client.kv_client();
-        let resp = match self.timed(kv.txn(txn)).await {
-            Ok(r) => {
+        let sent = tokio::time::timeout(self.settings.timeout, kv.txn(txn)).await;
+        let resp = match sent {
+            Ok(Ok(r)) => {
                 self.set_up(Ok(()));
                 r
             }
-            Err(e) => {
+            Ok(Err(e)) => {
+                let e = if maybe_proposed(&e) {
+                    self.unconfirmed(e)
+                } else {
+                    self.unreachable(e)
+                };
+                self.set_up(Err(&e));
+                return Err(e.into());
+            }
+            Err(_) => {
+                let e = self.unconfirmed(format!(
+                    "no answer within {:?} (rollout.store.timeout)",
+                    self.settings.timeout
+                ));
                 self.set_up(Err(&e));
                 return Err(e.into());
             }
