@@ -664,24 +664,77 @@ impl EtcdCluster {
     pub const MEMBERS: usize = 3;
 
     /// Starts the three members together (each needs the others for a quorum) and
-    /// waits until the cluster answers a linearizable read.
+    /// waits until every member answers a linearizable read. A member that cannot
+    /// take its port (another process took it between [`free_port`] and etcd's bind)
+    /// exits: then the cluster starts again on new ports, up to three times.
     pub async fn launch(tag: &str) -> EtcdCluster {
         let dir = temp_dir(&format!("etcd-cluster-{tag}"));
+        let ports = |_| format!("http://127.0.0.1:{}", free_port());
         let mut c = EtcdCluster {
             dir,
-            client_urls: (0..Self::MEMBERS)
-                .map(|_| format!("http://127.0.0.1:{}", free_port()))
-                .collect(),
-            peer_urls: (0..Self::MEMBERS)
-                .map(|_| format!("http://127.0.0.1:{}", free_port()))
-                .collect(),
+            client_urls: (0..Self::MEMBERS).map(ports).collect(),
+            peer_urls: (0..Self::MEMBERS).map(ports).collect(),
             children: (0..Self::MEMBERS).map(|_| None).collect(),
         };
-        for i in 0..Self::MEMBERS {
-            c.spawn(i);
+        for attempt in 1..=3 {
+            for i in 0..Self::MEMBERS {
+                c.spawn(i);
+            }
+            if c.every_member_answers().await {
+                return c;
+            }
+            assert!(
+                attempt < 3,
+                "the etcd cluster did not start; logs in {}",
+                c.dir.display()
+            );
+            for i in 0..Self::MEMBERS {
+                c.stop(i);
+                let _ = std::fs::remove_dir_all(c.dir.join(format!("m{i}")));
+            }
+            c.client_urls = (0..Self::MEMBERS).map(ports).collect();
+            c.peer_urls = (0..Self::MEMBERS).map(ports).collect();
         }
-        c.wait_for_quorum().await;
-        c
+        unreachable!("returned or asserted above")
+    }
+
+    /// Whether each member answers a linearizable read through its own endpoint
+    /// within 60 s; false at once when a member exited.
+    async fn every_member_answers(&mut self) -> bool {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        let mut pending: Vec<usize> = (0..Self::MEMBERS).collect();
+        while !pending.is_empty() {
+            for i in 0..Self::MEMBERS {
+                if let Some(child) = self.children[i].as_mut() {
+                    if child.try_wait().ok().flatten().is_some() {
+                        return false;
+                    }
+                }
+            }
+            let mut still = Vec::new();
+            for &i in &pending {
+                let options = etcd_client::ConnectOptions::new()
+                    .with_timeout(Duration::from_secs(1))
+                    .with_require_leader(true);
+                let ok = match etcd_client::Client::connect([&self.client_urls[i]], Some(options))
+                    .await
+                {
+                    Ok(mut c) => c.get("/health-probe", None).await.is_ok(),
+                    Err(_) => false,
+                };
+                if !ok {
+                    still.push(i);
+                }
+            }
+            pending = still;
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            if !pending.is_empty() {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        true
     }
 
     fn spawn(&mut self, i: usize) {

@@ -604,13 +604,19 @@ impl EtcdStore {
     }
 }
 
-/// Whether etcd's refusal of a write leaves it possibly proposed, so that it may
-/// still be committed: its "request timed out" family and "leader changed". A
-/// transport failure (nothing sent) or "no leader" (refused before proposing,
-/// `require_leader`) leaves nothing behind.
+/// Whether a failed write may still have been proposed, so that etcd may commit it
+/// later. Only two failures are known to leave nothing behind: no connection to
+/// any member (nothing was sent) and "no leader" (a member refuses a request before
+/// proposing it under `require_leader`). Anything else (a timeout, "leader changed",
+/// a connection lost mid-request) may have reached the log of a leader that had just
+/// lost its quorum and commits it once the quorum is back: seen in
+/// `tests/etcd_tier.rs`.
 fn maybe_proposed(e: &etcd_client::Error) -> bool {
-    let text = e.to_string();
-    text.contains("timed out") || text.contains("leader changed")
+    let text = e.to_string().to_ascii_lowercase();
+    let not_sent = ["tcp connect error", "connection refused", "error trying to connect"]
+        .iter()
+        .any(|m| text.contains(m));
+    !(not_sent || text.contains("etcdserver: no leader"))
 }
 
 fn describe(s: &EtcdSettings) -> String {
@@ -683,7 +689,18 @@ impl FlagStore for EtcdStore {
             ])
             .or_else([TxnOp::get(key, None)]);
         let mut kv = self.client.kv_client();
-        let sent = tokio::time::timeout(self.settings.timeout, kv.txn(txn)).await;
+        // A write that was not sent (the channel picked a member that is down) is
+        // tried on the others, within the one timeout: it cannot apply twice.
+        let deadline = tokio::time::Instant::now() + self.settings.timeout;
+        let mut tries = 0;
+        let sent = loop {
+            tries += 1;
+            let r = tokio::time::timeout_at(deadline, kv.txn(txn.clone())).await;
+            match &r {
+                Ok(Err(e)) if !maybe_proposed(e) && tries < self.settings.endpoints.len() => {}
+                _ => break r,
+            }
+        };
         let resp = match sent {
             Ok(Ok(r)) => {
                 self.set_up(Ok(()));
