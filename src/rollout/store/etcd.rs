@@ -193,6 +193,32 @@ impl EtcdStore {
         }
     }
 
+    /// One read of `key` with the store's timeout; a read that was not sent (the
+    /// channel picked a member that is down) is tried on the others meanwhile.
+    async fn get(
+        &self,
+        key: &str,
+        options: Option<GetOptions>,
+    ) -> Result<etcd_client::GetResponse, StoreError> {
+        let mut kv = self.client.kv_client();
+        let deadline = tokio::time::Instant::now() + self.settings.timeout;
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            match tokio::time::timeout_at(deadline, kv.get(key, options.clone())).await {
+                Ok(Ok(r)) => return Ok(r),
+                Ok(Err(e)) if !maybe_proposed(&e) && tries < self.settings.endpoints.len() => {}
+                Ok(Err(e)) => return Err(self.unreachable(e)),
+                Err(_) => {
+                    return Err(self.unreachable(format!(
+                        "no answer within {:?} (rollout.store.timeout)",
+                        self.settings.timeout
+                    )))
+                }
+            }
+        }
+    }
+
     /// Runs one request with the store's timeout (a balanced channel with no endpoint
     /// up would otherwise wait).
     async fn timed<T>(
@@ -282,8 +308,7 @@ impl EtcdStore {
 
     /// Reads the flags key (linearizable).
     async fn read(&self, current: Option<&Flags>) -> Result<Option<Versioned>, StoreError> {
-        let mut kv = self.client.kv_client();
-        let resp = self.timed(kv.get(self.keys.flags.as_str(), None)).await?;
+        let resp = self.get(self.keys.flags.as_str(), None).await?;
         let Some(kv) = resp.kvs().first() else {
             return Ok(None);
         };
@@ -604,7 +629,8 @@ impl EtcdStore {
     }
 }
 
-/// Whether a failed write may still have been proposed, so that etcd may commit it
+/// Whether a failed request may have reached etcd (false: surely not sent, so safe
+/// to send again to another member). For a write: whether it may still have been proposed, so that etcd may commit it
 /// later. Only two failures are known to leave nothing behind: no connection to
 /// any member (nothing was sent) and "no leader" (a member refuses a request before
 /// proposing it under `require_leader`). Anything else (a timeout, "leader changed",
@@ -757,10 +783,7 @@ impl FlagStore for EtcdStore {
             .with_prefix()
             .with_sort(SortTarget::Key, SortOrder::Descend)
             .with_limit(limit as i64);
-        let mut kv = self.client.kv_client();
-        let resp = self
-            .timed(kv.get(self.keys.audit.as_str(), Some(options)))
-            .await?;
+        let resp = self.get(self.keys.audit.as_str(), Some(options)).await?;
         Ok(resp
             .kvs()
             .iter()
@@ -793,12 +816,8 @@ impl Tier for EtcdStore {
     }
 
     async fn gather(&self) -> Result<Vec<Published>, StoreError> {
-        let mut kv = self.client.kv_client();
         let resp = self
-            .timed(kv.get(
-                self.keys.stats.as_str(),
-                Some(GetOptions::new().with_prefix()),
-            ))
+            .get(self.keys.stats.as_str(), Some(GetOptions::new().with_prefix()))
             .await?;
         Ok(resp
             .kvs()
