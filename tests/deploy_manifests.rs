@@ -508,7 +508,11 @@ fn the_etcd_option_is_a_three_member_cluster_and_the_pitboss_config_for_it_point
     assert_eq!(replicas, 3, "a quorum that survives one member's loss");
     let service_name = str_at(&sts, "/spec/serviceName").unwrap();
     let service = doc("Service", service_name);
-    assert_eq!(service["spec"]["clusterIP"].as_str(), Some("None"), "headless");
+    assert_eq!(
+        service["spec"]["clusterIP"].as_str(),
+        Some("None"),
+        "headless"
+    );
     assert_eq!(
         service["spec"]["publishNotReadyAddresses"].as_bool(),
         Some(true),
@@ -600,7 +604,9 @@ fn the_etcd_option_is_a_three_member_cluster_and_the_pitboss_config_for_it_point
         cache.display()
     );
     let mut without_store = cfg.clone();
-    without_store.rollout.store = effective_config(&all, &pb, "shared-tier.yaml").rollout.store;
+    without_store.rollout.store = effective_config(&all, &pb, "shared-tier.yaml")
+        .rollout
+        .store;
     assert_eq!(
         without_store,
         effective_config(&all, &pb, "shared-tier.yaml"),
@@ -620,16 +626,19 @@ fn the_etcd_option_is_a_three_member_cluster_and_the_pitboss_config_for_it_point
     // Only pitboss's pods reach the client port.
     let policy = doc("NetworkPolicy", "pitboss-etcd");
     assert_eq!(&policy["spec"]["podSelector"]["matchLabels"], selector);
-    let from_pitboss = policy["spec"]["ingress"].as_array().unwrap().iter().any(|r| {
-        r["from"][0]["podSelector"]["matchLabels"]["app.kubernetes.io/name"] == "pitboss"
-            && r["ports"][0]["port"] == 2379
-    });
+    let from_pitboss = policy["spec"]["ingress"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|r| {
+            r["from"][0]["podSelector"]["matchLabels"]["app.kubernetes.io/name"] == "pitboss"
+                && r["ports"][0]["port"] == 2379
+        });
     assert!(from_pitboss, "pitboss's pods cannot reach etcd: {policy}");
     // docs/DEPLOY.md refers to the option.
-    let deploy = std::fs::read_to_string(
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/DEPLOY.md"),
-    )
-    .unwrap();
+    let deploy =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/DEPLOY.md"))
+            .unwrap();
     assert!(deploy.contains("config/k8s/etcd.yaml"), "docs/DEPLOY.md");
 }
 

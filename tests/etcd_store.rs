@@ -204,7 +204,10 @@ async fn an_etcd_outage_fails_no_call_and_a_change_made_during_it_is_applied_aft
     );
 
     // A steady, concurrent load on both instances over the whole outage.
-    let loads = [Load::start(&a.client, 4, "a"), Load::start(&b.client, 4, "b")];
+    let loads = [
+        Load::start(&a.client, 4, "a"),
+        Load::start(&b.client, 4, "b"),
+    ];
     let total = |loads: &[Load]| loads.iter().map(Load::calls).sum::<u64>();
     assert!(
         eventually(Duration::from_secs(10), || total(&loads) > 50).await,

@@ -172,9 +172,7 @@ fn walk_flags(steps: &str, extra: &str) -> String {
 }
 
 async fn put(endpoints: &[&str], key: &str, value: &str) {
-    let mut c = etcd_client::Client::connect(endpoints, None)
-        .await
-        .unwrap();
+    let mut c = etcd_client::Client::connect(endpoints, None).await.unwrap();
     c.put(key, value, None).await.unwrap();
 }
 
@@ -210,7 +208,10 @@ async fn the_tier_walks_every_step_to_100_written_by_the_analyser_alone_and_appl
         tier.push(Member::start(&[etcd.client_url.as_str()], "walk", id, "").await);
     }
     let started = Instant::now();
-    let loads: Vec<Load> = tier.iter().map(|m| Load::start(&m.client, 2, &m.id)).collect();
+    let loads: Vec<Load> = tier
+        .iter()
+        .map(|m| Load::start(&m.client, 2, &m.id))
+        .collect();
     all_reach(&tier, "canary 100%", |r| {
         r.mode == "canary" && r.percent == 100.0 && r.state == "active"
     })
@@ -219,7 +220,11 @@ async fn the_tier_walks_every_step_to_100_written_by_the_analyser_alone_and_appl
     let mut calls = 0;
     for load in loads {
         let r = load.stop().await;
-        assert_eq!(r.failed, 0, "{} of {} calls failed: {:?}", r.failed, r.calls, r.errors);
+        assert_eq!(
+            r.failed, 0,
+            "{} of {} calls failed: {:?}",
+            r.failed, r.calls, r.errors
+        );
         calls += r.calls;
     }
 
@@ -260,12 +265,18 @@ async fn the_tier_walks_every_step_to_100_written_by_the_analyser_alone_and_appl
             .await;
         assert_eq!(by_auto, if i == leader { 4.0 } else { 0.0 }, "{}", m.id);
         assert_eq!(m.metric("pitboss_rollout_step", &[]).await, 5.0, "{}", m.id);
-        assert_eq!(m.metric("pitboss_rollout_steps", &[]).await, 5.0, "{}", m.id);
+        assert_eq!(
+            m.metric("pitboss_rollout_steps", &[]).await,
+            5.0,
+            "{}",
+            m.id
+        );
         let r = m.rollout().await;
         assert_eq!((r.step, r.steps.len()), (5, 5), "{}", m.id);
         if i != leader {
             assert!(
-                r.analysis.contains(&format!("analysed by {}", tier[leader].id)),
+                r.analysis
+                    .contains(&format!("analysed by {}", tier[leader].id)),
                 "{}: {}",
                 m.id,
                 r.analysis
@@ -289,10 +300,7 @@ async fn a_tier_walk_stops_and_rolls_back_once_when_new_starts_failing_at_a_midd
     put(
         &[etcd.client_url.as_str()],
         "/pitboss/gate/flags",
-        &walk_flags(
-            "[1, 5, { at = 25, min_duration = \"10m\" }, 50, 100]",
-            "",
-        ),
+        &walk_flags("[1, 5, { at = 25, min_duration = \"10m\" }, 50, 100]", ""),
     )
     .await;
     let dir = temp_dir("tier-gate-broken");
@@ -302,7 +310,10 @@ async fn a_tier_walk_stops_and_rolls_back_once_when_new_starts_failing_at_a_midd
     for id in ["gate-a", "gate-b", "gate-c"] {
         tier.push(Member::start(&[etcd.client_url.as_str()], "gate", id, &env).await);
     }
-    let loads: Vec<Load> = tier.iter().map(|m| Load::start(&m.client, 2, &m.id)).collect();
+    let loads: Vec<Load> = tier
+        .iter()
+        .map(|m| Load::start(&m.client, 2, &m.id))
+        .collect();
     all_reach(&tier, "canary 25%", |r| r.percent == 25.0).await;
 
     // new starts failing on every instance.
@@ -327,7 +338,11 @@ async fn a_tier_walk_stops_and_rolls_back_once_when_new_starts_failing_at_a_midd
     }
     let rollback = &history[0];
     assert_eq!(rollback.after, "canary 25% rolled_back");
-    assert!(rollback.reason.contains("gate: error rate"), "{}", rollback.reason);
+    assert!(
+        rollback.reason.contains("gate: error rate"),
+        "{}",
+        rollback.reason
+    );
     assert!(
         rollback.reason.contains("the tier: 3 instances"),
         "{}",
@@ -344,9 +359,17 @@ async fn a_tier_walk_stops_and_rolls_back_once_when_new_starts_failing_at_a_midd
             "{} did not apply every step",
             m.id
         );
-        assert_eq!(m.metric("pitboss_rollout_state", &[]).await, 2.0, "{}", m.id);
+        assert_eq!(
+            m.metric("pitboss_rollout_state", &[]).await,
+            2.0,
+            "{}",
+            m.id
+        );
         let rollbacks = m
-            .metric("pitboss_rollout_rollbacks_total", &[("reason", "error_rate")])
+            .metric(
+                "pitboss_rollout_rollbacks_total",
+                &[("reason", "error_rate")],
+            )
             .await;
         assert_eq!(rollbacks, if i == leader { 1.0 } else { 0.0 }, "{}", m.id);
         let by_auto = m
@@ -373,7 +396,10 @@ async fn pause_at_holds_and_the_cli_pauses_resumes_and_promotes_the_whole_tier()
     for id in ["pause-a", "pause-b"] {
         tier.push(Member::start(&[etcd.client_url.as_str()], "pause", id, "").await);
     }
-    let loads: Vec<Load> = tier.iter().map(|m| Load::start(&m.client, 2, &m.id)).collect();
+    let loads: Vec<Load> = tier
+        .iter()
+        .map(|m| Load::start(&m.client, 2, &m.id))
+        .collect();
     all_reach(&tier, "canary 25%", |r| r.percent == 25.0).await;
     let leader = analyser(&tier).await;
     let other = 1 - leader;
@@ -406,7 +432,10 @@ async fn pause_at_holds_and_the_cli_pauses_resumes_and_promotes_the_whole_tier()
         String::from_utf8_lossy(&out.stdout).contains("state paused"),
         "{out:?}"
     );
-    all_reach(&tier, "paused", |r| r.state == "paused" && r.effective_percent == 0.0).await;
+    all_reach(&tier, "paused", |r| {
+        r.state == "paused" && r.effective_percent == 0.0
+    })
+    .await;
     for m in &tier {
         let gauge = m.proc.metrics;
         assert!(
@@ -430,7 +459,10 @@ async fn pause_at_holds_and_the_cli_pauses_resumes_and_promotes_the_whole_tier()
     // `resume` on the other: active again, and held again at 25%.
     let out = rollout_cli_at(&lead.proc.admin, TOKEN, &["resume"]).await;
     assert!(out.status.success(), "{out:?}");
-    all_reach(&tier, "active", |r| r.state == "active" && r.percent == 25.0).await;
+    all_reach(&tier, "active", |r| {
+        r.state == "active" && r.percent == 25.0
+    })
+    .await;
     assert!(
         eventually_async(BOUND, || async {
             lead.rollout().await.promotion.starts_with("held")
@@ -449,7 +481,11 @@ async fn pause_at_holds_and_the_cli_pauses_resumes_and_promotes_the_whole_tier()
     all_reach(&tier, "canary 100%", |r| r.percent == 100.0 && r.step == 5).await;
     for load in loads {
         let r = load.stop().await;
-        assert_eq!(r.failed, 0, "{} of {} calls failed: {:?}", r.failed, r.calls, r.errors);
+        assert_eq!(
+            r.failed, 0,
+            "{} of {} calls failed: {:?}",
+            r.failed, r.calls, r.errors
+        );
     }
 
     // The audit log, through the CLI and the RPC behind it.
@@ -519,7 +555,12 @@ async fn pause_at_holds_and_the_cli_pauses_resumes_and_promotes_the_whole_tier()
     assert_eq!(count(peer, "operator").await, 1.0);
     for m in &tier {
         assert_eq!(m.metric("pitboss_rollout_step", &[]).await, 5.0, "{}", m.id);
-        assert_eq!(m.metric("pitboss_rollout_state", &[]).await, 0.0, "{}", m.id);
+        assert_eq!(
+            m.metric("pitboss_rollout_state", &[]).await,
+            0.0,
+            "{}",
+            m.id
+        );
     }
     // GetRollout's count is the instance's own, as the metrics.
     assert_eq!(lead.rollout().await.promotions, 3);
@@ -548,7 +589,10 @@ async fn losing_the_etcd_quorum_fails_no_call_and_the_tier_resyncs_when_it_retur
         r.percent == 50.0 && r.store_up
     })
     .await;
-    let loads: Vec<Load> = tier.iter().map(|m| Load::start(&m.client, 4, &m.id)).collect();
+    let loads: Vec<Load> = tier
+        .iter()
+        .map(|m| Load::start(&m.client, 4, &m.id))
+        .collect();
     let total = |loads: &[Load]| loads.iter().map(Load::calls).sum::<u64>();
 
     // Two of three members down: the one left has no leader, so nothing is readable.
@@ -576,7 +620,10 @@ async fn losing_the_etcd_quorum_fails_no_call_and_the_tier_resyncs_when_it_retur
             "{}: {body}",
             m.id
         );
-        assert!(body.contains("serving with the flags of revision"), "{body}");
+        assert!(
+            body.contains("serving with the flags of revision"),
+            "{body}"
+        );
         let r = m.rollout().await;
         assert!(!r.store_up);
         assert_eq!(r.percent, 50.0, "{}: fail static", m.id);
@@ -601,7 +648,8 @@ async fn losing_the_etcd_quorum_fails_no_call_and_the_tier_resyncs_when_it_retur
         tonic::Code::Unavailable => false,
         tonic::Code::DeadlineExceeded => {
             assert!(
-                e.message().contains("it may still apply it when it recovers")
+                e.message()
+                    .contains("it may still apply it when it recovers")
                     && e.message().contains("pitboss rollout history"),
                 "{e:?}"
             );
@@ -627,8 +675,8 @@ async fn losing_the_etcd_quorum_fails_no_call_and_the_tier_resyncs_when_it_retur
     let mut c = etcd_client::Client::connect(&cluster.client_urls, None)
         .await
         .unwrap();
-    let text = String::from_utf8(c.get(key, None).await.unwrap().kvs()[0].value().to_vec())
-        .unwrap();
+    let text =
+        String::from_utf8(c.get(key, None).await.unwrap().kvs()[0].value().to_vec()).unwrap();
     let text: Vec<&str> = text
         .lines()
         .map(|l| {

@@ -540,8 +540,7 @@ impl Load {
 
     /// Stops the callers and waits for their last calls.
     pub async fn stop(mut self) -> LoadReport {
-        self.stop
-            .store(true, std::sync::atomic::Ordering::Release);
+        self.stop.store(true, std::sync::atomic::Ordering::Release);
         for t in std::mem::take(&mut self.tasks) {
             t.await.unwrap();
         }
@@ -758,7 +757,10 @@ impl EtcdCluster {
             .arg(format!("--listen-client-urls={}", self.client_urls[i]))
             .arg(format!("--advertise-client-urls={}", self.client_urls[i]))
             .arg(format!("--listen-peer-urls={}", self.peer_urls[i]))
-            .arg(format!("--initial-advertise-peer-urls={}", self.peer_urls[i]))
+            .arg(format!(
+                "--initial-advertise-peer-urls={}",
+                self.peer_urls[i]
+            ))
             .arg(format!("--initial-cluster={}", cluster.join(",")))
             .arg("--initial-cluster-state=new")
             .arg("--initial-cluster-token=pitboss-test")

@@ -630,18 +630,22 @@ impl EtcdStore {
 }
 
 /// Whether a failed request may have reached etcd (false: surely not sent, so safe
-/// to send again to another member). For a write: whether it may still have been proposed, so that etcd may commit it
-/// later. Only two failures are known to leave nothing behind: no connection to
-/// any member (nothing was sent) and "no leader" (a member refuses a request before
-/// proposing it under `require_leader`). Anything else (a timeout, "leader changed",
-/// a connection lost mid-request) may have reached the log of a leader that had just
-/// lost its quorum and commits it once the quorum is back: seen in
-/// `tests/etcd_tier.rs`.
+/// to send again to another member); for a write, whether it may have been
+/// proposed, so that etcd may still commit it. Only two failures are known to leave
+/// nothing behind: no connection to any member (nothing was sent) and "no leader"
+/// (a member refuses a request before proposing it under `require_leader`).
+/// Anything else (a timeout, "leader changed", a connection lost mid-request) may
+/// have reached the log of a leader that had just lost its quorum, which commits it
+/// once the quorum is back: seen in `tests/etcd_tier.rs`.
 fn maybe_proposed(e: &etcd_client::Error) -> bool {
     let text = e.to_string().to_ascii_lowercase();
-    let not_sent = ["tcp connect error", "connection refused", "error trying to connect"]
-        .iter()
-        .any(|m| text.contains(m));
+    let not_sent = [
+        "tcp connect error",
+        "connection refused",
+        "error trying to connect",
+    ]
+    .iter()
+    .any(|m| text.contains(m));
     !(not_sent || text.contains("etcdserver: no leader"))
 }
 
@@ -817,7 +821,10 @@ impl Tier for EtcdStore {
 
     async fn gather(&self) -> Result<Vec<Published>, StoreError> {
         let resp = self
-            .get(self.keys.stats.as_str(), Some(GetOptions::new().with_prefix()))
+            .get(
+                self.keys.stats.as_str(),
+                Some(GetOptions::new().with_prefix()),
+            )
             .await?;
         Ok(resp
             .kvs()
