@@ -334,15 +334,20 @@ async fn a_failure_only_the_tier_sees_is_rolled_back_once_and_applied_everywhere
             .map(|i| i.server.edge().rollout().analysis())
             .collect::<Vec<_>>()
     );
-    // 12 failing calls on each: below min_requests for each instance alone, 36 for
-    // the tier.
+    // 12 calls on each: below min_requests for each instance alone, 36 for the tier.
+    // They fail while new takes them; the tier's rollback may come once 30 have
+    // failed, and the last few then go to legacy and succeed.
+    let mut failed = 0;
     for inst in &mut tier {
         for k in 0..12 {
             let mut r = exec("version", "{}");
             r.routing_key = format!("k{k}");
-            assert!(inst.client.execute(r).await.is_err());
+            if inst.client.execute(r).await.is_err() {
+                failed += 1;
+            }
         }
     }
+    assert!(failed >= 30, "only {failed} of 36 calls failed");
     for inst in &tier {
         assert!(
             eventually(Duration::from_secs(10), || inst.flags().status.state
