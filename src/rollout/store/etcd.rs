@@ -850,3 +850,33 @@ impl Tier for EtcdStore {
             .clone()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status(code: tonic::Code, message: &str) -> etcd_client::Error {
+        etcd_client::Error::GRpcStatus(tonic::Status::new(code, message))
+    }
+
+    #[test]
+    fn only_a_request_surely_not_sent_counts_as_nothing_written() {
+        // Nothing reached etcd, or a member refused it before proposing.
+        for e in [
+            status(tonic::Code::Unavailable, "tcp connect error"),
+            status(tonic::Code::Unavailable, "etcdserver: no leader"),
+            etcd_client::Error::InvalidArgs("Connection refused (os error 111)".into()),
+        ] {
+            assert!(!maybe_proposed(&e), "{e}");
+        }
+        // It may be in a leader's log: etcd may still commit it.
+        for e in [
+            status(tonic::Code::Unavailable, "etcdserver: request timed out"),
+            status(tonic::Code::Unavailable, "etcdserver: leader changed"),
+            status(tonic::Code::Unknown, "h2 protocol error: connection reset"),
+            status(tonic::Code::Cancelled, "operation was canceled"),
+        ] {
+            assert!(maybe_proposed(&e), "{e}");
+        }
+    }
+}
