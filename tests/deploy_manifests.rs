@@ -22,7 +22,12 @@ use pitboss::rollout::{Flags, LiveFlags, Mode};
 use serde_json::Value;
 
 const K8S_DIR: &str = "config/k8s";
-const EXPECTED_FILES: [&str; 3] = ["configmaps.yaml", "shared-tier.yaml", "sidecar.yaml"];
+const EXPECTED_FILES: [&str; 4] = [
+    "configmaps.yaml",
+    "etcd.yaml",
+    "shared-tier.yaml",
+    "sidecar.yaml",
+];
 const METRICS_PORT: i64 = 9464;
 const GRPC_PORT: i64 = 50051;
 const ADMIN_PORT: i64 = 50052;
@@ -184,7 +189,18 @@ fn pre_stop_seconds(pre_stop: &Value) -> Option<u64> {
 /// container's literal `PITBOSS_*` variables applied (and nothing from this process's
 /// environment).
 fn effective_config(all: &BTreeMap<String, Vec<Value>>, container: &Value, what: &str) -> Config {
-    let text = configmap_data(all, "pitboss-config", "pitboss.toml");
+    effective_config_of(all, "pitboss-config", container, what)
+}
+
+/// The config of ConfigMap `configmap`'s `pitboss.toml` with `container`'s
+/// `PITBOSS_*` variables applied.
+fn effective_config_of(
+    all: &BTreeMap<String, Vec<Value>>,
+    configmap: &str,
+    container: &Value,
+    what: &str,
+) -> Config {
+    let text = configmap_data(all, configmap, "pitboss.toml");
     let env: Vec<(String, String)> = container["env"]
         .as_array()
         .into_iter()
@@ -198,7 +214,7 @@ fn effective_config(all: &BTreeMap<String, Vec<Value>>, container: &Value, what:
         .filter(|(name, _)| name.starts_with("PITBOSS_"))
         .collect();
     Config::from_sources(
-        &format!("{what}: pitboss-config/pitboss.toml"),
+        &format!("{what}: {configmap}/pitboss.toml"),
         Some(text),
         env,
     )
@@ -434,9 +450,11 @@ fn every_manifest_is_valid_and_the_pitboss_pods_drain_and_reload_safely() {
         );
     }
 
-    // Services are headless (a virtual IP would break session affinity) and carry
-    // the gRPC and metrics ports.
-    let services: Vec<(&str, &Value)> = docs_of_kind(&all, "Service").collect();
+    // pitboss's Services are headless (a virtual IP would break session affinity)
+    // and carry the gRPC and metrics ports. (etcd.yaml's are checked below.)
+    let services: Vec<(&str, &Value)> = docs_of_kind(&all, "Service")
+        .filter(|(_, s)| str_at(s, "/metadata/labels/app.kubernetes.io~1name") == Some("pitboss"))
+        .collect();
     assert!(!services.is_empty(), "expected the shared tier's Service");
     for (file, s) in services {
         let what = format!("{file}: {}", name_of(s));
@@ -460,6 +478,168 @@ fn every_manifest_is_valid_and_the_pitboss_pods_drain_and_reload_safely() {
             "{what}: the admin port must not be exposed"
         );
     }
+}
+
+/// The value of `--flag=` in a container's command or args.
+fn flag<'a>(container: &'a Value, flag: &str) -> Option<&'a str> {
+    container["command"]
+        .as_array()
+        .into_iter()
+        .chain(container["args"].as_array())
+        .flatten()
+        .filter_map(Value::as_str)
+        .find_map(|a| a.strip_prefix(&format!("--{flag}=")))
+}
+
+#[test]
+fn the_etcd_option_is_a_three_member_cluster_and_the_pitboss_config_for_it_points_at_it() {
+    let Some(all) = load_manifests() else {
+        return;
+    };
+    let doc = |kind: &str, name: &str| -> Value {
+        docs_of_kind(&all, kind)
+            .find(|(_, d)| str_at(d, "/metadata/name") == Some(name))
+            .unwrap_or_else(|| panic!("no {kind} {name} in config/k8s"))
+            .1
+            .clone()
+    };
+    let sts = doc("StatefulSet", "pitboss-etcd");
+    let replicas = sts["spec"]["replicas"].as_u64().unwrap();
+    assert_eq!(replicas, 3, "a quorum that survives one member's loss");
+    let service_name = str_at(&sts, "/spec/serviceName").unwrap();
+    let service = doc("Service", service_name);
+    assert_eq!(
+        service["spec"]["clusterIP"].as_str(),
+        Some("None"),
+        "headless"
+    );
+    assert_eq!(
+        service["spec"]["publishNotReadyAddresses"].as_bool(),
+        Some(true),
+        "members must resolve each other before they have a quorum"
+    );
+    let ports: Vec<i64> = service["spec"]["ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|p| p["port"].as_i64())
+        .collect();
+    assert_eq!(ports, vec![2379, 2380]);
+    let selector = &sts["spec"]["selector"]["matchLabels"];
+    assert_eq!(
+        &service["spec"]["selector"], selector,
+        "the Service selects the members"
+    );
+    assert_eq!(&sts["spec"]["template"]["metadata"]["labels"], selector);
+
+    // Each member names itself after its pod and is reached through the Service.
+    let etcd = &sts["spec"]["template"]["spec"]["containers"][0];
+    let pod_name = etcd["env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["name"] == "POD_NAME")
+        .expect("POD_NAME");
+    assert_eq!(
+        str_at(pod_name, "/valueFrom/fieldRef/fieldPath"),
+        Some("metadata.name")
+    );
+    assert_eq!(flag(etcd, "name"), Some("$(POD_NAME)"));
+    let member = |i: u64| format!("pitboss-etcd-{i}.{service_name}");
+    assert_eq!(
+        flag(etcd, "initial-advertise-peer-urls"),
+        Some(format!("http://$(POD_NAME).{service_name}:2380").as_str())
+    );
+    assert_eq!(
+        flag(etcd, "advertise-client-urls"),
+        Some(format!("http://$(POD_NAME).{service_name}:2379").as_str())
+    );
+    let cluster: Vec<String> = (0..replicas)
+        .map(|i| format!("pitboss-etcd-{i}=http://{}:2380", member(i)))
+        .collect();
+    assert_eq!(
+        flag(etcd, "initial-cluster"),
+        Some(cluster.join(",").as_str())
+    );
+    assert_eq!(flag(etcd, "initial-cluster-state"), Some("new"));
+    assert!(
+        flag(etcd, "data-dir").is_some_and(|d| etcd["volumeMounts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|m| m["mountPath"].as_str() == Some(d))),
+        "the data dir must be the persistent volume"
+    );
+    let pdb = doc("PodDisruptionBudget", "pitboss-etcd");
+    assert_eq!(pdb["spec"]["maxUnavailable"].as_i64(), Some(1));
+    assert_eq!(&pdb["spec"]["selector"]["matchLabels"], selector);
+
+    // The pitboss config for it: configmaps.yaml's, plus the store, on every member.
+    let tier = doc("Deployment", "pitboss");
+    let pb = tier["spec"]["template"]["spec"]["containers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "pitboss")
+        .unwrap()
+        .clone();
+    let cfg = effective_config_of(&all, "pitboss-config-etcd", &pb, "etcd.yaml");
+    let store = &cfg.rollout.store;
+    assert_eq!(store.kind, pitboss::config::StoreKind::Etcd);
+    let endpoints: Vec<String> = (0..replicas)
+        .map(|i| format!("http://{}:2379", member(i)))
+        .collect();
+    assert_eq!(store.endpoints, endpoints);
+    let cache = Path::new(&store.cache_file);
+    let writable: Vec<&str> = pb["volumeMounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|m| m["readOnly"].as_bool() != Some(true))
+        .filter_map(|m| m["mountPath"].as_str())
+        .collect();
+    assert!(
+        writable.iter().any(|m| cache.starts_with(m)),
+        "cache_file {} is not on a writable mount of the shared tier ({writable:?})",
+        cache.display()
+    );
+    let mut without_store = cfg.clone();
+    without_store.rollout.store = effective_config(&all, &pb, "shared-tier.yaml")
+        .rollout
+        .store;
+    assert_eq!(
+        without_store,
+        effective_config(&all, &pb, "shared-tier.yaml"),
+        "pitboss-config-etcd must be pitboss-config plus [rollout.store]"
+    );
+    // The pods need stable names for the audit log and the election.
+    let id = pb["env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["name"] == "PITBOSS_INSTANCE_ID")
+        .expect("PITBOSS_INSTANCE_ID");
+    assert_eq!(
+        str_at(id, "/valueFrom/fieldRef/fieldPath"),
+        Some("metadata.name")
+    );
+    // Only pitboss's pods reach the client port.
+    let policy = doc("NetworkPolicy", "pitboss-etcd");
+    assert_eq!(&policy["spec"]["podSelector"]["matchLabels"], selector);
+    let from_pitboss = policy["spec"]["ingress"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|r| {
+            r["from"][0]["podSelector"]["matchLabels"]["app.kubernetes.io/name"] == "pitboss"
+                && r["ports"][0]["port"] == 2379
+        });
+    assert!(from_pitboss, "pitboss's pods cannot reach etcd: {policy}");
+    // docs/DEPLOY.md refers to the option.
+    let deploy =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/DEPLOY.md"))
+            .unwrap();
+    assert!(deploy.contains("config/k8s/etcd.yaml"), "docs/DEPLOY.md");
 }
 
 // What follows is how pitboss sees the kubelet's updates of the flags volume (a

@@ -5,7 +5,7 @@
 mod common;
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -28,12 +28,7 @@ impl Setup {
         let dir = temp_dir(&format!("promotion-{tag}"));
         std::fs::write(dir.join("flags.toml"), flags).unwrap();
         std::fs::write(dir.join("token"), format!("{TOKEN}\n")).unwrap();
-        let rest = format!(
-            "{pool}{rollout}[backends.new]\nkind = \"pool\"\n[backends.new.pool]\n\
-             adapter = \"demo_v2:adapter\"\nsize = 1\nenv = {{ {new_env} }}\n",
-            pool = pool_section("demo:adapter", 1),
-            rollout = rollout_section(&dir),
-        );
+        let rest = format!("{}{}", legacy_and_new(new_env), rollout_section(&dir));
         let text = on_free_ports("shutdown_grace = \"10s\"", &rest);
         let (server, client) = common::start(config(&text)).await;
         Setup {
@@ -56,38 +51,6 @@ impl Setup {
         }
     }
 
-    /// Calls `version` with a fresh routing key each time from 4 tasks until `stop`;
-    /// returns the count of failed calls (fallback off: new's errors reach callers).
-    fn load(&self, stop: Arc<AtomicBool>) -> tokio::task::JoinHandle<(u64, u64)> {
-        let client = self.client.clone();
-        tokio::spawn(async move {
-            let n = Arc::new(AtomicU64::new(0));
-            let failed = Arc::new(AtomicU64::new(0));
-            let tasks: Vec<_> = (0..4)
-                .map(|t| {
-                    let (mut client, stop, n, failed) =
-                        (client.clone(), stop.clone(), n.clone(), failed.clone());
-                    tokio::spawn(async move {
-                        let mut i = 0u64;
-                        while !stop.load(Ordering::Acquire) {
-                            i += 1;
-                            let mut r = exec("version", "{}");
-                            r.routing_key = format!("key-{t}-{i}");
-                            if client.execute(r).await.is_err() {
-                                failed.fetch_add(1, Ordering::Relaxed);
-                            }
-                            n.fetch_add(1, Ordering::Relaxed);
-                        }
-                    })
-                })
-                .collect();
-            for t in tasks {
-                t.await.unwrap();
-            }
-            (n.load(Ordering::Relaxed), failed.load(Ordering::Relaxed))
-        })
-    }
-
     async fn stop(self) {
         self.server.shutdown().await;
         let _ = std::fs::remove_dir_all(&self.dir);
@@ -102,8 +65,8 @@ const WALK: &str = "mode = \"canary\"\npercent = 1.0\ncommands = [\"*\"]\n\
 #[tokio::test]
 async fn a_healthy_new_walks_every_step_to_100_and_each_promotion_is_audited() {
     let s = Setup::start("walk", WALK, "").await;
-    let stop = Arc::new(AtomicBool::new(false));
-    let load = s.load(stop.clone());
+    // Fallback off: new's errors reach the callers.
+    let load = Load::start(&s.client, 4, "key");
     let mut seen = vec![s.percent()];
     let done = eventually(WALK_BOUND, || {
         let p = s.percent();
@@ -113,8 +76,7 @@ async fn a_healthy_new_walks_every_step_to_100_and_each_promotion_is_audited() {
         p == 100.0
     })
     .await;
-    stop.store(true, Ordering::Release);
-    let (calls, failed) = load.await.unwrap();
+    let LoadReport { calls, failed, .. } = load.stop().await;
     assert!(
         done,
         "the walk stopped at {}%: {:?}",
@@ -177,8 +139,8 @@ async fn pause_at_holds_an_operator_promotes_and_a_failing_gate_rolls_back_mid_w
         &format!("DEMO_V2_BROKEN_WHILE = \"{}\"", broken.display()),
     )
     .await;
-    let stop = Arc::new(AtomicBool::new(false));
-    let load = s.load(stop.clone());
+    // Fallback off: new's errors reach the callers.
+    let load = Load::start(&s.client, 4, "key");
     let rollout = s.server.edge().rollout();
     assert!(
         eventually(WALK_BOUND, || rollout
@@ -209,8 +171,7 @@ async fn pause_at_holds_an_operator_promotes_and_a_failing_gate_rolls_back_mid_w
         "not rolled back: {:?}",
         s.flags().status
     );
-    stop.store(true, Ordering::Release);
-    let (calls, failed) = load.await.unwrap();
+    let LoadReport { calls, failed, .. } = load.stop().await;
     assert!(failed > 0, "new never failed ({calls} calls)");
     let f = s.flags();
     assert!(

@@ -71,6 +71,11 @@ pub fn store_status(e: &crate::rollout::store::StoreError) -> Status {
         StoreError::Unreachable { .. } => Status::unavailable(format!(
             "{e}; nothing changed, the flags in force stay (retry when the store answers)"
         )),
+        // gRPC's code for "a change that may have completed".
+        StoreError::Unconfirmed { .. } => Status::deadline_exceeded(format!(
+            "{e}; the flags in force stay until it does: check `pitboss rollout history` \
+             once the store answers before you retry"
+        )),
         StoreError::Write { .. } | StoreError::Invalid { .. } => {
             Status::failed_precondition(e.to_string())
         }

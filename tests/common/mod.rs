@@ -114,6 +114,24 @@ pub fn group_members(pgid: u32) -> Vec<u32> {
         .collect()
 }
 
+/// [`eventually`] for a check that must wait for something (an RPC, a scrape).
+pub async fn eventually_async<F, Fut>(timeout: Duration, mut check: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if check().await {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Polls `check` every 20 ms until it holds or `timeout` passes. Returns whether it held.
 pub async fn eventually(timeout: Duration, mut check: impl FnMut() -> bool) -> bool {
     let deadline = tokio::time::Instant::now() + timeout;
@@ -286,6 +304,17 @@ pub fn pool_section(adapter: &str, size: usize) -> String {
     )
 }
 
+/// The two backends most rollout tests use: `legacy` a pool of one `demo.py` worker
+/// (`[pool]`), `new` a pool of one `demo_v2.py` worker with `new_env` (inline TOML
+/// table entries, e.g. `DEMO_V2_BROKEN = "raise"`) in its environment.
+pub fn legacy_and_new(new_env: &str) -> String {
+    format!(
+        "{pool}[backends.new]\nkind = \"pool\"\n[backends.new.pool]\n\
+         adapter = \"demo_v2:adapter\"\nsize = 1\nenv = {{ {new_env} }}\n",
+        pool = pool_section("demo:adapter", 1),
+    )
+}
+
 /// A `[rollout]` section on the flags file `dir/flags.toml` (checked every 100 ms) and
 /// the admin token in `dir/token`.
 pub fn rollout_section(dir: &Path) -> String {
@@ -413,20 +442,115 @@ pub async fn spawn_exe(mut command: tokio::process::Command, config: &Path) -> P
 /// Runs `pitboss rollout ARGS` against the Admin listener `admin` (an address) with
 /// `token`, and returns its stdout; panics with its stderr when it fails.
 pub async fn rollout_cli(admin: std::net::SocketAddr, token: &str, args: &[&str]) -> String {
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_pitboss"))
-        .arg("rollout")
-        .args(args)
-        .args(["--addr", &format!("http://{admin}"), "--actor", "tester"])
-        .env("PITBOSS_ADMIN_TOKEN", token)
-        .output()
-        .await
-        .unwrap();
+    let out = rollout_cli_at(&format!("http://{admin}"), token, args).await;
     assert!(
         out.status.success(),
         "pitboss rollout {args:?}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Runs `pitboss rollout ARGS --addr ADMIN --actor tester` (`admin`: a URL, as in
+/// [`Proc::admin`]) with `token`, whatever its outcome.
+pub async fn rollout_cli_at(admin: &str, token: &str, args: &[&str]) -> std::process::Output {
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_pitboss"))
+        .arg("rollout")
+        .args(args)
+        .args(["--addr", admin, "--actor", "tester"])
+        .env("PITBOSS_ADMIN_TOKEN", token)
+        .output()
+        .await
+        .unwrap()
+}
+
+/// A steady, concurrent load on one Bridge listener: `tasks` callers, each calling
+/// `version` with a fresh routing key (so every rollout step sends some calls to new)
+/// back to back until [`Load::stop`]. Counts the calls and the failed ones, and keeps
+/// the first failures for the assertion's message.
+pub struct Load {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    calls: Arc<std::sync::atomic::AtomicU64>,
+    failed: Arc<std::sync::atomic::AtomicU64>,
+    errors: Arc<Mutex<Vec<String>>>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+/// What a [`Load`] did.
+#[derive(Debug)]
+pub struct LoadReport {
+    pub calls: u64,
+    pub failed: u64,
+    /// The first failures (up to 5), as the client saw them.
+    pub errors: Vec<String>,
+}
+
+impl Load {
+    pub fn start(client: &Client, tasks: usize, tag: &str) -> Load {
+        use std::sync::atomic::Ordering;
+        let stop: Arc<std::sync::atomic::AtomicBool> = Default::default();
+        let calls: Arc<std::sync::atomic::AtomicU64> = Default::default();
+        let failed: Arc<std::sync::atomic::AtomicU64> = Default::default();
+        let errors: Arc<Mutex<Vec<String>>> = Default::default();
+        let tasks = (0..tasks)
+            .map(|t| {
+                let (mut client, stop, calls, failed, errors) = (
+                    client.clone(),
+                    stop.clone(),
+                    calls.clone(),
+                    failed.clone(),
+                    errors.clone(),
+                );
+                let tag = tag.to_string();
+                tokio::spawn(async move {
+                    let mut i = 0u64;
+                    while !stop.load(Ordering::Acquire) {
+                        i += 1;
+                        let mut r = exec("version", "{}");
+                        r.routing_key = format!("{tag}-{t}-{i}");
+                        if let Err(e) = client.execute(r).await {
+                            failed.fetch_add(1, Ordering::Relaxed);
+                            let mut errors = errors.lock().unwrap();
+                            if errors.len() < 5 {
+                                errors.push(format!("{:?}: {}", e.code(), e.message()));
+                            }
+                        }
+                        calls.fetch_add(1, Ordering::Relaxed);
+                    }
+                })
+            })
+            .collect();
+        Load {
+            stop,
+            calls,
+            failed,
+            errors,
+            tasks,
+        }
+    }
+
+    /// Calls made so far (failed ones included).
+    pub fn calls(&self) -> u64 {
+        self.calls.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Failed calls so far.
+    pub fn failed(&self) -> u64 {
+        self.failed.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Stops the callers and waits for their last calls.
+    pub async fn stop(mut self) -> LoadReport {
+        self.stop.store(true, std::sync::atomic::Ordering::Release);
+        for t in std::mem::take(&mut self.tasks) {
+            t.await.unwrap();
+        }
+        LoadReport {
+            calls: self.calls(),
+            failed: self.failed(),
+            errors: self.errors.lock().unwrap().clone(),
+        }
+    }
 }
 
 /// A free TCP port on 127.0.0.1 (bound, then released for the caller to take).
@@ -504,12 +628,198 @@ impl Etcd {
 
     /// A `[rollout.store]` section on this etcd for rollout `name`.
     pub fn store_section(&self, name: &str, cache_file: &Path) -> String {
-        format!(
-            "[rollout.store]\nkind = \"etcd\"\nendpoints = [\"{}\"]\nname = \"{name}\"\n\
-             lease_ttl = \"2s\"\ntimeout = \"500ms\"\ncache_file = \"{}\"\n",
-            self.client_url,
-            cache_file.display()
-        )
+        etcd_store_section(&[self.client_url.as_str()], name, cache_file, "2s")
+    }
+}
+
+/// A `[rollout.store]` section on etcd `endpoints` for rollout `name`: requests time
+/// out after 500 ms, the lease lasts `lease_ttl`.
+pub fn etcd_store_section(
+    endpoints: &[&str],
+    name: &str,
+    cache_file: &Path,
+    lease_ttl: &str,
+) -> String {
+    let endpoints: Vec<String> = endpoints.iter().map(|e| format!("\"{e}\"")).collect();
+    format!(
+        "[rollout.store]\nkind = \"etcd\"\nendpoints = [{}]\nname = \"{name}\"\n\
+         lease_ttl = \"{lease_ttl}\"\ntimeout = \"500ms\"\ncache_file = \"{}\"\n",
+        endpoints.join(", "),
+        cache_file.display()
+    )
+}
+
+/// A real 3-member etcd cluster on loopback ports, each member's data in its own temp
+/// dir; killed on drop. [`EtcdCluster::stop`] and [`EtcdCluster::start`] take single
+/// members down and back (same ports, same data), for quorum-loss tests.
+pub struct EtcdCluster {
+    pub dir: PathBuf,
+    /// Each member's client URL.
+    pub client_urls: Vec<String>,
+    peer_urls: Vec<String>,
+    children: Vec<Option<std::process::Child>>,
+}
+
+impl EtcdCluster {
+    pub const MEMBERS: usize = 3;
+
+    /// Starts the three members together (each needs the others for a quorum) and
+    /// waits until every member answers a linearizable read. A member that cannot
+    /// take its port (another process took it between [`free_port`] and etcd's bind)
+    /// exits: then the cluster starts again on new ports, up to three times.
+    pub async fn launch(tag: &str) -> EtcdCluster {
+        let dir = temp_dir(&format!("etcd-cluster-{tag}"));
+        let ports = |_| format!("http://127.0.0.1:{}", free_port());
+        let mut c = EtcdCluster {
+            dir,
+            client_urls: (0..Self::MEMBERS).map(ports).collect(),
+            peer_urls: (0..Self::MEMBERS).map(ports).collect(),
+            children: (0..Self::MEMBERS).map(|_| None).collect(),
+        };
+        for attempt in 1..=3 {
+            for i in 0..Self::MEMBERS {
+                c.spawn(i);
+            }
+            if c.every_member_answers().await {
+                return c;
+            }
+            assert!(
+                attempt < 3,
+                "the etcd cluster did not start; logs in {}",
+                c.dir.display()
+            );
+            for i in 0..Self::MEMBERS {
+                c.stop(i);
+                let _ = std::fs::remove_dir_all(c.dir.join(format!("m{i}")));
+            }
+            c.client_urls = (0..Self::MEMBERS).map(ports).collect();
+            c.peer_urls = (0..Self::MEMBERS).map(ports).collect();
+        }
+        unreachable!("returned or asserted above")
+    }
+
+    /// Whether each member answers a linearizable read through its own endpoint
+    /// within 60 s; false at once when a member exited.
+    async fn every_member_answers(&mut self) -> bool {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        let mut pending: Vec<usize> = (0..Self::MEMBERS).collect();
+        while !pending.is_empty() {
+            for i in 0..Self::MEMBERS {
+                if let Some(child) = self.children[i].as_mut() {
+                    if child.try_wait().ok().flatten().is_some() {
+                        return false;
+                    }
+                }
+            }
+            let mut still = Vec::new();
+            for &i in &pending {
+                let options = etcd_client::ConnectOptions::new()
+                    .with_timeout(Duration::from_secs(1))
+                    .with_require_leader(true);
+                let ok = match etcd_client::Client::connect([&self.client_urls[i]], Some(options))
+                    .await
+                {
+                    Ok(mut c) => c.get("/health-probe", None).await.is_ok(),
+                    Err(_) => false,
+                };
+                if !ok {
+                    still.push(i);
+                }
+            }
+            pending = still;
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            if !pending.is_empty() {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        true
+    }
+
+    fn spawn(&mut self, i: usize) {
+        let cluster: Vec<String> = self
+            .peer_urls
+            .iter()
+            .enumerate()
+            .map(|(j, url)| format!("m{j}={url}"))
+            .collect();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join(format!("m{i}.log")))
+            .unwrap();
+        let child = std::process::Command::new("etcd")
+            .arg(format!("--name=m{i}"))
+            .arg(format!(
+                "--data-dir={}",
+                self.dir.join(format!("m{i}")).display()
+            ))
+            .arg(format!("--listen-client-urls={}", self.client_urls[i]))
+            .arg(format!("--advertise-client-urls={}", self.client_urls[i]))
+            .arg(format!("--listen-peer-urls={}", self.peer_urls[i]))
+            .arg(format!(
+                "--initial-advertise-peer-urls={}",
+                self.peer_urls[i]
+            ))
+            .arg(format!("--initial-cluster={}", cluster.join(",")))
+            .arg("--initial-cluster-state=new")
+            .arg("--initial-cluster-token=pitboss-test")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("etcd (apt-get install etcd-server)");
+        self.children[i] = Some(child);
+    }
+
+    /// The members' client URLs, for [`etcd_store_section`].
+    pub fn endpoints(&self) -> Vec<&str> {
+        self.client_urls.iter().map(String::as_str).collect()
+    }
+
+    /// Waits until a linearizable read through any member succeeds (a leader exists).
+    pub async fn wait_for_quorum(&self) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let options = etcd_client::ConnectOptions::new()
+                .with_timeout(Duration::from_secs(1))
+                .with_require_leader(true);
+            if let Ok(mut c) = etcd_client::Client::connect(&self.client_urls, Some(options)).await
+            {
+                if c.get("/health-probe", None).await.is_ok() {
+                    return;
+                }
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the etcd cluster has no quorum within 60s; logs in {}",
+                self.dir.display()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Kills member `i` (its data stays).
+    pub fn stop(&mut self, i: usize) {
+        if let Some(mut c) = self.children[i].take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts member `i` again on its ports and data.
+    pub fn start(&mut self, i: usize) {
+        assert!(self.children[i].is_none(), "member {i} is running");
+        self.spawn(i);
+    }
+}
+
+impl Drop for EtcdCluster {
+    fn drop(&mut self) {
+        for i in 0..Self::MEMBERS {
+            self.stop(i);
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 

@@ -186,6 +186,39 @@ impl EtcdStore {
         }
     }
 
+    fn unconfirmed(&self, e: impl std::fmt::Display) -> StoreError {
+        StoreError::Unconfirmed {
+            store: self.describe(),
+            message: e.to_string(),
+        }
+    }
+
+    /// One read of `key` with the store's timeout; a read that was not sent (the
+    /// channel picked a member that is down) is tried on the others meanwhile.
+    async fn get(
+        &self,
+        key: &str,
+        options: Option<GetOptions>,
+    ) -> Result<etcd_client::GetResponse, StoreError> {
+        let mut kv = self.client.kv_client();
+        let deadline = tokio::time::Instant::now() + self.settings.timeout;
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            match tokio::time::timeout_at(deadline, kv.get(key, options.clone())).await {
+                Ok(Ok(r)) => return Ok(r),
+                Ok(Err(e)) if !maybe_proposed(&e) && tries < self.settings.endpoints.len() => {}
+                Ok(Err(e)) => return Err(self.unreachable(e)),
+                Err(_) => {
+                    return Err(self.unreachable(format!(
+                        "no answer within {:?} (rollout.store.timeout)",
+                        self.settings.timeout
+                    )))
+                }
+            }
+        }
+    }
+
     /// Runs one request with the store's timeout (a balanced channel with no endpoint
     /// up would otherwise wait).
     async fn timed<T>(
@@ -275,8 +308,7 @@ impl EtcdStore {
 
     /// Reads the flags key (linearizable).
     async fn read(&self, current: Option<&Flags>) -> Result<Option<Versioned>, StoreError> {
-        let mut kv = self.client.kv_client();
-        let resp = self.timed(kv.get(self.keys.flags.as_str(), None)).await?;
+        let resp = self.get(self.keys.flags.as_str(), None).await?;
         let Some(kv) = resp.kvs().first() else {
             return Ok(None);
         };
@@ -597,6 +629,26 @@ impl EtcdStore {
     }
 }
 
+/// Whether a failed request may have reached etcd (false: surely not sent, so safe
+/// to send again to another member); for a write, whether it may have been
+/// proposed, so that etcd may still commit it. Only two failures are known to leave
+/// nothing behind: no connection to any member (nothing was sent) and "no leader"
+/// (a member refuses a request before proposing it under `require_leader`).
+/// Anything else (a timeout, "leader changed", a connection lost mid-request) may
+/// have reached the log of a leader that had just lost its quorum, which commits it
+/// once the quorum is back: seen in `tests/etcd_tier.rs`.
+fn maybe_proposed(e: &etcd_client::Error) -> bool {
+    let text = e.to_string().to_ascii_lowercase();
+    let not_sent = [
+        "tcp connect error",
+        "connection refused",
+        "error trying to connect",
+    ]
+    .iter()
+    .any(|m| text.contains(m));
+    !(not_sent || text.contains("etcdserver: no leader"))
+}
+
 fn describe(s: &EtcdSettings) -> String {
     format!(
         "etcd {} key {}/{}/flags",
@@ -667,12 +719,37 @@ impl FlagStore for EtcdStore {
             ])
             .or_else([TxnOp::get(key, None)]);
         let mut kv = self.client.kv_client();
-        let resp = match self.timed(kv.txn(txn)).await {
-            Ok(r) => {
+        // A write that was not sent (the channel picked a member that is down) is
+        // tried on the others, within the one timeout: it cannot apply twice.
+        let deadline = tokio::time::Instant::now() + self.settings.timeout;
+        let mut tries = 0;
+        let sent = loop {
+            tries += 1;
+            let r = tokio::time::timeout_at(deadline, kv.txn(txn.clone())).await;
+            match &r {
+                Ok(Err(e)) if !maybe_proposed(e) && tries < self.settings.endpoints.len() => {}
+                _ => break r,
+            }
+        };
+        let resp = match sent {
+            Ok(Ok(r)) => {
                 self.set_up(Ok(()));
                 r
             }
-            Err(e) => {
+            Ok(Err(e)) => {
+                let e = if maybe_proposed(&e) {
+                    self.unconfirmed(e)
+                } else {
+                    self.unreachable(e)
+                };
+                self.set_up(Err(&e));
+                return Err(e.into());
+            }
+            Err(_) => {
+                let e = self.unconfirmed(format!(
+                    "no answer within {:?} (rollout.store.timeout)",
+                    self.settings.timeout
+                ));
                 self.set_up(Err(&e));
                 return Err(e.into());
             }
@@ -710,10 +787,7 @@ impl FlagStore for EtcdStore {
             .with_prefix()
             .with_sort(SortTarget::Key, SortOrder::Descend)
             .with_limit(limit as i64);
-        let mut kv = self.client.kv_client();
-        let resp = self
-            .timed(kv.get(self.keys.audit.as_str(), Some(options)))
-            .await?;
+        let resp = self.get(self.keys.audit.as_str(), Some(options)).await?;
         Ok(resp
             .kvs()
             .iter()
@@ -746,12 +820,11 @@ impl Tier for EtcdStore {
     }
 
     async fn gather(&self) -> Result<Vec<Published>, StoreError> {
-        let mut kv = self.client.kv_client();
         let resp = self
-            .timed(kv.get(
+            .get(
                 self.keys.stats.as_str(),
                 Some(GetOptions::new().with_prefix()),
-            ))
+            )
             .await?;
         Ok(resp
             .kvs()
@@ -775,5 +848,35 @@ impl Tier for EtcdStore {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status(code: tonic::Code, message: &str) -> etcd_client::Error {
+        etcd_client::Error::GRpcStatus(tonic::Status::new(code, message))
+    }
+
+    #[test]
+    fn only_a_request_surely_not_sent_counts_as_nothing_written() {
+        // Nothing reached etcd, or a member refused it before proposing.
+        for e in [
+            status(tonic::Code::Unavailable, "tcp connect error"),
+            status(tonic::Code::Unavailable, "etcdserver: no leader"),
+            etcd_client::Error::InvalidArgs("Connection refused (os error 111)".into()),
+        ] {
+            assert!(!maybe_proposed(&e), "{e}");
+        }
+        // It may be in a leader's log: etcd may still commit it.
+        for e in [
+            status(tonic::Code::Unavailable, "etcdserver: request timed out"),
+            status(tonic::Code::Unavailable, "etcdserver: leader changed"),
+            status(tonic::Code::Unknown, "h2 protocol error: connection reset"),
+            status(tonic::Code::Cancelled, "operation was canceled"),
+        ] {
+            assert!(maybe_proposed(&e), "{e}");
+        }
     }
 }

@@ -75,11 +75,21 @@ pub async fn open(
     }
 }
 
-/// A store that is not reachable, or refused: nothing was read or written.
+/// Why the store could not serve a request. All but [`StoreError::Unconfirmed`] mean
+/// nothing was read or written.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("the rollout store ({store}) is unreachable: {message}")]
     Unreachable { store: String, message: String },
+    /// A write sent but not confirmed in time (etcd without a quorum, or too slow):
+    /// it may still be applied, since etcd commits a proposal it accepted once its
+    /// quorum is back. It stays a compare-and-swap: it lands on the revision it was
+    /// made on, with its audit record, or not at all.
+    #[error(
+        "the rollout store ({store}) did not confirm the write (unreachable, or without \
+         a quorum): {message}; it may still apply it when it recovers"
+    )]
+    Unconfirmed { store: String, message: String },
     #[error("cannot write the flags file {}: {source}", path.display())]
     Write {
         path: std::path::PathBuf,
