@@ -22,6 +22,7 @@ use crate::proto as pb;
 use crate::proto::bridge_client::BridgeClient;
 use crate::resilience::{Attempt, CallError, ErrorClass, OneTry, RemoteFailure, Reply, TryService};
 use crate::worker::{RequestContext, WorkerId};
+use tonic::metadata::MetadataValue;
 
 /// An upstream address that is not a URI tonic can connect to.
 #[derive(Debug, thiserror::Error)]
@@ -104,7 +105,9 @@ impl Upstream {
                 ("tracestate", ids.tracestate.as_deref()),
             ];
             for (name, value) in headers {
-                if let Some(v) = value.and_then(|v| v.parse().ok()) {
+                if let Some(mut v) = value.and_then(|v| v.parse::<MetadataValue<_>>().ok()) {
+                    // Unique to the call: "never indexed", no HPACK table churn.
+                    v.set_sensitive(true);
                     md.insert(name, v);
                 }
             }

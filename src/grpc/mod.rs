@@ -521,9 +521,12 @@ fn with_request_id<T>(
     answer: Result<Response<T>, Status>,
     ids: &CallIds,
 ) -> Result<Response<T>, Status> {
-    let Ok(value) = MetadataValue::try_from(ids.request_id.as_str()) else {
+    let Ok(mut value) = MetadataValue::try_from(ids.request_id.as_str()) else {
         return answer;
     };
+    // A value unique to the call: sent as "never indexed" (HPACK), so neither side
+    // adds it to its header table only to evict it at the next call.
+    value.set_sensitive(true);
     match answer {
         Ok(mut resp) => {
             resp.metadata_mut().insert("x-request-id", value);

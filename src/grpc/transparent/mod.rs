@@ -509,7 +509,8 @@ async fn read_message(mut body: Body, max: usize, method: &str) -> Result<Bytes,
 /// adapter (on new) and pitboss's own logs use.
 fn with_request_id(mut md: HeaderMap, ids: &crate::worker::CallIds) -> HeaderMap {
     if !md.contains_key("x-request-id") {
-        if let Ok(v) = http::HeaderValue::from_str(&ids.request_id) {
+        if let Ok(mut v) = http::HeaderValue::from_str(&ids.request_id) {
+            v.set_sensitive(true);
             md.insert("x-request-id", v);
         }
     }
