@@ -228,6 +228,21 @@ pub struct Observers {
     pub retries: Arc<dyn crate::resilience::retry::RetryObserver>,
 }
 
+/// The TLS client settings of a remote backend (`grpc` or `grpc_proxy`) at an
+/// `https://` address; `None` for plaintext.
+fn upstream_tls(cfg: &BackendConfig) -> Result<Option<crate::tls::UpstreamTls>, StartError> {
+    if !cfg.address.starts_with("https://") {
+        return Ok(None);
+    }
+    let tls = crate::tls::UpstreamTls::from_section(
+        cfg.role,
+        &cfg.address,
+        &cfg.tls,
+        &cfg.effective.base_dir,
+    )?;
+    Ok(Some(tls))
+}
+
 impl Backend {
     /// Starts the backend: launches its pool (workers start in the background), or
     /// prepares a lazily connected upstream client.
@@ -283,13 +298,7 @@ impl Backend {
                 )
             }
             BackendKind::Grpc => {
-                let upstream = if cfg.address.starts_with("https://") {
-                    let tls = crate::tls::UpstreamTls::from_section(
-                        cfg.role,
-                        &cfg.address,
-                        &cfg.tls,
-                        &c.base_dir,
-                    )?;
+                let upstream = if let Some(tls) = upstream_tls(cfg)? {
                     Upstream::new_tls(&cfg.address, max_message, &tls, c.tls.reload_interval.0)?
                 } else {
                     Upstream::new(&cfg.address, max_message).map_err(|source| {
@@ -308,13 +317,7 @@ impl Backend {
                 )
             }
             BackendKind::GrpcProxy => {
-                let proxy = if cfg.address.starts_with("https://") {
-                    let tls = crate::tls::UpstreamTls::from_section(
-                        cfg.role,
-                        &cfg.address,
-                        &cfg.tls,
-                        &c.base_dir,
-                    )?;
+                let proxy = if let Some(tls) = upstream_tls(cfg)? {
                     Proxy::new_tls(&cfg.address, max_message, &tls, c.tls.reload_interval.0)?
                 } else {
                     Proxy::new(&cfg.address, max_message).map_err(|source| {
