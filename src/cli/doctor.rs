@@ -229,9 +229,13 @@ async fn check_pool(role: &str, pool: &PoolConfig) -> Vec<Finding> {
     let asked_in = started.elapsed();
     let version = python_version(&resolved, w.working_dir.as_deref()).await;
     let shim = found_on_path.as_deref().filter(|p| {
-        let head = std::fs::read(p)
-            .map(|b| b[..b.len().min(512)].to_vec())
-            .unwrap_or_default();
+        // The first 512 bytes say whether it is a script (not the whole interpreter
+        // binary, which is megabytes).
+        let mut head = Vec::with_capacity(512);
+        if let Ok(f) = std::fs::File::open(p) {
+            use std::io::Read;
+            let _ = f.take(512).read_to_end(&mut head);
+        }
         is_shim(p, &head)
     });
     let desc = format!(
