@@ -30,7 +30,7 @@ def med(rs, key):
 def main(out):
     runs = load(out)
     scenarios = sorted({s for s, _ in runs}, key=lambda s: (s.split("-")[0], s))
-    targets = ["floor", "pitboss", "ceiling", "peer", "direct", "pitboss-tls"]
+    targets = ["floor", "pitboss", "ceiling", "peer", "direct", "proxy", "pitboss-tls"]
     print("## Throughput and latency (median of rounds)\n")
     print("| scenario | target | req/s | p50 µs | p90 µs | p99 µs | p99.9 µs | errors |")
     print("|---|---|---:|---:|---:|---:|---:|---:|")
@@ -120,6 +120,11 @@ def main(out):
     row("transparent passthrough p50 / the service directly, c=1", "<= 1.10", r, r is not None and r <= 1.1)
     r = pb - di if pb and di else None
     row("transparent passthrough added p50, c=1 (µs)", "-", r, True, "{:+.0f}")
+    px = get("transparent-add-c1", "proxy", "p50_us")
+    r = px - di if px and di else None
+    row("passthrough ceiling (bare hyper proxy) added p50, c=1 (µs)", "-", r, True, "{:+.0f}")
+    r = pb - px if pb and px else None
+    row("transparent passthrough p50 - passthrough ceiling p50, c=1 (µs)", "-", r, True, "{:+.0f}")
 
     # Issue 18: the Bridge over TLS (pitboss-tls) against plaintext (pitboss), same run.
     tls = [s for s in scenarios if (s, "pitboss-tls") in runs and (s, "pitboss") in runs]

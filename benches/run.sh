@@ -127,9 +127,11 @@ done
 
 # Issue 17: the transparent passthrough at c=1. The grpcio calculator of
 # python/examples/calculator called directly ("direct") and through a pitboss whose
-# legacy is a grpc_proxy in front of it ("pitboss"), with the same raw Add request,
-# alternating, by the same Rust load generator (a grpcio client would measure mostly
-# Python). SKIP_TRANSPARENT=1 leaves it out.
+# legacy is a grpc_proxy in front of it ("pitboss"), and through the passthrough
+# ceiling (`pitboss bench proxy-ceiling`: a bare hyper proxy over the same upstream
+# connection, "proxy"), with the same raw Add request, rotating the order, by the same
+# Rust load generator (a grpcio client would measure mostly Python).
+# SKIP_TRANSPARENT=1 leaves it out.
 T_NAME=transparent-add-c1
 if [ -z "${SKIP_TRANSPARENT:-}" ] && { [ -z "${SCENARIOS:-}" ] || [[ " $SCENARIOS " == *" $T_NAME "* ]]; }; then
   TPY=${PY:-$(bash benches/peers/setup.sh | tail -1)}
@@ -141,9 +143,12 @@ if [ -z "${SKIP_TRANSPARENT:-}" ] && { [ -z "${SCENARIOS:-}" ] || [[ " $SCENARIO
   CALC_PID=$!; pids+=($CALC_PID)
   "$BIN" --config benches/pitboss-transparent.toml >"$OUT/pitboss-transparent.log" 2>&1 &
   PT_PID=$!; pids+=($PT_PID)
+  "$BIN" bench proxy-ceiling --listen 127.0.0.1:50221 --upstream http://127.0.0.1:50201 \
+    >"$OUT/proxy-ceiling.log" 2>&1 &
+  PC_PID=$!; pids+=($PC_PID)
   # AddRequest{a: 2, b: 3}.
   add=(--method /calc.Calculator/Add --payload-hex 08021003 --concurrency 1)
-  for addr in http://127.0.0.1:50201 http://127.0.0.1:50211; do
+  for addr in http://127.0.0.1:50201 http://127.0.0.1:50211 http://127.0.0.1:50221; do
     up=""
     for _ in $(seq 1 100); do
       if "$BIN" bench load --addr "$addr" "${add[@]}" --requests 1 --warmup-s 0 2>&1 | grep -q " 0 errors"; then up=1; break; fi
@@ -152,12 +157,16 @@ if [ -z "${SKIP_TRANSPARENT:-}" ] && { [ -z "${SCENARIOS:-}" ] || [[ " $SCENARIO
     [ -n "$up" ] || { echo "no answer from $addr (see $OUT/calc-legacy.log, $OUT/pitboss-transparent.log)" >&2; exit 1; }
   done
   for round in $(seq 1 "$ROUNDS"); do
-    order=(direct pitboss)
-    if [ $((round % 2)) -eq 0 ]; then order=(pitboss direct); fi
+    case $((round % 3)) in
+      1) order=(direct pitboss proxy) ;;
+      2) order=(pitboss proxy direct) ;;
+      0) order=(proxy direct pitboss) ;;
+    esac
     for t in "${order[@]}"; do
       case $t in
         direct)  where=(--addr http://127.0.0.1:50201 --cpu-pid "$CALC_PID") ;;
         pitboss) where=(--addr http://127.0.0.1:50211 --cpu-pid "$PT_PID") ;;
+        proxy)   where=(--addr http://127.0.0.1:50221 --cpu-pid "$PC_PID") ;;
       esac
       "$BIN" bench load "${where[@]}" "${add[@]}" --duration-s "$SECS" --warmup-s "$WARMUP" \
         --name "$t" --json "$OUT/$T_NAME.$t.$round.json" | sed "s/^/[$T_NAME r$round] /"

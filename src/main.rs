@@ -152,6 +152,15 @@ enum BenchCommand {
         #[arg(long, default_value = "127.0.0.1:0")]
         listen: std::net::SocketAddr,
     },
+    /// Serve the passthrough ceiling: a bare HTTP/2 proxy (hyper and the grpc_proxy's
+    /// connection, nothing else) to UPSTREAM. Prints LISTENING ADDR.
+    ProxyCeiling {
+        #[arg(long, default_value = "127.0.0.1:0")]
+        listen: std::net::SocketAddr,
+        /// The service to forward every call to: http://HOST:PORT.
+        #[arg(long)]
+        upstream: String,
+    },
     /// Create SESSIONS sessions on a pitboss and report its RSS (by --pid) before and after.
     Sessions {
         #[arg(long, default_value = "http://127.0.0.1:50051")]
@@ -772,6 +781,30 @@ async fn bench(config: Option<PathBuf>, what: BenchCommand) -> Result<(), String
                 .serve_with_incoming(pitboss::server::incoming(l))
                 .await
                 .map_err(|e| e.to_string())
+        }
+        BenchCommand::ProxyCeiling { listen, upstream } => {
+            let uri: http::Uri = upstream
+                .parse()
+                .map_err(|e| format!("--upstream {upstream}: {e}"))?;
+            let (Some("http"), Some(authority)) = (uri.scheme_str(), uri.authority().cloned())
+            else {
+                return Err(format!("--upstream {upstream}: expected http://HOST:PORT"));
+            };
+            let port = authority.port_u16().unwrap_or(80);
+            let connect = pitboss::backend::direct::Direct::tcp(authority.host().to_string(), port);
+            let direct = pitboss::backend::direct::Direct::new(
+                http::uri::Scheme::HTTP,
+                authority,
+                connect,
+                std::time::Duration::from_secs(5),
+            );
+            let l = tokio::net::TcpListener::bind(listen)
+                .await
+                .map_err(|e| format!("{listen}: {e}"))?;
+            println!("LISTENING {}", l.local_addr().map_err(|e| e.to_string())?);
+            use std::io::Write;
+            let _ = std::io::stdout().flush();
+            bench::serve_proxy_ceiling(l, direct).await
         }
         BenchCommand::Sessions {
             addr,

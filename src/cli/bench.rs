@@ -713,3 +713,38 @@ pub fn rss_of(pid: u32) -> Option<u64> {
         .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
         .map(|kb| kb * 1024)
 }
+
+/// The passthrough ceiling: the leanest HTTP/2 proxy pitboss's own parts make. hyper
+/// serves each connection and hands every request, untouched, to the same
+/// [`Direct`](pitboss::backend::direct::Direct) connection a `grpc_proxy` uses for
+/// the calls it splits: no routing, no rollout, no layers, no metrics. What it adds
+/// to a call over calling the service directly is what two HTTP/2 hops cost on this
+/// machine, the bar for what pitboss's transparent mode adds on top of that.
+pub async fn serve_proxy_ceiling(
+    listener: tokio::net::TcpListener,
+    upstream: pitboss::backend::direct::Direct,
+) -> Result<(), String> {
+    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+    loop {
+        let (tcp, _) = listener.accept().await.map_err(|e| e.to_string())?;
+        let _ = tcp.set_nodelay(true);
+        let upstream = upstream.clone();
+        tokio::spawn(async move {
+            let service =
+                hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                    let upstream = upstream.clone();
+                    async move {
+                        let answer = match upstream.send(req.map(tonic::body::Body::new)).await {
+                            Ok(resp) => resp,
+                            Err(e) => tonic::Status::unavailable(e.to_string()).into_http(),
+                        };
+                        Ok::<_, std::convert::Infallible>(answer)
+                    }
+                });
+            let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .serve_connection(TokioIo::new(tcp), service)
+                .await;
+        });
+    }
+}
