@@ -252,11 +252,19 @@ impl RunningServer {
         let (admin_reflection_v1, admin_reflection_v1alpha) =
             reflection(&["pitboss.v1.Admin"], None)?;
 
+        // Compressed requests are accepted (grpc-go and grpc-java clients are often set
+        // to gzip); the limit applies to the inflated message. Answers go out
+        // uncompressed, which every client reads, so no call pays for compressing.
+        use tonic::codec::CompressionEncoding::{Deflate, Gzip};
         let max = config.server.max_message_bytes.0 as usize;
         let bridge = BridgeServer::new(BridgeService(edge.clone()))
+            .accept_compressed(Gzip)
+            .accept_compressed(Deflate)
             .max_decoding_message_size(max)
             .max_encoding_message_size(max);
         let admin = AdminServer::new(AdminService(edge.clone()))
+            .accept_compressed(Gzip)
+            .accept_compressed(Deflate)
             .max_decoding_message_size(max)
             .max_encoding_message_size(max);
 
