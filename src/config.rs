@@ -220,6 +220,14 @@ pub struct ServerSection {
     pub max_message_bytes: Positive,
     /// How long in-flight calls may take to finish on SIGTERM.
     pub shutdown_grace: Dur,
+    /// How often pitboss pings each client connection (HTTP/2 PING) on the Bridge and
+    /// Admin listeners; "0" turns it off. A client whose host died or whose network
+    /// went away sends no FIN: without pings its connection, and the Python work of
+    /// its calls without a deadline, would live on.
+    pub keepalive_interval: Dur,
+    /// How long a ping may go unanswered before the connection is closed and its
+    /// calls cancelled (their workers get CANCEL).
+    pub keepalive_timeout: Dur,
     pub log_format: LogFormat,
     /// Include Python tracebacks in error details sent to clients.
     pub include_tracebacks: bool,
@@ -717,6 +725,13 @@ impl Config {
             return Err(fail(
                 "pool.restart.backoff_max",
                 "must be at least pool.restart.backoff_base".into(),
+            ));
+        }
+        if !self.server.keepalive_interval.0.is_zero() && self.server.keepalive_timeout.0.is_zero()
+        {
+            return Err(fail(
+                "server.keepalive_timeout",
+                "must be positive while server.keepalive_interval is on (a ping gets no time to be answered); set keepalive_interval = \"0\" to turn the pings off".into(),
             ));
         }
         if p.max_frame_bytes.0 < 1024 {
@@ -1365,6 +1380,19 @@ mod tests {
         assert!(text.contains("test.toml:3"), "{text}");
         assert!(text.contains("size"), "{text}");
         assert!(text.contains("at least 1"), "{text}");
+    }
+
+    #[test]
+    fn keepalive_pings_need_a_timeout_unless_turned_off() {
+        let c = load("").unwrap();
+        assert_eq!(c.server.keepalive_interval.0, Duration::from_secs(60));
+        assert_eq!(c.server.keepalive_timeout.0, Duration::from_secs(20));
+        let err = load("[server]\nkeepalive_timeout = \"0\"\n").unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("server.keepalive_timeout"), "{text}");
+        assert!(text.contains("keepalive_interval = \"0\""), "{text}");
+        let off = load("[server]\nkeepalive_interval = \"0\"\nkeepalive_timeout = \"0\"\n");
+        assert!(off.unwrap().server.keepalive_interval.0.is_zero());
     }
 
     #[test]

@@ -827,3 +827,94 @@ async fn a_per_try_timeout_has_one_class_for_the_client_and_the_metrics() {
     assert!(scrape.lines().any(|l| l.starts_with(series)), "{scrape}");
     server.shutdown().await;
 }
+
+/// A TCP relay in front of `to` that can be frozen: then it keeps both sockets open
+/// and forwards nothing more either way, as a client whose host died or whose network
+/// went away (no FIN, no RST, no answer). Returns its address and the switch.
+async fn freezable_relay(
+    to: std::net::SocketAddr,
+) -> (
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::atomic::AtomicBool>,
+) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let frozen = std::sync::Arc::new(AtomicBool::new(false));
+    let switch = frozen.clone();
+    tokio::spawn(async move {
+        let (client, _) = listener.accept().await.unwrap();
+        let server = tokio::net::TcpStream::connect(to).await.unwrap();
+        let (cr, cw) = client.into_split();
+        let (sr, sw) = server.into_split();
+        let pump = |mut from: tokio::net::tcp::OwnedReadHalf,
+                    mut to: tokio::net::tcp::OwnedWriteHalf| {
+            let frozen = frozen.clone();
+            async move {
+                let mut buf = vec![0u8; 64 * 1024];
+                loop {
+                    let n = from.read(&mut buf).await.unwrap_or(0);
+                    if frozen.load(Ordering::SeqCst) {
+                        // Holds both halves open and never forwards again.
+                        std::future::pending::<()>().await;
+                    }
+                    if n == 0 || to.write_all(&buf[..n]).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        };
+        tokio::join!(pump(cr, sw), pump(sr, cw));
+    });
+    (addr, switch)
+}
+
+/// A client that vanishes mid-call without closing its connection (its host died):
+/// the server's HTTP/2 pings go unanswered, so after `keepalive_timeout` it closes the
+/// connection and cancels the call, and the worker's Python work stops. Without the
+/// pings (before `server.keepalive_*`), the call had no deadline and would have held
+/// its worker for the whole 60 s sleep, and the connection for ever.
+#[tokio::test]
+async fn a_client_that_vanishes_mid_call_is_noticed_and_its_call_cancelled() {
+    let _shared = PROCESS.read().await;
+    let (server, _client) = start_with(
+        "keepalive_interval = \"300ms\"\nkeepalive_timeout = \"300ms\"\n",
+        "",
+    )
+    .await;
+    let (relay, freeze) = freezable_relay(server.bridge_addr).await;
+    let channel = Channel::from_shared(format!("http://{relay}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut client = pb::bridge_client::BridgeClient::new(channel);
+    // No deadline: only the connection's death can end it.
+    let call =
+        tokio::spawn(async move { client.execute(exec("sleep", r#"{"seconds": 60}"#)).await });
+    let pool = server.pool().clone();
+    assert!(
+        eventually(LONG, || in_flight(&pool) == 1).await,
+        "the call reached a worker"
+    );
+    freeze.store(true, std::sync::atomic::Ordering::SeqCst);
+    // Interval + timeout is 0.6 s; the bound is generous for a busy machine.
+    assert!(
+        eventually(LONG, || in_flight(&pool) == 0).await,
+        "the dead client's call was cancelled and its worker freed"
+    );
+    assert!(
+        eventually(LONG, || idle(&pool)).await,
+        "every worker ready again, nothing queued: {:?}",
+        pool.status()
+    );
+    assert_eq!(
+        restarts(&pool),
+        0,
+        "the worker acknowledged the cancel in time"
+    );
+    call.abort();
+    still_serves(&mut _client.clone()).await;
+    server.shutdown().await;
+}
