@@ -175,12 +175,22 @@ async fn metrics_count_what_clients_saw_and_real_prometheus_scrapes_them() {
         m.contains("# HELP pitboss_requests_total"),
         "metrics are described"
     );
-    let rss = sample(
-        &m,
-        "pitboss_worker_rss_bytes",
-        &[("backend", "legacy"), ("slot", "0")],
-    )
-    .unwrap();
+    // The `crash` calls above restarted workers; a new worker's RSS is known from
+    // its first heartbeat sample on (0 until then), so wait for it.
+    let rss_of_slot_0 = |m: &str| {
+        sample(
+            m,
+            "pitboss_worker_rss_bytes",
+            &[("backend", "legacy"), ("slot", "0")],
+        )
+        .unwrap_or(0.0)
+    };
+    let mut rss = rss_of_slot_0(&m);
+    let by = tokio::time::Instant::now() + Duration::from_secs(30);
+    while rss <= 1e6 && tokio::time::Instant::now() < by {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        rss = rss_of_slot_0(&scrape(addr).await);
+    }
     assert!(rss > 1e6, "a Python worker uses more than 1 MB: {rss}");
 
     // Liveness and readiness.
