@@ -662,6 +662,20 @@ fn median(mut v: Vec<f64>) -> f64 {
     v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
+/// Binds a baseline server's listener and prints `LISTENING ADDR` (the port it got),
+/// which benches/run.sh and the tests wait for.
+async fn bind_and_announce(
+    listen: std::net::SocketAddr,
+) -> Result<tokio::net::TcpListener, String> {
+    let l = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|e| format!("{listen}: {e}"))?;
+    println!("LISTENING {}", l.local_addr().map_err(|e| e.to_string())?);
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+    Ok(l)
+}
+
 async fn bench(config: Option<PathBuf>, what: BenchCommand) -> Result<(), String> {
     use cli::bench;
     match what {
@@ -770,12 +784,7 @@ async fn bench(config: Option<PathBuf>, what: BenchCommand) -> Result<(), String
             )
         }
         BenchCommand::Ceiling { listen } => {
-            let l = tokio::net::TcpListener::bind(listen)
-                .await
-                .map_err(|e| format!("{listen}: {e}"))?;
-            println!("LISTENING {}", l.local_addr().map_err(|e| e.to_string())?);
-            use std::io::Write;
-            let _ = std::io::stdout().flush();
+            let l = bind_and_announce(listen).await?;
             tonic::transport::Server::builder()
                 .add_service(pb::bridge_server::BridgeServer::new(bench::CeilingBridge))
                 .serve_with_incoming(pitboss::server::incoming(l))
@@ -798,12 +807,7 @@ async fn bench(config: Option<PathBuf>, what: BenchCommand) -> Result<(), String
                 connect,
                 std::time::Duration::from_secs(5),
             );
-            let l = tokio::net::TcpListener::bind(listen)
-                .await
-                .map_err(|e| format!("{listen}: {e}"))?;
-            println!("LISTENING {}", l.local_addr().map_err(|e| e.to_string())?);
-            use std::io::Write;
-            let _ = std::io::stdout().flush();
+            let l = bind_and_announce(listen).await?;
             bench::serve_proxy_ceiling(l, direct).await
         }
         BenchCommand::Sessions {
