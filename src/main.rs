@@ -800,7 +800,8 @@ async fn bench(config: Option<PathBuf>, what: BenchCommand) -> Result<(), String
                 return Err(format!("--upstream {upstream}: expected http://HOST:PORT"));
             };
             let port = authority.port_u16().unwrap_or(80);
-            let connect = pitboss::backend::direct::Direct::tcp(authority.host().to_string(), port);
+            let host = pitboss::tls::client::connect_host(&uri).unwrap_or_default();
+            let connect = pitboss::backend::direct::Direct::tcp(host.to_string(), port);
             let direct = pitboss::backend::direct::Direct::new(
                 http::uri::Scheme::HTTP,
                 authority,

@@ -84,11 +84,8 @@ impl Proxy {
             .authority()
             .cloned()
             .unwrap_or_else(|| http::uri::Authority::from_static("localhost"));
-        let host = uri
-            .host()
+        let host = crate::tls::client::connect_host(&uri)
             .unwrap_or_default()
-            .trim_start_matches('[')
-            .trim_end_matches(']')
             .to_string();
         let direct = Direct::new(
             http::uri::Scheme::HTTP,

@@ -27,6 +27,13 @@ use x509_parser::time::ASN1Time;
 use super::{material, Named, Summary, TlsError};
 use crate::config::UpstreamTlsSection;
 
+/// The host of `uri` as a socket connect and a TLS server name take it: an IPv6
+/// literal without its brackets (`[::1]` -> `::1`); `None` when there is no host.
+pub fn connect_host(uri: &Uri) -> Option<&str> {
+    uri.host()
+        .map(|h| h.trim_start_matches('[').trim_end_matches(']'))
+}
+
 /// An upstream's TLS settings, with the files resolved.
 #[derive(Debug, Clone)]
 pub struct UpstreamTls {
@@ -78,10 +85,8 @@ impl UpstreamTls {
         let uri: Uri = address
             .parse()
             .map_err(|e| bad(format!("bad address {address:?}: {e}")))?;
-        let host = uri
-            .host()
+        let host = connect_host(&uri)
             .ok_or_else(|| bad(format!("the address {address:?} has no host")))?;
-        let host = host.trim_start_matches('[').trim_end_matches(']');
         let name = if server_name.is_empty() {
             host
         } else {
@@ -286,12 +291,7 @@ impl tower::Service<Uri> for Connector {
         let config = self.config.load_full();
         let name = self.server_name.clone();
         Box::pin(async move {
-            let host = uri
-                .host()
-                .unwrap_or_default()
-                .trim_start_matches('[')
-                .trim_end_matches(']')
-                .to_string();
+            let host = connect_host(&uri).unwrap_or_default().to_string();
             let port = uri.port_u16().unwrap_or(443);
             let tcp = TcpStream::connect((host.as_str(), port)).await?;
             tcp.set_nodelay(true)?;
@@ -300,5 +300,22 @@ impl tower::Service<Uri> for Connector {
                 .await?;
             Ok(TokioIo::new(tls))
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connect_host_drops_an_ipv6_literals_brackets() {
+        let host = |u: &str| connect_host(&u.parse::<Uri>().unwrap()).map(str::to_string);
+        assert_eq!(host("https://[::1]:8443").as_deref(), Some("::1"));
+        assert_eq!(host("http://127.0.0.1:50201").as_deref(), Some("127.0.0.1"));
+        assert_eq!(
+            host("https://svc.example:443").as_deref(),
+            Some("svc.example")
+        );
+        assert_eq!(host("/only/a/path"), None);
     }
 }
