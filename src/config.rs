@@ -649,6 +649,8 @@ impl Config {
         text: Option<&str>,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Config, ConfigError> {
+        // Whether the user chose pool.max_frame_bytes (in the file or the environment).
+        let mut frame_set = false;
         let mut merged: toml::Table =
             DEFAULT_CONFIG
                 .parse()
@@ -668,6 +670,10 @@ impl Config {
             if let Err(e) = Config::deserialize(toml::Value::Table(check.clone())) {
                 return Err(locate(origin, text, &e.to_string()));
             }
+            frame_set |= user
+                .get("pool")
+                .and_then(|p| p.get("max_frame_bytes"))
+                .is_some();
             merged = merge(merged, user);
         }
         let known = overridable_paths(&merged);
@@ -683,6 +689,7 @@ impl Config {
             let Some(path) = known.iter().find(|p| p.replace('.', "_") == wanted) else {
                 return Err(unknown_env_var(&name, &known));
             };
+            frame_set |= path == "pool.max_frame_bytes";
             let parsed = parse_env_value(&value);
             set_path(&mut merged, path, parsed);
             if let Err(e) = Config::deserialize(toml::Value::Table(merged.clone())) {
@@ -694,12 +701,23 @@ impl Config {
                 });
             }
         }
-        let cfg = Config::deserialize(toml::Value::Table(merged)).map_err(|e| ConfigError {
+        let mut cfg = Config::deserialize(toml::Value::Table(merged)).map_err(|e| ConfigError {
             origin: origin.to_string(),
             line: None,
             key: None,
             message: e.to_string(),
         })?;
+        if !frame_set {
+            // The default frame limit follows a lowered message limit: a user who sets
+            // only server.max_message_bytes gets a config that works, not an error
+            // about a key they never wrote.
+            let limit = cfg
+                .pool
+                .max_frame_bytes
+                .0
+                .min(cfg.server.max_message_bytes.0);
+            cfg.pool.max_frame_bytes = Positive(limit);
+        }
         cfg.check_relations(origin, text)?;
         cfg.check_transparent(origin, text)?;
         Ok(cfg)
@@ -732,6 +750,12 @@ impl Config {
             return Err(fail(
                 "server.keepalive_timeout",
                 "must be positive while server.keepalive_interval is on (a ping gets no time to be answered); set keepalive_interval = \"0\" to turn the pings off".into(),
+            ));
+        }
+        if self.server.max_message_bytes.0 < 1024 {
+            return Err(fail(
+                "server.max_message_bytes",
+                "must be at least 1024".into(),
             ));
         }
         if p.max_frame_bytes.0 < 1024 {
@@ -1709,6 +1733,49 @@ mod tests {
             "{err}"
         );
         load("[server]\nmax_message_bytes = 1048576\n[pool]\nmax_frame_bytes = 1048576\n").unwrap();
+    }
+
+    /// A lowered server.max_message_bytes alone is a working config: the default frame
+    /// limit follows it (it used to fail with an error about pool.max_frame_bytes, a
+    /// key the user never wrote). A frame limit the user sets is kept and checked.
+    #[test]
+    fn the_default_frame_limit_follows_a_lowered_message_limit() {
+        let c = load("[server]\nmax_message_bytes = 1048576\n").unwrap();
+        assert_eq!(c.pool.max_frame_bytes.0, 1_048_576);
+        let c = load(
+            "[server]\nmax_message_bytes = 1048576\n[backends.new]\nkind = \"pool\"\n\
+             [backends.new.pool]\nsize = 1\n",
+        )
+        .unwrap();
+        assert_eq!(
+            c.backend("new").unwrap().effective.pool.max_frame_bytes.0,
+            1_048_576
+        );
+        // Raised: the default (16 MiB) stays.
+        let c = load("[server]\nmax_message_bytes = 67108864\n").unwrap();
+        assert_eq!(c.pool.max_frame_bytes.0, 16 * 1024 * 1024);
+        // Chosen, smaller: kept.
+        let c = load("[server]\nmax_message_bytes = 1048576\n[pool]\nmax_frame_bytes = 4096\n")
+            .unwrap();
+        assert_eq!(c.pool.max_frame_bytes.0, 4096);
+        // Chosen through the environment, too big: still refused, naming the key.
+        let err = Config::from_sources(
+            "t",
+            Some("[server]\nmax_message_bytes = 1048576\n"),
+            [(
+                "PITBOSS_POOL_MAX_FRAME_BYTES".to_string(),
+                "2097152".to_string(),
+            )],
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("pool.max_frame_bytes"), "{err}");
+        // A message limit too small for any frame names the key the user set.
+        let err = load("[server]\nmax_message_bytes = 100\n").unwrap_err();
+        assert_eq!(
+            err.key.as_deref(),
+            Some("server.max_message_bytes"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! The `pitboss` command line.
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -357,11 +358,22 @@ fn init_logs(format: LogFormat) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(colour_logs(
+            std::io::stderr().is_terminal(),
+            std::env::var_os("NO_COLOR"),
+        ))
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Json => builder.json().init(),
         LogFormat::Text => builder.init(),
     }
+}
+
+/// Text logs are coloured only for a person at a terminal: a file, a pipe, journald
+/// or a container log collector would store the escape codes as text. `NO_COLOR`
+/// (any non-empty value, no-color.org) turns colour off at a terminal too.
+fn colour_logs(stderr_is_terminal: bool, no_color: Option<std::ffi::OsString>) -> bool {
+    stderr_is_terminal && no_color.map_or(true, |v| v.is_empty())
 }
 
 async fn serve(config: Option<PathBuf>, log_format: Option<String>) -> Result<(), String> {
@@ -1025,4 +1037,20 @@ async fn call(
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::colour_logs;
+
+    #[test]
+    fn logs_are_coloured_only_at_a_terminal_without_no_color() {
+        assert!(colour_logs(true, None));
+        assert!(
+            colour_logs(true, Some("".into())),
+            "an empty NO_COLOR is unset"
+        );
+        assert!(!colour_logs(true, Some("1".into())));
+        assert!(!colour_logs(false, None));
+    }
 }

@@ -434,6 +434,45 @@ async fn print_in_user_code_is_harmless() {
     pool.shutdown().await;
 }
 
+/// A call whose deadline passes in the queue is told the time it had, and one that
+/// arrives with no time left is told so (before, both said "deadline of 0ns", the
+/// time left at the moment of failing, whatever the client had asked for).
+#[tokio::test]
+async fn a_queue_timeout_reports_the_time_the_call_had() {
+    let mut cfg = faults(1);
+    cfg.worker_concurrency = 1;
+    let pool = Pool::start(cfg).await.unwrap();
+    let busy = {
+        let pool = pool.clone();
+        tokio::spawn(async move { pool.execute(req("sleep", json!({"seconds": 1.5}))).await })
+    };
+    assert!(eventually(LONG, || in_flight(&pool) == 1).await);
+    let err = pool
+        .execute(req("echo", json!(1)).timeout(Duration::from_millis(300)))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, PoolError::Timeout { stage: TimeoutStage::Queued, after, .. }
+            if after > Duration::from_millis(290) && after <= Duration::from_millis(300)),
+        "{err:?}"
+    );
+    assert_eq!(
+        err.to_string(),
+        "deadline of 300ms exceeded while waiting for a free worker"
+    );
+    let err = pool
+        .execute(req("echo", json!(1)).timeout(Duration::ZERO))
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("no time was left when it reached pitboss"),
+        "{err}"
+    );
+    busy.await.unwrap().unwrap();
+    pool.shutdown().await;
+}
+
 #[tokio::test]
 async fn a_deadline_cancels_and_a_stuck_command_gets_its_worker_killed() {
     let mut cfg = faults(1);

@@ -976,6 +976,59 @@ async fn logs_are_json_lines_on_request() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// Text logs written to a pipe or a file carry no ANSI colour codes: before, every
+/// line a log collector stored had escape sequences around its level, target and
+/// field names ("\x1b[32m INFO\x1b[0m"). Colour is for a terminal only.
+#[tokio::test]
+async fn text_logs_to_a_pipe_have_no_colour_codes() {
+    use tokio::io::AsyncBufReadExt;
+    let dir = temp_dir("text-logs");
+    let cfg = dir.join("p.toml");
+    std::fs::write(
+        &cfg,
+        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\nmetrics_listen = \"127.0.0.1:0\"\n\
+         log_format = \"text\"\n[pool]\nsize = 1\n",
+    )
+    .unwrap();
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_pitboss"))
+        .args(["--config"])
+        .arg(&cfg)
+        .env("RUST_LOG", "info")
+        .env_remove("NO_COLOR")
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut seen = vec![];
+    tokio::time::timeout(LONG, async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            let ready = line.contains("worker ready");
+            seen.push(line);
+            if ready {
+                return;
+            }
+        }
+        panic!("no 'worker ready' line: {seen:?}");
+    })
+    .await
+    .expect("worker ready within the bound");
+    assert!(seen.len() >= 2, "{seen:?}");
+    for line in &seen {
+        assert!(
+            !line.contains('\x1b'),
+            "an escape code in a piped log line: {line:?}"
+        );
+    }
+    let ready = seen.last().unwrap();
+    assert!(
+        ready.contains(" INFO ") && ready.contains("worker="),
+        "{ready}"
+    );
+    let _ = child.kill().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// gRPC clients in other languages often compress their requests (grpc-go's
 /// `UseCompressor(gzip)`, grpc-java's `withCompression("gzip")`): the Bridge and the
 /// Admin API accept gzip and deflate, and answer uncompressed, which every client

@@ -45,7 +45,7 @@ impl Pool {
                 )));
             }
         }
-        let lease = self.acquire(&req, deadline).await?;
+        let lease = self.acquire(&req, deadline, total).await?;
         let conn = lease.connection().clone();
         let worker = conn.id();
         let call = conn
@@ -76,11 +76,13 @@ impl Pool {
         ))
     }
 
-    /// Finds a slot for the request, honouring session affinity.
+    /// Finds a slot for the request, honouring session affinity. `total` is the time
+    /// the call had from its arrival, which a queue timeout reports.
     pub(super) async fn acquire(
         &self,
         req: &PoolRequest,
         deadline: Instant,
+        total: Duration,
     ) -> Result<Lease, PoolError> {
         let shared = self.shared();
         let queue_deadline = deadline.min(Instant::now() + shared.config.queue_timeout);
@@ -89,7 +91,7 @@ impl Pool {
                 reason: ExhaustedReason::QueueTimeout,
             } if queue_deadline >= deadline => PoolError::Timeout {
                 worker: None,
-                after: deadline.saturating_duration_since(Instant::now()),
+                after: total,
                 stage: TimeoutStage::Queued,
             },
             other => other,

@@ -25,6 +25,31 @@ pub enum TimeoutStage {
     Running,
 }
 
+/// `after` is the time the call had from its arrival; zero when none was left (a
+/// client deadline of a few microseconds is past before pitboss has read the call).
+/// The time is rounded to the millisecond (to the microsecond below one): it is
+/// measured from a moment just after the client's clock started, so a 300 ms deadline
+/// reads "300ms", not "299.87ms".
+fn timeout_message(after: Duration, stage: TimeoutStage) -> String {
+    let after = if after >= Duration::from_millis(1) {
+        Duration::from_millis(((after.as_micros() + 500) / 1000) as u64)
+    } else {
+        Duration::from_micros(((after.as_nanos() + 500) / 1000) as u64)
+    };
+    match stage {
+        TimeoutStage::Queued if after.is_zero() => {
+            "deadline exceeded before the call was queued: no time was left when it reached pitboss"
+                .to_string()
+        }
+        TimeoutStage::Queued => {
+            format!("deadline of {after:?} exceeded while waiting for a free worker")
+        }
+        TimeoutStage::Running => format!(
+            "deadline of {after:?} exceeded while the worker ran the command; it was sent a cancel"
+        ),
+    }
+}
+
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum PoolError {
     #[error("worker {worker} crashed while handling the request ({detail}); it is being replaced")]
@@ -36,7 +61,7 @@ pub enum PoolError {
     },
     #[error("{}", exhausted_message(*.reason))]
     PoolExhausted { reason: ExhaustedReason },
-    #[error("deadline of {after:?} exceeded {}", match .stage { TimeoutStage::Queued => "while waiting for a free worker", TimeoutStage::Running => "while the worker ran the command; it was sent a cancel" })]
+    #[error("{}", timeout_message(*.after, *.stage))]
     Timeout {
         worker: Option<WorkerId>,
         after: Duration,
