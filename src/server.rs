@@ -434,26 +434,62 @@ impl RunningServer {
         tracing::info!("pitboss stopped");
     }
 
-    /// Serves until SIGTERM or SIGINT, then shuts down gracefully.
+    /// Serves until SIGTERM or SIGINT, then shuts down gracefully. SIGHUP re-reads
+    /// the flags file ([`RunningServer::reload_flags`]) and serves on.
     pub async fn run_until_signal(self) {
-        wait_for_signal().await;
+        wait_for_signal(|| {
+            self.reload_flags();
+        })
+        .await;
         self.shutdown().await;
+    }
+
+    /// Re-reads the flags file now, as SIGHUP asks (`systemctl reload`, `kill -HUP`):
+    /// for a file whose change the watcher cannot see (a file system without
+    /// notifications) or an operator who wants it read at once. A file that does not
+    /// validate is refused as on any reload (logged, counted, the flags in force
+    /// stay). Returns whether the file was read and is valid; false without a flags
+    /// file (the flags live in memory or in etcd, which pitboss watches).
+    pub fn reload_flags(&self) -> bool {
+        let rollout = self.edge.rollout();
+        let flags = &rollout.flags;
+        match flags.path() {
+            Some(path) => {
+                let valid = flags.reload();
+                tracing::info!(file = %path.display(), valid, "SIGHUP: flags file re-read");
+                valid
+            }
+            None => {
+                tracing::info!(
+                    store = %rollout.store.describe(),
+                    "SIGHUP: no flags file to re-read"
+                );
+                false
+            }
+        }
     }
 }
 
-async fn wait_for_signal() {
+/// Waits for SIGTERM or SIGINT; calls `on_hangup` for each SIGHUP meanwhile. Without
+/// a handler, SIGHUP's default action would kill pitboss at once, with no drain and
+/// its workers left to the reaper.
+async fn wait_for_signal(on_hangup: impl Fn()) {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (
+    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
+        signal(SignalKind::hangup()),
     ) else {
         // Without signal handlers we can still be stopped by SIGKILL; serve forever.
         std::future::pending::<()>().await;
         return;
     };
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM received"),
-        _ = int.recv() => tracing::info!("SIGINT received"),
+    loop {
+        tokio::select! {
+            _ = term.recv() => return tracing::info!("SIGTERM received"),
+            _ = int.recv() => return tracing::info!("SIGINT received"),
+            _ = hup.recv() => on_hangup(),
+        }
     }
 }
 

@@ -428,3 +428,64 @@ async fn a_bad_flags_file_at_start_serves_on_legacy_or_the_last_good_copy() {
     drop(p);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// SIGHUP (`kill -HUP`, systemd's `ExecReload`) re-reads the flags file at once and
+/// pitboss serves on. Before, SIGHUP had no handler: its default action killed
+/// pitboss on the spot, with no drain.
+#[tokio::test]
+async fn sighup_re_reads_the_flags_file_and_pitboss_serves_on() {
+    let dir = temp_dir("flagsfile-sighup");
+    let cfg = dir.join("pitboss.toml");
+    std::fs::write(&cfg, config_text(&dir)).unwrap();
+    std::fs::write(dir.join("token"), format!("{TOKEN}\n")).unwrap();
+    std::fs::write(
+        dir.join("flags.toml"),
+        "mode = \"canary\"\npercent = 100.0\ncommands = [\"*\"]\n",
+    )
+    .unwrap();
+    let mut p = spawn(&cfg).await;
+    let key = key_on_new(50.0);
+    assert_eq!(first_answer(&p, &key).await, "new");
+    let reloads = |m: &str| {
+        sample(
+            m,
+            "pitboss_config_reloads_total",
+            &[("file", "flags"), ("result", "ok")],
+        )
+        .unwrap_or(0.0)
+    };
+    let before = reloads(&common::scrape(p.metrics).await);
+    let pid = p.child.id().unwrap();
+    for n in 1..=2 {
+        kill(pid, libc::SIGHUP);
+        let mut seen = 0.0;
+        for _ in 0..100 {
+            seen = reloads(&common::scrape(p.metrics).await);
+            if seen >= before + n as f64 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(
+            seen,
+            before + n as f64,
+            "SIGHUP {n} did not re-read the file"
+        );
+        assert!(
+            p.child.try_wait().unwrap().is_none(),
+            "SIGHUP killed pitboss"
+        );
+    }
+    assert!(
+        p.log
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|l| l.contains("SIGHUP: flags file re-read")),
+        "not logged"
+    );
+    let mut client = Client::connect(p.bridge.clone()).await.unwrap();
+    assert_eq!(answered_by(&mut client, &key).await, "new", "serves on");
+    let _ = p.child.kill().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
