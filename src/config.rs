@@ -687,6 +687,9 @@ impl Config {
             }
             let wanted = rest.to_ascii_lowercase();
             let Some(path) = known.iter().find(|p| p.replace('.', "_") == wanted) else {
+                if is_service_link(rest, &value) {
+                    continue;
+                }
                 return Err(unknown_env_var(&name, &known));
             };
             frame_set |= path == "pool.max_frame_bytes";
@@ -1174,6 +1177,48 @@ const NON_CONFIG_PREFIXES: [&str; 3] = ["FAULT_", "REQUIRE_", "TEST_"];
 
 fn is_non_config_var(rest: &str) -> bool {
     NON_CONFIG_VARS.contains(&rest) || NON_CONFIG_PREFIXES.iter().any(|p| rest.starts_with(p))
+}
+
+/// Whether `PITBOSS_<rest>=value` is one of the variables Kubernetes puts in every
+/// pod for each Service of its namespace (`enableServiceLinks`, on by default): a
+/// Service named `pitboss` gives `PITBOSS_SERVICE_HOST`, `PITBOSS_SERVICE_PORT[_NAME]`,
+/// `PITBOSS_PORT=tcp://...` and `PITBOSS_PORT_<n>_TCP[_PROTO|_PORT|_ADDR]`; one named
+/// `pitboss-etcd` the same with `PITBOSS_ETCD_`. They are not config: refusing them
+/// made every pod started after such a Service fail. Checked only for names that are
+/// no config key.
+fn is_service_link(rest: &str, value: &str) -> bool {
+    let ends_with_word =
+        |name: &str, word: &str| name == word || name.ends_with(&format!("_{word}"));
+    if ends_with_word(rest, "SERVICE_HOST") || ends_with_word(rest, "SERVICE_PORT") {
+        return true;
+    }
+    if let Some(i) = rest.find("SERVICE_PORT_") {
+        if i == 0 || rest[..i].ends_with('_') {
+            return true;
+        }
+    }
+    let url = ["tcp://", "udp://", "sctp://"]
+        .iter()
+        .any(|scheme| value.starts_with(scheme));
+    if ends_with_word(rest, "PORT") && url {
+        return true;
+    }
+    // <prefix>PORT_<number>_<PROTOCOL>[_PROTO|_PORT|_ADDR]
+    let words: Vec<&str> = rest.split('_').collect();
+    words.iter().enumerate().any(|(i, w)| {
+        *w == "PORT"
+            && words
+                .get(i + 1)
+                .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+            && words
+                .get(i + 2)
+                .is_some_and(|p| ["TCP", "UDP", "SCTP"].contains(p))
+            && match &words[i + 3..] {
+                [] => true,
+                [last] => ["PROTO", "PORT", "ADDR"].contains(last),
+                _ => false,
+            }
+    })
 }
 
 /// The variable named by `rollout.admin_token_env`, which may itself start with
@@ -1733,6 +1778,49 @@ mod tests {
             "{err}"
         );
         load("[server]\nmax_message_bytes = 1048576\n[pool]\nmax_frame_bytes = 1048576\n").unwrap();
+    }
+
+    /// The variables Kubernetes injects for a Service named `pitboss` (or
+    /// `pitboss-etcd`) in the pod's namespace are not config and do not stop a start
+    /// (before: "environment variable PITBOSS_SERVICE_HOST: not a config key", so
+    /// every pod created after config/k8s/shared-tier.yaml's Service failed).
+    #[test]
+    fn kubernetes_service_link_variables_are_not_config() {
+        let links = [
+            ("PITBOSS_SERVICE_HOST", "10.96.0.12"),
+            ("PITBOSS_SERVICE_PORT", "50051"),
+            ("PITBOSS_SERVICE_PORT_GRPC", "50051"),
+            ("PITBOSS_PORT", "tcp://10.96.0.12:50051"),
+            ("PITBOSS_PORT_50051_TCP", "tcp://10.96.0.12:50051"),
+            ("PITBOSS_PORT_50051_TCP_PROTO", "tcp"),
+            ("PITBOSS_PORT_50051_TCP_PORT", "50051"),
+            ("PITBOSS_PORT_50051_TCP_ADDR", "10.96.0.12"),
+            ("PITBOSS_ETCD_SERVICE_HOST", "10.96.0.13"),
+            ("PITBOSS_ETCD_PORT", "tcp://10.96.0.13:2379"),
+            ("PITBOSS_ETCD_PORT_2379_TCP_ADDR", "10.96.0.13"),
+        ];
+        let env = links.map(|(k, v)| (k.to_string(), v.to_string()));
+        let c = Config::from_sources("t", None, env).unwrap();
+        assert_eq!(c.server.listen.to_string(), "127.0.0.1:50051");
+        // Near misses are still refused: a port that is no Service's URL, a typo.
+        for (k, v) in [
+            ("PITBOSS_PORT", "50051"),
+            ("PITBOSS_PORT_50051", "tcp://10.96.0.12:50051"),
+            ("PITBOSS_SERVER_PORT", "50051"),
+            ("PITBOSS_POOL_SIZES", "2"),
+        ] {
+            let err =
+                Config::from_sources("t", None, [(k.to_string(), v.to_string())]).unwrap_err();
+            assert!(err.to_string().contains(k), "{k}: {err}");
+        }
+        // A config key still wins over the pattern.
+        let c = Config::from_sources(
+            "t",
+            None,
+            [("PITBOSS_POOL_SIZE".to_string(), "3".to_string())],
+        )
+        .unwrap();
+        assert_eq!(c.pool.size.0, 3);
     }
 
     /// A lowered server.max_message_bytes alone is a working config: the default frame
