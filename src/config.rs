@@ -212,10 +212,13 @@ pub enum Affinity {
 #[serde(deny_unknown_fields)]
 pub struct ServerSection {
     /// gRPC listener for `pitboss.v1.Bridge`, health and reflection.
+    #[serde(deserialize_with = "listen_addr")]
     pub listen: SocketAddr,
     /// gRPC listener for `pitboss.v1.Admin` (bind to loopback).
+    #[serde(deserialize_with = "listen_addr")]
     pub admin_listen: SocketAddr,
     /// HTTP listener for `/metrics`, `/healthz` and `/readyz`.
+    #[serde(deserialize_with = "listen_addr")]
     pub metrics_listen: SocketAddr,
     pub max_message_bytes: Positive,
     /// How long in-flight calls may take to finish on SIGTERM.
@@ -548,6 +551,29 @@ const PITBOSS_SERVICES: [&str; 5] = [
 ];
 
 /// What is wrong with a service name for `transparent.services`, if anything.
+/// A listen address: `IP:PORT`, or `localhost:PORT` (127.0.0.1, this host only).
+/// Anything else is refused with the forms that work, where serde's own message was
+/// "invalid socket address syntax" (for `localhost:50051`, `:50051` or `50051`).
+fn listen_addr<'de, D: Deserializer<'de>>(d: D) -> Result<SocketAddr, D::Error> {
+    let text = String::deserialize(d)?;
+    if let Ok(addr) = text.parse::<SocketAddr>() {
+        return Ok(addr);
+    }
+    if let Some(port) = text.strip_prefix("localhost:") {
+        if let Ok(port) = port.parse::<u16>() {
+            return Ok(SocketAddr::from(([127, 0, 0, 1], port)));
+        }
+    }
+    let hint = if text.starts_with(':') || text.parse::<u16>().is_ok() {
+        " (a port alone does not say which interfaces: pick one of these)"
+    } else {
+        ""
+    };
+    Err(serde::de::Error::custom(format!(
+        "{text:?} is not a listen address{hint}: write IP:PORT, e.g. \"127.0.0.1:50051\" or \"localhost:50051\" (this host only), \"0.0.0.0:50051\" (every IPv4 interface) or \"[::]:50051\" (every interface); host names other than localhost are not resolved"
+    )))
+}
+
 fn bad_service_name(name: &str) -> Option<String> {
     let ok = !name.is_empty()
         && name.split('.').all(|part| {
@@ -1778,6 +1804,41 @@ mod tests {
             "{err}"
         );
         load("[server]\nmax_message_bytes = 1048576\n[pool]\nmax_frame_bytes = 1048576\n").unwrap();
+    }
+
+    /// `localhost:PORT` is this host's loopback; the forms users write from other
+    /// tools (`:50051`, `50051`, a host name) are refused with the forms that work,
+    /// naming the key (before: "invalid socket address syntax", for `localhost` too).
+    #[test]
+    fn listen_addresses_take_ip_port_or_localhost() {
+        let c =
+            load("[server]\nlisten = \"localhost:6000\"\nadmin_listen = \"[::1]:6001\"\n").unwrap();
+        assert_eq!(c.server.listen.to_string(), "127.0.0.1:6000");
+        assert_eq!(c.server.admin_listen.to_string(), "[::1]:6001");
+        for bad in [
+            ":50051",
+            "50051",
+            "pitboss.internal:50051",
+            "localhost:99999",
+            "localhost",
+        ] {
+            let err = load(&format!("[server]\nmetrics_listen = \"{bad}\"\n")).unwrap_err();
+            let text = err.to_string();
+            assert_eq!(err.line, Some(2), "{text}");
+            assert!(text.contains("server.metrics_listen"), "{text}");
+            assert!(
+                text.contains(&format!("{bad:?} is not a listen address")),
+                "{text}"
+            );
+            assert!(text.contains("\"0.0.0.0:50051\""), "{text}");
+        }
+        let err = Config::from_sources(
+            "t",
+            None,
+            [("PITBOSS_SERVER_LISTEN".to_string(), ":7000".to_string())],
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("a port alone"), "{err}");
     }
 
     /// The variables Kubernetes injects for a Service named `pitboss` (or
