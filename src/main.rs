@@ -108,9 +108,13 @@ enum Command {
     /// Call a command, print its result.
     Call {
         command: String,
-        /// The payload, usually JSON.
+        /// The payload, usually JSON; `@FILE` reads it from a file, `-` from stdin
+        /// (as curl and grpcurl do), byte for byte.
         #[arg(long, default_value = "{}")]
         payload: String,
+        /// The payload's content type, passed to the command.
+        #[arg(long, default_value = "application/json")]
+        content_type: String,
         /// Route to this session's worker (also sent as x-session-id metadata).
         #[arg(long)]
         session: Option<String>,
@@ -316,6 +320,7 @@ fn main() -> ExitCode {
             Command::Call {
                 command,
                 payload,
+                content_type,
                 session,
                 routing_key,
                 idempotent,
@@ -324,8 +329,10 @@ fn main() -> ExitCode {
                 timeout_ms,
                 tls,
             } => {
+                let payload = read_payload(&payload)?;
                 let channel = cli::connect::channel(&addr, &tls, "the bridge listener").await?;
                 let opts = CallOptions {
+                    content_type,
                     session,
                     routing_key,
                     idempotent,
@@ -968,6 +975,7 @@ async fn health(addr: String, service: String, tls: cli::connect::TlsArgs) -> Re
 }
 
 struct CallOptions {
+    content_type: String,
     session: Option<String>,
     routing_key: Option<String>,
     idempotent: bool,
@@ -975,13 +983,47 @@ struct CallOptions {
     timeout_ms: Option<u64>,
 }
 
+/// `pitboss call --payload`: the text itself, `@FILE`'s bytes, or stdin's for `-`.
+fn read_payload(arg: &str) -> Result<Vec<u8>, String> {
+    use std::io::Read;
+    if arg == "-" {
+        let mut bytes = Vec::new();
+        std::io::stdin()
+            .read_to_end(&mut bytes)
+            .map_err(|e| format!("--payload -: cannot read stdin: {e}"))?;
+        return Ok(bytes);
+    }
+    match arg.strip_prefix('@') {
+        Some(file) => {
+            std::fs::read(file).map_err(|e| format!("--payload @{file}: cannot read: {e}"))
+        }
+        None => Ok(arg.as_bytes().to_vec()),
+    }
+}
+
+/// Writes a result to stdout as it came: binary payloads (an image, a pickle) stay
+/// byte-exact when redirected to a file. Text that does not end in a newline gets
+/// one, so that results and stream chunks read as lines.
+fn print_payload(out: &mut impl std::io::Write, payload: &[u8]) -> Result<(), String> {
+    let text = std::str::from_utf8(payload).is_ok();
+    out.write_all(payload)
+        .and_then(|()| {
+            if text && !payload.ends_with(b"\n") {
+                out.write_all(b"\n")?;
+            }
+            out.flush()
+        })
+        .map_err(|e| format!("cannot write the result to stdout: {e}"))
+}
+
 async fn call(
     channel: tonic::transport::Channel,
     command: String,
-    payload: String,
+    payload: Vec<u8>,
     opts: CallOptions,
 ) -> Result<(), String> {
     let CallOptions {
+        content_type,
         session,
         routing_key,
         idempotent,
@@ -991,8 +1033,8 @@ async fn call(
     let mut client = pb::bridge_client::BridgeClient::new(channel);
     let mut req = tonic::Request::new(pb::ExecuteRequest {
         command,
-        payload: payload.into_bytes().into(),
-        content_type: "application/json".into(),
+        payload: payload.into(),
+        content_type,
         session_id: session.clone().unwrap_or_default(),
         idempotent,
         routing_key: routing_key.unwrap_or_default(),
@@ -1022,15 +1064,16 @@ async fn call(
     };
     if stream {
         let mut s = client.execute_stream(req).await.map_err(show)?.into_inner();
+        let mut out = std::io::stdout().lock();
         while let Some(chunk) = s.message().await.map_err(show)? {
-            println!("{}", String::from_utf8_lossy(&chunk.payload));
+            print_payload(&mut out, &chunk.payload)?;
             if chunk.last {
                 eprintln!("(backend {}, worker {})", chunk.backend, chunk.worker_id);
             }
         }
     } else {
         let r = client.execute(req).await.map_err(show)?.into_inner();
-        println!("{}", String::from_utf8_lossy(&r.payload));
+        print_payload(&mut std::io::stdout().lock(), &r.payload)?;
         eprintln!(
             "(backend {}, worker {}, attempts {})",
             r.backend, r.worker_id, r.attempts
@@ -1041,7 +1084,37 @@ async fn call(
 
 #[cfg(test)]
 mod tests {
-    use super::colour_logs;
+    use super::{colour_logs, print_payload, read_payload};
+
+    #[test]
+    fn results_print_byte_exact_and_text_as_lines() {
+        let printed = |p: &[u8]| {
+            let mut out = Vec::new();
+            print_payload(&mut out, p).unwrap();
+            out
+        };
+        assert_eq!(printed(b"{\"x\":1}"), b"{\"x\":1}\n");
+        assert_eq!(printed(b"line\n"), b"line\n");
+        let png = [0x89, b'P', b'N', b'G', 0x0d, 0x0a, 0x1a, 0x0a, 0xff];
+        assert_eq!(printed(&png), png, "binary is not re-encoded nor extended");
+    }
+
+    #[test]
+    fn a_payload_argument_is_text_or_a_file() {
+        assert_eq!(read_payload("{}").unwrap(), b"{}");
+        let file = std::env::temp_dir().join(format!("pitboss-payload-{}", std::process::id()));
+        std::fs::write(&file, [0u8, 159, 146, 150]).unwrap();
+        assert_eq!(
+            read_payload(&format!("@{}", file.display())).unwrap(),
+            [0u8, 159, 146, 150]
+        );
+        std::fs::remove_file(&file).unwrap();
+        let err = read_payload("@/nonexistent/p.json").unwrap_err();
+        assert!(
+            err.contains("--payload @/nonexistent/p.json: cannot read"),
+            "{err}"
+        );
+    }
 
     #[test]
     fn logs_are_coloured_only_at_a_terminal_without_no_color() {

@@ -448,6 +448,47 @@ async fn the_call_and_status_commands_work() {
     );
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), r#"{"x":42}"#);
 
+    // Binary payloads from a file, or stdin, come back byte-exact on stdout (before:
+    // the payload was text only, and the result was printed as lossy UTF-8 plus a
+    // newline, so `pitboss call render > out.png` made a broken file).
+    let dir = temp_dir("call-binary");
+    let input = dir.join("in.bin");
+    let bytes: Vec<u8> = (0..=255u8).rev().collect();
+    std::fs::write(&input, &bytes).unwrap();
+    let at_file = format!("@{}", input.display());
+    let out = tokio::process::Command::new(bin)
+        .args(["call", "echo", "--payload", &at_file])
+        .args([
+            "--content-type",
+            "application/octet-stream",
+            "--addr",
+            &addr,
+        ])
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(out.stdout, bytes, "the bytes of the file, exactly");
+    let mut child = tokio::process::Command::new(bin)
+        .args(["call", "echo", "--payload", "-", "--addr", &addr])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use tokio::io::AsyncWriteExt;
+        let mut stdin = child.stdin.take().unwrap();
+        stdin.write_all(br#"{"from":"stdin"}"#).await.unwrap();
+    }
+    let out = child.wait_with_output().await.unwrap();
+    assert!(out.status.success());
+    assert_eq!(out.stdout, b"{\"from\":\"stdin\"}\n");
+    let _ = std::fs::remove_dir_all(&dir);
+
     let out = tokio::process::Command::new(bin)
         .args([
             "call",
