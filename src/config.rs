@@ -289,7 +289,7 @@ pub struct SessionsSection {
 /// The names of the error classes, in the order of the classification table
 /// (`resilience::class::TABLE`; a test there keeps the two equal). Config is a leaf
 /// and checks names only; `resilience` turns them into classes.
-pub const ERROR_CLASS_NAMES: [&str; 15] = [
+pub const ERROR_CLASS_NAMES: [&str; 16] = [
     "worker_crashed",
     "worker_timeout",
     "deadline_exceeded",
@@ -305,6 +305,7 @@ pub const ERROR_CLASS_NAMES: [&str; 15] = [
     "shutting_down",
     "internal",
     "response_too_large",
+    "session_exists",
 ];
 
 /// The name of an error class, checked against [`ERROR_CLASS_NAMES`].

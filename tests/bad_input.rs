@@ -437,6 +437,35 @@ async fn an_unknown_session_is_not_found_with_the_instance_id() {
         &s.session_id,
     );
 
+    // Creating a session whose id is alive is ALREADY_EXISTS (class
+    // `session_exists`), what a gRPC client's create-or-get tests for; it was
+    // INVALID_ARGUMENT (`invalid_request`). Once closed, the id is free again.
+    let create = |id: &str| pb::CreateSessionRequest {
+        session_id: id.into(),
+        ..Default::default()
+    };
+    client.create_session(create("dup-session")).await.unwrap();
+    let err = client
+        .create_session(create("dup-session"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::AlreadyExists, "{err:?}");
+    assert_eq!(error_class(&err), "session_exists", "{err:?}");
+    assert!(err.message().contains("dup-session"), "{}", err.message());
+    client
+        .close_session(pb::CloseSessionRequest {
+            session_id: "dup-session".into(),
+        })
+        .await
+        .unwrap();
+    client.create_session(create("dup-session")).await.unwrap();
+    client
+        .close_session(pb::CloseSessionRequest {
+            session_id: "dup-session".into(),
+        })
+        .await
+        .unwrap();
+
     assert_eq!(served(&pool), before, "no call reached a worker");
     assert_eq!(pool.status().sessions, 0);
     assert!(idle(&pool));

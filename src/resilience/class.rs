@@ -29,6 +29,9 @@ pub enum ErrorClass {
     /// or than a frame may carry (`pool.max_frame_bytes`): the server's fault, not the
     /// caller's; running it again gives the same answer.
     ResponseTooLarge,
+    /// CreateSession with the id of a session that is alive: the caller's doing, and
+    /// `ALREADY_EXISTS` is what gRPC clients test for in a create-or-get.
+    SessionExists,
 }
 
 /// How bad a failure is, for logs and alerts.
@@ -77,7 +80,7 @@ use Retry as R;
 use Severity as S;
 
 /// The classification table: one row per class.
-pub const TABLE: [Row; 15] = [
+pub const TABLE: [Row; 16] = [
     row(
         C::WorkerCrashed,
         "worker_crashed",
@@ -228,6 +231,16 @@ pub const TABLE: [Row; 15] = [
         true,
         R::Never,
     ),
+    row(
+        C::SessionExists,
+        "session_exists",
+        Code::AlreadyExists,
+        S::Info,
+        R::Never,
+        false,
+        false,
+        R::Never,
+    ),
 ];
 
 #[allow(clippy::too_many_arguments)]
@@ -254,7 +267,7 @@ const fn row(
 }
 
 impl ErrorClass {
-    pub const ALL: [ErrorClass; 15] = [
+    pub const ALL: [ErrorClass; 16] = [
         C::WorkerCrashed,
         C::WorkerTimeout,
         C::DeadlineExceeded,
@@ -270,6 +283,7 @@ impl ErrorClass {
         C::ShuttingDown,
         C::Internal,
         C::ResponseTooLarge,
+        C::SessionExists,
     ];
 
     /// This class's row. The table is indexed by discriminant, which a test checks.
@@ -386,9 +400,8 @@ pub fn classify(err: &PoolError, rules: &ExceptionRules) -> ErrorClass {
         PoolError::PythonException { error_type, .. } => rules.classify(error_type),
         PoolError::UnknownCommand { .. } => C::UnknownCommand,
         PoolError::ResponseTooLarge(_) => C::ResponseTooLarge,
-        PoolError::InvalidRequest(_)
-        | PoolError::RequestTooLarge { .. }
-        | PoolError::SessionExists(_) => C::InvalidRequest,
+        PoolError::InvalidRequest(_) | PoolError::RequestTooLarge { .. } => C::InvalidRequest,
+        PoolError::SessionExists(_) => C::SessionExists,
         PoolError::SessionLost { .. } => C::SessionLost,
         PoolError::SessionNotFound { .. } => C::SessionNotFound,
         PoolError::Cancelled => C::Cancelled,
@@ -471,6 +484,7 @@ mod tests {
             (C::ShuttingDown, Code::Unavailable, R::Always, false),
             (C::Internal, Code::Internal, R::Never, true),
             (C::ResponseTooLarge, Code::Internal, R::Never, false),
+            (C::SessionExists, Code::AlreadyExists, R::Never, false),
         ];
         for (class, code, retry, breaker) in expect {
             let r = class.row();

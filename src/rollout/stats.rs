@@ -548,6 +548,7 @@ mod tests {
             C::UnknownCommand,
             C::SessionLost,
             C::SessionNotFound,
+            C::SessionExists,
             C::Cancelled,
             C::ShuttingDown,
         ] {
