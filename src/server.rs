@@ -232,7 +232,9 @@ impl RunningServer {
             );
         }
 
-        let (health, health_service) = tonic_health::server::health_reporter();
+        let health = tonic_health::server::HealthReporter::new();
+        // Its watches end when the drain starts (they would hold the shutdown).
+        let health_service = crate::grpc::health::service(health.clone(), stop.health.clone());
         health
             .set_not_serving::<BridgeServer<BridgeService>>()
             .await;

@@ -1017,6 +1017,83 @@ async fn logs_are_json_lines_on_request() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// A client that watches health (grpc-go's `healthCheckConfig`, grpc-java's health
+/// checking: a `Watch` per connection, no deadline) does not hold the shutdown: the
+/// drain tells it NOT_SERVING, then ends its watch with UNAVAILABLE, and pitboss
+/// stops at once. Before, the watch never ended and every shutdown waited the whole
+/// `shutdown_grace` (here 20 s), then logged unfinished calls. An unknown service is
+/// SERVICE_UNKNOWN with the watch kept open (the health protocol), not NOT_FOUND.
+#[tokio::test]
+async fn health_watchers_do_not_hold_the_shutdown() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::HealthCheckRequest;
+    let server = RunningServer::start(config(&on_free_ports("shutdown_grace = \"20s\"", "")))
+        .await
+        .unwrap();
+    let channel = Channel::from_shared(format!("http://{}", server.bridge_addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+    let watch = |service: &str| HealthCheckRequest {
+        service: service.into(),
+    };
+    let mut bridge = health
+        .watch(watch("pitboss.v1.Bridge"))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut unknown = health
+        .watch(watch("no.such.Service"))
+        .await
+        .unwrap()
+        .into_inner();
+    let status =
+        |r: tonic_health::pb::HealthCheckResponse| ServingStatus::try_from(r.status).unwrap();
+    let mut first = status(bridge.message().await.unwrap().unwrap());
+    while first != ServingStatus::Serving {
+        first = status(
+            tokio::time::timeout(LONG, bridge.message())
+                .await
+                .expect("SERVING within the bound")
+                .unwrap()
+                .unwrap(),
+        );
+    }
+    assert_eq!(
+        status(unknown.message().await.unwrap().unwrap()),
+        ServingStatus::ServiceUnknown
+    );
+
+    let started = std::time::Instant::now();
+    let shutdown = tokio::spawn(server.shutdown());
+    let mut seen = vec![];
+    let end = loop {
+        match tokio::time::timeout(LONG, bridge.message())
+            .await
+            .expect("the watch moves")
+        {
+            Ok(Some(r)) => seen.push(status(r)),
+            Ok(None) => break None,
+            Err(e) => break Some(e),
+        }
+    };
+    assert_eq!(seen, [ServingStatus::NotServing], "told before it ends");
+    let end = end.expect("ended with a status");
+    assert_eq!(end.code(), tonic::Code::Unavailable, "{end:?}");
+    assert!(end.message().contains("shutting down"), "{end:?}");
+    tokio::time::timeout(Duration::from_secs(10), shutdown)
+        .await
+        .expect("the shutdown does not wait for the watchers")
+        .unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "shutdown took {:?}",
+        started.elapsed()
+    );
+}
+
 /// Text logs written to a pipe or a file carry no ANSI colour codes: before, every
 /// line a log collector stored had escape sequences around its level, target and
 /// field names ("\x1b[32m INFO\x1b[0m"). Colour is for a terminal only.

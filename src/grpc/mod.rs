@@ -5,6 +5,7 @@
 //! [`status`], only there.
 
 pub mod deadline;
+pub mod health;
 pub mod status;
 
 pub mod access;
