@@ -437,13 +437,27 @@ impl RunningServer {
     }
 
     /// Serves until SIGTERM or SIGINT, then shuts down gracefully. SIGHUP re-reads
-    /// the flags file ([`RunningServer::reload_flags`]) and serves on.
+    /// the flags file ([`RunningServer::reload_flags`]) and serves on. A second SIGTERM
+    /// or SIGINT during the drain (a second Ctrl-C) exits at once, with 128 + the
+    /// signal's number, as shells report a process killed by it: the calls still in
+    /// flight fail, and the workers die with pitboss (their parent-death signal).
     pub async fn run_until_signal(self) {
         wait_for_signal(|| {
             self.reload_flags();
         })
         .await;
-        self.shutdown().await;
+        let drain = self.shutdown();
+        tokio::pin!(drain);
+        tokio::select! {
+            () = &mut drain => {}
+            signal = wait_for_signal(|| {}) => {
+                tracing::warn!(
+                    "a second {} during the drain: exiting now, without waiting for the calls in flight",
+                    signal.name()
+                );
+                std::process::exit(128 + signal as i32);
+            }
+        }
     }
 
     /// Re-reads the flags file now, as SIGHUP asks (`systemctl reload`, `kill -HUP`):
@@ -472,10 +486,27 @@ impl RunningServer {
     }
 }
 
+/// The signals that stop pitboss, numbered as the kernel numbers them.
+#[derive(Debug, Clone, Copy)]
+#[repr(i32)]
+enum StopSignal {
+    Sigterm = libc::SIGTERM,
+    Sigint = libc::SIGINT,
+}
+
+impl StopSignal {
+    fn name(self) -> &'static str {
+        match self {
+            StopSignal::Sigterm => "SIGTERM",
+            StopSignal::Sigint => "SIGINT",
+        }
+    }
+}
+
 /// Waits for SIGTERM or SIGINT; calls `on_hangup` for each SIGHUP meanwhile. Without
 /// a handler, SIGHUP's default action would kill pitboss at once, with no drain and
 /// its workers left to the reaper.
-async fn wait_for_signal(on_hangup: impl Fn()) {
+async fn wait_for_signal(on_hangup: impl Fn()) -> StopSignal {
     use tokio::signal::unix::{signal, SignalKind};
     let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
         signal(SignalKind::terminate()),
@@ -483,16 +514,17 @@ async fn wait_for_signal(on_hangup: impl Fn()) {
         signal(SignalKind::hangup()),
     ) else {
         // Without signal handlers we can still be stopped by SIGKILL; serve forever.
-        std::future::pending::<()>().await;
-        return;
+        return std::future::pending().await;
     };
-    loop {
+    let signal = loop {
         tokio::select! {
-            _ = term.recv() => return tracing::info!("SIGTERM received"),
-            _ = int.recv() => return tracing::info!("SIGINT received"),
+            _ = term.recv() => break StopSignal::Sigterm,
+            _ = int.recv() => break StopSignal::Sigint,
             _ = hup.recv() => on_hangup(),
         }
-    }
+    };
+    tracing::info!("{} received", signal.name());
+    signal
 }
 
 /// Keeps grpc.health.v1 in step with readiness ([`crate::telemetry::readiness`]):

@@ -113,6 +113,73 @@ async fn sigterm_drains_in_flight_calls_refuses_new_ones_and_leaves_no_python() 
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// A second SIGINT during the drain (a second Ctrl-C) exits at once with 130 (128 +
+/// SIGINT), without waiting for a long call, and no Python process remains. Before,
+/// the second signal was swallowed and pitboss waited the whole shutdown_grace.
+#[tokio::test]
+async fn a_second_signal_during_the_drain_exits_at_once() {
+    let dir = temp_dir("life-second-signal");
+    let cfg = dir.join("p.toml");
+    std::fs::write(
+        &cfg,
+        on_free_ports(
+            "shutdown_grace = \"60s\"",
+            &pool_section("faults:adapter", 2),
+        ),
+    )
+    .unwrap();
+    let mut p = spawn(&cfg).await;
+    let mut ok = false;
+    for _ in 0..300 {
+        if serving(&p.bridge).await {
+            ok = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(ok, "never SERVING");
+    let pids = wait_pids(&p.admin, None, 2).await;
+    let mut client = Client::connect(p.bridge.clone()).await.unwrap();
+    let slow =
+        tokio::spawn(async move { client.execute(exec("sleep", r#"{"seconds": 50}"#)).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let pid = p.child.id().unwrap();
+    kill(pid, libc::SIGINT);
+    // Draining: the long call holds the exit.
+    assert!(
+        tokio::time::timeout(Duration::from_secs(1), p.child.wait())
+            .await
+            .is_err(),
+        "exited before the second signal"
+    );
+    let started = std::time::Instant::now();
+    kill(pid, libc::SIGINT);
+    let status = tokio::time::timeout(LONG, p.child.wait())
+        .await
+        .expect("exits at the second signal")
+        .unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(status.code(), Some(130), "{status}");
+    assert!(slow.await.unwrap().is_err(), "the long call did not finish");
+    assert!(
+        eventually(Duration::from_secs(5), || pids.iter().all(|p| !alive(*p))).await,
+        "workers outlived pitboss"
+    );
+    assert!(
+        p.log
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|l| l.contains("a second SIGINT during the drain")),
+        "not logged"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[tokio::test]
 async fn after_a_crash_sessions_are_gone_and_the_rollout_state_is_kept() {
     let dir = temp_dir("life-restart");
