@@ -272,9 +272,9 @@ async fn create_session_calls_are_counted_once_each() {
     };
     client.create_session(create("acct-a")).await.unwrap();
     assert_counted(&server, label, "", before_ok, 1.0).await;
-    let before = counts(&server, label, "invalid_request").await;
+    let before = counts(&server, label, "session_exists").await;
     let err = client.create_session(create("acct-a")).await.unwrap_err();
-    assert_eq!(error_class(&err), "invalid_request", "{err:?}");
-    assert_counted(&server, label, "invalid_request", before, 1.0).await;
+    assert_eq!(error_class(&err), "session_exists", "{err:?}");
+    assert_counted(&server, label, "session_exists", before, 1.0).await;
     server.shutdown().await;
 }

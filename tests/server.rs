@@ -597,7 +597,7 @@ async fn an_expired_session_id_can_be_created_again_at_once() {
     assert_eq!(s.session_id, "sess-a");
     // While it lives, the id is taken.
     let err = client.create_session(create("sess-a")).await.unwrap_err();
-    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert_eq!(err.code(), Code::AlreadyExists, "{err:?}");
     // Wait until the backend says it expired (no call naming it in between).
     let expired = eventually(LONG, || server.pool().get_session("sess-a").is_err()).await;
     assert!(expired, "the session never expired");
