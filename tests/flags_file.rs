@@ -388,11 +388,7 @@ async fn a_bad_flags_file_at_start_serves_on_legacy_or_the_last_good_copy() {
         "{metrics}"
     );
     assert!(
-        p.log
-            .lock()
-            .unwrap()
-            .iter()
-            .any(|l| l.contains("ERROR") && l.contains("flags.toml:3")),
+        p.logged(|l| l.contains("ERROR") && l.contains("flags.toml:3")),
         "not logged as an error"
     );
 
@@ -477,11 +473,7 @@ async fn sighup_re_reads_the_flags_file_and_pitboss_serves_on() {
         );
     }
     assert!(
-        p.log
-            .lock()
-            .unwrap()
-            .iter()
-            .any(|l| l.contains("SIGHUP: flags file re-read")),
+        p.logged(|l| l.contains("SIGHUP: flags file re-read")),
         "not logged"
     );
     let mut client = Client::connect(p.bridge.clone()).await.unwrap();

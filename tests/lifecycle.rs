@@ -55,19 +55,20 @@ async fn serving(bridge: &str) -> bool {
     .unwrap_or(false)
 }
 
-#[tokio::test]
-async fn sigterm_drains_in_flight_calls_refuses_new_ones_and_leaves_no_python() {
-    let dir = temp_dir("life-term");
+/// The real binary on the fault adapter (2 workers) with `shutdown_grace`, once it is
+/// SERVING: the process, its config's directory and its workers' pids.
+async fn serving_faults(tag: &str, grace: &str) -> (Proc, std::path::PathBuf, Vec<u32>) {
+    let dir = temp_dir(tag);
     let cfg = dir.join("p.toml");
     std::fs::write(
         &cfg,
         on_free_ports(
-            "shutdown_grace = \"10s\"",
+            &format!("shutdown_grace = \"{grace}\""),
             &pool_section("faults:adapter", 2),
         ),
     )
     .unwrap();
-    let mut p = spawn(&cfg).await;
+    let p = spawn(&cfg).await;
     let mut ok = false;
     for _ in 0..300 {
         if serving(&p.bridge).await {
@@ -78,6 +79,12 @@ async fn sigterm_drains_in_flight_calls_refuses_new_ones_and_leaves_no_python() 
     }
     assert!(ok, "never SERVING");
     let pids = wait_pids(&p.admin, None, 2).await;
+    (p, dir, pids)
+}
+
+#[tokio::test]
+async fn sigterm_drains_in_flight_calls_refuses_new_ones_and_leaves_no_python() {
+    let (mut p, dir, pids) = serving_faults("life-term", "10s").await;
 
     // A call in flight when SIGTERM arrives.
     let mut client = Client::connect(p.bridge.clone()).await.unwrap();
@@ -118,27 +125,7 @@ async fn sigterm_drains_in_flight_calls_refuses_new_ones_and_leaves_no_python() 
 /// the second signal was swallowed and pitboss waited the whole shutdown_grace.
 #[tokio::test]
 async fn a_second_signal_during_the_drain_exits_at_once() {
-    let dir = temp_dir("life-second-signal");
-    let cfg = dir.join("p.toml");
-    std::fs::write(
-        &cfg,
-        on_free_ports(
-            "shutdown_grace = \"60s\"",
-            &pool_section("faults:adapter", 2),
-        ),
-    )
-    .unwrap();
-    let mut p = spawn(&cfg).await;
-    let mut ok = false;
-    for _ in 0..300 {
-        if serving(&p.bridge).await {
-            ok = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(ok, "never SERVING");
-    let pids = wait_pids(&p.admin, None, 2).await;
+    let (mut p, dir, pids) = serving_faults("life-second-signal", "60s").await;
     let mut client = Client::connect(p.bridge.clone()).await.unwrap();
     let slow =
         tokio::spawn(async move { client.execute(exec("sleep", r#"{"seconds": 50}"#)).await });
@@ -170,11 +157,7 @@ async fn a_second_signal_during_the_drain_exits_at_once() {
         "workers outlived pitboss"
     );
     assert!(
-        p.log
-            .lock()
-            .unwrap()
-            .iter()
-            .any(|l| l.contains("a second SIGINT during the drain")),
+        p.logged(|l| l.contains("a second SIGINT during the drain")),
         "not logged"
     );
     let _ = std::fs::remove_dir_all(&dir);

@@ -973,48 +973,68 @@ async fn readiness_and_health_follow_every_transition() {
     shutdown.await.unwrap();
 }
 
-#[tokio::test]
-async fn logs_are_json_lines_on_request() {
+/// Runs the real binary on a one-worker config (`server_extra` added to its
+/// `[server]`) with `log_args`, reads its stderr until `done` holds for a line, and
+/// returns the lines read; then stops it.
+async fn stderr_until(
+    tag: &str,
+    server_extra: &str,
+    log_args: &[&str],
+    done: impl Fn(&str) -> bool,
+) -> Vec<String> {
     use tokio::io::AsyncBufReadExt;
-    let dir = temp_dir("json-logs");
+    let dir = temp_dir(tag);
     let cfg = dir.join("p.toml");
     std::fs::write(
         &cfg,
-        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\nmetrics_listen = \"127.0.0.1:0\"\n\
-         [pool]\nsize = 1\n",
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\nmetrics_listen = \"127.0.0.1:0\"\n\
+             {server_extra}[pool]\nsize = 1\n"
+        ),
     )
     .unwrap();
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_pitboss"))
-        .args(["--log-format", "json", "--config"])
+        .args(log_args)
+        .arg("--config")
         .arg(&cfg)
         .env("RUST_LOG", "info")
+        .env_remove("NO_COLOR")
         .stderr(std::process::Stdio::piped())
         .kill_on_drop(true)
         .spawn()
         .unwrap();
     let mut lines = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
     let mut seen = vec![];
-    let found = tokio::time::timeout(LONG, async {
+    tokio::time::timeout(LONG, async {
         while let Some(line) = lines.next_line().await.unwrap() {
-            let v: serde_json::Value =
-                serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
-            let msg = v["fields"]["message"]
-                .as_str()
-                .unwrap_or_default()
-                .to_string();
-            seen.push(msg.clone());
-            if msg == "worker ready" {
-                return v;
+            let finished = done(&line);
+            seen.push(line);
+            if finished {
+                return;
             }
         }
-        panic!("no 'worker ready' line: {seen:?}");
+        panic!("stderr ended first: {seen:?}");
     })
     .await
-    .expect("worker ready within the bound");
-    assert_eq!(found["level"], "INFO");
-    assert!(found["fields"]["worker"].is_string(), "{found}");
+    .expect("the line within the bound");
     let _ = child.kill().await;
     let _ = std::fs::remove_dir_all(&dir);
+    seen
+}
+
+#[tokio::test]
+async fn logs_are_json_lines_on_request() {
+    let json = |line: &str| {
+        serde_json::from_str::<serde_json::Value>(line)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {line}"))
+    };
+    let seen = stderr_until("json-logs", "", &["--log-format", "json"], |l| {
+        json(l)["fields"]["message"] == "worker ready"
+    })
+    .await;
+    let found = json(seen.last().unwrap());
+    assert_eq!(found["level"], "INFO");
+    assert!(found["fields"]["worker"].is_string(), "{found}");
 }
 
 /// A client that watches health (grpc-go's `healthCheckConfig`, grpc-java's health
@@ -1099,38 +1119,10 @@ async fn health_watchers_do_not_hold_the_shutdown() {
 /// field names ("\x1b[32m INFO\x1b[0m"). Colour is for a terminal only.
 #[tokio::test]
 async fn text_logs_to_a_pipe_have_no_colour_codes() {
-    use tokio::io::AsyncBufReadExt;
-    let dir = temp_dir("text-logs");
-    let cfg = dir.join("p.toml");
-    std::fs::write(
-        &cfg,
-        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\nmetrics_listen = \"127.0.0.1:0\"\n\
-         log_format = \"text\"\n[pool]\nsize = 1\n",
-    )
-    .unwrap();
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_pitboss"))
-        .args(["--config"])
-        .arg(&cfg)
-        .env("RUST_LOG", "info")
-        .env_remove("NO_COLOR")
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut lines = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
-    let mut seen = vec![];
-    tokio::time::timeout(LONG, async {
-        while let Some(line) = lines.next_line().await.unwrap() {
-            let ready = line.contains("worker ready");
-            seen.push(line);
-            if ready {
-                return;
-            }
-        }
-        panic!("no 'worker ready' line: {seen:?}");
+    let seen = stderr_until("text-logs", "log_format = \"text\"\n", &[], |l| {
+        l.contains("worker ready")
     })
-    .await
-    .expect("worker ready within the bound");
+    .await;
     assert!(seen.len() >= 2, "{seen:?}");
     for line in &seen {
         assert!(
@@ -1143,8 +1135,6 @@ async fn text_logs_to_a_pipe_have_no_colour_codes() {
         ready.contains(" INFO ") && ready.contains("worker="),
         "{ready}"
     );
-    let _ = child.kill().await;
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// gRPC clients in other languages often compress their requests (grpc-go's

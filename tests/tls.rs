@@ -483,10 +483,8 @@ async fn an_admin_listener_off_loopback_without_tls_is_warned_about() {
     )
     .unwrap();
     let proc = common::spawn(&file).await;
-    let warned =
-        proc.log.lock().unwrap().iter().any(|l| {
-            l.contains("WARN") && l.contains("not on loopback") && l.contains("tls.admin")
-        });
+    let warned = proc
+        .logged(|l| l.contains("WARN") && l.contains("not on loopback") && l.contains("tls.admin"));
     assert!(warned, "{:?}", proc.log.lock().unwrap());
     drop(proc);
     std::fs::remove_dir_all(&dir).unwrap();

@@ -388,6 +388,13 @@ pub struct Proc {
     pub log: Arc<Mutex<Vec<String>>>,
 }
 
+impl Proc {
+    /// Whether a line logged so far satisfies `line`.
+    pub fn logged(&self, line: impl Fn(&str) -> bool) -> bool {
+        self.log.lock().unwrap().iter().any(|l| line(l))
+    }
+}
+
 /// Starts the real binary on `config` with JSON logs at `info`, and reads its
 /// listening addresses from the log. Its stderr is drained into [`Proc::log`] for as
 /// long as it runs, so it never blocks on a full pipe.
