@@ -42,8 +42,10 @@ use crate::worker::WorkerId;
 #[derive(Clone)]
 pub struct Proxy {
     pub address: Arc<str>,
-    /// For the relayed calls (client-streaming, bidi) and reflection.
-    channel: Channel,
+    /// For the relayed calls (client-streaming, bidi) and reflection. Behind an Arc:
+    /// a `Channel` clone is a `Buffer` sender (an allocation), and a `Proxy` is cloned
+    /// twice per call it splits, which never use the channel.
+    channel: Arc<Channel>,
     /// For the calls pitboss splits: no task between the caller and the connection.
     direct: Direct,
     /// The largest response message taken from the service (`server.max_message_bytes`).
@@ -143,7 +145,7 @@ impl Proxy {
     fn over(address: &str, channel: Channel, direct: Direct, max_message_bytes: usize) -> Proxy {
         Proxy {
             address: address.into(),
-            channel,
+            channel: Arc::new(channel),
             direct,
             max_message_bytes,
         }
@@ -195,19 +197,22 @@ impl Proxy {
     /// Sends a request; a failure to reach the service is `worker_crashed`.
     async fn send(&self, req: http::Request<Body>) -> Result<http::Response<Body>, CallError> {
         let started = Instant::now();
-        self.channel.clone().oneshot(req).await.map_err(|e| {
-            // The channel enforces the grpc-timeout it sends: the call's deadline
-            // passed, which is no fault of the service.
-            if timed_out(&e) {
-                return CallError::DeadlineExceeded {
-                    after: started.elapsed(),
-                };
-            }
-            self.failure(
-                ErrorClass::WorkerCrashed,
-                format!("Unavailable: {}", with_sources(&e)),
-            )
-        })
+        Channel::clone(&self.channel)
+            .oneshot(req)
+            .await
+            .map_err(|e| {
+                // The channel enforces the grpc-timeout it sends: the call's deadline
+                // passed, which is no fault of the service.
+                if timed_out(&e) {
+                    return CallError::DeadlineExceeded {
+                        after: started.elapsed(),
+                    };
+                }
+                self.failure(
+                    ErrorClass::WorkerCrashed,
+                    format!("Unavailable: {}", with_sources(&e)),
+                )
+            })
     }
 
     /// Forwards a call and reads the answer's head: a trailers-only failure (or an
@@ -281,11 +286,11 @@ impl Proxy {
         &self,
         services: &[String],
     ) -> Result<prost_types::FileDescriptorSet, ReflectionError> {
-        let files = match reflect_v1(self.channel.clone(), services).await {
+        let files = match reflect_v1(Channel::clone(&self.channel), services).await {
             Err(ReflectionError::Status {
                 code: tonic::Code::Unimplemented,
                 ..
-            }) => reflect_v1alpha(self.channel.clone(), services).await?,
+            }) => reflect_v1alpha(Channel::clone(&self.channel), services).await?,
             other => other?,
         };
         Ok(prost_types::FileDescriptorSet {

@@ -226,7 +226,15 @@ fn call_of(r: pb::ExecuteRequest, deadline: Option<Instant>, ids: &Arc<CallIds>)
 }
 
 /// Writes the answer of a unary call into its span.
+///
+/// A served call's fields are written only when its debug line is logged: the text
+/// and JSON formatters render every recorded field at once, and nothing after this
+/// point logs within the span at the default level, so at `info` they were work on
+/// every call that no line ever showed.
 fn trace_answer(answer: &Answer<Served>) {
+    if answer.result.is_ok() && !tracing::enabled!(tracing::Level::DEBUG) {
+        return;
+    }
     let span = tracing::Span::current();
     span.record("backend", answer.role.as_str());
     match &answer.result {
