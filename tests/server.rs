@@ -1200,3 +1200,52 @@ async fn compressed_requests_are_accepted_on_the_bridge_and_admin() {
     assert_eq!(r.into_inner().payload, payload.as_bytes());
     server.shutdown().await;
 }
+
+/// A served call's debug line ("call served") carries its backend, worker and
+/// attempts. They are recorded into the call's span only when that line is logged
+/// (at `info` the formatters rendered them on every call for no line), so this checks
+/// the debug path still has them.
+#[tokio::test]
+async fn a_served_calls_debug_line_names_its_backend_worker_and_attempts() {
+    let dir = temp_dir("debug-call-line");
+    let cfg = dir.join("p.toml");
+    std::fs::write(&cfg, on_free_ports("", &pool_section("demo:adapter", 1))).unwrap();
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_pitboss"));
+    command.env("RUST_LOG", "info,pitboss=debug");
+    let p = spawn_exe(command, &cfg).await;
+    let mut client = pb::bridge_client::BridgeClient::connect(p.bridge.clone())
+        .await
+        .unwrap();
+    client
+        .execute(exec("echo", br#"{"x": 1}"#))
+        .await
+        .expect("echo served");
+    let served = |l: &str| {
+        let v: serde_json::Value = serde_json::from_str(l).unwrap_or_default();
+        v["fields"]["message"] == "call served"
+    };
+    assert!(
+        eventually(LONG, || p.logged(served)).await,
+        "no 'call served' line: {:?}",
+        p.log.lock().unwrap()
+    );
+    let line = p
+        .log
+        .lock()
+        .unwrap()
+        .iter()
+        .find(|l| served(l))
+        .cloned()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+    let span = &v["span"];
+    assert_eq!(span["backend"], "legacy", "{line}");
+    assert_eq!(span["attempts"], 1, "{line}");
+    assert!(
+        span["worker"].as_str().is_some_and(|w| !w.is_empty()),
+        "{line}"
+    );
+    assert_eq!(span["command"], "echo", "{line}");
+    drop(p);
+    let _ = std::fs::remove_dir_all(&dir);
+}

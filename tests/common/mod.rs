@@ -395,7 +395,8 @@ impl Proc {
     }
 }
 
-/// Starts the real binary on `config` with JSON logs at `info`, and reads its
+/// Starts the real binary on `config` with JSON logs at `info` (or the caller's
+/// `RUST_LOG`, for [`spawn_exe`]), and reads its
 /// listening addresses from the log. Its stderr is drained into [`Proc::log`] for as
 /// long as it runs, so it never blocks on a full pipe.
 pub async fn spawn(config: &Path) -> Proc {
@@ -409,10 +410,13 @@ pub async fn spawn(config: &Path) -> Proc {
 /// [`spawn`] with a command set up by the caller: another copy of the binary, its
 /// environment, its working directory.
 pub async fn spawn_exe(mut command: tokio::process::Command, config: &Path) -> Proc {
+    // `info` unless the caller chose a level.
+    if !command.as_std().get_envs().any(|(k, _)| k == "RUST_LOG") {
+        command.env("RUST_LOG", "info");
+    }
     let mut child = command
         .args(["--log-format", "json", "--config"])
         .arg(config)
-        .env("RUST_LOG", "info")
         .stderr(Stdio::piped())
         .kill_on_drop(true)
         .spawn()
