@@ -31,8 +31,19 @@ pub const DURATION_BUCKETS: &[f64] = &[
 
 static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
 
-/// The process-wide Prometheus recorder, installed on first use. `None` when another
-/// recorder was installed first (a test's, for example): metrics then go there.
+/// How often the recorder's histogram samples are folded into their buckets.
+///
+/// The exporter keeps every histogram sample recorded since its last upkeep, and
+/// `install_recorder` leaves running that upkeep to its caller. A scrape runs it too,
+/// but a pitboss nobody scrapes would otherwise keep every call's duration, forever:
+/// about 26 bytes per call, which is 2 MiB per 80,000 calls, measured. Each second
+/// bounds that at one second of calls.
+pub const UPKEEP_EVERY: Duration = Duration::from_secs(1);
+
+/// The process-wide Prometheus recorder, installed on first use, with a thread that
+/// runs its upkeep every [`UPKEEP_EVERY`] for as long as the process lives. `None`
+/// when another recorder was installed first (a test's, for example): metrics then
+/// go there.
 pub fn prometheus() -> Option<PrometheusHandle> {
     HANDLE
         .get_or_init(|| {
@@ -45,6 +56,7 @@ pub fn prometheus() -> Option<PrometheusHandle> {
             match builder.install_recorder() {
                 Ok(handle) => {
                     describe();
+                    spawn_upkeep(handle.clone());
                     Some(handle)
                 }
                 Err(e) => {
@@ -54,6 +66,22 @@ pub fn prometheus() -> Option<PrometheusHandle> {
             }
         })
         .clone()
+}
+
+/// A plain thread rather than a task: the recorder is process-wide and may be
+/// installed outside a runtime (or in one that ends before the process does).
+fn spawn_upkeep(handle: PrometheusHandle) {
+    let spawned = std::thread::Builder::new()
+        .name("pitboss-metrics-upkeep".into())
+        .spawn(move || loop {
+            std::thread::sleep(UPKEEP_EVERY);
+            handle.run_upkeep();
+        });
+    if let Err(e) = spawned {
+        tracing::warn!(
+            "cannot start the metrics upkeep thread ({e}): histogram samples are folded only when /metrics is scraped"
+        );
+    }
 }
 
 fn describe() {
