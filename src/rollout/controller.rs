@@ -87,6 +87,44 @@ pub struct Rollout {
     step: Mutex<(String, Instant)>,
     analysis: Mutex<Analysis>,
     leader: AtomicBool,
+    /// An automatic rollback the store took but did not confirm in time (etcd slow,
+    /// or without a quorum): it may still land. It is counted when the flags in force
+    /// show it, and given up (counted as a failure) once the flags moved on without it.
+    pending_rollback: Mutex<Option<PendingRollback>>,
+}
+
+/// Unconfirmed rollbacks: the revision their compare-and-swaps were made on, the
+/// flags they replace, and the flags each wrote (a later check may send another on
+/// the same revision; at most one of them can land).
+#[derive(Debug, Clone)]
+struct PendingRollback {
+    base: u64,
+    old: Arc<Flags>,
+    sent: Vec<Flags>,
+}
+
+/// What became of an unconfirmed rollback, judged on the flags in force.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PendingFate {
+    /// The flags in force are the ones it wrote: it was made.
+    Landed,
+    /// The flags moved on from its revision without it: its compare-and-swap can
+    /// no longer apply.
+    Superseded,
+    /// Still at the revision it was made on: it may yet land.
+    Waiting,
+}
+
+impl PendingRollback {
+    fn fate(&self, now: &Flags, revision: u64) -> PendingFate {
+        if self.sent.iter().any(|f| f.status == now.status) {
+            PendingFate::Landed
+        } else if revision != self.base {
+            PendingFate::Superseded
+        } else {
+            PendingFate::Waiting
+        }
+    }
 }
 
 impl Rollout {
@@ -119,6 +157,7 @@ impl Rollout {
                 promotion: String::new(),
             }),
             leader: AtomicBool::new(false),
+            pending_rollback: Mutex::new(None),
         });
         r.publish();
         r
@@ -248,6 +287,9 @@ impl Rollout {
         if !self.has_new {
             return None;
         }
+        if let Some(reason) = self.settle_pending_rollback() {
+            return Some(reason);
+        }
         let (f, revision) = self.flags.current();
         let window = f.rollback.window.0;
         for s in [&self.legacy, &self.new] {
@@ -358,17 +400,65 @@ impl Rollout {
             .await;
         match result {
             Ok((old, new)) if old != new => {
-                let kind = reason_kind(reason);
-                metrics::counter!("pitboss_rollout_rollbacks_total", "reason" => kind).increment(1);
-                self.counters.rollbacks.fetch_add(1, Ordering::Relaxed);
-                audit("pitboss auto-rollback", &old, &new, reason);
+                // Made: an earlier unconfirmed one (on the same revision) cannot land.
+                *self
+                    .pending_rollback
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner()) = None;
+                self.rolled_back_by_us(&old, &new, reason);
                 Some(reason.to_string())
             }
-            Ok(_) | Err(ChangeError::Refused(AlreadyChanged)) => None,
+            Ok(_) | Err(ChangeError::Refused(AlreadyChanged)) => self.settle_pending_rollback(),
+            Err(ChangeError::Store(e @ StoreError::Unconfirmed { .. })) => {
+                // Sent: etcd may commit it late (a slow disk, a quorum coming back),
+                // and the watch then brings it here. Look once now; the next checks
+                // look again.
+                tracing::warn!(%reason, "auto-rollback sent but not confirmed yet: {e}");
+                self.refresh().await;
+                self.settle_pending_rollback()
+            }
             Err(e) => {
                 // The store could not be written (a read-only ConfigMap volume, a full
                 // disk, etcd unreachable): nothing changed. Say so loudly, and count it.
                 tracing::error!(%reason, "auto-rollback wanted but failed: {e}");
+                metrics::counter!("pitboss_rollout_rollback_failures_total").increment(1);
+                None
+            }
+        }
+    }
+
+    /// Counts and audits a rollback this instance made.
+    fn rolled_back_by_us(&self, old: &Flags, new: &Flags, reason: &str) {
+        let kind = reason_kind(reason);
+        metrics::counter!("pitboss_rollout_rollbacks_total", "reason" => kind).increment(1);
+        self.counters.rollbacks.fetch_add(1, Ordering::Relaxed);
+        audit("pitboss auto-rollback", old, new, reason);
+    }
+
+    /// Settles an unconfirmed rollback on the flags in force: counted once it shows
+    /// there (returning its reason), given up once they moved on without it.
+    fn settle_pending_rollback(&self) -> Option<String> {
+        let mut slot = self
+            .pending_rollback
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let pending = slot.as_ref()?;
+        let (now, revision) = self.flags.current();
+        match pending.fate(&now, revision) {
+            PendingFate::Waiting => None,
+            PendingFate::Landed => {
+                let p = slot.take()?;
+                let reason = now.status.reason.clone();
+                tracing::info!(%reason, "the unconfirmed auto-rollback was applied by the store");
+                self.rolled_back_by_us(&p.old, &now, &reason);
+                Some(reason)
+            }
+            PendingFate::Superseded => {
+                let p = slot.take()?;
+                tracing::error!(
+                    reason = %p.sent.last().map(|f| f.status.reason.as_str()).unwrap_or(""),
+                    "the unconfirmed auto-rollback was not applied: the rollout changed first"
+                );
                 metrics::counter!("pitboss_rollout_rollback_failures_total").increment(1);
                 None
             }
@@ -465,7 +555,25 @@ impl Rollout {
                     }
                     None => self.refresh().await,
                 },
-                Err(CasError::Store(e)) => return Err(ChangeError::Store(e)),
+                Err(CasError::Store(e)) => {
+                    if action == "auto-rollback" && matches!(e, StoreError::Unconfirmed { .. }) {
+                        let mut slot = self
+                            .pending_rollback
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner());
+                        match slot.as_mut() {
+                            Some(p) if p.base == base => p.sent.push(new),
+                            _ => {
+                                *slot = Some(PendingRollback {
+                                    base,
+                                    old: cur,
+                                    sent: vec![new],
+                                })
+                            }
+                        }
+                    }
+                    return Err(ChangeError::Store(e));
+                }
                 Err(e) => return Err(ChangeError::Conflict(e)),
             }
         }
@@ -701,6 +809,120 @@ mod tests {
             .unwrap();
         assert_eq!(resumed.status.state, flags::RolloutState::Active);
         assert_eq!(r.stats(Role::New).requests, 0, "old evidence is dropped");
+    }
+
+    /// A store whose writes land (in the flags in force, as etcd's watch would bring
+    /// them) but, while `late` is set, are reported unconfirmed: etcd committing a
+    /// write after its timeout, or after its quorum came back.
+    struct LateStore {
+        inner: Arc<FileStore>,
+        late: AtomicBool,
+        /// Whether a late write lands at all (false: the proposal was lost).
+        lands: AtomicBool,
+    }
+
+    #[tonic::async_trait]
+    impl FlagStore for LateStore {
+        fn describe(&self) -> String {
+            "late".into()
+        }
+        async fn load(&self) -> Result<Option<super::super::store::Versioned>, StoreError> {
+            self.inner.load().await
+        }
+        fn watch(&self, _: Arc<LiveFlags>, _: CancellationToken) {}
+        async fn compare_and_swap(
+            &self,
+            expected: u64,
+            flags: &Flags,
+            record: &AuditRecord,
+        ) -> Result<u64, CasError> {
+            if !self.late.load(Ordering::Relaxed) {
+                return self.inner.compare_and_swap(expected, flags, record).await;
+            }
+            if self.lands.load(Ordering::Relaxed) {
+                self.inner.compare_and_swap(expected, flags, record).await?;
+            }
+            Err(CasError::Store(StoreError::Unconfirmed {
+                store: "late".into(),
+                message: "no answer within 500ms".into(),
+            }))
+        }
+        async fn history(&self, limit: usize) -> Result<Vec<AuditRecord>, StoreError> {
+            self.inner.history(limit).await
+        }
+    }
+
+    fn late_rollout(lands: bool) -> (Arc<Rollout>, Arc<LateStore>) {
+        let live = flags(
+            "mode = \"canary\"\npercent = 50.0\ncommands = [\"*\"]\n\
+             [rollback]\nmin_requests = 10\nwindow = \"10s\"\n",
+        );
+        let store = Arc::new(LateStore {
+            inner: FileStore::new(live.clone()),
+            late: AtomicBool::new(true),
+            lands: AtomicBool::new(lands),
+        });
+        let r = Rollout::with_store(live, store.clone(), true, "i1");
+        for _ in 0..10 {
+            r.record(
+                Role::New,
+                Duration::from_millis(5),
+                Some(ErrorClass::WorkerCrashed),
+            );
+        }
+        (r, store)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_rollback_the_store_applies_after_its_timeout_is_counted_once() {
+        let (r, _store) = late_rollout(true);
+        let reason = r
+            .check()
+            .await
+            .expect("the late write shows in the flags in force");
+        assert!(reason.contains("error rate"), "{reason}");
+        assert_eq!(r.flags.get().status.state, flags::RolloutState::RolledBack);
+        assert_eq!(r.counters.rollbacks.load(Ordering::Relaxed), 1);
+        assert_eq!(r.check().await, None);
+        assert_eq!(
+            r.counters.rollbacks.load(Ordering::Relaxed),
+            1,
+            "counted once"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lost_unconfirmed_rollback_is_sent_again_and_counted_once_made() {
+        let (r, store) = late_rollout(false);
+        assert_eq!(r.check().await, None, "sent, not confirmed, not in force");
+        assert_eq!(r.flags.get().status.state, flags::RolloutState::Active);
+        assert_eq!(r.counters.rollbacks.load(Ordering::Relaxed), 0);
+        // The store answers again: the next check sends the rollback again.
+        store.late.store(false, Ordering::Relaxed);
+        assert!(r.check().await.is_some());
+        assert_eq!(r.flags.get().status.state, flags::RolloutState::RolledBack);
+        assert_eq!(r.counters.rollbacks.load(Ordering::Relaxed), 1);
+        assert_eq!(r.check().await, None);
+        assert_eq!(
+            r.counters.rollbacks.load(Ordering::Relaxed),
+            1,
+            "counted once"
+        );
+    }
+
+    #[test]
+    fn an_unconfirmed_rollback_lands_waits_or_is_superseded() {
+        let base = Flags::parse("f", "mode = \"canary\"\npercent = 50.0\n").unwrap();
+        let ours = rolled_back(&base, "error rate 100%", "2026-12-04T21:00:00Z");
+        let p = PendingRollback {
+            base: 3,
+            old: Arc::new(base.clone()),
+            sent: vec![ours.clone()],
+        };
+        assert_eq!(p.fate(&base, 3), PendingFate::Waiting);
+        assert_eq!(p.fate(&ours, 4), PendingFate::Landed);
+        let theirs = rolled_back(&base, "operator", "2026-12-04T21:00:01Z");
+        assert_eq!(p.fate(&theirs, 4), PendingFate::Superseded);
     }
 
     #[tokio::test(start_paused = true)]
