@@ -96,6 +96,20 @@ impl Member {
         sample(&scrape(self.proc.metrics).await, name, labels).unwrap_or(0.0)
     }
 
+    /// A counter once it reads `want` (within the bound), else its last value: a
+    /// write etcd confirms after the store's timeout is counted when the analyser
+    /// sees it in force, at its next check.
+    async fn counter_reaching(&self, name: &str, labels: &[(&str, &str)], want: f64) -> f64 {
+        let deadline = Instant::now() + BOUND;
+        loop {
+            let v = self.metric(name, labels).await;
+            if v == want || Instant::now() >= deadline {
+                return v;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Whether this instance runs the tier's analysis.
     async fn analyses(&self) -> bool {
         self.rollout().await.analysis.contains("analysed here")
@@ -260,10 +274,11 @@ async fn the_tier_walks_every_step_to_100_written_by_the_analyser_alone_and_appl
             "{} did not apply every step",
             m.id
         );
+        let want = if i == leader { 4.0 } else { 0.0 };
         let by_auto = m
-            .metric("pitboss_rollout_promotions_total", &[("by", "auto")])
+            .counter_reaching("pitboss_rollout_promotions_total", &[("by", "auto")], want)
             .await;
-        assert_eq!(by_auto, if i == leader { 4.0 } else { 0.0 }, "{}", m.id);
+        assert_eq!(by_auto, want, "{}", m.id);
         assert_eq!(m.metric("pitboss_rollout_step", &[]).await, 5.0, "{}", m.id);
         assert_eq!(
             m.metric("pitboss_rollout_steps", &[]).await,
@@ -365,17 +380,21 @@ async fn a_tier_walk_stops_and_rolls_back_once_when_new_starts_failing_at_a_midd
             "{}",
             m.id
         );
+        let lead = i == leader;
+        let want = if lead { 1.0 } else { 0.0 };
         let rollbacks = m
-            .metric(
+            .counter_reaching(
                 "pitboss_rollout_rollbacks_total",
                 &[("reason", "error_rate")],
+                want,
             )
             .await;
-        assert_eq!(rollbacks, if i == leader { 1.0 } else { 0.0 }, "{}", m.id);
+        assert_eq!(rollbacks, want, "{}", m.id);
+        let want = if lead { 2.0 } else { 0.0 };
         let by_auto = m
-            .metric("pitboss_rollout_promotions_total", &[("by", "auto")])
+            .counter_reaching("pitboss_rollout_promotions_total", &[("by", "auto")], want)
             .await;
-        assert_eq!(by_auto, if i == leader { 2.0 } else { 0.0 }, "{}", m.id);
+        assert_eq!(by_auto, want, "{}", m.id);
     }
     for m in tier {
         m.stop();
@@ -549,7 +568,11 @@ async fn pause_at_holds_and_the_cli_pauses_resumes_and_promotes_the_whole_tier()
             .unwrap_or(0.0)
         }
     };
-    assert_eq!(count(lead, "auto").await, 3.0);
+    assert_eq!(
+        lead.counter_reaching("pitboss_rollout_promotions_total", &[("by", "auto")], 3.0)
+            .await,
+        3.0
+    );
     assert_eq!(count(lead, "operator").await, 0.0);
     assert_eq!(count(peer, "auto").await, 0.0);
     assert_eq!(count(peer, "operator").await, 1.0);

@@ -87,43 +87,66 @@ pub struct Rollout {
     step: Mutex<(String, Instant)>,
     analysis: Mutex<Analysis>,
     leader: AtomicBool,
-    /// An automatic rollback the store took but did not confirm in time (etcd slow,
-    /// or without a quorum): it may still land. It is counted when the flags in force
-    /// show it, and given up (counted as a failure) once the flags moved on without it.
-    pending_rollback: Mutex<Option<PendingRollback>>,
+    /// Automatic writes the store took but did not confirm in time (etcd slow, or
+    /// without a quorum): they may still land. Each is counted when the flags in force
+    /// show it, and given up (a rollback counted as a failure) once the flags moved
+    /// on without it.
+    pending: Mutex<Option<PendingWrites>>,
 }
 
-/// Unconfirmed rollbacks: the revision their compare-and-swaps were made on, the
-/// flags they replace, and the flags each wrote (a later check may send another on
+/// The automatic writes of the analysis.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum AutoWrite {
+    Rollback,
+    Promotion,
+}
+
+impl AutoWrite {
+    /// The automatic write an audit action names, if it is one.
+    fn of(action: &str) -> Option<AutoWrite> {
+        match action {
+            "auto-rollback" => Some(AutoWrite::Rollback),
+            "auto-promotion" => Some(AutoWrite::Promotion),
+            _ => None,
+        }
+    }
+}
+
+/// Unconfirmed automatic writes: the revision their compare-and-swaps were made on,
+/// the flags they replace, and what each wrote (a later check may send another on
 /// the same revision; at most one of them can land).
 #[derive(Debug, Clone)]
-struct PendingRollback {
+struct PendingWrites {
     base: u64,
     old: Arc<Flags>,
-    sent: Vec<Flags>,
+    sent: Vec<(AutoWrite, Flags)>,
 }
 
-/// What became of an unconfirmed rollback, judged on the flags in force.
+/// What became of unconfirmed writes, judged on the flags in force.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum PendingFate {
-    /// The flags in force are the ones it wrote: it was made.
-    Landed,
-    /// The flags moved on from its revision without it: its compare-and-swap can
-    /// no longer apply.
+    /// The flags in force are the ones this write wrote: it was made.
+    Landed(AutoWrite),
+    /// The flags moved on from their revision without any of them: their
+    /// compare-and-swaps can no longer apply.
     Superseded,
-    /// Still at the revision it was made on: it may yet land.
+    /// Still at the revision they were made on: one may yet land.
     Waiting,
 }
 
-impl PendingRollback {
+impl PendingWrites {
     fn fate(&self, now: &Flags, revision: u64) -> PendingFate {
-        if self.sent.iter().any(|f| f.status == now.status) {
-            PendingFate::Landed
+        if let Some((kind, _)) = self.sent.iter().find(|(_, f)| f.status == now.status) {
+            PendingFate::Landed(*kind)
         } else if revision != self.base {
             PendingFate::Superseded
         } else {
             PendingFate::Waiting
         }
+    }
+
+    fn has(&self, kind: AutoWrite) -> bool {
+        self.sent.iter().any(|(k, _)| *k == kind)
     }
 }
 
@@ -157,7 +180,7 @@ impl Rollout {
                 promotion: String::new(),
             }),
             leader: AtomicBool::new(false),
-            pending_rollback: Mutex::new(None),
+            pending: Mutex::new(None),
         });
         r.publish();
         r
@@ -287,7 +310,7 @@ impl Rollout {
         if !self.has_new {
             return None;
         }
-        if let Some(reason) = self.settle_pending_rollback() {
+        if let Some(reason) = self.settle_pending() {
             return Some(reason);
         }
         let (f, revision) = self.flags.current();
@@ -400,22 +423,18 @@ impl Rollout {
             .await;
         match result {
             Ok((old, new)) if old != new => {
-                // Made: an earlier unconfirmed one (on the same revision) cannot land.
-                *self
-                    .pending_rollback
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner()) = None;
+                self.made(AutoWrite::Rollback);
                 self.rolled_back_by_us(&old, &new, reason);
                 Some(reason.to_string())
             }
-            Ok(_) | Err(ChangeError::Refused(AlreadyChanged)) => self.settle_pending_rollback(),
+            Ok(_) | Err(ChangeError::Refused(AlreadyChanged)) => self.settle_pending(),
             Err(ChangeError::Store(e @ StoreError::Unconfirmed { .. })) => {
                 // Sent: etcd may commit it late (a slow disk, a quorum coming back),
                 // and the watch then brings it here. Look once now; the next checks
                 // look again.
                 tracing::warn!(%reason, "auto-rollback sent but not confirmed yet: {e}");
                 self.refresh().await;
-                self.settle_pending_rollback()
+                self.settle_pending()
             }
             Err(e) => {
                 // The store could not be written (a read-only ConfigMap volume, a full
@@ -435,33 +454,67 @@ impl Rollout {
         audit("pitboss auto-rollback", old, new, reason);
     }
 
-    /// Settles an unconfirmed rollback on the flags in force: counted once it shows
-    /// there (returning its reason), given up once they moved on without it.
-    fn settle_pending_rollback(&self) -> Option<String> {
-        let mut slot = self
-            .pending_rollback
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+    /// Counts and audits a promotion this instance made.
+    fn promoted_by_us(&self, old: &Flags, new: &Flags) {
+        metrics::counter!("pitboss_rollout_promotions_total", "by" => "auto").increment(1);
+        self.counters.promotions.fetch_add(1, Ordering::Relaxed);
+        audit("pitboss auto-promotion", old, new, &new.status.reason);
+    }
+
+    /// Settles unconfirmed writes on the flags in force: the one that shows there is
+    /// counted (a rollback's reason returned); all are given up once the flags moved
+    /// on without them (a rollback counted as a failure).
+    fn settle_pending(&self) -> Option<String> {
+        let mut slot = self.pending.lock().unwrap_or_else(|e| e.into_inner());
         let pending = slot.as_ref()?;
         let (now, revision) = self.flags.current();
         match pending.fate(&now, revision) {
             PendingFate::Waiting => None,
-            PendingFate::Landed => {
+            PendingFate::Landed(kind) => {
                 let p = slot.take()?;
                 let reason = now.status.reason.clone();
-                tracing::info!(%reason, "the unconfirmed auto-rollback was applied by the store");
-                self.rolled_back_by_us(&p.old, &now, &reason);
-                Some(reason)
+                tracing::info!(%reason, "an unconfirmed automatic write was applied by the store");
+                match kind {
+                    AutoWrite::Rollback => {
+                        self.rolled_back_by_us(&p.old, &now, &reason);
+                        Some(reason)
+                    }
+                    AutoWrite::Promotion => {
+                        self.promoted_by_us(&p.old, &now);
+                        None
+                    }
+                }
             }
             PendingFate::Superseded => {
                 let p = slot.take()?;
-                tracing::error!(
-                    reason = %p.sent.last().map(|f| f.status.reason.as_str()).unwrap_or(""),
-                    "the unconfirmed auto-rollback was not applied: the rollout changed first"
-                );
-                metrics::counter!("pitboss_rollout_rollback_failures_total").increment(1);
+                if p.has(AutoWrite::Rollback) {
+                    tracing::error!(
+                        "an unconfirmed auto-rollback was not applied: the rollout changed first"
+                    );
+                    metrics::counter!("pitboss_rollout_rollback_failures_total").increment(1);
+                }
                 None
             }
+        }
+    }
+
+    /// An automatic write of `kind` was made: unconfirmed ones on its revision can no
+    /// longer land. A rollback made replaces one that was sent; a promotion made
+    /// leaves a rollback that was sent not made (a failure, counted).
+    fn made(&self, kind: AutoWrite) {
+        let Some(p) = self
+            .pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+        else {
+            return;
+        };
+        if kind != AutoWrite::Rollback && p.has(AutoWrite::Rollback) {
+            tracing::error!(
+                "an unconfirmed auto-rollback was not applied: the rollout changed first"
+            );
+            metrics::counter!("pitboss_rollout_rollback_failures_total").increment(1);
         }
     }
 
@@ -486,13 +539,21 @@ impl Rollout {
             .await;
         match result {
             Ok((old, new)) if old != new => {
-                metrics::counter!("pitboss_rollout_promotions_total", "by" => "auto").increment(1);
-                self.counters.promotions.fetch_add(1, Ordering::Relaxed);
-                audit("pitboss auto-promotion", &old, &new, &new.status.reason);
+                self.made(AutoWrite::Promotion);
+                self.promoted_by_us(&old, &new);
             }
             Ok(_) | Err(ChangeError::Refused(AlreadyChanged)) => {}
             Err(ChangeError::Conflict(e)) => {
                 tracing::info!("auto-promotion dropped, the rollout changed first: {e}");
+            }
+            Err(ChangeError::Store(e @ StoreError::Unconfirmed { .. })) => {
+                // As for a rollback: counted once it shows (now, or at a later check).
+                tracing::warn!(
+                    "auto-promotion to {} sent but not confirmed yet: {e}",
+                    to.describe()
+                );
+                self.refresh().await;
+                self.settle_pending();
             }
             Err(e) => tracing::warn!("auto-promotion to {} not written: {e}", to.describe()),
         }
@@ -556,18 +617,16 @@ impl Rollout {
                     None => self.refresh().await,
                 },
                 Err(CasError::Store(e)) => {
-                    if action == "auto-rollback" && matches!(e, StoreError::Unconfirmed { .. }) {
-                        let mut slot = self
-                            .pending_rollback
-                            .lock()
-                            .unwrap_or_else(|e| e.into_inner());
+                    let auto = AutoWrite::of(action);
+                    if let (Some(kind), StoreError::Unconfirmed { .. }) = (auto, &e) {
+                        let mut slot = self.pending.lock().unwrap_or_else(|e| e.into_inner());
                         match slot.as_mut() {
-                            Some(p) if p.base == base => p.sent.push(new),
+                            Some(p) if p.base == base => p.sent.push((kind, new)),
                             _ => {
-                                *slot = Some(PendingRollback {
+                                *slot = Some(PendingWrites {
                                     base,
                                     old: cur,
-                                    sent: vec![new],
+                                    sent: vec![(kind, new)],
                                 })
                             }
                         }
@@ -910,17 +969,53 @@ mod tests {
         );
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn a_promotion_the_store_applies_after_its_timeout_is_counted_once() {
+        let live = flags(
+            "mode = \"canary\"\npercent = 10.0\ncommands = [\"*\"]\n\
+             [promotion]\nsteps = [10, 50, 100]\nmin_duration = \"1s\"\nmin_requests = 10\n",
+        );
+        let store = Arc::new(LateStore {
+            inner: FileStore::new(live.clone()),
+            late: AtomicBool::new(true),
+            lands: AtomicBool::new(true),
+        });
+        let r = Rollout::with_store(live, store, true, "i1");
+        tokio::time::advance(Duration::from_secs(2)).await;
+        for _ in 0..20 {
+            r.record(Role::New, Duration::from_millis(5), None);
+            r.record(Role::Legacy, Duration::from_millis(5), None);
+        }
+        assert_eq!(r.check().await, None);
+        assert_eq!(
+            r.flags.get().percent.0.as_f64(),
+            50.0,
+            "the late write is in force"
+        );
+        assert_eq!(
+            r.counters.promotions.load(Ordering::Relaxed),
+            1,
+            "seen in force, counted"
+        );
+        r.check().await;
+        assert_eq!(
+            r.counters.promotions.load(Ordering::Relaxed),
+            1,
+            "counted once"
+        );
+    }
+
     #[test]
     fn an_unconfirmed_rollback_lands_waits_or_is_superseded() {
         let base = Flags::parse("f", "mode = \"canary\"\npercent = 50.0\n").unwrap();
         let ours = rolled_back(&base, "error rate 100%", "2026-12-04T21:00:00Z");
-        let p = PendingRollback {
+        let p = PendingWrites {
             base: 3,
             old: Arc::new(base.clone()),
-            sent: vec![ours.clone()],
+            sent: vec![(AutoWrite::Rollback, ours.clone())],
         };
         assert_eq!(p.fate(&base, 3), PendingFate::Waiting);
-        assert_eq!(p.fate(&ours, 4), PendingFate::Landed);
+        assert_eq!(p.fate(&ours, 4), PendingFate::Landed(AutoWrite::Rollback));
         let theirs = rolled_back(&base, "operator", "2026-12-04T21:00:01Z");
         assert_eq!(p.fate(&theirs, 4), PendingFate::Superseded);
     }
