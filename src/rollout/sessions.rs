@@ -20,7 +20,8 @@ struct Pin {
 /// The backend is the authority on whether a session lives: a pin is only where to
 /// ask.
 pub struct SessionRoutes {
-    map: DashMap<String, Pin>,
+    /// `Box<str>` keys: 8 bytes smaller than `String` in every slot.
+    map: DashMap<Box<str>, Pin>,
     ttl: Duration,
 }
 
@@ -34,7 +35,7 @@ impl SessionRoutes {
 
     pub fn pin(&self, id: &str, role: Role) {
         self.map.insert(
-            id.to_string(),
+            id.into(),
             Pin {
                 role,
                 last_used: Instant::now(),
