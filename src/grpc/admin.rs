@@ -1,7 +1,8 @@
 //! `pitboss.v1.Admin`: status and the rollout controls, behind a bearer token.
 //!
 //! With a token configured, every admin call needs `authorization: Bearer <token>`:
-//! a missing token is `UNAUTHENTICATED`, a wrong one `PERMISSION_DENIED`. Without one,
+//! a missing or wrong token is `UNAUTHENTICATED` (gRPC's code for credentials that
+//! are not valid; `PERMISSION_DENIED` is for a known caller without the right). Without one,
 //! only the read-only calls are served, so a fresh install can be inspected but not
 //! changed by anyone who can reach the (loopback) admin port.
 //!
@@ -58,7 +59,10 @@ pub fn authorize(token: Option<&str>, header: Option<&str>, mutating: bool) -> R
     if constant_time_eq(given.as_bytes(), token.as_bytes()) {
         Ok(())
     } else {
-        Err(Status::permission_denied("wrong admin token"))
+        Err(Status::unauthenticated(
+            "wrong admin token: the bearer token sent is not the one pitboss was given \
+             (PITBOSS_ADMIN_TOKEN or rollout.admin_token_file)",
+        ))
     }
 }
 
@@ -409,7 +413,7 @@ mod tests {
         );
         assert_eq!(
             authorize(t, Some("Bearer nope"), true).unwrap_err().code(),
-            tonic::Code::PermissionDenied
+            tonic::Code::Unauthenticated
         );
         assert!(authorize(t, Some("Bearer s3cret"), true).is_ok());
         // Without a token: reads only.
