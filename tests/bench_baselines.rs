@@ -94,3 +94,60 @@ async fn the_passthrough_ceiling_answers_unavailable_without_its_upstream() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("expected http://HOST:PORT"), "{stderr}");
 }
+
+/// `pitboss bench load --floor` drives the config's own workers over frames: every
+/// call answered, in sessions too, and a command that fails counted as an error
+/// (with its message), not as an answer.
+#[tokio::test]
+async fn the_floor_answers_every_call_and_counts_failures() {
+    let config = concat!(env!("CARGO_MANIFEST_DIR"), "/benches/pitboss-bench.toml");
+    let dir = temp_dir("floor");
+    let run = |name: &'static str, extra: &'static [&'static str]| {
+        let json = dir.join(format!("{name}.json"));
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_pitboss"))
+            .args([
+                "--config",
+                config,
+                "bench",
+                "load",
+                "--floor",
+                "--workers",
+                "2",
+            ])
+            .args([
+                "--concurrency",
+                "8",
+                "--requests",
+                "2000",
+                "--warmup-s",
+                "0",
+            ])
+            .args(extra)
+            .arg("--json")
+            .arg(&json)
+            .env("RUST_LOG", "warn")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_str::<serde_json::Value>(&std::fs::read_to_string(&json).unwrap()).unwrap()
+    };
+    let echo = run("echo", &[]);
+    assert_eq!(echo["requests"], 2000, "{echo}");
+    assert_eq!(echo["errors"], 0, "{echo}");
+    let sessions = run("sessions", &["--sessions", "16"]);
+    assert_eq!(sessions["requests"], 2000, "{sessions}");
+    assert_eq!(sessions["errors"], 0, "{sessions}");
+    let failing = run("fail", &["--command", "no_such_command"]);
+    assert_eq!(failing["errors"], 2000, "{failing}");
+    assert!(
+        failing["first_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("no_such_command")),
+        "{failing}"
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}

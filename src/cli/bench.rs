@@ -20,10 +20,8 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 use hdrhistogram::Histogram;
 use serde::Serialize;
-use tokio::io::AsyncWriteExt;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 use tokio::time::Instant;
-use tokio_util::codec::Encoder;
 use tokio_util::codec::FramedRead;
 use tonic::transport::Channel;
 
@@ -31,7 +29,7 @@ use pitboss::grpc::pb;
 use pitboss::grpc::pb::bridge_client::BridgeClient;
 use pitboss::pool::PoolConfig;
 use pitboss::worker::frame::{Frame, FrameCodec, RequestFrame};
-use pitboss::worker::WorkerSpec;
+use pitboss::worker::{Outbox, OutboxHandle, WorkerSpec};
 
 /// What one run sends.
 #[derive(Debug, Clone)]
@@ -466,14 +464,16 @@ async fn drive(
 type Pending = Arc<Mutex<HashMap<u64, (oneshot::Sender<Result<usize, String>>, usize)>>>;
 
 struct FloorWorker {
-    tx: mpsc::UnboundedSender<Frame>,
+    outbox: OutboxHandle,
     pending: Pending,
     _child: tokio::process::Child,
 }
 
 /// The floor: the same Python workers, driven over pitboss's frames by the least
-/// code that can: one writer task (batching what is queued), one reader task matching
-/// replies to request ids, round-robin over workers (sessions by hash).
+/// code that can: frames written by the calling task as pitboss writes them (its
+/// [`Outbox`]: no hop to a writer task, what is queued meanwhile in one write), one
+/// reader task matching replies to request ids, round-robin over workers (sessions
+/// by hash).
 pub struct Floor {
     workers: Vec<FloorWorker>,
     next_worker: AtomicUsize,
@@ -533,7 +533,13 @@ impl Floor {
             payload,
         });
         let _ = stream; // the worker decides: a generator command streams
-        w.tx.send(frame).map_err(|_| "worker gone".to_string())?;
+        if let Err(e) = w.outbox.send(&frame) {
+            w.pending
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&id);
+            return Err(format!("worker gone: {e}"));
+        }
         rx.await.map_err(|_| "worker gone".to_string())?
     }
 }
@@ -554,27 +560,9 @@ impl FloorWorker {
             other => return Err(format!("no READY: {other:?}")),
         }
         let pending: Pending = Default::default();
-        let (tx, mut rx) = mpsc::unbounded_channel::<Frame>();
-        let mut stdin = stdin;
-        let mut codec = FrameCodec::new(spec.max_frame_bytes);
-        tokio::spawn(async move {
-            let mut buf = bytes::BytesMut::new();
-            while let Some(f) = rx.recv().await {
-                // Everything queued goes out in one write.
-                if codec.encode(f, &mut buf).is_err() {
-                    return;
-                }
-                while let Ok(f) = rx.try_recv() {
-                    if codec.encode(f, &mut buf).is_err() {
-                        return;
-                    }
-                }
-                if stdin.write_all(&buf).await.is_err() {
-                    return;
-                }
-                buf.clear();
-            }
-        });
+        // Frames go out as pitboss sends them: written by the calling task, what is
+        // queued meanwhile in the same write (flush combining).
+        let outbox = Outbox::start(stdin, FrameCodec::new(spec.max_frame_bytes));
         let p = pending.clone();
         tokio::spawn(async move {
             while let Some(Ok(frame)) = reader.next().await {
@@ -605,7 +593,7 @@ impl FloorWorker {
             }
         });
         Ok(FloorWorker {
-            tx,
+            outbox,
             pending,
             _child: child,
         })

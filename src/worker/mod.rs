@@ -25,6 +25,8 @@ pub use frame::{
     RequestContext, PROTOCOL_VERSION,
 };
 pub use id::WorkerId;
+/// Also the floor's (`pitboss bench load --floor`): it writes frames the way pitboss does.
+pub use outbox::{Outbox, OutboxHandle, SendError};
 pub use process::{resolve_python, rss_bytes, signal_group, WorkerCommand, WorkerSpec};
 
 /// Lines of stderr kept per worker, so a worker that dies at startup can say why.

@@ -104,7 +104,7 @@ enum Round {
 }
 
 /// The shared write side; see the module docs.
-pub(super) struct Outbox {
+pub struct Outbox {
     queue: Mutex<Queue>,
     pipe: Mutex<Pipe>,
     /// Wakes the writer task: a full pipe to drain, or the last handle gone.
@@ -114,7 +114,7 @@ pub(super) struct Outbox {
 impl Outbox {
     /// An outbox over `writer`, and the task that drains a full pipe and closes it
     /// once every [`OutboxHandle`] is gone.
-    pub(super) fn start<W>(writer: W, codec: FrameCodec) -> OutboxHandle
+    pub fn start<W>(writer: W, codec: FrameCodec) -> OutboxHandle
     where
         W: AsyncWrite + Send + 'static,
     {
@@ -149,7 +149,7 @@ impl Outbox {
     /// Sends `frame`: appended to the queue, and written from here when nobody else
     /// is writing. `Ok` means it went out, or will unless the worker dies first;
     /// `Closed` means the worker cannot have seen it, so it is safe to send elsewhere.
-    pub(super) fn send(&self, frame: &Frame) -> Result<(), SendError> {
+    pub fn send(&self, frame: &Frame) -> Result<(), SendError> {
         let ends_at;
         {
             let mut q = self.queue();
@@ -216,7 +216,7 @@ impl Outbox {
 /// A handle to the outbox. When the last one is dropped (every connection handle is
 /// gone), the writer task writes what is left and closes the pipe, which asks the
 /// worker to exit.
-pub(super) struct OutboxHandle(Arc<Outbox>);
+pub struct OutboxHandle(Arc<Outbox>);
 
 impl std::ops::Deref for OutboxHandle {
     type Target = Outbox;
