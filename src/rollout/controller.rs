@@ -488,10 +488,7 @@ impl Rollout {
             PendingFate::Superseded => {
                 let p = slot.take()?;
                 if p.has(AutoWrite::Rollback) {
-                    tracing::error!(
-                        "an unconfirmed auto-rollback was not applied: the rollout changed first"
-                    );
-                    metrics::counter!("pitboss_rollout_rollback_failures_total").increment(1);
+                    rollback_not_made();
                 }
                 None
             }
@@ -511,10 +508,7 @@ impl Rollout {
             return;
         };
         if kind != AutoWrite::Rollback && p.has(AutoWrite::Rollback) {
-            tracing::error!(
-                "an unconfirmed auto-rollback was not applied: the rollout changed first"
-            );
-            metrics::counter!("pitboss_rollout_rollback_failures_total").increment(1);
+            rollback_not_made();
         }
     }
 
@@ -738,6 +732,13 @@ impl Rollout {
             }
         });
     }
+}
+
+/// An unconfirmed auto-rollback that can no longer land: said, and counted as a
+/// rollback wanted but not made.
+fn rollback_not_made() {
+    tracing::error!("an unconfirmed auto-rollback was not applied: the rollout changed first");
+    metrics::counter!("pitboss_rollout_rollback_failures_total").increment(1);
 }
 
 /// The metric label for a rollback reason (bounded).
