@@ -100,14 +100,12 @@ impl Member {
     /// write etcd confirms after the store's timeout is counted when the analyser
     /// sees it in force, at its next check.
     async fn counter_reaching(&self, name: &str, labels: &[(&str, &str)], want: f64) -> f64 {
-        let deadline = Instant::now() + BOUND;
-        loop {
-            let v = self.metric(name, labels).await;
-            if v == want || Instant::now() >= deadline {
-                return v;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        eventually_async(
+            BOUND,
+            || async move { self.metric(name, labels).await == want },
+        )
+        .await;
+        self.metric(name, labels).await
     }
 
     /// Whether this instance runs the tier's analysis.
