@@ -328,6 +328,25 @@ async fn a_tier_walk_stops_and_rolls_back_once_when_new_starts_failing_at_a_midd
         .map(|m| Load::start(&m.client, 2, &m.id))
         .collect();
     all_reach(&tier, "canary 25%", |r| r.percent == 25.0).await;
+    // Each instance tags the statistics it publishes with its step at its own next
+    // check: until all three have, the analyser sums only those already on 25% (seen:
+    // "the tier: 1 instance (analysed here), 2 still on another step"). Wait for an
+    // analysis of the 25% step (its 10m soak) that counts all three; the one left from
+    // the promotion to 25% says "3 instances" too.
+    let lead = analyser(&tier).await;
+    let all_on_step = eventually_async(BOUND, || async {
+        let r = tier[lead].rollout().await;
+        let a = r.analysis;
+        a.contains("the tier: 3 instances (analysed here)")
+            && !a.contains("another step")
+            && r.promotion.contains("of the step's 600s")
+    })
+    .await;
+    assert!(
+        all_on_step,
+        "the analyser never counted the whole tier on 25%: {}",
+        tier[lead].rollout().await.analysis
+    );
 
     // new starts failing on every instance.
     std::fs::write(&broken, "").unwrap();
