@@ -287,6 +287,8 @@ impl RunningServer {
         }
 
         let (e1, e2) = (edge.clone(), edge.clone());
+        let instance: Arc<str> = edge.instance_id.as_str().into();
+        let (i1, i2) = (instance.clone(), instance);
         let s1 = stop.listeners.clone();
         let bridge_conns = Conns::new(bridge_listener, tls_live.bridge, "bridge", &tls, &s1);
         let bridge_gate = crate::grpc::access::BridgeGateLayer::new(tls.bridge_allow.clone());
@@ -302,6 +304,9 @@ impl RunningServer {
                 ))
                 .layer(tower::util::MapRequestLayer::new(
                     crate::tls::accept::expose_addresses::<tonic::body::Body>,
+                ))
+                .layer(tower::util::MapRequestLayer::new(
+                    crate::grpc::one_message::check_request(i1),
                 ))
                 .layer(bridge_gate)
                 .add_routes(bridge_routes.prepare());
@@ -331,6 +336,9 @@ impl RunningServer {
                 .layer(message_limit_layer(e2, max))
                 .layer(tower::util::MapRequestLayer::new(
                     crate::tls::accept::expose_addresses::<tonic::body::Body>,
+                ))
+                .layer(tower::util::MapRequestLayer::new(
+                    crate::grpc::one_message::check_request(i2),
                 ))
                 .add_service(admin_reflection_v1)
                 .add_service(admin_reflection_v1alpha)

@@ -947,3 +947,137 @@ async fn a_client_that_vanishes_mid_call_is_noticed_and_its_call_cancelled() {
     still_serves(&mut _client.clone()).await;
     server.shutdown().await;
 }
+
+/// One call over a raw HTTP/2 connection, its body sent as `chunks` (one DATA frame
+/// each, the last ending the stream). Returns grpc-status, grpc-message and the error
+/// class trailer.
+async fn raw_grpc(
+    addr: std::net::SocketAddr,
+    path: &str,
+    chunks: Vec<bytes::Bytes>,
+) -> (u32, String, String) {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (h2, conn) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(conn);
+    let mut h2 = h2.ready().await.unwrap();
+    let req = http::Request::builder()
+        .method("POST")
+        .uri(format!("http://{addr}{path}"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .header("grpc-timeout", "10S")
+        .body(())
+        .unwrap();
+    let (resp, mut send) = h2.send_request(req, false).unwrap();
+    let last = chunks.len() - 1;
+    for (i, chunk) in chunks.into_iter().enumerate() {
+        send.send_data(chunk, i == last).unwrap();
+    }
+    let (parts, mut recv) = resp.await.unwrap().into_parts();
+    let mut md = parts.headers;
+    if md.get("grpc-status").is_none() {
+        while let Some(chunk) = recv.data().await {
+            let chunk = chunk.unwrap();
+            let _ = recv.flow_control().release_capacity(chunk.len());
+        }
+        if let Some(trailers) = recv.trailers().await.unwrap() {
+            md.extend(trailers);
+        }
+    }
+    let text = |key: &str| {
+        md.get(key)
+            .map(|v| v.to_str().unwrap().to_string())
+            .unwrap_or_default()
+    };
+    let status = text("grpc-status").parse().expect("a grpc-status");
+    (
+        status,
+        percent_decoded(&text("grpc-message")),
+        text("x-pitboss-error-class"),
+    )
+}
+
+/// grpc-message as the client reads it: gRPC percent-encodes it on the wire.
+fn percent_decoded(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = b
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok());
+        match hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
+            Some(byte) if b[i] == b'%' => {
+                out.push(byte);
+                i += 3;
+            }
+            _ => {
+                out.push(b[i]);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// A message in gRPC's framing: flag 0, the length, the bytes.
+fn framed(message: &impl prost::Message) -> bytes::Bytes {
+    let msg = message.encode_to_vec();
+    let mut out = vec![0u8];
+    out.extend_from_slice(&(msg.len() as u32).to_be_bytes());
+    out.extend_from_slice(&msg);
+    out.into()
+}
+
+#[tokio::test]
+async fn a_unary_call_with_two_request_messages_is_internal_and_never_runs() {
+    let _shared = PROCESS.read().await;
+    let (server, mut client) = start_with("", "").await;
+    let pool = server.pool().clone();
+    let before = served(&pool);
+    let one = framed(&exec("echo", r#"{"n":1}"#));
+    let two = framed(&exec("echo", r#"{"n":2}"#));
+    let both: bytes::Bytes = [one.clone(), two.clone()].concat().into();
+    let cases = [
+        ("/pitboss.v1.Bridge/Execute", vec![both.clone()]),
+        ("/pitboss.v1.Bridge/Execute", vec![one.clone(), two.clone()]),
+        ("/pitboss.v1.Bridge/ExecuteStream", vec![both.clone()]),
+        (
+            "/pitboss.v1.Bridge/ExecuteStream",
+            vec![one.clone(), two.clone()],
+        ),
+        (
+            "/grpc.health.v1.Health/Check",
+            vec![[framed(&()), framed(&())].concat().into()],
+        ),
+    ];
+    for (path, chunks) in cases {
+        let frames = chunks.len();
+        let (status, message, class) = raw_grpc(server.bridge_addr, path, chunks).await;
+        assert_eq!(
+            status,
+            Code::Internal as u32,
+            "{path} in {frames} DATA frame(s): {message}"
+        );
+        assert!(
+            message.contains("more than one message") && message.contains(path),
+            "says what was wrong and where: {message}"
+        );
+        assert_eq!(class, "invalid_request", "{path}: {message}");
+    }
+    assert_eq!(
+        served(&pool),
+        before,
+        "a call with two messages reached a worker"
+    );
+
+    // One message cut into a DATA frame per byte is still one message.
+    let bytes: Vec<bytes::Bytes> = one.iter().map(|b| bytes::Bytes::from(vec![*b])).collect();
+    let (status, message, _) =
+        raw_grpc(server.bridge_addr, "/pitboss.v1.Bridge/Execute", bytes).await;
+    assert_eq!(status, 0, "one message in byte-sized frames: {message}");
+    assert_eq!(served(&pool), before + 1);
+    assert!(idle(&pool));
+    still_serves(&mut client).await;
+    server.shutdown().await;
+}

@@ -6,6 +6,7 @@
 
 pub mod deadline;
 pub mod health;
+pub mod one_message;
 pub mod status;
 
 pub mod access;

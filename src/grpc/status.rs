@@ -217,6 +217,9 @@ pub enum Refusal {
     /// The request carried more than one message: the method streams its requests,
     /// which pitboss cannot split, and did not know it.
     Streaming { method: String },
+    /// A second request message for a method that takes one (every method of
+    /// pitboss's own services).
+    SecondMessage { method: String },
     /// A client-streaming or bidi method, with no `grpc_proxy` legacy to relay it to.
     NotRelayed { method: String, kind: &'static str },
 }
@@ -225,7 +228,8 @@ pub enum Refusal {
 /// never held against a backend), with the code gRPC gives each case: a message over
 /// the limit is RESOURCE_EXHAUSTED (as for Bridge calls), a compression or a method
 /// kind pitboss does not serve is UNIMPLEMENTED, broken framing is INTERNAL. (A
-/// compressed message that inflates past the limit is RESOURCE_EXHAUSTED too.)
+/// compressed message that inflates past the limit is RESOURCE_EXHAUSTED too, and a
+/// second message where a method takes one is INTERNAL, as gRPC's own servers answer.)
 pub fn refusal_status(refusal: &Refusal, ctx: ErrorContext<'_>) -> Status {
     let (code, err): (tonic::Code, CallError) = match refusal {
         Refusal::TooLarge { len, max } => {
@@ -262,6 +266,13 @@ pub fn refusal_status(refusal: &Refusal, ctx: ErrorContext<'_>) -> Status {
             tonic::Code::Unimplemented,
             PoolError::InvalidRequest(format!(
                 "the request carried more than one message: {method} streams its requests (client-streaming or bidi); list it in transparent.client_streaming, or give pitboss the descriptors, so that pitboss relays it to a grpc_proxy legacy"
+            ))
+            .into(),
+        ),
+        Refusal::SecondMessage { method } => (
+            tonic::Code::Internal,
+            PoolError::InvalidRequest(format!(
+                "the request carried more than one message, and {method} takes exactly one"
             ))
             .into(),
         ),

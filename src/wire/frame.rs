@@ -91,6 +91,68 @@ impl Decoder {
     }
 }
 
+/// Counts the messages a body starts, without keeping their bytes: what a method
+/// that takes one request message needs to refuse a second (tonic would read the
+/// first and drop the rest unseen). Its bytes may arrive in pieces of any size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct MessageCount {
+    /// Messages begun so far (their first prefix byte has arrived).
+    begun: u32,
+    /// Where the next byte falls.
+    at: Position,
+}
+
+/// Where a body's next byte falls in gRPC's framing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Position {
+    /// The `read`-th byte of a prefix, with the length read so far.
+    Prefix { read: u8, len: u32 },
+    /// Inside a message, `left` bytes before its end.
+    Message { left: u32 },
+}
+
+impl Default for Position {
+    fn default() -> Self {
+        Position::Prefix { read: 0, len: 0 }
+    }
+}
+
+impl MessageCount {
+    /// Takes the next piece of the body and returns how many messages have begun.
+    pub fn push(&mut self, mut data: &[u8]) -> u32 {
+        while !data.is_empty() {
+            self.at = match self.at {
+                Position::Prefix { read, len } => {
+                    if read == 0 {
+                        self.begun += 1;
+                    }
+                    // Byte 0 is the compressed flag; bytes 1 to 4 the length.
+                    let len = if read == 0 {
+                        0
+                    } else {
+                        len << 8 | u32::from(data[0])
+                    };
+                    data = &data[1..];
+                    match read + 1 {
+                        5 if len == 0 => Position::Prefix { read: 0, len: 0 },
+                        5 => Position::Message { left: len },
+                        read => Position::Prefix { read, len },
+                    }
+                }
+                Position::Message { left } => {
+                    let take = data.len().min(left as usize);
+                    data = &data[take..];
+                    match left - take as u32 {
+                        0 => Position::Prefix { read: 0, len: 0 },
+                        left => Position::Message { left },
+                    }
+                }
+            };
+        }
+        self.begun
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -146,5 +208,36 @@ mod tests {
         let mut d = Decoder::new(100);
         d.push(&[0, 0]);
         assert_eq!(d.finish(), Err(FrameError::Truncated { missing: 3 }));
+    }
+
+    #[test]
+    fn messages_are_counted_as_they_begin_wherever_the_pieces_end() {
+        let mut wire = Vec::new();
+        wire.extend_from_slice(&encode(&[1u8; 300]));
+        let first = wire.len();
+        wire.extend_from_slice(&encode(b""));
+        let second = wire.len();
+        wire.extend_from_slice(&encode(b"x"));
+        for piece in [1, 2, 4, 5, 6, 64, 299, wire.len()] {
+            let mut count = MessageCount::default();
+            let mut seen = 0;
+            let mut begun_at = Vec::new();
+            for chunk in wire.chunks(piece) {
+                let now = count.push(chunk);
+                if now > begun_at.len() as u32 {
+                    begun_at.push(seen);
+                }
+                seen += chunk.len();
+            }
+            assert_eq!(count.begun, 3, "pieces of {piece}");
+            if piece == 1 {
+                // Byte by byte, each message is seen at its first byte, not before.
+                assert_eq!(begun_at, vec![0, first, second]);
+            }
+        }
+        let mut count = MessageCount::default();
+        assert_eq!(count.push(&encode(b"only")), 1);
+        assert_eq!(count.push(&[]), 1);
+        assert_eq!(count.push(&[0]), 2, "the next byte begins a second message");
     }
 }
