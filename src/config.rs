@@ -221,6 +221,12 @@ pub struct ServerSection {
     #[serde(deserialize_with = "listen_addr")]
     pub metrics_listen: SocketAddr,
     pub max_message_bytes: Positive,
+    /// The largest header list (metadata) a client may send on the Bridge and Admin
+    /// listeners, in bytes as HTTP/2 counts it (each name and value plus 32). A call
+    /// over it is refused by HTTP/2 with status 431 before pitboss sees it. The
+    /// default, 16 KiB, is hyper's and grpc C-core's; large JWTs or many baggage
+    /// entries may need more.
+    pub max_header_list_bytes: Positive,
     /// How long in-flight calls may take to finish on SIGTERM.
     pub shutdown_grace: Dur,
     /// How often pitboss pings each client connection (HTTP/2 PING) on the Bridge and
@@ -780,6 +786,16 @@ impl Config {
             return Err(fail(
                 "server.keepalive_timeout",
                 "must be positive while server.keepalive_interval is on (a ping gets no time to be answered); set keepalive_interval = \"0\" to turn the pings off".into(),
+            ));
+        }
+        if !(1024..=u64::from(u32::MAX)).contains(&self.server.max_header_list_bytes.0) {
+            return Err(fail(
+                "server.max_header_list_bytes",
+                format!(
+                    "must be between 1024 and {} (HTTP/2 counts it in 32 bits), not {}",
+                    u32::MAX,
+                    self.server.max_header_list_bytes.0
+                ),
             ));
         }
         if self.server.max_message_bytes.0 < 1024 {
@@ -1476,6 +1492,20 @@ mod tests {
         assert!(text.contains("test.toml:3"), "{text}");
         assert!(text.contains("size"), "{text}");
         assert!(text.contains("at least 1"), "{text}");
+    }
+
+    #[test]
+    fn the_header_list_limit_defaults_to_16_kib_and_is_checked() {
+        let c = load("").unwrap();
+        assert_eq!(c.server.max_header_list_bytes.0, 16384);
+        let c = load("[server]\nmax_header_list_bytes = 65536\n").unwrap();
+        assert_eq!(c.server.max_header_list_bytes.0, 65536);
+        for bad in ["100", "4294967296"] {
+            let err = load(&format!("[server]\nmax_header_list_bytes = {bad}\n")).unwrap_err();
+            let text = err.to_string();
+            assert!(text.contains("server.max_header_list_bytes"), "{text}");
+            assert!(text.contains("between 1024 and"), "{text}");
+        }
     }
 
     #[test]

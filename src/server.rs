@@ -292,12 +292,14 @@ impl RunningServer {
         let s1 = stop.listeners.clone();
         let bridge_conns = Conns::new(bridge_listener, tls_live.bridge, "bridge", &tls, &s1);
         let bridge_gate = crate::grpc::access::BridgeGateLayer::new(tls.bridge_allow.clone());
-        let pings = (
+        let http2 = (
             config.server.keepalive_interval.0,
             config.server.keepalive_timeout.0,
+            // Validated to fit in 32 bits.
+            config.server.max_header_list_bytes.0 as u32,
         );
         let bridge_task = tokio::spawn(async move {
-            let router = keepalive(Server::builder(), pings)
+            let router = http2_settings(Server::builder(), http2)
                 .layer(message_limit_layer(e1, max))
                 .layer(tower::util::MapRequestLayer::new(
                     crate::grpc::deadline::stamp_arrival::<tonic::body::Body>,
@@ -332,7 +334,7 @@ impl RunningServer {
         let s2 = stop.listeners.clone();
         let admin_conns = Conns::new(admin_listener, tls_live.admin, "admin", &tls, &s2);
         let admin_task = tokio::spawn(async move {
-            let router = keepalive(Server::builder(), pings)
+            let router = http2_settings(Server::builder(), http2)
                 .layer(message_limit_layer(e2, max))
                 .layer(tower::util::MapRequestLayer::new(
                     crate::tls::accept::expose_addresses::<tonic::body::Body>,
@@ -681,8 +683,13 @@ fn warn_about_exposure(config: &Config, tls: &crate::tls::Listeners) {
     }
 }
 
-/// The HTTP/2 keepalive settings (`server.keepalive_*`) on a listener's builder.
-fn keepalive(builder: Server, (interval, timeout): (Duration, Duration)) -> Server {
+/// The HTTP/2 settings of `[server]` on a listener's builder: the keepalive pings
+/// (`server.keepalive_*`) and the header list limit (`server.max_header_list_bytes`).
+fn http2_settings(
+    builder: Server,
+    (interval, timeout, headers): (Duration, Duration, u32),
+) -> Server {
+    let builder = builder.http2_max_header_list_size(headers);
     if interval.is_zero() {
         return builder;
     }

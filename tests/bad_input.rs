@@ -1081,3 +1081,36 @@ async fn a_unary_call_with_two_request_messages_is_internal_and_never_runs() {
     still_serves(&mut client).await;
     server.shutdown().await;
 }
+
+/// An `echo` call carrying `bytes` of metadata in one `x-big` value.
+async fn call_with_metadata(client: &mut Client, bytes: usize) -> Result<(), Status> {
+    let mut req = tonic::Request::new(exec("echo", "{}"));
+    req.set_timeout(Duration::from_secs(10));
+    let value = "a".repeat(bytes);
+    req.metadata_mut().insert("x-big", value.parse().unwrap());
+    client.execute(req).await.map(|_| ())
+}
+
+#[tokio::test]
+async fn metadata_over_server_max_header_list_bytes_is_refused_and_a_raised_limit_takes_it() {
+    let _shared = PROCESS.read().await;
+    // The default, 16 KiB: 40 KiB of metadata is refused by HTTP/2, the server serves on.
+    let (server, mut client) = start_with("", "").await;
+    let err = call_with_metadata(&mut client, 40 * 1024)
+        .await
+        .unwrap_err();
+    // HTTP/2 answers 431 with no grpc-status; gRPC clients map it to UNKNOWN.
+    assert!(err.message().contains("431"), "{err:?}");
+    call_with_metadata(&mut client, 8 * 1024)
+        .await
+        .expect("8 KiB of metadata is under the default limit");
+    server.shutdown().await;
+
+    // Raised to 64 KiB, the same call is served.
+    let (server, mut client) = start_with("max_header_list_bytes = 65536", "").await;
+    call_with_metadata(&mut client, 40 * 1024)
+        .await
+        .expect("40 KiB of metadata under a 64 KiB limit");
+    still_serves(&mut client).await;
+    server.shutdown().await;
+}
