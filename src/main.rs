@@ -390,8 +390,26 @@ async fn serve(config: Option<PathBuf>, log_format: Option<String>) -> Result<()
         Some(_) => LogFormat::Text,
         None => cfg.server.log_format,
     });
-    let server = RunningServer::start(cfg).await.map_err(|e| e.to_string())?;
-    server.run_until_signal().await;
+    // Before startup, which may wait for etcd or for legacy's reflection: a SIGTERM
+    // then stops pitboss at once, and a SIGHUP does not kill it.
+    let mut signals = pitboss::server::StopSignals::install();
+    tracing::info!(version = env!("CARGO_PKG_VERSION"), "pitboss starting");
+    let starting = RunningServer::start(cfg);
+    let server = match signals.as_mut() {
+        None => starting.await,
+        Some(s) => tokio::select! {
+            started = starting => started,
+            signal = s.next(|| tracing::info!(
+                "SIGHUP during startup: nothing to re-read yet (the flags file is read as pitboss starts, and watched from then on)"
+            )) => {
+                tracing::info!("{} during startup: exiting before serving", signal.name());
+                // The workers already started die with pitboss (their parent-death signal).
+                std::process::exit(128 + signal as i32);
+            }
+        },
+    }
+    .map_err(|e| e.to_string())?;
+    server.run_until_signal(signals).await;
     Ok(())
 }
 

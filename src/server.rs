@@ -451,16 +451,23 @@ impl RunningServer {
     /// or SIGINT during the drain (a second Ctrl-C) exits at once, with 128 + the
     /// signal's number, as shells report a process killed by it: the calls still in
     /// flight fail, and the workers die with pitboss (their parent-death signal).
-    pub async fn run_until_signal(self) {
-        wait_for_signal(|| {
-            self.reload_flags();
-        })
-        .await;
+    /// `signals` are the handlers `pitboss serve` installed before starting
+    /// ([`StopSignals::install`]); `None` installs them now.
+    pub async fn run_until_signal(self, signals: Option<StopSignals>) {
+        let Some(mut signals) = signals.or_else(StopSignals::install) else {
+            // Without signal handlers we can still be stopped by SIGKILL; serve forever.
+            return std::future::pending().await;
+        };
+        signals
+            .next(|| {
+                self.reload_flags();
+            })
+            .await;
         let drain = self.shutdown();
         tokio::pin!(drain);
         tokio::select! {
             () = &mut drain => {}
-            signal = wait_for_signal(|| {}) => {
+            signal = signals.next(|| {}) => {
                 tracing::warn!(
                     "a second {} during the drain: exiting now, without waiting for the calls in flight",
                     signal.name()
@@ -499,13 +506,13 @@ impl RunningServer {
 /// The signals that stop pitboss, numbered as the kernel numbers them.
 #[derive(Debug, Clone, Copy)]
 #[repr(i32)]
-enum StopSignal {
+pub enum StopSignal {
     Sigterm = libc::SIGTERM,
     Sigint = libc::SIGINT,
 }
 
 impl StopSignal {
-    fn name(self) -> &'static str {
+    pub fn name(self) -> &'static str {
         match self {
             StopSignal::Sigterm => "SIGTERM",
             StopSignal::Sigint => "SIGINT",
@@ -513,28 +520,41 @@ impl StopSignal {
     }
 }
 
-/// Waits for SIGTERM or SIGINT; calls `on_hangup` for each SIGHUP meanwhile. Without
-/// a handler, SIGHUP's default action would kill pitboss at once, with no drain and
-/// its workers left to the reaper.
-async fn wait_for_signal(on_hangup: impl Fn()) -> StopSignal {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-        signal(SignalKind::hangup()),
-    ) else {
-        // Without signal handlers we can still be stopped by SIGKILL; serve forever.
-        return std::future::pending().await;
-    };
-    let signal = loop {
-        tokio::select! {
-            _ = term.recv() => break StopSignal::Sigterm,
-            _ = int.recv() => break StopSignal::Sigint,
-            _ = hup.recv() => on_hangup(),
-        }
-    };
-    tracing::info!("{} received", signal.name());
-    signal
+/// The handlers of the signals `pitboss serve` answers: SIGTERM and SIGINT stop it,
+/// SIGHUP re-reads the flags file. Installed before startup, so that neither signal
+/// finds the kernel's default action while pitboss waits for etcd or for legacy's
+/// reflection: SIGHUP's would kill pitboss, and a SIGTERM taken by a handler nobody
+/// listens to would be lost. Once a handler is installed it stays for the process's
+/// life (tokio never restores the default), so these are kept and reused.
+pub struct StopSignals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+impl StopSignals {
+    /// The handlers, or `None` when they cannot be installed.
+    pub fn install() -> Option<StopSignals> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Some(StopSignals {
+            term: signal(SignalKind::terminate()).ok()?,
+            int: signal(SignalKind::interrupt()).ok()?,
+            hup: signal(SignalKind::hangup()).ok()?,
+        })
+    }
+
+    /// Waits for SIGTERM or SIGINT; calls `on_hangup` for each SIGHUP meanwhile.
+    pub async fn next(&mut self, on_hangup: impl Fn()) -> StopSignal {
+        let signal = loop {
+            tokio::select! {
+                _ = self.term.recv() => break StopSignal::Sigterm,
+                _ = self.int.recv() => break StopSignal::Sigint,
+                _ = self.hup.recv() => on_hangup(),
+            }
+        };
+        tracing::info!("{} received", signal.name());
+        signal
+    }
 }
 
 /// Keeps grpc.health.v1 in step with readiness ([`crate::telemetry::readiness`]):

@@ -354,3 +354,101 @@ async fn sigkill_leaves_no_process_a_command_forked_or_spawned() {
     assert!(gone, "outlived the SIGKILLed pitboss: {left:?}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A pitboss that waits at startup: for the 10 s that legacy's reflection is given
+/// to answer (nothing listens at its address). Returns the child and its log lines
+/// as they come, once it has logged "pitboss starting".
+async fn spawn_waiting_at_startup(
+    dir: &std::path::Path,
+) -> (
+    tokio::process::Child,
+    tokio::sync::mpsc::UnboundedReceiver<String>,
+) {
+    let cfg = dir.join("p.toml");
+    std::fs::write(
+        &cfg,
+        on_free_ports(
+            "",
+            "[backends.legacy]\nkind = \"grpc_proxy\"\naddress = \"http://127.0.0.1:9\"\n\
+             [transparent]\nservices = [\"calc.Calculator\"]\ndescriptors_from_reflection = true\n",
+        ),
+    )
+    .unwrap();
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_pitboss"))
+        .env("RUST_LOG", "info")
+        .args(["--log-format", "json", "--config"])
+        .arg(&cfg)
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        use tokio::io::AsyncBufReadExt;
+        let mut lines = tokio::io::BufReader::new(stderr).lines();
+        while let Ok(Some(line)) = lines.next_line().await {
+            let _ = tx.send(line);
+        }
+    });
+    assert!(next_log(&mut rx, "pitboss starting").await, "no start line");
+    (child, rx)
+}
+
+/// Reads log lines until one contains `text` (real time, generous bound).
+async fn next_log(rx: &mut tokio::sync::mpsc::UnboundedReceiver<String>, text: &str) -> bool {
+    tokio::time::timeout(LONG, async {
+        while let Some(line) = rx.recv().await {
+            if line.contains(text) {
+                return true;
+            }
+        }
+        false
+    })
+    .await
+    .unwrap_or(false)
+}
+
+/// Signals that arrive while pitboss is still starting (here: waiting for legacy's
+/// reflection) are handled. Before, the handlers were installed only once startup
+/// was over: a SIGHUP (`systemctl reload`, a log rotator) killed pitboss, and a
+/// SIGTERM killed it without a word.
+#[tokio::test]
+async fn signals_during_startup_are_handled() {
+    let dir = temp_dir("life-startup-signals");
+    // SIGHUP: pitboss starts anyway and serves.
+    let (mut child, mut log) = spawn_waiting_at_startup(&dir).await;
+    kill(child.id().unwrap(), libc::SIGHUP);
+    assert!(
+        next_log(&mut log, "pitboss listening").await,
+        "did not start after a SIGHUP during startup: {:?}",
+        child.try_wait()
+    );
+    assert!(child.try_wait().unwrap().is_none(), "exited");
+    kill(child.id().unwrap(), libc::SIGTERM);
+    let status = tokio::time::timeout(LONG, child.wait())
+        .await
+        .expect("stops on SIGTERM")
+        .unwrap();
+    assert_eq!(status.code(), Some(0), "{status}");
+
+    // SIGTERM: pitboss stops at once, without waiting out the 10 s, and says why.
+    let (mut child, mut log) = spawn_waiting_at_startup(&dir).await;
+    let sent = std::time::Instant::now();
+    kill(child.id().unwrap(), libc::SIGTERM);
+    let status = tokio::time::timeout(LONG, child.wait())
+        .await
+        .expect("stops on SIGTERM during startup")
+        .unwrap();
+    assert!(
+        sent.elapsed() < Duration::from_secs(5),
+        "waited {:?}",
+        sent.elapsed()
+    );
+    assert_eq!(status.code(), Some(143), "{status}");
+    assert!(
+        next_log(&mut log, "SIGTERM during startup").await,
+        "not logged"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
