@@ -287,8 +287,7 @@ impl RunningServer {
         }
 
         let (e1, e2) = (edge.clone(), edge.clone());
-        let instance: Arc<str> = edge.instance_id.as_str().into();
-        let (i1, i2) = (instance.clone(), instance);
+        let (i1, i2) = (edge.clone(), edge.clone());
         let s1 = stop.listeners.clone();
         let bridge_conns = Conns::new(bridge_listener, tls_live.bridge, "bridge", &tls, &s1);
         let bridge_gate = crate::grpc::access::BridgeGateLayer::new(tls.bridge_allow.clone());

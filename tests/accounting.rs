@@ -278,3 +278,56 @@ async fn create_session_calls_are_counted_once_each() {
     assert_counted(&server, label, "session_exists", before, 1.0).await;
     server.shutdown().await;
 }
+
+/// A call whose deadline passes while its request message has not arrived (a slow
+/// upload; here no DATA frame at all). Before, tonic's own timer answered it
+/// CANCELLED "Timeout expired", without pitboss's class, and it was counted nowhere.
+#[tokio::test]
+async fn a_deadline_that_passes_before_the_request_message_arrives_is_deadline_exceeded_and_counted(
+) {
+    let _turn = SERIAL.lock().await;
+    let (server, _client) = start_with("").await;
+    let before = counts(&server, "other", "deadline_exceeded").await;
+    let addr = server.bridge_addr;
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (h2, conn) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(conn);
+    let mut h2 = h2.ready().await.unwrap();
+    let req = http::Request::builder()
+        .method("POST")
+        .uri(format!("http://{addr}/pitboss.v1.Bridge/Execute"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .header("grpc-timeout", "300m")
+        .body(())
+        .unwrap();
+    // The stream stays open, with no message, until the answer.
+    let (resp, _send) = h2.send_request(req, false).unwrap();
+    let resp = tokio::time::timeout(LONG, resp)
+        .await
+        .expect("answered at the deadline")
+        .unwrap();
+    let (parts, mut recv) = resp.into_parts();
+    let mut md = parts.headers;
+    if md.get("grpc-status").is_none() {
+        while let Some(chunk) = recv.data().await {
+            let _ = chunk;
+        }
+        if let Some(trailers) = recv.trailers().await.unwrap() {
+            md.extend(trailers);
+        }
+    }
+    let text = |k: &str| {
+        md.get(k)
+            .map(|v| v.to_str().unwrap().to_string())
+            .unwrap_or_default()
+    };
+    assert_eq!(
+        text("grpc-status"),
+        (Code::DeadlineExceeded as u32).to_string(),
+        "{md:?}"
+    );
+    assert_eq!(text("x-pitboss-error-class"), "deadline_exceeded", "{md:?}");
+    assert_counted(&server, "other", "deadline_exceeded", before, 1.0).await;
+    server.shutdown().await;
+}

@@ -15,8 +15,11 @@ use tonic::metadata::MetadataMap;
 pub struct Arrived(pub Instant);
 
 /// A tower `map_request` function for the listener: stamps [`Arrived`]. tonic starts
-/// its own `grpc-timeout` timer right after the layers inside it have been called, so
-/// a deadline counted from this stamp is never later than tonic's.
+/// its own `grpc-timeout` timer just before it calls pitboss's layers (its timeout
+/// service wraps them), so a deadline counted from this stamp is later than tonic's
+/// by the time those calls take, well under a microsecond; tonic's timer wakes the
+/// call on a millisecond tick at or after its deadline, and by then this one has
+/// passed too.
 pub fn stamp_arrival<B>(
     mut req: tonic::codegen::http::Request<B>,
 ) -> tonic::codegen::http::Request<B> {
@@ -60,8 +63,9 @@ pub fn deadline_of(md: &MetadataMap, arrived: Instant) -> Option<Instant> {
 ///
 /// Why: tonic runs its own timer from the same `grpc-timeout` and, when it fires
 /// first, answers CANCELLED "Timeout expired", without pitboss's class and trailers,
-/// and the call is counted nowhere. Its timer starts after [`Arrived`], so it never
-/// expires before `deadline`; tonic polls the handler before its timer, and this reads
+/// and the call is counted nowhere. Its timer wakes the call at a millisecond tick at
+/// or after its deadline, which is then past `deadline` too; tonic polls the handler
+/// before its timer, and this reads
 /// the clock on every poll (a timer's wake-up alone may come after tonic's), so by the
 /// time tonic's timer has expired, this has answered. A finished `call` wins a tie.
 pub async fn answer_by<T>(

@@ -128,7 +128,7 @@ impl Edge {
 
     /// The answer to a call whose deadline passed before it finished (see
     /// [`deadline::answer_by`]); records it.
-    fn expired(&self, record: &record::CallRecord) -> Status {
+    pub(crate) fn expired(&self, record: &record::CallRecord) -> Status {
         let role = record.role();
         record.finish(role, Some(ErrorClass::DeadlineExceeded));
         let after = record
