@@ -287,7 +287,9 @@ impl RunningServer {
         }
 
         let (e1, e2) = (edge.clone(), edge.clone());
-        let (i1, i2) = (edge.clone(), edge.clone());
+        let (i1, i2, i3) = (edge.clone(), edge.clone(), edge.clone());
+        let timeout_gate =
+            crate::grpc::timeout_gate::TimeoutGateLayer::new(edge.clone(), catalog.clone());
         let s1 = stop.listeners.clone();
         let bridge_conns = Conns::new(bridge_listener, tls_live.bridge, "bridge", &tls, &s1);
         let bridge_gate = crate::grpc::access::BridgeGateLayer::new(tls.bridge_allow.clone());
@@ -310,6 +312,7 @@ impl RunningServer {
                     crate::grpc::one_message::check_request(i1),
                 ))
                 .layer(bridge_gate)
+                .layer(timeout_gate)
                 .add_routes(bridge_routes.prepare());
             let r = match bridge_conns {
                 Conns::Tls(conns) => {
@@ -341,6 +344,7 @@ impl RunningServer {
                 .layer(tower::util::MapRequestLayer::new(
                     crate::grpc::one_message::check_request(i2),
                 ))
+                .layer(crate::grpc::timeout_gate::TimeoutGateLayer::new(i3, None))
                 .add_service(admin_reflection_v1)
                 .add_service(admin_reflection_v1alpha)
                 .add_service(admin);

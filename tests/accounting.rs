@@ -331,3 +331,39 @@ async fn a_deadline_that_passes_before_the_request_message_arrives_is_deadline_e
     assert_counted(&server, "other", "deadline_exceeded", before, 1.0).await;
     server.shutdown().await;
 }
+
+/// Calls refused before their request message is read, for a malformed
+/// `grpc-timeout` or a second request message, are counted once each, class
+/// `invalid_request`: under "other" (the command is in the message) or CreateSession.
+/// Before, the second-message refusal was counted nowhere.
+#[tokio::test]
+async fn calls_refused_before_their_message_is_read_are_counted_once() {
+    let _turn = SERIAL.lock().await;
+    let (server, _client) = start_with("").await;
+    let addr = server.bridge_addr;
+    let other = counts(&server, "other", "invalid_request").await;
+    let create = counts(&server, "CreateSession", "invalid_request").await;
+    let echo = framed(&exec("echo", "{}"));
+
+    let (status, message, _) =
+        raw_grpc_with(addr, "/pitboss.v1.Bridge/Execute", "5", vec![echo.clone()]).await;
+    assert_eq!(status, Code::Internal as u32, "{message}");
+    let two: bytes::Bytes = [echo.clone(), echo.clone()].concat().into();
+    let (status, message, _) =
+        raw_grpc_with(addr, "/pitboss.v1.Bridge/ExecuteStream", "10S", vec![two]).await;
+    assert_eq!(status, Code::Internal as u32, "{message}");
+    assert!(message.contains("more than one message"), "{message}");
+    let session = framed(&pb::CreateSessionRequest::default());
+    let (status, message, _) = raw_grpc_with(
+        addr,
+        "/pitboss.v1.Bridge/CreateSession",
+        "1.5S",
+        vec![session],
+    )
+    .await;
+    assert_eq!(status, Code::Internal as u32, "{message}");
+
+    assert_counted(&server, "other", "invalid_request", other, 2.0).await;
+    assert_counted(&server, "CreateSession", "invalid_request", create, 1.0).await;
+    server.shutdown().await;
+}

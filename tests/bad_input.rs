@@ -948,85 +948,13 @@ async fn a_client_that_vanishes_mid_call_is_noticed_and_its_call_cancelled() {
     server.shutdown().await;
 }
 
-/// One call over a raw HTTP/2 connection, its body sent as `chunks` (one DATA frame
-/// each, the last ending the stream). Returns grpc-status, grpc-message and the error
-/// class trailer.
+/// One call over a raw HTTP/2 connection with a 10 s deadline; see [`raw_grpc_with`].
 async fn raw_grpc(
     addr: std::net::SocketAddr,
     path: &str,
     chunks: Vec<bytes::Bytes>,
 ) -> (u32, String, String) {
-    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let (h2, conn) = h2::client::handshake(tcp).await.unwrap();
-    tokio::spawn(conn);
-    let mut h2 = h2.ready().await.unwrap();
-    let req = http::Request::builder()
-        .method("POST")
-        .uri(format!("http://{addr}{path}"))
-        .header("content-type", "application/grpc")
-        .header("te", "trailers")
-        .header("grpc-timeout", "10S")
-        .body(())
-        .unwrap();
-    let (resp, mut send) = h2.send_request(req, false).unwrap();
-    let last = chunks.len() - 1;
-    for (i, chunk) in chunks.into_iter().enumerate() {
-        send.send_data(chunk, i == last).unwrap();
-    }
-    let (parts, mut recv) = resp.await.unwrap().into_parts();
-    let mut md = parts.headers;
-    if md.get("grpc-status").is_none() {
-        while let Some(chunk) = recv.data().await {
-            let chunk = chunk.unwrap();
-            let _ = recv.flow_control().release_capacity(chunk.len());
-        }
-        if let Some(trailers) = recv.trailers().await.unwrap() {
-            md.extend(trailers);
-        }
-    }
-    let text = |key: &str| {
-        md.get(key)
-            .map(|v| v.to_str().unwrap().to_string())
-            .unwrap_or_default()
-    };
-    let status = text("grpc-status").parse().expect("a grpc-status");
-    (
-        status,
-        percent_decoded(&text("grpc-message")),
-        text("x-pitboss-error-class"),
-    )
-}
-
-/// grpc-message as the client reads it: gRPC percent-encodes it on the wire.
-fn percent_decoded(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        let hex = b
-            .get(i + 1..i + 3)
-            .and_then(|h| std::str::from_utf8(h).ok());
-        match hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
-            Some(byte) if b[i] == b'%' => {
-                out.push(byte);
-                i += 3;
-            }
-            _ => {
-                out.push(b[i]);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-/// A message in gRPC's framing: flag 0, the length, the bytes.
-fn framed(message: &impl prost::Message) -> bytes::Bytes {
-    let msg = message.encode_to_vec();
-    let mut out = vec![0u8];
-    out.extend_from_slice(&(msg.len() as u32).to_be_bytes());
-    out.extend_from_slice(&msg);
-    out.into()
+    raw_grpc_with(addr, path, "10S", chunks).await
 }
 
 #[tokio::test]
@@ -1078,6 +1006,82 @@ async fn a_unary_call_with_two_request_messages_is_internal_and_never_runs() {
     assert_eq!(status, 0, "one message in byte-sized frames: {message}");
     assert_eq!(served(&pool), before + 1);
     assert!(idle(&pool));
+    still_serves(&mut client).await;
+    server.shutdown().await;
+}
+
+/// A malformed `grpc-timeout` ("5" with no unit, "1.5S", a sign, nine digits) was
+/// ignored, as tonic does: the call ran with no deadline while its client believed it
+/// had one. Now every method on both listeners refuses it, INTERNAL (as grpc-go's
+/// servers answer), naming the value; the call never reaches a worker.
+#[tokio::test]
+async fn a_malformed_grpc_timeout_is_internal_names_the_value_and_never_runs() {
+    let _shared = PROCESS.read().await;
+    let (server, mut client) = start_with("", "").await;
+    let pool = server.pool().clone();
+    let before = served(&pool);
+    let echo = framed(&exec("echo", r#"{"n":1}"#));
+    let cases = [
+        (
+            server.bridge_addr,
+            "/pitboss.v1.Bridge/Execute",
+            echo.clone(),
+        ),
+        (
+            server.bridge_addr,
+            "/pitboss.v1.Bridge/ExecuteStream",
+            echo.clone(),
+        ),
+        (
+            server.bridge_addr,
+            "/grpc.health.v1.Health/Check",
+            framed(&()),
+        ),
+        (
+            server.admin_addr,
+            "/pitboss.v1.Admin/GetRollout",
+            framed(&()),
+        ),
+    ];
+    for (addr, path, body) in cases {
+        for bad in ["5", "1.5S", "+100m", "-1S", "123456789m", "10 S", "10s"] {
+            let (status, message, class) = raw_grpc_with(addr, path, bad, vec![body.clone()]).await;
+            assert_eq!(
+                status,
+                Code::Internal as u32,
+                "{path} with {bad:?}: {message}"
+            );
+            assert!(
+                message.contains(&format!("grpc-timeout header {bad:?} is malformed"))
+                    && message.contains("1 to 8 digits and a unit"),
+                "says what was wrong and how to fix it: {message}"
+            );
+            assert_eq!(class, "invalid_request", "{path} with {bad:?}");
+        }
+    }
+    assert_eq!(
+        served(&pool),
+        before,
+        "a call with a malformed deadline ran"
+    );
+
+    // Well-formed deadlines, in every unit, are served.
+    for good in ["1H", "2M", "10S", "10000m", "10000000u", "99999999n"] {
+        let path = "/pitboss.v1.Bridge/Execute";
+        let n = served(&pool);
+        let (status, message, _) =
+            raw_grpc_with(server.bridge_addr, path, good, vec![echo.clone()]).await;
+        if good == "99999999n" {
+            // 0.1 s is enough for an echo, and a miss would be DEADLINE_EXCEEDED.
+            assert!(
+                status == 0 || status == Code::DeadlineExceeded as u32,
+                "{good}: {status} {message}"
+            );
+            continue;
+        }
+        assert_eq!(status, 0, "{good}: {message}");
+        assert_eq!(served(&pool), n + 1);
+    }
     still_serves(&mut client).await;
     server.shutdown().await;
 }

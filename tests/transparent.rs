@@ -790,3 +790,49 @@ async fn pitboss_reconnects_when_the_legacy_service_comes_back() {
     );
     s.stop().await;
 }
+
+/// A malformed `grpc-timeout` on one of the user's methods is refused by pitboss
+/// before legacy sees the call (tonic ignored it, so legacy got the call with no
+/// deadline at all), INTERNAL, and counted once under the method.
+#[tokio::test]
+async fn a_malformed_grpc_timeout_on_a_users_method_is_refused_before_legacy() {
+    let s = Setup::start("bad-timeout", "mode = \"off\"\n").await;
+    let path = "/calc.Calculator/Inspect";
+    // An empty InspectRequest: legacy answers at once, logging "call started".
+    let empty = bytes::Bytes::from_static(&[0, 0, 0, 0, 0]);
+    let (status, message, _) =
+        raw_grpc_with(s.server.bridge_addr, path, "10S", vec![empty.clone()]).await;
+    assert_eq!(status, 0, "{message}");
+    assert!(
+        eventually(LONG, || s.legacy_events().matches("call started").count()
+            == 1)
+        .await
+    );
+
+    let (status, message, class) =
+        raw_grpc_with(s.server.bridge_addr, path, "250", vec![empty]).await;
+    assert_eq!(status, tonic::Code::Internal as u32, "{message}");
+    assert!(
+        message.contains("grpc-timeout header \"250\" is malformed"),
+        "{message}"
+    );
+    assert_eq!(class, "invalid_request");
+    let labels = [("command", path), ("error_class", "invalid_request")];
+    let m = scrape(s.server.metrics_addr).await;
+    assert_eq!(sum_of(&m, "pitboss_requests_total", &labels), 1.0, "{m}");
+    // The well-formed call answered; the refused one never started.
+    let small = s.client(&s.pitboss(), &["inspect", "0", "5"]).await;
+    assert_eq!(small["code"], "OK");
+    assert!(
+        eventually(LONG, || s.legacy_events().matches("call started").count()
+            == 2)
+        .await
+    );
+    assert_eq!(
+        s.legacy_events().matches("call started").count(),
+        2,
+        "{}",
+        s.legacy_events()
+    );
+    s.stop().await;
+}

@@ -34,12 +34,17 @@ pub fn arrival(ext: &tonic::Extensions) -> Instant {
         .unwrap_or_else(Instant::now)
 }
 
-/// Parses `grpc-timeout` ("100m", "5S", "250000u", ...) per the gRPC HTTP/2 spec.
+/// Parses `grpc-timeout` ("100m", "5S", "250000u", ...) per the gRPC HTTP/2 spec:
+/// 1 to 8 ASCII digits, then one unit letter. Anything else is `None` (no sign, no
+/// spaces: Rust's own integer parsing would take "+5").
 pub fn parse_grpc_timeout(v: &str) -> Option<Duration> {
     if v.len() < 2 || v.len() > 9 {
         return None;
     }
     let (num, unit) = v.split_at(v.len() - 1);
+    if !num.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
     let n: u64 = num.parse().ok()?;
     Some(match unit {
         "H" => Duration::from_secs(n.checked_mul(3600)?),
@@ -50,6 +55,27 @@ pub fn parse_grpc_timeout(v: &str) -> Option<Duration> {
         "n" => Duration::from_nanos(n),
         _ => return None,
     })
+}
+
+/// A `grpc-timeout` value that is not gRPC's form, as sent (lossy UTF-8).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("malformed grpc-timeout {0:?}")]
+pub struct MalformedTimeout(pub String);
+
+/// The `grpc-timeout` of a request: `Ok(None)` when it sets none, `Err` with the value
+/// as sent when it is malformed. A malformed timeout is
+/// refused, not ignored: the client meant a deadline, and serving the call without one
+/// would drop it silently (grpc-go's servers refuse it too; tonic ignores it).
+pub fn grpc_timeout(headers: &http::HeaderMap) -> Result<Option<Duration>, MalformedTimeout> {
+    let Some(value) = headers.get("grpc-timeout") else {
+        return Ok(None);
+    };
+    value
+        .to_str()
+        .ok()
+        .and_then(parse_grpc_timeout)
+        .map(Some)
+        .ok_or_else(|| MalformedTimeout(String::from_utf8_lossy(value.as_bytes()).into_owned()))
 }
 
 /// The absolute deadline of a call that arrived at `arrived`, if the client set one.
@@ -107,6 +133,31 @@ mod tests {
         assert_eq!(parse_grpc_timeout("5x"), None);
         assert_eq!(parse_grpc_timeout("m"), None);
         assert_eq!(parse_grpc_timeout("1234567890S"), None);
+        assert_eq!(
+            parse_grpc_timeout("99999999S"),
+            Some(Duration::from_secs(99_999_999))
+        );
+        for bad in ["5", "+5m", "-5m", " 5m", "5 m", "5ms", "1.5S", "S5"] {
+            assert_eq!(parse_grpc_timeout(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn a_malformed_header_is_an_error_with_its_value_and_an_absent_one_is_none() {
+        let mut headers = http::HeaderMap::new();
+        assert_eq!(grpc_timeout(&headers), Ok(None));
+        headers.insert("grpc-timeout", "250m".parse().unwrap());
+        assert_eq!(grpc_timeout(&headers), Ok(Some(Duration::from_millis(250))));
+        headers.insert("grpc-timeout", "5".parse().unwrap());
+        assert_eq!(grpc_timeout(&headers), Err(MalformedTimeout("5".into())));
+        headers.insert(
+            "grpc-timeout",
+            http::HeaderValue::from_bytes(b"5\xffm").unwrap(),
+        );
+        assert_eq!(
+            grpc_timeout(&headers),
+            Err(MalformedTimeout("5\u{fffd}m".into()))
+        );
     }
 
     #[tokio::test(start_paused = true)]

@@ -8,6 +8,7 @@ pub mod deadline;
 pub mod health;
 pub mod one_message;
 pub mod status;
+pub mod timeout_gate;
 
 pub mod access;
 pub mod admin;
@@ -135,6 +136,12 @@ impl Edge {
             .deadline()
             .map(|d| d.saturating_duration_since(record.arrived()))
             .unwrap_or_default();
+        self.deadline_exceeded(after, role)
+    }
+
+    /// DEADLINE_EXCEEDED for a call that had `after`, with every trailer; records
+    /// nothing.
+    fn deadline_exceeded(&self, after: Duration, role: Role) -> Status {
         let failed = Failed {
             error: CallError::DeadlineExceeded { after },
             class: ErrorClass::DeadlineExceeded,
@@ -147,7 +154,7 @@ impl Edge {
     /// The `command` label of a call. The known set is refreshed in the background;
     /// a miss asks the backends directly, so a command is labelled by name from the
     /// first worker's READY on, not up to a refresh later.
-    fn command_label(&self, command: &str) -> String {
+    pub(crate) fn command_label(&self, command: &str) -> String {
         match self.commands.label(command) {
             std::borrow::Cow::Borrowed("other") if self.split.knows_command(command) => {
                 command.to_string()

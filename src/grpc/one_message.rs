@@ -18,7 +18,10 @@
 //! the call was counted nowhere. tonic polls the call before its timer, and the body
 //! is polled with it, so the body answers first: DEADLINE_EXCEEDED, class
 //! `deadline_exceeded`, counted once under the command "other" (its name is in the
-//! message that has not arrived).
+//! message that has not arrived; CreateSession under its own).
+//!
+//! A refused second message is counted once too, class `invalid_request`, for the
+//! Bridge methods pitboss counts (Execute, ExecuteStream, CreateSession).
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -31,10 +34,11 @@ use tonic::Status;
 
 use tokio::time::Instant;
 
-use super::record::CallRecord;
+use super::record::{label_before_message, CallRecord};
 use super::status::{self, ErrorContext, Refusal};
 use super::{deadline, Edge};
 use crate::backend::Role;
+use crate::resilience::ErrorClass;
 use crate::wire::frame::MessageCount;
 
 /// The services whose every method takes one request message.
@@ -59,13 +63,14 @@ pub fn check_request(
         if !takes_one_message(path) {
             return req;
         }
+        let label = label_before_message(path);
+        let arrived = deadline::arrival(req.extensions());
         let expiry = if path.starts_with("/pitboss.v1.Bridge/") {
-            let arrived = deadline::arrival(req.extensions());
             req.headers()
                 .get("grpc-timeout")
                 .and_then(|v| v.to_str().ok())
                 .and_then(deadline::parse_grpc_timeout)
-                .map(|d| (arrived, arrived + d))
+                .map(|d| arrived + d)
         } else {
             None
         };
@@ -77,6 +82,8 @@ pub fn check_request(
                 count: MessageCount::default(),
                 method,
                 edge,
+                counted: label.map(|label| (label, arrived)),
+                arrived,
                 expiry,
             })
         })
@@ -93,12 +100,20 @@ struct OneMessage {
     /// The call's path, for the message.
     method: Arc<str>,
     edge: Arc<Edge>,
-    /// A Bridge call's arrival and deadline.
-    expiry: Option<(Instant, Instant)>,
+    /// A counted Bridge call's `command` label and arrival; taken when it is counted.
+    counted: Option<(&'static str, Instant)>,
+    arrived: Instant,
+    /// A Bridge call's deadline.
+    expiry: Option<Instant>,
 }
 
 impl OneMessage {
-    fn refusal(&self) -> Status {
+    /// The refusal of a second message, counted once (class `invalid_request`).
+    fn refusal(&mut self) -> Status {
+        if let Some((label, arrived)) = self.counted.take() {
+            CallRecord::new(label.into(), arrived, None)
+                .finish(Role::Legacy, Some(ErrorClass::InvalidRequest));
+        }
         let ctx = ErrorContext {
             backend: Role::Legacy.as_str(),
             attempts: 0,
@@ -112,13 +127,22 @@ impl OneMessage {
 
     /// DEADLINE_EXCEEDED, counted once, when the deadline has passed.
     fn expired(&mut self) -> Option<Status> {
-        let (arrived, due) = self.expiry?;
+        let due = self.expiry?;
         if Instant::now() < due {
             return None;
         }
         self.expiry = None;
-        let record = CallRecord::new("other".into(), arrived, Some(due));
-        Some(self.edge.expired(&record))
+        match self.counted.take() {
+            Some((label, arrived)) => {
+                let record = CallRecord::new(label.into(), arrived, Some(due));
+                Some(self.edge.expired(&record))
+            }
+            // GetSession, CloseSession, ListCommands: answered, not counted.
+            None => Some(
+                self.edge
+                    .deadline_exceeded(due - self.arrived, Role::Legacy),
+            ),
+        }
     }
 }
 

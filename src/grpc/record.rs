@@ -17,6 +17,17 @@ use crate::rollout::split::{unfinished_class, CallProgress};
 /// The `command` label of CreateSession calls (they run no command).
 pub const CREATE_SESSION: &str = "CreateSession";
 
+/// The `command` label of a Bridge call answered before its request message was read
+/// (the command is in that message): "other" for Execute and ExecuteStream,
+/// CreateSession's own; `None` for the Bridge methods pitboss does not count.
+pub fn label_before_message(path: &str) -> Option<&'static str> {
+    match path {
+        "/pitboss.v1.Bridge/Execute" | "/pitboss.v1.Bridge/ExecuteStream" => Some("other"),
+        "/pitboss.v1.Bridge/CreateSession" => Some(CREATE_SESSION),
+        _ => None,
+    }
+}
+
 /// Records one call exactly once: by [`CallRecord::finish`] with its outcome, else on
 /// drop as [`unfinished_class`]. Shared by reference between a handler and its
 /// deadline backstop, hence the lock (never contended: one call, one task).

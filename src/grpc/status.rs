@@ -220,6 +220,8 @@ pub enum Refusal {
     /// A second request message for a method that takes one (every method of
     /// pitboss's own services).
     SecondMessage { method: String },
+    /// A `grpc-timeout` header that is not gRPC's form (1 to 8 digits and a unit).
+    BadTimeout { value: String },
     /// A client-streaming or bidi method, with no `grpc_proxy` legacy to relay it to.
     NotRelayed { method: String, kind: &'static str },
 }
@@ -229,7 +231,8 @@ pub enum Refusal {
 /// the limit is RESOURCE_EXHAUSTED (as for Bridge calls), a compression or a method
 /// kind pitboss does not serve is UNIMPLEMENTED, broken framing is INTERNAL. (A
 /// compressed message that inflates past the limit is RESOURCE_EXHAUSTED too, and a
-/// second message where a method takes one is INTERNAL, as gRPC's own servers answer.)
+/// second message where a method takes one, and a malformed `grpc-timeout`, are INTERNAL,
+/// as grpc-go's servers answer.)
 pub fn refusal_status(refusal: &Refusal, ctx: ErrorContext<'_>) -> Status {
     let (code, err): (tonic::Code, CallError) = match refusal {
         Refusal::TooLarge { len, max } => {
@@ -273,6 +276,13 @@ pub fn refusal_status(refusal: &Refusal, ctx: ErrorContext<'_>) -> Status {
             tonic::Code::Internal,
             PoolError::InvalidRequest(format!(
                 "the request carried more than one message, and {method} takes exactly one"
+            ))
+            .into(),
+        ),
+        Refusal::BadTimeout { value } => (
+            tonic::Code::Internal,
+            PoolError::InvalidRequest(format!(
+                "the grpc-timeout header {value:?} is malformed: gRPC wants 1 to 8 digits and a unit (H, M, S, m, u or n), such as \"500m\" for 500 ms"
             ))
             .into(),
         ),

@@ -883,3 +883,86 @@ pub fn grpcio_python() -> std::path::PathBuf {
     }
     py
 }
+
+/// One call over a raw HTTP/2 connection, with `grpc_timeout` as sent (no checking:
+/// the point is to send what gRPC's own clients would not), its body sent as `chunks`
+/// (one DATA frame each, the last ending the stream). Returns grpc-status,
+/// grpc-message (percent-decoded) and the error class trailer.
+pub async fn raw_grpc_with(
+    addr: std::net::SocketAddr,
+    path: &str,
+    grpc_timeout: &str,
+    chunks: Vec<bytes::Bytes>,
+) -> (u32, String, String) {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (h2, conn) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(conn);
+    let mut h2 = h2.ready().await.unwrap();
+    let req = http::Request::builder()
+        .method("POST")
+        .uri(format!("http://{addr}{path}"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .header("grpc-timeout", grpc_timeout)
+        .body(())
+        .unwrap();
+    let (resp, mut send) = h2.send_request(req, false).unwrap();
+    let last = chunks.len() - 1;
+    for (i, chunk) in chunks.into_iter().enumerate() {
+        send.send_data(chunk, i == last).unwrap();
+    }
+    let (parts, mut recv) = resp.await.unwrap().into_parts();
+    let mut md = parts.headers;
+    if md.get("grpc-status").is_none() {
+        while let Some(chunk) = recv.data().await {
+            let chunk = chunk.unwrap();
+            let _ = recv.flow_control().release_capacity(chunk.len());
+        }
+        if let Some(trailers) = recv.trailers().await.unwrap() {
+            md.extend(trailers);
+        }
+    }
+    let text = |key: &str| {
+        md.get(key)
+            .map(|v| v.to_str().unwrap().to_string())
+            .unwrap_or_default()
+    };
+    let status = text("grpc-status").parse().expect("a grpc-status");
+    (
+        status,
+        percent_decoded(&text("grpc-message")),
+        text("x-pitboss-error-class"),
+    )
+}
+
+/// grpc-message as the client reads it: gRPC percent-encodes it on the wire.
+pub fn percent_decoded(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = b
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok());
+        match hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
+            Some(byte) if b[i] == b'%' => {
+                out.push(byte);
+                i += 3;
+            }
+            _ => {
+                out.push(b[i]);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// A message in gRPC's framing: flag 0, the length, the bytes.
+pub fn framed(message: &impl prost::Message) -> bytes::Bytes {
+    let msg = message.encode_to_vec();
+    let mut out = vec![0u8];
+    out.extend_from_slice(&(msg.len() as u32).to_be_bytes());
+    out.extend_from_slice(&msg);
+    out.into()
+}

@@ -128,6 +128,15 @@ async fn from_reflection(
     }
 }
 
+/// The `command` label of a transparent call: its method when the catalog or a
+/// backend knows it (the label set stays bounded), else "other".
+pub(crate) fn command_label(edge: &Edge, method: &Method) -> String {
+    if method.known {
+        return method.path.to_string();
+    }
+    edge.command_label(&method.path)
+}
+
 /// Serves the methods of the transparent services, on the Bridge listener.
 #[derive(Clone)]
 pub struct TransparentService {
@@ -167,13 +176,8 @@ impl TransparentService {
         }
     }
 
-    /// The `command` label of a call: its method when the catalog or a backend knows
-    /// it (the label set stays bounded), else "other".
     fn label(&self, method: &Method) -> String {
-        if method.known {
-            return method.path.to_string();
-        }
-        self.edge.command_label(&method.path)
+        command_label(&self.edge, method)
     }
 
     async fn serve(self, req: http::Request<Body>) -> http::Response<Body> {
