@@ -223,6 +223,7 @@ impl RunningServer {
                 &all,
                 edge.rollout().flags.path().is_some(),
             );
+            crate::grpc::admin_record::register();
         }
         spawn_session_pruning(edge.clone(), stop.background.clone());
         spawn_command_refresh(edge.clone(), stop.background.clone());
@@ -309,7 +310,7 @@ impl RunningServer {
                     crate::tls::accept::expose_addresses::<tonic::body::Body>,
                 ))
                 .layer(tower::util::MapRequestLayer::new(
-                    crate::grpc::one_message::check_request(i1),
+                    crate::grpc::one_message::check_request(i1, max),
                 ))
                 .layer(bridge_gate)
                 .layer(timeout_gate)
@@ -337,12 +338,13 @@ impl RunningServer {
         let admin_conns = Conns::new(admin_listener, tls_live.admin, "admin", &tls, &s2);
         let admin_task = tokio::spawn(async move {
             let router = http2_settings(Server::builder(), http2)
+                .layer(crate::grpc::admin_record::AdminRecordLayer)
                 .layer(message_limit_layer(e2, max))
                 .layer(tower::util::MapRequestLayer::new(
                     crate::tls::accept::expose_addresses::<tonic::body::Body>,
                 ))
                 .layer(tower::util::MapRequestLayer::new(
-                    crate::grpc::one_message::check_request(i2),
+                    crate::grpc::one_message::check_request(i2, max),
                 ))
                 .layer(crate::grpc::timeout_gate::TimeoutGateLayer::new(i3, None))
                 .add_service(admin_reflection_v1)

@@ -108,6 +108,10 @@ fn describe() {
         "Calls refused PERMISSION_DENIED or UNAUTHENTICATED by who may call what (the mTLS allowlists, the admin token), by listener."
     );
     describe_counter!(
+        "pitboss_admin_requests_total",
+        "Calls of pitboss.v1.Admin, each counted once however it ended, by method (GetStatus, GetRollout, SetRollout, GetRolloutHistory, or other) and gRPC code (OK, UNAUTHENTICATED, ...; CANCELLED when the client went away)."
+    );
+    describe_counter!(
         "pitboss_retries_total",
         "Retries made, by backend and the error class of the failed attempt."
     );

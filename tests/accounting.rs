@@ -367,3 +367,126 @@ async fn calls_refused_before_their_message_is_read_are_counted_once() {
     assert_counted(&server, "CreateSession", "invalid_request", create, 1.0).await;
     server.shutdown().await;
 }
+
+/// A raw HTTP/2 connection to `addr` and a request head for `path`.
+async fn h2_to(addr: std::net::SocketAddr) -> h2::client::SendRequest<bytes::Bytes> {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (h2, conn) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(conn);
+    h2.ready().await.unwrap()
+}
+
+fn head(addr: std::net::SocketAddr, path: &str) -> http::Request<()> {
+    http::Request::builder()
+        .method("POST")
+        .uri(format!("http://{addr}{path}"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .unwrap()
+}
+
+/// A client that cancels (RST_STREAM CANCEL, as gRPC clients send it) while its
+/// request message is still on the way: a large upload abandoned, a client that timed
+/// out on its own clock. The call never reaches a handler, and was counted nowhere.
+#[tokio::test]
+async fn a_call_cancelled_while_its_message_is_on_the_way_is_counted_cancelled() {
+    let _turn = SERIAL.lock().await;
+    let (server, _client) = start_with("").await;
+    let addr = server.bridge_addr;
+    let other = counts(&server, "other", "cancelled").await;
+    let create = counts(&server, "CreateSession", "cancelled").await;
+
+    let mut h2 = h2_to(addr).await;
+    let mut halves = Vec::new();
+    for path in [
+        "/pitboss.v1.Bridge/Execute",
+        "/pitboss.v1.Bridge/CreateSession",
+    ] {
+        let (answer, mut half) = h2.send_request(head(addr, path), false).unwrap();
+        // The prefix announces 10 bytes; 2 come.
+        half.send_data(bytes::Bytes::from_static(&[0, 0, 0, 0, 10, 8, 1]), false)
+            .unwrap();
+        halves.push((answer, half));
+        h2 = h2.ready().await.unwrap();
+    }
+    // An answered call on the same connection: the server has taken the two before it
+    // (HTTP/2 streams are taken in order).
+    let (answer, mut send) = h2
+        .send_request(head(addr, "/pitboss.v1.Bridge/ListCommands"), false)
+        .unwrap();
+    send.send_data(framed(&pb::ListCommandsRequest::default()), true)
+        .unwrap();
+    let (parts, mut body) = answer.await.unwrap().into_parts();
+    assert_eq!(parts.status, 200);
+    while let Some(chunk) = body.data().await {
+        let _ = body.flow_control().release_capacity(chunk.unwrap().len());
+    }
+    body.trailers().await.unwrap();
+    for (_, half) in &mut halves {
+        half.send_reset(h2::Reason::CANCEL);
+    }
+
+    assert_counted(&server, "other", "cancelled", other, 1.0).await;
+    assert_counted(&server, "CreateSession", "cancelled", create, 1.0).await;
+    server.shutdown().await;
+}
+
+/// A body that ends before its one message is whole (no message at all; a message cut
+/// short), and a message over `server.max_message_bytes` (refused from its prefix):
+/// the caller's error, with pitboss's class and a message that says what was wrong,
+/// counted once. tonic answered the first two "Missing request message." and
+/// "Unexpected EOF decoding stream." without a class, and none was counted.
+#[tokio::test]
+async fn a_body_without_its_one_whole_message_is_invalid_request_and_counted() {
+    let _turn = SERIAL.lock().await;
+    let (server, _client) = start_with("").await;
+    let addr = server.bridge_addr;
+    let other = counts(&server, "other", "invalid_request").await;
+    let create = counts(&server, "CreateSession", "invalid_request").await;
+    let execute = "/pitboss.v1.Bridge/Execute";
+
+    let (status, message, class) =
+        raw_grpc_with(addr, execute, "5S", vec![bytes::Bytes::new()]).await;
+    assert_eq!(
+        (status, class.as_str()),
+        (Code::Internal as u32, "invalid_request"),
+        "{message}"
+    );
+    assert!(message.contains("carried no message"), "{message}");
+
+    let cut = bytes::Bytes::from_static(&[0, 0, 0, 0, 10, 8, 1]);
+    let (status, message, class) = raw_grpc_with(addr, execute, "5S", vec![cut]).await;
+    assert_eq!(
+        (status, class.as_str()),
+        (Code::Internal as u32, "invalid_request"),
+        "{message}"
+    );
+    assert!(message.contains("ended inside its message"), "{message}");
+
+    // 256 MiB announced, over the 16 MiB default: refused from the prefix.
+    let huge = bytes::Bytes::from_static(&[0, 0x10, 0, 0, 0, 8, 1]);
+    let (status, message, class) = raw_grpc_with(addr, execute, "5S", vec![huge]).await;
+    assert_eq!(
+        (status, class.as_str()),
+        (Code::ResourceExhausted as u32, "invalid_request"),
+        "{message}"
+    );
+
+    let (status, message, class) = raw_grpc_with(
+        addr,
+        "/pitboss.v1.Bridge/CreateSession",
+        "5S",
+        vec![bytes::Bytes::new()],
+    )
+    .await;
+    assert_eq!(
+        (status, class.as_str()),
+        (Code::Internal as u32, "invalid_request"),
+        "{message}"
+    );
+
+    assert_counted(&server, "other", "invalid_request", other, 3.0).await;
+    assert_counted(&server, "CreateSession", "invalid_request", create, 1.0).await;
+    server.shutdown().await;
+}

@@ -12,6 +12,7 @@ pub mod timeout_gate;
 
 pub mod access;
 pub mod admin;
+pub mod admin_record;
 pub mod record;
 pub mod transparent;
 

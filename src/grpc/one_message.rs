@@ -22,6 +22,13 @@
 //!
 //! A refused second message is counted once too, class `invalid_request`, for the
 //! Bridge methods pitboss counts (Execute, ExecuteStream, CreateSession).
+//!
+//! So is every other way such a call can end before its message is whole, none of
+//! which reaches the handler that counts calls: a body that ends with no message or
+//! inside one (refused here, INTERNAL `invalid_request`, where tonic answered with its
+//! bare text), a message over the limit (tonic refuses it from its prefix; counted
+//! `invalid_request`), and a client that resets the stream or loses its connection
+//! mid-upload (counted `cancelled`, or `deadline_exceeded` near its deadline).
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -57,6 +64,7 @@ pub fn takes_one_message(path: &str) -> bool {
 /// requests pass as they are. Runs after [`deadline::stamp_arrival`].
 pub fn check_request(
     edge: Arc<Edge>,
+    max_message_bytes: usize,
 ) -> impl Fn(http::Request<Body>) -> http::Request<Body> + Clone {
     move |req: http::Request<Body>| {
         let path = req.uri().path();
@@ -85,6 +93,7 @@ pub fn check_request(
                 counted: label.map(|label| (label, arrived)),
                 arrived,
                 expiry,
+                max: max_message_bytes,
             })
         })
     }
@@ -105,24 +114,53 @@ struct OneMessage {
     arrived: Instant,
     /// A Bridge call's deadline.
     expiry: Option<Instant>,
+    /// `server.max_message_bytes`: tonic refuses a message over it from its prefix.
+    max: usize,
 }
 
 impl OneMessage {
-    /// The refusal of a second message, counted once (class `invalid_request`).
-    fn refusal(&mut self) -> Status {
-        if let Some((label, arrived)) = self.counted.take() {
-            CallRecord::new(label.into(), arrived, None)
-                .finish(Role::Legacy, Some(ErrorClass::InvalidRequest));
-        }
+    /// `refusal`, counted once (class `invalid_request`).
+    fn refuse(&mut self, refusal: Refusal) -> Status {
+        self.count_refused();
         let ctx = ErrorContext {
             backend: Role::Legacy.as_str(),
             attempts: 0,
             instance: &self.edge.instance_id,
         };
-        let refusal = Refusal::SecondMessage {
-            method: self.method.to_string(),
-        };
         status::refusal_status(&refusal, ctx)
+    }
+
+    /// Counts a counted call refused as the caller's (class `invalid_request`).
+    fn count_refused(&mut self) {
+        if let Some((label, arrived)) = self.counted.take() {
+            CallRecord::new(label.into(), arrived, None)
+                .finish(Role::Legacy, Some(ErrorClass::InvalidRequest));
+        }
+    }
+
+    /// Counts a counted call whose client went away before its message was whole:
+    /// `cancelled`, or `deadline_exceeded` when its deadline was near
+    /// ([`CallRecord::unfinished_class`]).
+    fn count_abandoned(&mut self) {
+        if let Some((label, arrived)) = self.counted.take() {
+            drop(CallRecord::new(label.into(), arrived, self.expiry));
+        }
+    }
+
+    /// The refusal of a body that ended before its one message was whole.
+    fn ended_early(&self) -> Option<Refusal> {
+        if self.count.one_whole() {
+            return None;
+        }
+        Some(if self.count.begun() == 0 {
+            Refusal::NoMessage
+        } else {
+            Refusal::Malformed(
+                "the body ended inside its message (cut short: the length prefix \
+                 announced more bytes than came)"
+                    .into(),
+            )
+        })
     }
 
     /// DEADLINE_EXCEEDED, counted once, when the deadline has passed.
@@ -163,10 +201,27 @@ impl HttpBody for OneMessage {
                 }
             }
         };
-        if let Some(Ok(frame)) = &frame {
-            if let Some(data) = frame.data_ref() {
-                if self.count.push(data) > 1 {
-                    return Poll::Ready(Some(Err(self.refusal())));
+        match &frame {
+            Some(Ok(frame)) => {
+                if let Some(data) = frame.data_ref() {
+                    if self.count.push(data) > 1 {
+                        let refusal = Refusal::SecondMessage {
+                            method: self.method.to_string(),
+                        };
+                        return Poll::Ready(Some(Err(self.refuse(refusal))));
+                    }
+                    // tonic refuses it from its prefix (RESOURCE_EXHAUSTED, in
+                    // `message_limit_layer`) and never runs the method.
+                    if self.count.largest() as usize > self.max {
+                        self.count_refused();
+                    }
+                }
+            }
+            // The stream was reset or the connection lost: the client is gone.
+            Some(Err(_)) => self.count_abandoned(),
+            None => {
+                if let Some(refusal) = self.ended_early() {
+                    return Poll::Ready(Some(Err(self.refuse(refusal))));
                 }
             }
         }
@@ -174,11 +229,25 @@ impl HttpBody for OneMessage {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        // A body that ends early is polled once more, for its refusal.
+        self.inner.is_end_stream() && self.count.one_whole()
     }
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+/// A body dropped with its message begun but not whole, and nothing counted yet: the
+/// client reset the stream or the connection went (hyper then drops the call at once,
+/// without polling the body again). A body dropped before its first byte is left
+/// alone: the gates in front of the method (access, `grpc-timeout`, an encoding tonic
+/// does not take) drop it unread when they refuse the call, and count their refusals.
+impl Drop for OneMessage {
+    fn drop(&mut self) {
+        if self.count.begun() > 0 && !self.count.one_whole() {
+            self.count_abandoned();
+        }
     }
 }
 

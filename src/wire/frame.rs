@@ -100,6 +100,8 @@ pub struct MessageCount {
     begun: u32,
     /// Where the next byte falls.
     at: Position,
+    /// The largest length a prefix has announced so far.
+    largest: u32,
 }
 
 /// Where a body's next byte falls in gRPC's framing.
@@ -135,7 +137,10 @@ impl MessageCount {
                     data = &data[1..];
                     match read + 1 {
                         5 if len == 0 => Position::Prefix { read: 0, len: 0 },
-                        5 => Position::Message { left: len },
+                        5 => {
+                            self.largest = self.largest.max(len);
+                            Position::Message { left: len }
+                        }
                         read => Position::Prefix { read, len },
                     }
                 }
@@ -150,6 +155,27 @@ impl MessageCount {
             };
         }
         self.begun
+    }
+
+    /// Messages begun so far.
+    pub fn begun(&self) -> u32 {
+        self.begun
+    }
+
+    /// Whether every message begun so far has all its bytes: where a body may end.
+    pub fn at_boundary(&self) -> bool {
+        self.at == Position::Prefix { read: 0, len: 0 }
+    }
+
+    /// Whether a whole message has arrived.
+    pub fn one_whole(&self) -> bool {
+        self.begun > 1 || (self.begun == 1 && self.at_boundary())
+    }
+
+    /// The largest length a prefix has announced so far (a message over the limit is
+    /// refused from its prefix, before its bytes come).
+    pub fn largest(&self) -> u32 {
+        self.largest
     }
 }
 
@@ -236,7 +262,21 @@ mod tests {
             }
         }
         let mut count = MessageCount::default();
+        assert!(!count.one_whole() && count.at_boundary(), "nothing yet");
+        count.push(&encode(&[5u8; 40])[..7]);
+        assert!(!count.one_whole() && !count.at_boundary(), "cut inside");
+        assert_eq!(count.largest(), 40, "announced by the prefix");
+        let mut count = MessageCount::default();
+        count.push(&encode(b"")[..3]);
+        assert!(
+            !count.one_whole() && !count.at_boundary(),
+            "cut in the prefix"
+        );
+        count.push(&encode(b"")[3..]);
+        assert!(count.one_whole(), "an empty message is whole");
+        let mut count = MessageCount::default();
         assert_eq!(count.push(&encode(b"only")), 1);
+        assert!(count.one_whole());
         assert_eq!(count.push(&[]), 1);
         assert_eq!(count.push(&[0]), 2, "the next byte begins a second message");
     }
